@@ -153,7 +153,7 @@ class TransformConv2D(keras.layers.Layer):
 
     >>> import numpy as np
     >>> layer = TransformConv2D(8, 3, base_filters=2, transforms="rotations")
-    >>> layer(np.zeros((1, 5, 5, 3), "float32")).shape
+    >>> tuple(layer(np.zeros((1, 5, 5, 3), "float32")).shape)
     (1, 3, 3, 8)
     >>> tuple(layer.base_kernel.shape)
     (3, 3, 3, 2)

@@ -1,0 +1,499 @@
+"""TransformConv2D: exactness against independent references, Keras citizenship, errors.
+
+Tolerance: float32 outputs are compared with float64 references at
+max |difference| <= 1e-4 * max(1, max |reference|) (DESIGN.md section 4).
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from hypothesis import given
+from hypothesis import settings
+from hypothesis import strategies as st
+from keras.src import testing
+
+import reference
+from tf_transform_conv import TransformConv2D
+from tf_transform_conv import transforms as transforms_lib
+
+RTOL = 1e-4
+IMPLEMENTATIONS = ("materialized", "factored")
+
+
+def assert_close(actual, expected, rtol=RTOL, what="output"):
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    scale = max(1.0, float(np.abs(expected).max(initial=0.0)))
+    diff = float(np.abs(actual - expected).max(initial=0.0))
+    assert diff <= rtol * scale, f"{what}: max abs diff {diff:.3g} > {rtol:g} * {scale:.3g}"
+
+
+def random_layer(rng, implementation, **kwargs):
+    """A built layer with random base kernel, scale and bias."""
+    layer = TransformConv2D(implementation=implementation, **kwargs)
+    return layer
+
+
+def randomize(layer, rng):
+    for var in layer.weights:
+        var.assign(rng.normal(size=var.shape).astype("float32"))
+
+
+# ----------------------------------------------------------------------------
+# Exactness: property-based sweep over the argument space
+
+
+@st.composite
+def layer_cases(draw):
+    preset = draw(st.sampled_from(["rotations", "d4", "flips", "shifts", "all"]))
+    names = transforms_lib.PRESETS[preset]
+    square = preset in ("rotations", "d4", "all")
+    sizes = [(1, 1), (3, 3), (5, 5)] + ([] if square else [(3, 5), (2, 3)])
+    kernel_size = draw(st.sampled_from(sizes))
+    strides = draw(st.sampled_from([1, 2]))
+    dilation = 1 if strides > 1 else draw(st.sampled_from([1, 2]))
+    padding = draw(st.sampled_from(["valid", "same"]))
+    groups = draw(st.sampled_from([1, 2, 4]))
+    scale = draw(st.booleans())
+    use_bias = draw(st.booleans())
+    n = draw(st.integers(1, 3))
+    explicit = draw(st.booleans())
+    kwargs = dict(
+        kernel_size=kernel_size,
+        strides=strides,
+        dilation_rate=dilation,
+        padding=padding,
+        depth_groups=groups,
+        scale=scale,
+        use_bias=use_bias,
+        transforms=list(names),
+    )
+    if explicit:
+        filters = draw(st.integers(n, 10))
+        seed = draw(st.integers(0, 2**16))
+        rng = np.random.default_rng(seed)
+        assignment = np.stack(
+            [rng.integers(0, n, (groups, filters)), rng.integers(0, len(names), (groups, filters))],
+            axis=-1,
+        )
+        kwargs.update(filters=filters, base_filters=n, assignment=assignment.tolist())
+    else:
+        kwargs.update(filters=n * len(names))
+    kh, kw = kernel_size
+    min_h = (kh - 1) * dilation + 1
+    min_w = (kw - 1) * dilation + 1
+    h = draw(st.integers(min_h, min_h + 6))
+    w = draw(st.integers(min_w, min_w + 6))
+    c_in = groups * draw(st.integers(1, 2))
+    return kwargs, (2, h, w, c_in)
+
+
+def reference_output(layer, x):
+    base = np.asarray(layer.base_kernel, np.float64)
+    scale = None if layer.scale_weight is None else np.asarray(layer.scale_weight, np.float64)
+    kernel = reference.materialize(base, layer.assignment, layer.transforms, scale)
+    bias = None if layer.bias is None else np.asarray(layer.bias, np.float64)
+    out = reference.conv2d(x, kernel, bias, layer.strides, layer.padding, layer.dilation_rate)
+    return out, kernel
+
+
+@settings(max_examples=60)
+@given(case=layer_cases(), seed=st.integers(0, 2**16))
+def test_both_paths_match_numpy_and_conv2d(case, seed):
+    kwargs, input_shape = case
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=input_shape).astype("float32")
+    outputs = {}
+    for implementation in IMPLEMENTATIONS:
+        layer = TransformConv2D(implementation=implementation, **kwargs)
+        layer.build(input_shape)
+        if not outputs:
+            randomize(layer, rng)
+            weights = [np.asarray(v) for v in layer.weights]
+        else:
+            layer.set_weights(weights)
+        outputs[implementation] = np.asarray(layer(x))
+        expected, kernel = reference_output(layer, x)
+        assert_close(outputs[implementation], expected, what=implementation)
+        # The library's materialised kernel is the reference kernel ...
+        assert_close(layer.materialized_kernel(), kernel, what="materialized_kernel")
+        # ... and a plain Conv2D holding it computes the same output.
+        conv = keras.layers.Conv2D(
+            layer.filters,
+            layer.kernel_size,
+            strides=layer.strides,
+            padding=layer.padding,
+            dilation_rate=layer.dilation_rate,
+            use_bias=layer.use_bias,
+        )
+        conv.build(input_shape)
+        conv.set_weights(
+            [np.asarray(layer.materialized_kernel())]
+            + ([np.asarray(layer.bias)] if layer.use_bias else [])
+        )
+        assert_close(outputs[implementation], conv(x), what=f"{implementation} vs Conv2D")
+    assert_close(outputs["factored"], outputs["materialized"], what="factored vs materialized")
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(filters=8, kernel_size=3, transforms="rotations", padding="same"),
+        dict(filters=10, kernel_size=3, transforms="shifts", strides=2, padding="same", scale=True),
+        dict(filters=8, kernel_size=(3, 5), transforms="flips", dilation_rate=2, depth_groups=2, scale=True),
+        dict(
+            filters=6, kernel_size=3, transforms="d4", base_filters=2, depth_groups=4, scale=True,
+            assignment=[[[0, 0], [1, 3], [0, 7], [1, 5], [1, 1], [0, 2]]] * 2
+            + [[[1, 0], [1, 3], [0, 6], [0, 4], [1, 2], [0, 1]]] * 2,
+        ),
+    ],
+    ids=["rotations", "shifts-stride2-scale", "flips-dilated-groups2", "explicit-groups4"],
+)
+def test_gradients_match_reference(implementation, kwargs):
+    rng = np.random.default_rng(7)
+    x = tf.constant(rng.normal(size=(2, 9, 9, 4)).astype("float32"))
+    layer = TransformConv2D(implementation=implementation, bias_initializer="random_normal", **kwargs)
+    layer.build(x.shape)
+    randomize(layer, rng)
+    upstream = rng.normal(size=layer.compute_output_shape(x.shape)).astype("float32")
+
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        loss = tf.reduce_sum(layer(x) * upstream)
+    grads = tape.gradient(loss, [x] + layer.trainable_weights)
+    grads = dict(zip(["input"] + [v.name for v in layer.trainable_weights], grads))
+
+    # Reference: a Conv2D holding the materialised kernel gives dL/dW, dL/dbias
+    # and dL/dx; dL/dB and dL/dscale follow from W = scale * T(B) by the adjoint
+    # of each transform, computed here with the numpy definitions.
+    conv = keras.layers.Conv2D(
+        layer.filters, layer.kernel_size, strides=layer.strides,
+        padding=layer.padding, dilation_rate=layer.dilation_rate,
+    )
+    conv.build(x.shape)
+    conv.set_weights([np.asarray(layer.materialized_kernel()), np.asarray(layer.bias)])
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        loss = tf.reduce_sum(conv(x) * upstream)
+    gx, gw, gb = tape.gradient(loss, [x, conv.kernel, conv.bias])
+    gw = np.asarray(gw, np.float64)
+
+    base = np.asarray(layer.base_kernel, np.float64)
+    scale = np.ones(layer.filters) if layer.scale_weight is None else np.asarray(layer.scale_weight)
+    groups = layer.depth_groups
+    cg = base.shape[2] // groups
+    g_base = np.zeros_like(base)
+    g_scale = np.zeros(layer.filters)
+    for g in range(groups):
+        ch = slice(g * cg, (g + 1) * cg)
+        for o, (b, t) in enumerate(layer.assignment[g]):
+            name = layer.transforms[t]
+            transformed = reference.TRANSFORMS[name](base[:, :, ch, b])
+            g_scale[o] += np.sum(gw[:, :, ch, o] * transformed)
+            # Adjoint of a partial permutation: push each gradient tap back to its source.
+            probe = np.arange(base.shape[0] * base.shape[1], dtype=float).reshape(base.shape[:2]) + 1
+            src = reference.TRANSFORMS[name](probe).reshape(-1).astype(int) - 1
+            flat = gw[:, :, ch, o].reshape(-1, cg) * scale[o]
+            g_flat = g_base[:, :, ch, b].reshape(-1, cg)
+            for u, v in enumerate(src):
+                if v >= 0:
+                    g_flat[v] += flat[u]
+            g_base[:, :, ch, b] = g_flat.reshape(base.shape[0], base.shape[1], cg)
+
+    assert_close(grads["input"], gx, what="d/dinput")
+    assert_close(grads["bias"], gb, what="d/dbias")
+    assert_close(grads["base_kernel"], g_base, what="d/dbase_kernel")
+    if layer.scale:
+        assert_close(grads["scale"], g_scale, what="d/dscale")
+
+
+def test_channels_first_matches_channels_last():
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(2, 7, 8, 4)).astype("float32")
+    kwargs = dict(filters=8, kernel_size=3, transforms="rotations", padding="same", strides=2)
+    last = TransformConv2D(**kwargs, data_format="channels_last")
+    last.build(x.shape)
+    randomize(last, rng)
+    for implementation in IMPLEMENTATIONS:
+        first = TransformConv2D(**kwargs, data_format="channels_first", implementation=implementation)
+        first.build((2, 4, 7, 8))
+        first.set_weights(last.get_weights())
+        y = first(np.transpose(x, (0, 3, 1, 2)))
+        assert_close(np.transpose(np.asarray(y), (0, 2, 3, 1)), last(x))
+        assert first.compute_output_shape((2, 4, 7, 8)) == (2, 8, 4, 4)
+
+
+def test_compiled_matches_eager():
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(3, 10, 10, 8)).astype("float32")
+    for implementation in IMPLEMENTATIONS:
+        layer = TransformConv2D(16, 3, transforms="d4", padding="same", scale=True,
+                                depth_groups=2, implementation=implementation)
+        eager = layer(x)
+        compiled = tf.function(layer, jit_compile=True)(x)
+        assert_close(compiled, eager)
+
+
+# ----------------------------------------------------------------------------
+# Inspection and the "auto" choice
+
+
+def test_default_assignment_blocks():
+    layer = TransformConv2D(12, 3, transforms="rotations", depth_groups=2)
+    table = layer.assignment
+    assert table.shape == (2, 12, 2)
+    np.testing.assert_array_equal(table[0, :, 0], [0, 1, 2] * 4)
+    np.testing.assert_array_equal(table[0, :, 1], [0] * 3 + [1] * 3 + [2] * 3 + [3] * 3)
+    np.testing.assert_array_equal(table[1], table[0])
+    assert layer.base_filters == 3
+    with pytest.raises(ValueError):
+        table[0, 0, 0] = 5  # read-only view: the layer's state cannot be edited by accident
+
+
+def test_base_filters_from_ratio():
+    assert TransformConv2D(16, 3, base_ratio=0.25).base_filters == 4
+    assert TransformConv2D(16, 3, base_filters=4).base_filters == 4
+
+
+def test_parameter_count():
+    layer = TransformConv2D(32, 3, transforms="d4", scale=True)
+    layer.build((None, 8, 8, 16))
+    assert layer.count_params() == 3 * 3 * 16 * 4 + 32 + 32
+    assert tuple(layer.base_kernel.shape) == (3, 3, 16, 4)
+
+
+def test_auto_picks_factored_for_few_bases_and_says_why():
+    wide = TransformConv2D(256, 3, transforms="d4", padding="same")
+    wide.build((None, 14, 14, 256))
+    assert wide.implementation_used == "factored"
+    assert "factored" in wide.implementation_reason and "cost" in wide.implementation_reason
+    half = TransformConv2D(16, 3, transforms=["identity", "rot180"], padding="same", strides=2)
+    half.build((None, 16, 16, 16))
+    assert half.implementation_used == "materialized"
+    forced = TransformConv2D(256, 3, transforms="d4", implementation="materialized")
+    forced.build((None, 14, 14, 256))
+    assert (forced.implementation_used, forced.implementation_reason) == ("materialized", "requested")
+
+
+def test_materialized_kernel_needs_build():
+    with pytest.raises(ValueError, match="built layer"):
+        TransformConv2D(8, 3).materialized_kernel()
+
+
+# ----------------------------------------------------------------------------
+# Keras citizenship
+
+
+@pytest.mark.parametrize(
+    "init_kwargs",
+    [
+        dict(filters=8, kernel_size=3, transforms="rotations", implementation="materialized"),
+        dict(filters=8, kernel_size=3, transforms="rotations", implementation="factored",
+             padding="same", scale=True),
+        dict(filters=6, kernel_size=(3, 5), transforms="flips", base_filters=2, depth_groups=2,
+             assignment=[[0, 0], [1, 1], [0, 2], [1, 3], [1, 0], [0, 1]], implementation="factored"),
+    ],
+    ids=["materialized", "factored-scale", "flips-explicit-groups"],
+)
+def test_keras_layer_conformance(init_kwargs):
+    """The checks Keras runs on its own layers: config, build, symbolic call,
+    serialisation, training and mixed precision."""
+    case = testing.TestCase()
+    trainable = 1 + 1 + int(init_kwargs.get("scale", False))
+    case.run_layer_test(
+        TransformConv2D,
+        init_kwargs=init_kwargs,
+        input_shape=(2, 7, 7, 4),
+        expected_output_shape=TransformConv2D(**init_kwargs).compute_output_shape((2, 7, 7, 4)),
+        expected_num_trainable_weights=trainable,
+        expected_num_non_trainable_weights=0,
+        expected_num_seed_generators=0,
+        expected_num_losses=0,
+        supports_masking=False,
+    )
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_fit_with_and_without_jit_agree(implementation):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(16, 8, 8, 3)).astype("float32")
+    y = rng.integers(0, 4, size=(16,))
+
+    def train(jit_compile):
+        keras.utils.set_random_seed(1)
+        model = keras.Sequential([
+            keras.Input((8, 8, 3)),
+            TransformConv2D(8, 3, transforms="rotations", padding="same", scale=True,
+                            activation="relu", implementation=implementation),
+            keras.layers.GlobalAveragePooling2D(),
+            keras.layers.Dense(4),
+        ])
+        model.compile(
+            optimizer=keras.optimizers.SGD(0.1),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            jit_compile=jit_compile,
+        )
+        before = model.layers[0].base_kernel.numpy().copy()
+        history = model.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0)
+        return before, model.layers[0].get_weights(), history.history["loss"]
+
+    before, weights_jit, loss_jit = train(True)
+    _, weights_eager, loss_eager = train(False)
+    assert not np.allclose(before, weights_jit[0]), "training did not move the base kernel"
+    for a, b in zip(weights_jit, weights_eager):
+        assert_close(a, b, rtol=1e-4)
+    np.testing.assert_allclose(loss_jit, loss_eager, rtol=1e-4)
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_mixed_precision(policy, implementation):
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(2, 9, 9, 8)).astype("float32")
+    kwargs = dict(filters=16, kernel_size=3, transforms="d4", scale=True, padding="same",
+                  implementation=implementation)
+    full = TransformConv2D(**kwargs)
+    full.build(x.shape)
+    randomize(full, rng)
+    mixed = TransformConv2D(**kwargs, dtype=policy)
+    mixed.build(x.shape)
+    mixed.set_weights(full.get_weights())
+    y = mixed(x)
+    assert y.dtype == policy.split("_")[1]
+    assert mixed.base_kernel.dtype == "float32"
+    # bfloat16 keeps 8 bits of mantissa: ~1e-2 relative, summed over 72 terms.
+    assert_close(np.asarray(tf.cast(y, "float32")), full(x), rtol=0.05 if "bfloat" in policy else 5e-3)
+
+
+def test_config_round_trip_and_registered_serialization():
+    layer = TransformConv2D(
+        6, (3, 5), base_filters=2, transforms="flips", depth_groups=2, scale=True,
+        assignment=[[0, 0], [1, 1], [0, 2], [1, 3], [1, 0], [0, 1]],
+        activation="relu", kernel_regularizer="l2", name="tc",
+    )
+    config = layer.get_config()
+    json.dumps(config)
+    clone = TransformConv2D.from_config(config)
+    assert clone.get_config() == config
+    np.testing.assert_array_equal(clone.assignment, layer.assignment)
+    # Registered: deserialises with no custom_objects.
+    restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(layer))
+    assert isinstance(restored, TransformConv2D)
+    assert restored.get_config() == config
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_keras_file_round_trip_in_safe_mode(tmp_path, implementation):
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(2, 12, 12, 16)).astype("float32")
+    assignment = np.stack([rng.integers(0, 4, 32), rng.integers(0, 8, 32)], axis=-1)
+    model = keras.Sequential([
+        keras.Input((12, 12, 16)),
+        TransformConv2D(32, 3, base_filters=4, transforms="d4", assignment=assignment,
+                        scale=True, padding="same", implementation=implementation),
+    ])
+    randomize(model.layers[0], rng)
+    path = tmp_path / "model.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path, safe_mode=True)
+    np.testing.assert_array_equal(loaded(x), model(x))
+    np.testing.assert_array_equal(loaded.layers[0].assignment, model.layers[0].assignment)
+    # The file holds the bases, not the materialised kernel (3*3*16*32 floats = 18 KB).
+    dense = keras.Sequential([keras.Input((12, 12, 16)), keras.layers.Conv2D(32, 3)])
+    dense_path = tmp_path / "dense.keras"
+    dense.save(dense_path)
+    assert path.stat().st_size < dense_path.stat().st_size - 3 * 3 * 16 * 28 * 4 * 0.9
+
+
+def test_runs_and_matches_on_jax_backend():
+    script = textwrap.dedent(
+        """
+        import numpy as np, jax, keras
+        assert keras.backend.backend() == "jax"
+        import sys; sys.path.insert(0, TESTS_DIR)
+        import reference
+        from tf_transform_conv import TransformConv2D
+        rng = np.random.default_rng(0)
+        x = rng.normal(size=(2, 9, 9, 4)).astype("float32")
+        worst = 0.0
+        for impl in ("materialized", "factored"):
+            for kw in (dict(transforms="d4", padding="same", scale=True, depth_groups=2),
+                       dict(transforms="shifts", strides=2, padding="valid")):
+                layer = TransformConv2D(8 * (kw["transforms"] == "d4") + 5 * (kw["transforms"] == "shifts"),
+                                        3, implementation=impl, **kw)
+                layer.build(x.shape)
+                for v in layer.weights:
+                    v.assign(rng.normal(size=v.shape).astype("float32"))
+                scale = None if layer.scale_weight is None else np.asarray(layer.scale_weight)
+                kernel = reference.materialize(np.asarray(layer.base_kernel), layer.assignment,
+                                               layer.transforms, scale)
+                want = reference.conv2d(x, kernel, np.asarray(layer.bias), layer.strides,
+                                        layer.padding, layer.dilation_rate)
+                eager = np.asarray(layer(x))
+                jitted = np.asarray(jax.jit(lambda v: layer(v))(x))
+                for got in (eager, jitted):
+                    worst = max(worst, float(np.abs(got - want).max()) / max(1.0, float(np.abs(want).max())))
+        print("WORST", worst)
+        """
+    ).replace("TESTS_DIR", repr(os.path.dirname(__file__)))
+    env = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu")
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    worst = float(result.stdout.split("WORST")[-1])
+    assert worst <= RTOL, worst
+
+
+# ----------------------------------------------------------------------------
+# Bad input: each a clear error naming the argument and what is allowed
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(filters=0, kernel_size=3), r"filters.*strictly positive.*filters=0"),
+        (dict(filters=8, kernel_size=3, base_filters=0), r"base_filters.*\[1, filters=8\].*base_filters=0"),
+        (dict(filters=8, kernel_size=3, base_filters=9), r"base_filters.*\[1, filters=8\].*base_filters=9"),
+        (dict(filters=8, kernel_size=3, base_filters=2, base_ratio=0.25), r"either `base_filters` or `base_ratio`, not both"),
+        (dict(filters=8, kernel_size=3, base_ratio=1.5), r"base_ratio.*\(0, 1\].*1.5"),
+        (dict(filters=8, kernel_size=3, base_ratio=0.3), r"whole number of base filters.*2.4"),
+        (dict(filters=8, kernel_size=3, assignment=[[0, 0]] * 8), r"explicit `assignment` needs.*base_filters.*base_ratio"),
+        (dict(filters=10, kernel_size=3, transforms="rotations"), r"divisible by len\(transforms\).*filters=10.*4 transforms"),
+        (dict(filters=8, kernel_size=3, base_filters=4, transforms="rotations"), r"filters == base_filters \* len\(transforms\).*filters=8, base_filters=4.*= 16"),
+        (dict(filters=4, kernel_size=3, base_filters=2, assignment=[[0, 0]] * 3), r"shape \(filters, 2\) = \(4, 2\).*Received shape \(3, 2\)"),
+        (dict(filters=2, kernel_size=3, base_filters=2, assignment=[[0, 0], [2, 0]]), r"base indices must lie in \[0, base_filters=2\)"),
+        (dict(filters=2, kernel_size=3, base_filters=2, assignment=[[0, 0], [1, 4]]), r"transform indices must lie in \[0, 4\)"),
+        (dict(filters=2, kernel_size=3, base_filters=2, assignment=[[0, 0.5], [1, 0]]), r"integers"),
+        (dict(filters=8, kernel_size=3, implementation="fast"), r"implementation.*'auto', 'materialized', 'factored'.*'fast'"),
+        (dict(filters=8, kernel_size=3, padding="causal"), r"padding.*'valid' or 'same'.*'causal'"),
+        (dict(filters=8, kernel_size=(3, 5)), r"need a square kernel"),
+        (dict(filters=8, kernel_size=3, transforms=["spin"]), r"Unknown transform 'spin'"),
+        (dict(filters=8, kernel_size=3, strides=2, dilation_rate=2), r"strides > 1.*dilation_rate > 1"),
+        (dict(filters=8, kernel_size=3, depth_groups=0), r"depth_groups.*strictly positive"),
+        (dict(filters=8, kernel_size=3, data_format="NHWC"), r"data_format.*'channels_last' or 'channels_first'"),
+        (dict(filters=8, kernel_size=0), r"kernel_size.*strictly positive"),
+    ],
+)
+def test_bad_arguments_raise_clear_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        TransformConv2D(**kwargs)
+
+
+def test_bad_inputs_raise_clear_errors():
+    layer = TransformConv2D(8, 3, depth_groups=4)
+    with pytest.raises(ValueError, match=r"input channels \(6\) must be divisible by depth_groups=4"):
+        layer.build((None, 8, 8, 6))
+    with pytest.raises(ValueError, match=r"expected ndim=4"):
+        TransformConv2D(8, 3)(np.zeros((2, 8, 8), "float32"))
+    layer = TransformConv2D(8, 3)
+    layer(np.zeros((1, 5, 5, 3), "float32"))
+    with pytest.raises(ValueError, match=r"axis -1 of input shape to have value 3"):
+        layer(np.zeros((1, 5, 5, 4), "float32"))
