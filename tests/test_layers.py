@@ -497,3 +497,27 @@ def test_bad_inputs_raise_clear_errors():
     layer(np.zeros((1, 5, 5, 3), "float32"))
     with pytest.raises(ValueError, match=r"axis -1 of input shape to have value 3"):
         layer(np.zeros((1, 5, 5, 4), "float32"))
+
+
+def test_factored_gather_fallback_matches_reference(monkeypatch):
+    """Assignments too scattered for contiguous segments take the per-tap gather route."""
+    from tf_transform_conv import layers as layers_lib
+
+    monkeypatch.setattr(layers_lib, "_MAX_SLICES", 0)
+    rng = np.random.default_rng(11)
+    assignment = np.stack([rng.integers(0, 3, (2, 12)), rng.integers(0, 12, (2, 12))], axis=-1)
+    layer = TransformConv2D(12, 3, base_filters=3, transforms="all", assignment=assignment,
+                            depth_groups=2, scale=True, padding="same", implementation="factored")
+    x = rng.normal(size=(2, 6, 7, 4)).astype("float32")
+    layer.build(x.shape)
+    randomize(layer, rng)
+    assert layer._factored_plan.num_slices(9, 2) > 0
+    expected, _ = reference_output(layer, x)
+    assert_close(layer(x), expected)
+
+
+def test_default_assignment_needs_no_output_permutation():
+    layer = TransformConv2D(16, 3, transforms="d4", depth_groups=2)
+    layer.build((None, 8, 8, 4))
+    assert layer._factored_plan.output_index is None
+    assert len(layer._factored_plan.segments) == 8  # one per transform block

@@ -10,11 +10,24 @@ from tf_transform_conv import transforms as transforms_lib
 
 IMPLEMENTATIONS = ("auto", "materialized", "factored")
 
-# Relative cost of one addition of the factored path (a memory-bound read of
-# a shifted map) against one multiply-add of a convolution, used by
-# `implementation="auto"`. Calibrated with `benchmarks/layer_speed.py` on
-# XLA/CPU; see the README's design notes.
-FACTORED_ADD_COST = 8.0
+# `implementation="auto"` estimates the factored path's cost per output pixel
+# as `base products + FACTORED_ADD_COST * additions` (an addition reads a
+# shifted map from memory, a multiply-add runs inside a GEMM) and picks it
+# when that is below `AUTO_FACTORED_THRESHOLD` times the dense convolution's
+# multiply-adds and the per-image product tensor stays within
+# `AUTO_MAX_PRODUCT_BYTES` (beyond that the additions stream it from main
+# memory and lose). Calibrated with `benchmarks/layer_speed.py` on XLA/CPU;
+# see the README's design notes.
+FACTORED_ADD_COST = 32.0
+AUTO_FACTORED_THRESHOLD = 0.8
+AUTO_MAX_PRODUCT_BYTES = 1 << 20
+# The factored path pads the input before the products (no bounds checks in
+# the additions) unless that grows the products by more than this factor; then
+# it pads the products instead.
+_MAX_INPUT_PAD_GROWTH = 1.25
+# Above this many slices per call, the factored additions gather channels
+# with `take` per tap instead of slicing contiguous output segments.
+_MAX_SLICES = 512
 
 
 def _standardize_pair(value, name):
@@ -410,7 +423,9 @@ class TransformConv2D(keras.layers.Layer):
                 dtype=self.dtype,
             )
         self._build_tables(channels)
-        self.implementation_used, self.implementation_reason = self._choose(channels)
+        self.implementation_used, self.implementation_reason = (
+            self.choose_implementation(tuple(input_shape))
+        )
 
     def _build_tables(self, channels):
         """Static index tables for both execution paths."""
@@ -430,46 +445,92 @@ class TransformConv2D(keras.layers.Layer):
         # Channels of the factored product P, laid out (group, tap, base).
         chans = (group * taps + src_of) * n + bases[None]
         self._factored_index = np.where(src_of >= 0, chans, -1).astype(np.int32)
+        self._factored_plan = _plan_segments(self._factored_index)
 
     def cost(self, input_shape):
-        """Multiply-adds of both paths for `input_shape` (without batch).
+        """Multiply-adds of both paths for one sample of `input_shape` (no batch).
 
         Returns:
-            A dict with `output_shape`, `dense_macs` (the materialised
-            convolution), `factored_macs` (the base products) and
-            `factored_adds` (the factored path's shifted additions).
+            A dict with `output_shape` (as `compute_output_shape`, without
+            batch), `dense_macs` (the materialised convolution),
+            `factored_macs` (the base products, over the padded input where
+            the factored path pads it) and `factored_adds` (its shifted
+            additions, `kh * kw * depth_groups` per output value).
         """
+        if len(input_shape) != 3:
+            raise ValueError(
+                "Expected the shape of one sample, (rows, cols, channels) or "
+                f"(channels, rows, cols). Received input_shape={input_shape}."
+            )
+        output_shape = self.compute_output_shape((None,) + tuple(input_shape))[1:]
         if self.data_format == "channels_first":
             c, h, w = input_shape
         else:
             h, w, c = input_shape
+        if None in (h, w, c):
+            raise ValueError(
+                f"cost() needs a fully known sample shape. Received input_shape={input_shape}."
+            )
         oh, ow = self._output_spatial(h, w)
-        kh, kw = self.kernel_size
-        taps = kh * kw
-        sh, sw = self.strides
-        ph, pw = (h, w) if self.padding == "valid" else (oh * sh, ow * sw)
+        taps = self.kernel_size[0] * self.kernel_size[1]
+        (pad_h, pad_w), pad_input = self._factored_padding(h, w)
+        if pad_input:
+            h, w = h + sum(pad_h), w + sum(pad_w)
         return {
-            "output_shape": (oh, ow, self.filters),
+            "output_shape": output_shape,
             "dense_macs": oh * ow * taps * c * self.filters,
-            "factored_macs": min(h, ph) * min(w, pw) * c * taps * self.base_filters,
+            "factored_macs": h * w * c * taps * self.base_filters,
             "factored_adds": oh * ow * self.filters * taps * self.depth_groups,
         }
 
-    def _choose(self, channels):
+    def _factored_padding(self, h, w):
+        """`((top, bottom), (left, right))` and whether to pad the input (else the products)."""
+        if self.padding == "valid":
+            return ((0, 0), (0, 0)), False
+        oh, ow = self._output_spatial(h, w)
+        pads = []
+        for size, out, k, s, d in zip(
+            (h, w), (oh, ow), self.kernel_size, self.strides, self.dilation_rate
+        ):
+            total = max((out - 1) * s + (k - 1) * d + 1 - size, 0)
+            pads.append((total // 2, total - total // 2))
+        growth = (h + sum(pads[0])) * (w + sum(pads[1])) / (h * w)
+        return tuple(pads), growth <= _MAX_INPUT_PAD_GROWTH
+
+    def choose_implementation(self, input_shape):
+        """The path `"auto"` runs for `input_shape` (with batch), and why.
+
+        Returns:
+            `(implementation, reason)`; `("<requested>", "requested")` when
+            `implementation` is not `"auto"`.
+        """
         if self.implementation != "auto":
             return self.implementation, "requested"
+        if self.data_format == "channels_last":
+            h, w, channels = input_shape[1:]
+        else:
+            channels, h, w = input_shape[1:]
+        if h is None or w is None:
+            return "materialized", (
+                "spatial size unknown at build; the factored path needs it"
+            )
         kh, kw = self.kernel_size
         taps = kh * kw
         sh, sw = self.strides
         dense = taps * channels * self.filters
-        factored = sh * sw * taps * channels * self.base_filters
-        adds = FACTORED_ADD_COST * taps * self.filters * self.depth_groups
-        ratio = (factored + adds) / dense
-        choice = "factored" if ratio < 1.0 else "materialized"
+        products = sh * sw * taps * channels * self.base_filters
+        adds = taps * self.filters * self.depth_groups
+        ratio = (products + FACTORED_ADD_COST * adds) / dense
+        product_bytes = h * w * taps * self.base_filters * self.depth_groups * 4
+        choice = (
+            "factored"
+            if ratio < AUTO_FACTORED_THRESHOLD and product_bytes <= AUTO_MAX_PRODUCT_BYTES
+            else "materialized"
+        )
         reason = (
-            f"estimated factored/materialized cost {ratio:.2f} per output "
-            f"pixel (base products {factored}, additions {taps * self.filters * self.depth_groups} "
-            f"x {FACTORED_ADD_COST:g}, dense {dense}); picked {choice}"
+            f"estimated factored/dense cost {ratio:.2f} (threshold "
+            f"{AUTO_FACTORED_THRESHOLD:g}), products {product_bytes / 2**20:.2f} MiB "
+            f"per image (limit {AUTO_MAX_PRODUCT_BYTES / 2**20:g}): {choice}"
         )
         return choice, reason
 
@@ -549,21 +610,6 @@ class TransformConv2D(keras.layers.Layer):
     def _factored(self, x):
         kh, kw = self.kernel_size
         taps, g, n = kh * kw, self.depth_groups, self.base_filters
-        channels = self.base_kernel.shape[2]
-        cg = channels // g
-        dtype = self.compute_dtype
-        base = ops.cast(self.base_kernel, dtype)
-        # (taps, c_in, n) -> per group (cg, taps * n), channel layout (tap, base)
-        base = ops.reshape(base, (taps, g, cg, n))
-        base = ops.reshape(ops.transpose(base, (1, 2, 0, 3)), (g, cg, taps * n))
-        if g == 1:
-            products = ops.matmul(x, base[0])
-        else:
-            batch_shape = ops.shape(x)[:-1]
-            xg = ops.reshape(x, tuple(batch_shape) + (g, cg))
-            products = ops.einsum("bhwgc,gcm->bhwgm", xg, base)
-            products = ops.reshape(products, tuple(batch_shape) + (g * taps * n,))
-
         h, w = x.shape[1], x.shape[2]
         if h is None or w is None:
             raise ValueError(
@@ -571,34 +617,53 @@ class TransformConv2D(keras.layers.Layer):
                 f"received inputs of shape {x.shape}. Use "
                 "implementation='materialized' for inputs of unknown size."
             )
-        (oh, ow) = self._output_spatial(h, w)
-        (sh, sw), (dh, dw) = self.strides, self.dilation_rate
-        if self.padding == "same":
-            pads = []
-            for size, out, k, s, d in ((h, oh, kh, sh, dh), (w, ow, kw, sw, dw)):
-                total = max((out - 1) * s + (k - 1) * d + 1 - size, 0)
-                pads.append((total // 2, total - total // 2))
-            if any(p for pair in pads for p in pair):
-                products = ops.pad(products, ((0, 0), pads[0], pads[1], (0, 0)))
+        oh, ow = self._output_spatial(h, w)
+        (pad_h, pad_w), pad_input = self._factored_padding(h, w)
+        padded = any(pad_h + pad_w)
+        if padded and pad_input:
+            x = ops.pad(x, ((0, 0), pad_h, pad_w, (0, 0)))
+        products = self._products(x)
+        if padded and not pad_input:
+            products = ops.pad(products, ((0, 0), pad_h, pad_w, (0, 0)))
 
-        out = None
-        for u in range(taps):
-            i, j = divmod(u, kw)
-            window = products[
+        (sh, sw), (dh, dw) = self.strides, self.dilation_rate
+        windows = [
+            products[
                 :,
                 i * dh : i * dh + (oh - 1) * sh + 1 : sh,
                 j * dw : j * dw + (ow - 1) * sw + 1 : sw,
                 :,
             ]
-            for k in range(g):
-                term = _gather_channels(window, self._factored_index[u, k])
-                if term is not None:
-                    out = term if out is None else out + term
+            for i in range(kh)
+            for j in range(kw)
+        ]
+        plan = self._factored_plan
+        if plan.num_slices(taps, g) <= _MAX_SLICES:
+            out = _segment_sums(windows, plan)
+        else:
+            out = _gathered_sums(windows, self._factored_index)
         if out is None:  # every tap of every filter zeroed (shifts of a 1x1 kernel)
-            out = ops.zeros(ops.shape(products)[:1] + (oh, ow, self.filters), dtype)
+            out = ops.zeros(ops.shape(products)[:1] + (oh, ow, self.filters), products.dtype)
+        elif plan.output_index is not None:
+            out = ops.take(out, plan.output_index, axis=-1)
         if self.scale_weight is not None:
-            out = out * ops.cast(self.scale_weight, dtype)
+            out = out * ops.cast(self.scale_weight, out.dtype)
         return out
+
+    def _products(self, x):
+        """`P = x @ B` per depth group, channels laid out (group, tap, base)."""
+        kh, kw = self.kernel_size
+        taps, g, n = kh * kw, self.depth_groups, self.base_filters
+        channels = self.base_kernel.shape[2]
+        cg = channels // g
+        base = ops.cast(self.base_kernel, self.compute_dtype)
+        base = ops.reshape(base, (taps, g, cg, n))
+        base = ops.reshape(ops.transpose(base, (1, 2, 0, 3)), (g, cg, taps * n))
+        if g == 1:
+            return ops.matmul(x, base[0])
+        batch_shape = tuple(ops.shape(x)[:-1])
+        products = ops.einsum("bhwgc,gcm->bhwgm", ops.reshape(x, batch_shape + (g, cg)), base)
+        return ops.reshape(products, batch_shape + (g * taps * n,))
 
     def get_config(self):
         config = super().get_config()
@@ -639,49 +704,101 @@ class TransformConv2D(keras.layers.Layer):
         return config
 
 
-def _channel_runs(index):
-    """Splits an index vector into runs `(start, length)` of consecutive channels.
+class _SegmentPlan:
+    """How the factored path lays out its outputs.
 
-    A run with `start == -1` stands for `length` zero channels.
+    Outputs are deduplicated and reordered so that runs of them (*segments*)
+    read, at every tap and depth group, a contiguous range of product
+    channels: a segment's sum is then `kh * kw * depth_groups` slices added
+    together, which XLA fuses into one loop. With the default assignment
+    every transform block is one segment and no reordering is needed.
+
+    Attributes:
+        segments: list of `(entries, width)`; `entries[(u, k)]` is the first
+            product channel of the segment at tap `u`, group `k` (absent when
+            that tap is zero for the whole segment).
+        output_index: int array mapping each output to its position in the
+            concatenated segments, or None when that is the identity.
     """
-    runs = []
-    for value in index.tolist():
-        if runs:
-            start, length = runs[-1]
-            if (start == -1 and value == -1) or (
-                start != -1 and value == start + length
-            ):
-                runs[-1] = (start, length + 1)
-                continue
-        runs.append((value, 1))
-    return runs
+
+    def __init__(self, segments, output_index):
+        self.segments = segments
+        self.output_index = output_index
+
+    def num_slices(self, taps, groups):
+        return sum(len(entries) for entries, _ in self.segments)
 
 
-# Above this many runs an index vector is gathered with `take` instead of
-# concatenated slices.
-_MAX_SLICE_RUNS = 16
+def _plan_segments(index):
+    """Plans the factored additions for `index` `(taps, groups, filters)`."""
+    taps, groups, filters = index.shape
+    columns = index.reshape(taps * groups, filters).T  # one row per output
+    unique, inverse = np.unique(columns, axis=0, return_inverse=True)
+    inverse = inverse.reshape(-1)
+
+    def signature(row):
+        valid = row >= 0
+        lead = int(row[valid][0]) if valid.any() else 0
+        return tuple(np.where(valid, row - lead, -1).tolist()), lead
+
+    # Group rows by signature (in order of first use, so the default
+    # assignment keeps its order), then by leading channel.
+    first_use = {}
+    for o in range(filters):
+        first_use.setdefault(signature(unique[inverse[o]])[0], o)
+
+    def key(r):
+        sig, lead = signature(unique[r])
+        return first_use[sig], lead
+
+    keyed = sorted(range(len(unique)), key=key)
+    segments, position = [], np.empty(len(unique), np.int64)
+    previous = None
+    for slot, r in enumerate(keyed):
+        sig, lead = signature(unique[r])
+        if previous is not None and previous == (sig, lead - 1) and sig != (-1,) * len(sig):
+            segments[-1][1] += 1
+        else:
+            entries = {
+                divmod(col, groups): int(unique[r][col])
+                for col in range(taps * groups)
+                if unique[r][col] >= 0
+            }
+            segments.append([entries, 1])
+        previous = (sig, lead)
+        position[r] = slot
+    output_index = position[inverse]
+    if np.array_equal(output_index, np.arange(filters)):
+        output_index = None
+    return _SegmentPlan([tuple(seg) for seg in segments], output_index)
 
 
-def _gather_channels(t, index):
-    """`t[..., index]` with -1 giving zeros; None when every entry is -1.
-
-    Contiguous runs (the default assignment's layout gives one run per
-    transform block) become slices, which XLA fuses into the additions.
-    """
-    if (index < 0).all():
+def _segment_sums(windows, plan):
+    """Concatenated per-segment sums of shifted, sliced product windows."""
+    if all(not entries for entries, _ in plan.segments):
         return None
-    runs = _channel_runs(index)
-    if len(runs) == 1 and runs[0][1] == t.shape[-1]:
-        return t
-    if len(runs) <= _MAX_SLICE_RUNS:
-        parts = []
-        for start, length in runs:
-            if start == -1:
-                parts.append(ops.zeros(ops.shape(t)[:-1] + (length,), t.dtype))
-            else:
-                parts.append(t[..., start : start + length])
-        return parts[0] if len(parts) == 1 else ops.concatenate(parts, axis=-1)
-    gathered = ops.take(t, np.maximum(index, 0), axis=-1)
-    if (index < 0).any():
-        gathered = gathered * ops.cast((index >= 0).astype("float32"), t.dtype)
-    return gathered
+    parts = []
+    for entries, width in plan.segments:
+        total = None
+        for (u, _), start in entries.items():
+            term = windows[u][..., start : start + width]
+            total = term if total is None else total + term
+        if total is None:
+            total = ops.zeros(ops.shape(windows[0])[:-1] + (width,), windows[0].dtype)
+        parts.append(total)
+    return parts[0] if len(parts) == 1 else ops.concatenate(parts, axis=-1)
+
+
+def _gathered_sums(windows, index):
+    """Sum over taps and groups of `window[..., index[u, k]]` (-1 reads zero)."""
+    total = None
+    for u, window in enumerate(windows):
+        for k in range(index.shape[1]):
+            idx = index[u, k]
+            if (idx < 0).all():
+                continue
+            term = ops.take(window, np.maximum(idx, 0), axis=-1)
+            if (idx < 0).any():
+                term = term * ops.cast((idx >= 0).astype("float32"), term.dtype)
+            total = term if total is None else total + term
+    return total

@@ -1,0 +1,625 @@
+"""Parameters and multiply-adds, per layer and per model.
+
+Counts are for one sample (no batch dimension). A multiply-add (MAC) is one
+multiplication accumulated into a sum; bias additions, activations and
+normalisation are not counted, as is usual for MAC counts. Layers whose
+multiply-adds are counted:
+
+- `keras.layers.Conv2D` (strides, dilation, padding, `groups`):
+  `H' * W' * kh * kw * (c_in / groups) * filters`.
+- `keras.layers.DepthwiseConv2D`:
+  `H' * W' * kh * kw * c_in * depth_multiplier`.
+- `keras.layers.Dense`, on inputs of any rank `(..., c_in)`:
+  `prod(...) * c_in * units`.
+- `TransformConv2D`, both execution paths (see `DESIGN.md`, section 4):
+  the materialised path costs what the equivalent `Conv2D` costs
+  (`dense_macs`); the factored path costs the base convolution's products,
+  `H * W * c_in * kh * kw * base_filters` multiply-adds over the input
+  (padded, where the factored path pads the input rather than the products),
+  plus
+  `H' * W' * filters * kh * kw * depth_groups` additions, counted
+  separately as `adds`.
+
+Every other layer counts `layer.count_params()` parameters and no
+multiply-adds.
+"""
+
+import dataclasses
+import math
+
+import keras
+
+from tf_transform_conv.layers import TransformConv2D
+
+__all__ = [
+    "LayerCost",
+    "ModelCost",
+    "layer_cost",
+    "model_cost",
+    "parameter_formula",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerCost:
+    """The cost of one call of one layer, for one sample.
+
+    Attributes:
+        name: str, the layer's name; inside a nested model, prefixed with
+            the nested model's name (`"block/conv"`).
+        class_name: str, the layer's class name (`"Conv2D"`).
+        output_shape: tuple, the output shape without the batch dimension;
+            for a layer with several outputs, a tuple of such shapes.
+        params: int, the layer's parameters (0 for the second and later
+            calls of a shared layer in `model_cost`).
+        macs: int, the multiply-adds of the path the layer actually runs:
+            for a `TransformConv2D`, the factored path's when
+            `implementation == "factored"`, else the materialised path's.
+        adds: int, the factored path's additions when the layer runs
+            factored, else 0.
+        dense_macs: int, what an ordinary `Conv2D` with the same filters
+            would cost; equal to `macs` for every other layer.
+        implementation: `"factored"` or `"materialized"` for a
+            `TransformConv2D`, else `None`.
+    """
+
+    name: str
+    class_name: str
+    output_shape: tuple
+    params: int
+    macs: int
+    adds: int
+    dense_macs: int
+    implementation: str = None
+
+    def to_dict(self):
+        """A JSON-serialisable dict of the fields (shapes as lists)."""
+        out = dataclasses.asdict(self)
+        out["output_shape"] = _shape_to_list(self.output_shape)
+        return out
+
+
+@dataclasses.dataclass
+class ModelCost:
+    """The cost of a model: one `LayerCost` per layer call, and totals.
+
+    Attributes:
+        layers: list of `LayerCost`, in the order the model runs them.
+        name: optional str, the model's name.
+    """
+
+    layers: list = dataclasses.field(default_factory=list)
+    name: str = None
+
+    @property
+    def params(self):
+        """Total parameters (a shared layer counted once)."""
+        return sum(layer.params for layer in self.layers)
+
+    @property
+    def macs(self):
+        """Total multiply-adds of the paths the layers actually run."""
+        return sum(layer.macs for layer in self.layers)
+
+    @property
+    def adds(self):
+        """Total additions of the factored `TransformConv2D` layers."""
+        return sum(layer.adds for layer in self.layers)
+
+    @property
+    def dense_macs(self):
+        """Total multiply-adds with every `TransformConv2D` as a `Conv2D`."""
+        return sum(layer.dense_macs for layer in self.layers)
+
+    def to_dict(self):
+        """A JSON-serialisable dict: the totals and the per-layer list."""
+        return {
+            "name": self.name,
+            "params": self.params,
+            "macs": self.macs,
+            "adds": self.adds,
+            "dense_macs": self.dense_macs,
+            "layers": [layer.to_dict() for layer in self.layers],
+        }
+
+    def summary(self, print_fn=print):
+        """Prints a table of the per-layer costs and the totals.
+
+        Args:
+            print_fn: callable taking one line (a str) at a time. Defaults
+                to `print`.
+        """
+        header = ("Layer (type)", "Output shape", "Params", "MACs", "Adds", "Path")
+        rows = [
+            (
+                f"{layer.name} ({layer.class_name})",
+                str(_shape_to_tuple_str(layer.output_shape)),
+                f"{layer.params:,}",
+                f"{layer.macs:,}",
+                f"{layer.adds:,}",
+                layer.implementation or "",
+            )
+            for layer in self.layers
+        ]
+        widths = [max(len(row[i]) for row in [header] + rows) for i in range(6)]
+        right = (False, False, True, True, True, False)
+
+        def line(row):
+            cells = [
+                cell.rjust(width) if r else cell.ljust(width)
+                for cell, width, r in zip(row, widths, right)
+            ]
+            return "  ".join(cells).rstrip()
+
+        rule = sum(widths) + 2 * (len(widths) - 1)
+        if self.name:
+            print_fn(f'Cost of model "{self.name}" (one sample)')
+        print_fn("=" * rule)
+        print_fn(line(header))
+        print_fn("=" * rule)
+        for row in rows:
+            print_fn(line(row))
+        print_fn("=" * rule)
+        print_fn(f"Total params: {self.params:,}")
+        print_fn(f"Total MACs: {self.macs:,}")
+        print_fn(f"Total adds: {self.adds:,}")
+        print_fn(f"Total MACs as dense Conv2D: {self.dense_macs:,}")
+        if self.dense_macs:
+            print_fn(f"MACs / dense MACs: {self.macs / self.dense_macs:.1%}")
+        print_fn("=" * rule)
+
+
+def parameter_formula(kernel_size, c_in, filters, base_filters, scale, use_bias):
+    """The parameter count of a `TransformConv2D`.
+
+    `kh * kw * c_in * base_filters`, plus `filters` when `scale`, plus
+    `filters` when `use_bias` (`DESIGN.md`, section 3). The same formula
+    with `base_filters == filters` and `scale=False` is `Conv2D`'s.
+
+    Args:
+        kernel_size: int or pair of ints `(kh, kw)`.
+        c_in: int, the input channels.
+        filters: int, the output filters.
+        base_filters: int, the learned base filters.
+        scale: bool, whether each output filter has a scale.
+        use_bias: bool, whether the layer has a bias.
+
+    Returns:
+        int, the number of parameters.
+
+    Raises:
+        ValueError: if `kernel_size` is not an int or a pair of ints.
+
+    Example:
+
+    >>> parameter_formula(3, c_in=8, filters=16, base_filters=4, scale=True,
+    ...                   use_bias=True)  # 3*3*8*4 + 16 + 16
+    320
+    """
+    kh, kw = _pair(kernel_size, "kernel_size")
+    return (
+        kh * kw * int(c_in) * int(base_filters)
+        + (int(filters) if scale else 0)
+        + (int(filters) if use_bias else 0)
+    )
+
+
+def layer_cost(layer, input_shape):
+    """The parameters and multiply-adds of one call of `layer`, for one sample.
+
+    See the module docstring for the layers whose multiply-adds are counted
+    and the formulas; every other layer counts `layer.count_params()`
+    parameters and no multiply-adds. A built layer reports its actual
+    parameter count; an unbuilt `Conv2D`, `DepthwiseConv2D`, `Dense` or
+    `TransformConv2D` gets it from its configuration and `input_shape`.
+
+    Args:
+        layer: a Keras layer.
+        input_shape: tuple, the input shape without the batch dimension
+            (`(rows, cols, channels)` for a `channels_last` convolution),
+            or a list of such tuples for a layer with several inputs.
+
+    Returns:
+        A `LayerCost`.
+
+    Raises:
+        ValueError: if `layer` is a model (use `model_cost`), if
+            `input_shape` has the wrong rank for the layer or unknown
+            dimensions the count needs, if its channels do not match the
+            built layer's or do not divide into its groups, or if `layer`
+            is an unbuilt layer of another type.
+
+    Example:
+
+    >>> import keras
+    >>> conv = keras.layers.Conv2D(16, 3, padding="same")
+    >>> cost = layer_cost(conv, (10, 10, 8))
+    >>> cost.params, cost.macs  # 3*3*8*16 + 16, 10*10 * 3*3*8*16
+    (1168, 115200)
+    """
+    if isinstance(layer, keras.Model):
+        raise ValueError(
+            f"layer_cost() takes a single layer; received the model "
+            f"'{layer.name}'. Use model_cost() for models."
+        )
+    input_shape = _standardize_input_shape(input_shape, layer)
+    _check_input_rank(layer, input_shape)
+    output_shape = _infer_output_shape(layer, input_shape)
+    return _layer_cost(layer, input_shape, output_shape, count_params=True)
+
+
+def model_cost(model):
+    """The parameters and multiply-adds of a built Keras model, for one sample.
+
+    Walks the model's graph from its outputs back to its inputs, one entry
+    per layer call, in an order the model could run them. Nested
+    (Functional or Sequential) models are descended into; their layers are
+    named `"nested_model/layer"`. A layer called several times (a shared
+    layer, or a nested model called twice) has one entry per call: its
+    multiply-adds count at every call, its parameters only at the first.
+    Input layers, and operations that are not layers, are left out.
+
+    Args:
+        model: a built Functional or `Sequential` Keras model whose layers'
+            input shapes are known (apart from the batch dimension).
+
+    Returns:
+        A `ModelCost`.
+
+    Raises:
+        ValueError: if `model` is not a model, is not built, is a subclassed
+            model (no graph to walk: call `layer_cost` on its layers
+            instead), or contains a subclassed model; and as `layer_cost`
+            for a layer whose input shape lacks a dimension its count needs.
+
+    Example:
+
+    >>> import keras
+    >>> from tf_transform_conv import TransformConv2D
+    >>> inputs = keras.Input((8, 8, 3))
+    >>> x = keras.layers.Conv2D(8, 3, padding="same")(inputs)
+    >>> x = TransformConv2D(16, 3, base_filters=4, padding="same",
+    ...                     implementation="factored")(x)
+    >>> cost = model_cost(keras.Model(inputs, x))
+    >>> cost.params  # (3*3*3*8 + 8) + (3*3*8*4 + 16)
+    528
+    >>> cost.macs  # 8*8*3*3*3*8 + 8*8*8*3*3*4
+    32256
+    >>> cost.adds  # 8*8*16*3*3
+    9216
+    >>> cost.dense_macs  # 8*8*3*3*3*8 + 8*8*3*3*8*16
+    87552
+    """
+    if not isinstance(model, keras.Model):
+        raise ValueError(
+            "model_cost() expects a Keras model. Received "
+            f"{type(model).__name__}; use layer_cost() for a single layer."
+        )
+    result = ModelCost(layers=[], name=model.name)
+    _walk_model(model, prefix="", seen=set(), out=result.layers)
+    return result
+
+
+# ----------------------------------------------------------------------
+# Per-layer arithmetic
+
+
+def _layer_cost(layer, input_shape, output_shape, count_params):
+    """The `LayerCost` of `layer` on `input_shape` giving `output_shape`."""
+    name, class_name = layer.name, type(layer).__name__
+    implementation, adds = None, 0
+    if isinstance(layer, TransformConv2D):
+        params, macs, adds, dense, implementation = _transform_conv_cost(
+            layer, input_shape
+        )
+    elif isinstance(layer, keras.layers.Conv2D):
+        params, macs = _conv2d_cost(layer, input_shape, output_shape)
+        dense = macs
+    elif isinstance(layer, keras.layers.DepthwiseConv2D):
+        params, macs = _depthwise_cost(layer, input_shape, output_shape)
+        dense = macs
+    elif isinstance(layer, keras.layers.Dense):
+        params, macs = _dense_cost(layer, input_shape)
+        dense = macs
+    else:
+        if not layer.built:
+            raise ValueError(
+                f"Layer '{name}' ({class_name}) is not built, so its "
+                "parameters are unknown. Build it (call it on an input, or "
+                "call build(input_shape)) first."
+            )
+        params, macs, dense = layer.count_params(), 0, 0
+    return LayerCost(
+        name=name,
+        class_name=class_name,
+        output_shape=output_shape,
+        params=int(params) if count_params else 0,
+        macs=int(macs),
+        adds=int(adds),
+        dense_macs=int(dense),
+        implementation=implementation,
+    )
+
+
+def _conv2d_cost(layer, input_shape, output_shape):
+    c = _image_dims(layer, input_shape)[2]
+    oh, ow, _ = _image_dims(layer, output_shape, what="output")
+    kh, kw = layer.kernel_size
+    groups = layer.groups
+    if c % groups:
+        raise ValueError(
+            f"The input channels ({c}) of layer '{layer.name}' must be "
+            f"divisible by groups={groups}. Received input_shape={input_shape}."
+        )
+    per_group = c // groups
+    _check_built_channels(layer, per_group, 2, input_shape)
+    params = kh * kw * per_group * layer.filters
+    params += layer.filters if layer.use_bias else 0
+    macs = oh * ow * kh * kw * per_group * layer.filters
+    return _built_params(layer, params), macs
+
+
+def _depthwise_cost(layer, input_shape, output_shape):
+    c = _image_dims(layer, input_shape)[2]
+    oh, ow, _ = _image_dims(layer, output_shape, what="output")
+    kh, kw = layer.kernel_size
+    mult = layer.depth_multiplier
+    _check_built_channels(layer, c, 2, input_shape)
+    params = kh * kw * c * mult + (c * mult if layer.use_bias else 0)
+    macs = oh * ow * kh * kw * c * mult
+    return _built_params(layer, params), macs
+
+
+def _dense_cost(layer, input_shape):
+    c = _dense_input_channels(layer, input_shape)
+    _check_built_channels(layer, c, 0, input_shape)
+    params = c * layer.units + (layer.units if layer.use_bias else 0)
+    macs = math.prod(input_shape[:-1]) * c * layer.units
+    return _built_params(layer, params), macs
+
+
+def _dense_input_channels(layer, input_shape):
+    if not _is_shape(input_shape) or len(input_shape) < 1:
+        raise ValueError(
+            f"Layer '{layer.name}' (Dense) expects an input_shape of rank at "
+            "least 1 without the batch dimension, `(..., channels)`. Received "
+            f"input_shape={input_shape}."
+        )
+    _require_known(layer, input_shape, input_shape)
+    return input_shape[-1]
+
+
+def _transform_conv_cost(layer, input_shape):
+    c = _image_dims(layer, input_shape)[2]
+    if c % layer.depth_groups:
+        raise ValueError(
+            f"The input channels ({c}) of layer '{layer.name}' must be "
+            f"divisible by depth_groups={layer.depth_groups}. Received "
+            f"input_shape={input_shape}."
+        )
+    _check_built_channels(layer, c, 2, input_shape)
+    implementation = layer.implementation_used
+    if implementation is None:  # not built: the choice build() would make
+        implementation = layer.choose_implementation((None,) + tuple(input_shape))[0]
+    params = parameter_formula(
+        layer.kernel_size,
+        c,
+        layer.filters,
+        layer.base_filters,
+        layer.scale,
+        layer.use_bias,
+    )
+    # The layer's own count of both paths.
+    paths = layer.cost(input_shape)
+    dense = paths["dense_macs"]
+    if implementation == "factored":
+        macs, adds = paths["factored_macs"], paths["factored_adds"]
+    else:
+        macs, adds = dense, 0
+    return _built_params(layer, params), macs, adds, dense, implementation
+
+
+# ----------------------------------------------------------------------
+# Shapes and checks
+
+
+def _image_dims(layer, shape, what="input"):
+    """`(rows, cols, channels)` of a 3D shape without batch, all known."""
+    if shape is None or len(shape) != 3 or not all(
+        d is None or isinstance(d, int) for d in shape
+    ):
+        raise ValueError(
+            f"Layer '{layer.name}' ({type(layer).__name__}) expects a 3D "
+            f"{what}_shape (rows, cols, channels) or (channels, rows, cols), "
+            f"without the batch dimension. Received {what}_shape={shape}."
+        )
+    _require_known(layer, shape, shape, what)
+    if layer.data_format == "channels_first":
+        c, h, w = shape
+    else:
+        h, w, c = shape
+    return h, w, c
+
+
+def _check_input_rank(layer, input_shape):
+    """Raises early for a supported layer given a shape of the wrong rank."""
+    if isinstance(
+        layer, (TransformConv2D, keras.layers.Conv2D, keras.layers.DepthwiseConv2D)
+    ):
+        _image_dims(layer, input_shape)
+    elif isinstance(layer, keras.layers.Dense):
+        _dense_input_channels(layer, input_shape)
+
+
+def _require_known(layer, dims, shape, what="input"):
+    if any(d is None for d in dims):
+        raise ValueError(
+            f"The cost of layer '{layer.name}' ({type(layer).__name__}) needs "
+            f"every dimension of its {what} apart from the batch. Received "
+            f"{what}_shape={shape}. Build the model with a fixed input size."
+        )
+
+
+def _check_built_channels(layer, channels, axis, input_shape):
+    """A built layer's kernel must match the input channels it is costed on."""
+    if not layer.built:
+        return
+    kernel = layer.base_kernel if isinstance(layer, TransformConv2D) else layer.kernel
+    built = tuple(kernel.shape)[axis]
+    if built != channels:
+        raise ValueError(
+            f"Layer '{layer.name}' ({type(layer).__name__}) was built for "
+            f"{built} input channels (per group), but input_shape={input_shape} "
+            f"gives {channels}."
+        )
+
+
+def _built_params(layer, formula):
+    """The actual parameter count of a built layer, else the formula."""
+    return layer.count_params() if layer.built else formula
+
+
+def _is_shape(value):
+    return isinstance(value, (tuple, list)) and all(
+        d is None or isinstance(d, int) for d in value
+    )
+
+
+def _standardize_input_shape(input_shape, layer):
+    """A tuple (or a list of tuples) of ints or None, without batch."""
+
+    def one(shape):
+        try:
+            return tuple(None if d is None else int(d) for d in shape)
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"Expected `input_shape` for layer '{layer.name}' to be a tuple "
+                "of ints (or None) without the batch dimension, or a list of "
+                f"such tuples. Received input_shape={input_shape!r}."
+            ) from None
+
+    if isinstance(input_shape, (tuple, list)) and input_shape and all(
+        isinstance(s, (tuple, list)) for s in input_shape
+    ):
+        shapes = [one(s) for s in input_shape]
+        return shapes[0] if len(shapes) == 1 else shapes
+    return one(input_shape)
+
+
+def _infer_output_shape(layer, input_shape):
+    """The layer's output shape without batch, from `compute_output_spec`."""
+    if isinstance(input_shape, list):
+        args = [keras.KerasTensor((None,) + s) for s in input_shape]
+    else:
+        args = keras.KerasTensor((None,) + input_shape)
+    try:
+        spec = layer.compute_output_spec(args)
+    except Exception as error:  # noqa: BLE001 - re-raised with context
+        raise ValueError(
+            f"Could not infer the output shape of layer '{layer.name}' "
+            f"({type(layer).__name__}) for input_shape={input_shape}: {error}"
+        ) from error
+    return _output_shape(keras.tree.flatten(spec))
+
+
+def _output_shape(tensors):
+    shapes = tuple(tuple(t.shape)[1:] for t in tensors)
+    return shapes[0] if len(shapes) == 1 else shapes
+
+
+def _shape_to_list(shape):
+    if isinstance(shape, (tuple, list)):
+        return [_shape_to_list(d) for d in shape]
+    return shape
+
+
+def _shape_to_tuple_str(shape):
+    if isinstance(shape, (tuple, list)) and shape and not _is_shape(shape):
+        return ", ".join(str(tuple(s)) for s in shape)
+    return str(tuple(shape))
+
+
+def _pair(value, name):
+    if isinstance(value, int):
+        return value, value
+    try:
+        kh, kw = (int(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"Expected `{name}` to be an int or a pair of ints. Received "
+            f"{name}={value!r}."
+        ) from None
+    return kh, kw
+
+
+# ----------------------------------------------------------------------
+# Walking a model's graph
+
+
+def _producer_node(tensor):
+    """The graph node that produced a symbolic tensor."""
+    history = tensor._keras_history
+    return history.operation._inbound_nodes[history.node_index]
+
+
+def _graph_nodes(model):
+    """The nodes of a Functional model's graph, inputs first (post-order DFS)."""
+    if not model.built:
+        raise ValueError(
+            f"Model '{model.name}' is not built. Call it on an input, or call "
+            "build(input_shape), before model_cost()."
+        )
+    try:
+        outputs, inputs = model.outputs, model.inputs
+    except (AttributeError, ValueError):
+        outputs = inputs = None
+    if not outputs:
+        raise ValueError(
+            f"model_cost() needs a Functional or Sequential model, whose graph "
+            f"it walks. Model '{model.name}' ({type(model).__name__}) has no "
+            "graph (a subclassed model?): call layer_cost() on each of its "
+            "layers with that layer's input shape instead."
+        )
+    input_ids = {id(t) for t in keras.tree.flatten(inputs)}
+    done, order = set(), []
+    stack = [
+        (_producer_node(t), False) for t in reversed(keras.tree.flatten(outputs))
+    ]
+    while stack:
+        node, expanded = stack.pop()
+        if id(node) in done:
+            continue
+        if expanded:
+            done.add(id(node))
+            order.append(node)
+            continue
+        stack.append((node, True))
+        for tensor in reversed(node.input_tensors):
+            if id(tensor) in input_ids:
+                continue
+            parent = _producer_node(tensor)
+            if id(parent) not in done:
+                stack.append((parent, False))
+    return order
+
+
+def _walk_model(model, prefix, seen, out):
+    for node in _graph_nodes(model):
+        layer = node.operation
+        if not isinstance(layer, keras.layers.Layer) or isinstance(
+            layer, keras.layers.InputLayer
+        ):
+            continue
+        if isinstance(layer, keras.Model):
+            _walk_model(layer, prefix + layer.name + "/", seen, out)
+            continue
+        shapes = [tuple(t.shape)[1:] for t in node.input_tensors]
+        input_shape = shapes[0] if len(shapes) == 1 else shapes
+        cost = _layer_cost(
+            layer,
+            input_shape,
+            _output_shape(node.output_tensors),
+            count_params=id(layer) not in seen,
+        )
+        seen.add(id(layer))
+        out.append(dataclasses.replace(cost, name=prefix + cost.name))
