@@ -19,10 +19,10 @@ demo: $(STAMP)
 	$(BIN)/python examples/digits_demo.py
 
 test: $(STAMP)
-	$(BIN)/python -m pytest tf_transform_conv tests
+	$(BIN)/python -m pytest tf_transform_conv tests README.md
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest tf_transform_conv tests -m "not slow"
+	$(BIN)/python -m pytest tf_transform_conv tests README.md -m "not slow"
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/layer_speed.py

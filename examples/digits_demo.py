@@ -34,6 +34,9 @@ from sklearn.datasets import load_digits  # noqa: E402
 from sklearn.model_selection import train_test_split  # noqa: E402
 
 from tf_transform_conv import TransformConv2D  # noqa: E402
+from tf_transform_conv import UpdateTransformPruningStep  # noqa: E402
+from tf_transform_conv import prune_model  # noqa: E402
+from tf_transform_conv import strip_model  # noqa: E402
 from tf_transform_conv import transforms as transforms_lib  # noqa: E402
 from tf_transform_conv.cost import model_cost  # noqa: E402
 
@@ -120,6 +123,19 @@ def parse_args(argv=None):
         "line per epoch",
     )
     parser.add_argument(
+        "--prune-epochs",
+        type=int,
+        default=15,
+        help="fine-tuning epochs of the pruning path, from the trained Conv2D "
+        "model (15; 0 skips it)",
+    )
+    parser.add_argument(
+        "--prune-sparsity",
+        type=float,
+        default=0.75,
+        help="final fraction of filters rebuilt as transforms (0.75)",
+    )
+    parser.add_argument(
         "--quick", action="store_true", help="1 epoch per model, for tests"
     )
     args = parser.parse_args(argv)
@@ -128,8 +144,14 @@ def parse_args(argv=None):
             f"--epochs and --batch-size must be at least 1; received "
             f"--epochs {args.epochs} --batch-size {args.batch_size}"
         )
+    if not 0 <= args.prune_sparsity < 1 or args.prune_epochs < 0:
+        parser.error(
+            "--prune-sparsity must be in [0, 1) and --prune-epochs at least 0; "
+            f"received {args.prune_sparsity} and {args.prune_epochs}"
+        )
     if args.quick:
         args.epochs = 1
+        args.prune_epochs = min(args.prune_epochs, 1)
     if args.run_dir is None:
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         args.run_dir = pathlib.Path("runs") / f"digits-{stamp}"
@@ -238,13 +260,12 @@ class EpochTimer(keras.callbacks.Callback):
         self.seconds.append(time.perf_counter() - self._start)
 
 
-def train_and_evaluate(name, conv_factory, data, args):
-    x_train, x_test, y_train, y_test = data
-    keras.utils.set_random_seed(args.seed)  # same initial draws for every variant
-    model = build_cnn(conv_factory, name=name)
+def compile_and_fit(model, data, args, epochs, learning_rate, callbacks=()):
+    """Adam on a cosine decay; returns `(history, train_seconds, seconds_per_epoch)`."""
+    x_train, _, y_train, _ = data
     batches = training_batches(x_train, y_train, args.batch_size, args.seed)
-    steps = args.epochs * (len(x_train) // args.batch_size)
-    schedule = keras.optimizers.schedules.CosineDecay(args.learning_rate, steps)
+    steps = epochs * (len(x_train) // args.batch_size)
+    schedule = keras.optimizers.schedules.CosineDecay(learning_rate, steps)
     model.compile(
         optimizer=keras.optimizers.Adam(schedule),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -255,12 +276,19 @@ def train_and_evaluate(name, conv_factory, data, args):
     start = time.perf_counter()
     history = model.fit(
         batches,
-        epochs=args.epochs,
+        epochs=epochs,
         shuffle=False,  # the dataset reshuffles itself
-        callbacks=[timer],
+        callbacks=[timer, *callbacks],
         verbose=args.verbose,
     )
     train_seconds = time.perf_counter() - start
+    steady = timer.seconds[1:] or timer.seconds
+    return history, train_seconds, float(np.median(steady))
+
+
+def evaluate_and_save(name, model, data, args):
+    """Test accuracy, cost, and a `.keras` round trip checked in `safe_mode`."""
+    _, x_test, _, y_test = data
     # The test set is 450 tiny images: one eager call is quicker than tracing
     # and compiling `evaluate`/`predict` for every model.
     logits = keras.ops.convert_to_numpy(model(x_test, training=False))
@@ -280,9 +308,7 @@ def train_and_evaluate(name, conv_factory, data, args):
         f"with safe_mode=True: predictions "
         f"{'match' if reload_match else 'DIFFER'} (max |diff| {max_diff:.2e})"
     )
-
     cost = model_cost(model)
-    steady = timer.seconds[1:] or timer.seconds
     return {
         "implementations": {
             layer.name: layer.implementation_used
@@ -290,20 +316,73 @@ def train_and_evaluate(name, conv_factory, data, args):
             if isinstance(layer, TransformConv2D)
         },
         "test_accuracy": accuracy,
-        "train_accuracy": float(history.history["accuracy"][-1]),
-        "train_loss": float(history.history["loss"][-1]),
         "params": int(cost.params),
+        "conv_params": int(
+            sum(r.params for r in cost.layers if r.class_name in ("Conv2D", "TransformConv2D"))
+        ),
         "macs": int(cost.macs),
         "adds": int(cost.adds),
         "dense_macs": int(cost.dense_macs),
         "cost": cost.to_dict(),
-        "train_seconds": train_seconds,
-        "seconds_per_epoch": float(np.median(steady)),
         "saved_model": path.name,
         "saved_bytes": path.stat().st_size,
         "reload_match": reload_match,
         "reload_max_abs_diff": max_diff,
     }
+
+
+def train_and_evaluate(name, conv_factory, data, args):
+    """Trains a model built with `conv_factory`; returns `(row, model)`."""
+    keras.utils.set_random_seed(args.seed)  # same initial draws for every variant
+    model = build_cnn(conv_factory, name=name)
+    history, seconds, per_epoch = compile_and_fit(
+        model, data, args, args.epochs, args.learning_rate
+    )
+    row = evaluate_and_save(name, model, data, args)
+    row.update(
+        train_accuracy=float(history.history["accuracy"][-1]),
+        train_loss=float(history.history["loss"][-1]),
+        train_seconds=seconds,
+        seconds_per_epoch=per_epoch,
+    )
+    return row, model
+
+
+def prune_and_strip(dense, data, args):
+    """Generalised pruning of the trained dense model, then stripping.
+
+    A tfmot `PolynomialDecay` takes every 3x3 convolution from 0 to
+    `--prune-sparsity` over the first two thirds of the fine-tuning steps;
+    pruned filters are rebuilt as d4 transforms of kept ones, each with a
+    scale. The stripped model holds compact `TransformConv2D` layers.
+    """
+    # tfmot is only imported where its schedule is needed.
+    import tensorflow_model_optimization as tfmot
+
+    steps = args.prune_epochs * (len(data[0]) // args.batch_size)
+    schedule = tfmot.sparsity.keras.PolynomialDecay(
+        initial_sparsity=0.0,
+        final_sparsity=args.prune_sparsity,
+        begin_step=0,
+        end_step=max(1, 2 * steps // 3),
+        frequency=max(1, steps // 30),
+    )
+    keras.utils.set_random_seed(args.seed)
+    wrapped = prune_model(dense, schedule, transforms="d4", scale=True)
+    history, seconds, per_epoch = compile_and_fit(
+        wrapped, data, args, args.prune_epochs, args.learning_rate / 3,
+        callbacks=[UpdateTransformPruningStep()],
+    )
+    stripped = strip_model(wrapped)
+    name = f"pruned-{round(args.prune_sparsity * 100)}"
+    row = evaluate_and_save(name, stripped, data, args)
+    row.update(
+        train_accuracy=float(history.history["accuracy"][-1]),
+        train_loss=float(history.history["loss"][-1]),
+        train_seconds=seconds,
+        seconds_per_epoch=per_epoch,
+    )
+    return row
 
 
 # ----------------------------------------------------------------------------
@@ -330,7 +409,7 @@ def format_paths(implementations):
 
 def format_table(rows):
     header = (
-        f"{'model':<14} {'base ratio':>10} {'test acc':>8} {'params':>8} "
+        f"{'model':<14} {'base ratio':>10} {'test acc':>8} {'params':>8} {'conv prm':>8} "
         f"{'mult-adds':>10} {'adds':>9} {'paths':>6} {'train s':>8} {'s/epoch':>8} "
         f"{'reload':>6}"
     )
@@ -338,7 +417,7 @@ def format_table(rows):
     for row in rows:
         lines.append(
             f"{row['model']:<14} {row['base_ratio']:>10} {row['test_accuracy']:>8.4f} "
-            f"{row['params']:>8,} {row['macs']:>10,} {row['adds']:>9,} "
+            f"{row['params']:>8,} {row['conv_params']:>8,} {row['macs']:>10,} {row['adds']:>9,} "
             f"{format_paths(row['implementations']):>6} "
             f"{row['train_seconds']:>8.1f} {row['seconds_per_epoch']:>8.2f} "
             f"{'ok' if row['reload_match'] else 'FAILED':>6}"
@@ -366,7 +445,21 @@ def main(argv=None):
     for name, ratio, transforms, factory in variants(args.ratios, args.implementation):
         print(f"\n== {name} (base ratio {ratio}, transforms {transforms})")
         row = {"model": name, "base_ratio": ratio, "transforms": transforms}
-        row.update(train_and_evaluate(name, factory, data, args))
+        result, model = train_and_evaluate(name, factory, data, args)
+        row.update(result)
+        rows.append(row)
+        if name == "conv2d":
+            dense = model
+
+    if args.prune_epochs > 0:
+        kept = fractions.Fraction(1) - fractions.Fraction(args.prune_sparsity).limit_denominator(64)
+        print(
+            f"\n== pruning the trained conv2d model to sparsity {args.prune_sparsity} "
+            f"(d4 reconstructions, {args.prune_epochs} epochs), then stripping"
+        )
+        row = {"model": None, "base_ratio": str(kept), "transforms": ["d4"]}
+        row.update(prune_and_strip(dense, data, args))
+        row["model"] = f"pruned-{round(args.prune_sparsity * 100)}"
         rows.append(row)
 
     settings = dict(

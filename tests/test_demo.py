@@ -26,7 +26,7 @@ def test_quick_demo_writes_results_and_round_trips_models(tmp_path):
 
     results = json.loads((run_dir / "results.json").read_text())
     rows = {row["model"]: row for row in results["rows"]}
-    assert list(rows) == ["conv2d", "transform-1-2", "transform-1-4"]
+    assert list(rows) == ["conv2d", "transform-1-2", "transform-1-4", "pruned-75"]
     assert not list(run_dir.glob("*.tmp")), "results.json was not written atomically"
 
     dense = rows["conv2d"]
@@ -39,3 +39,8 @@ def test_quick_demo_writes_results_and_round_trips_models(tmp_path):
         if name != "conv2d":
             assert row["params"] < dense["params"], name
             assert row["macs"] <= row["dense_macs"] == dense["macs"], name
+
+    # The stripped pruned model keeps a quarter of each 3x3 conv's filters.
+    pruned = rows["pruned-75"]
+    assert pruned["implementations"], "the stripped model holds no TransformConv2D"
+    assert pruned["conv_params"] < 0.4 * dense["conv_params"]

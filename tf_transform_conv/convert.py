@@ -1,0 +1,341 @@
+"""Rewriting existing Keras models: one-shot conversion of `Conv2D` to `TransformConv2D`.
+
+`transform_model` fits, for every chosen convolution, the bases and each other
+filter's `(base, transform, scale)` to the layer's current weights
+(`tf_transform_conv.assignment.fit_assignment`) and returns the rewritten
+model, every other layer keeping its weights, with a per-layer report. Then
+fine-tune.
+"""
+
+import dataclasses
+
+import keras
+import numpy as np
+
+from tf_transform_conv import transforms as transforms_lib
+from tf_transform_conv.assignment import fit_assignment
+from tf_transform_conv.cost import parameter_formula
+from tf_transform_conv.layers import TransformConv2D
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerReport:
+    """What `transform_model` did with one convolution.
+
+    Attributes:
+        name: the layer's name.
+        class_name: its class.
+        converted: whether it became a `TransformConv2D`.
+        reason: why it was skipped (empty when converted).
+        params_before, params_after: parameter counts (equal when skipped).
+        base_filters: bases kept (None when skipped).
+        error: `||W - W_rec||_F / ||W||_F` of the fitted kernel (None when skipped).
+    """
+
+    name: str
+    class_name: str
+    converted: bool
+    reason: str
+    params_before: int
+    params_after: int
+    base_filters: int = None
+    error: float = None
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+
+def format_report(report):
+    """The report as a table, one line per convolution."""
+    lines = [
+        f"{'layer':<28} {'class':<16} {'params':>10} {'after':>10} {'bases':>6} "
+        f"{'error':>7}  note"
+    ]
+    for r in report:
+        lines.append(
+            f"{r.name:<28} {r.class_name:<16} {r.params_before:>10,} {r.params_after:>10,} "
+            f"{'' if r.base_filters is None else r.base_filters:>6} "
+            f"{'' if r.error is None else f'{r.error:.4f}':>7}  {r.reason}"
+        )
+    before = sum(r.params_before for r in report)
+    after = sum(r.params_after for r in report)
+    lines.append(f"{'total (convolutions)':<45} {before:>10,} {after:>10,}")
+    return "\n".join(lines)
+
+
+def _is_graph_model(model):
+    # Functional is what keras.Model(inputs, outputs) builds; subclassed
+    # models have no graph to rewrite.
+    from keras.src.models.functional import Functional
+
+    return isinstance(model, (keras.Sequential, Functional))
+
+
+def check_graph_model(model, verb):
+    """Raises a ValueError naming what to do when `model` is subclassed."""
+    if _is_graph_model(model):
+        return
+    convs = [
+        layer.name
+        for layer in model._flatten_layers(include_self=False, recursive=True)
+        if isinstance(layer, keras.layers.Conv2D)
+    ]
+    raise ValueError(
+        f"{verb} rewrites Sequential and Functional models; "
+        f"{type(model).__name__} is a subclassed model. Replace or wrap its "
+        "Conv2D layers in its own code instead (TransformConv2D, or "
+        f"TransformPruning(layer, schedule)): candidates here are {convs}."
+    )
+
+
+def select_layers(model, layers, eligible):
+    """The names of the layers of `model` that `layers` chooses among `eligible` ones.
+
+    Args:
+        layers: None (every eligible layer), a name or list of names, a layer
+            class or tuple of classes, or a predicate `layer -> bool`.
+    """
+    candidates = [
+        layer
+        for layer in model._flatten_layers(include_self=False, recursive=True)
+        if eligible(layer)
+    ]
+    if layers is None:
+        return {layer.name for layer in candidates}
+    if isinstance(layers, type) or (
+        isinstance(layers, tuple) and layers and all(isinstance(t, type) for t in layers)
+    ):
+        return {layer.name for layer in candidates if isinstance(layer, layers)}
+    if callable(layers):
+        return {layer.name for layer in candidates if layers(layer)}
+    if isinstance(layers, str):
+        layers = [layers]
+    names = {layer.name for layer in candidates}
+    missing = [name for name in layers if name not in names]
+    if missing:
+        raise ValueError(
+            f"No eligible layer is named {missing}. Eligible layers are "
+            f"{sorted(names)}."
+        )
+    return set(layers)
+
+
+# The convolutions a report lists, converted or not.
+_CONVOLUTIONS = (
+    keras.layers.Conv2D,
+    keras.layers.DepthwiseConv2D,
+    keras.layers.SeparableConv2D,
+    keras.layers.Conv2DTranspose,
+)
+
+
+def skip_reason(layer, transforms):
+    """Why `layer` cannot become a `TransformConv2D` ("" when it can)."""
+    if isinstance(layer, keras.layers.SeparableConv2D):
+        return "separable convolution: not supported"
+    if isinstance(layer, keras.layers.DepthwiseConv2D):
+        return "depthwise convolution: each filter sees its own channel, no filters to share"
+    if isinstance(layer, keras.layers.Conv2DTranspose):
+        return "transposed convolution: not supported"
+    if not isinstance(layer, keras.layers.Conv2D):
+        return "not a Conv2D"
+    if layer.groups != 1:
+        return f"grouped convolution (groups={layer.groups}): not supported"
+    if tuple(layer.kernel_size) == (1, 1):
+        return "1x1 kernel: spatial transforms are meaningless"
+    try:
+        transforms_lib.resolve_transforms(transforms, layer.kernel_size)
+    except ValueError as e:
+        return f"kernel {tuple(layer.kernel_size)}: {e}"
+    return ""
+
+
+def rewrite_model(model, replace):
+    """Clones `model` (nested models included), every layer keeping its weights.
+
+    Args:
+        replace: `layer -> None | (new_layer, weights)`; a layer for which it
+            returns a pair is replaced by `new_layer`, which then gets
+            `weights` (or keeps its own when `weights` is None).
+    """
+    weights = {}
+
+    def clone_function(layer):
+        result = replace(layer)
+        if result is not None:
+            new, new_weights = result
+        else:
+            new = layer.__class__.from_config(layer.get_config())
+            new_weights = layer.get_weights() if layer.weights else None
+        if new_weights is not None:
+            weights[id(new)] = new_weights
+        return new
+
+    clone = keras.models.clone_model(model, clone_function=clone_function, recursive=True)
+    for layer in clone._flatten_layers(include_self=False, recursive=True):
+        if id(layer) in weights:
+            layer.set_weights(weights[id(layer)])
+    return clone
+
+
+def transform_conv_from_conv2d(conv, base_kernel, assignment, transforms, scale=None):
+    """The `TransformConv2D` replacing `conv`, and the weights to give it.
+
+    Args:
+        conv: the `Conv2D` being replaced (its bias, activation, padding, ...
+            carry over).
+        base_kernel: `(kh, kw, c_in, n)` array of bases.
+        assignment: `(depth_groups, filters, 2)` table, base indices into
+            `base_kernel`.
+        transforms: the transform names the table indexes.
+        scale: per-output scale `(filters,)`, or None for no scale.
+    """
+    assignment = np.asarray(assignment)
+    layer = TransformConv2D(
+        conv.filters,
+        conv.kernel_size,
+        strides=conv.strides,
+        padding=conv.padding,
+        data_format=conv.data_format,
+        dilation_rate=conv.dilation_rate,
+        base_filters=base_kernel.shape[-1],
+        transforms=list(transforms),
+        assignment=assignment.tolist(),
+        scale=scale is not None,
+        depth_groups=assignment.shape[0],
+        activation=conv.activation,
+        use_bias=conv.use_bias,
+        kernel_regularizer=conv.kernel_regularizer,
+        bias_regularizer=conv.bias_regularizer,
+        activity_regularizer=conv.activity_regularizer,
+        kernel_constraint=conv.kernel_constraint,
+        bias_constraint=conv.bias_constraint,
+        name=conv.name,
+        dtype=conv.dtype_policy,
+    )
+    weights = [np.asarray(base_kernel, "float32")]
+    if scale is not None:
+        weights.append(np.asarray(scale, "float32"))
+    if conv.use_bias:
+        weights.append(np.asarray(conv.bias))
+    return layer, weights
+
+
+def transform_model(
+    model,
+    base_ratio=None,
+    sparsity=None,
+    transforms="d4",
+    criterion="reconstruction",
+    depth_groups=1,
+    scale=True,
+    layers=None,
+):
+    """Rewrites the chosen `Conv2D`s of a model as fitted `TransformConv2D`s.
+
+    Each chosen convolution keeps `n` of its filters as bases and every other
+    filter becomes the transform of a base that reconstructs it best; every
+    other layer keeps its weights. Works on Sequential and Functional models,
+    nested models, skip connections and shared layers included. Depthwise and
+    grouped convolutions and 1x1 kernels are skipped and reported.
+
+    Args:
+        model: a built Sequential or Functional model.
+        base_ratio: `n / filters` (rounded, at least 1); give this or
+            `sparsity`.
+        sparsity: the fraction of filters to reconstruct:
+            `n = filters - floor(sparsity * filters + 1/2)`, at least 1.
+        transforms: preset or names; must include `"identity"`.
+        criterion: `"reconstruction"` or `"l1"`, as `fit_assignment`.
+        depth_groups: input channel groups with their own assignment.
+        scale: whether reconstructed filters carry a scale.
+        layers: None (every eligible convolution), names, a class, or a
+            predicate `layer -> bool`.
+
+    Returns:
+        `(new_model, report)`: the report lists a `LayerReport` per
+        convolution of the model, converted or skipped.
+
+    Raises:
+        ValueError: for both or neither of `base_ratio` / `sparsity`, values
+            out of range, a subclassed model or a name matching no layer.
+
+    Example:
+
+    >>> import keras
+    >>> model = keras.Sequential([keras.Input((8, 8, 3)),
+    ...                           keras.layers.Conv2D(16, 3, name="conv")])
+    >>> new, report = transform_model(model, base_ratio=0.25)
+    >>> type(new.get_layer("conv")).__name__, report[0].base_filters
+    ('TransformConv2D', 4)
+    """
+    from tf_transform_conv.pruning import kept_filters
+
+    check_graph_model(model, "transform_model")
+    if (base_ratio is None) == (sparsity is None):
+        raise ValueError(
+            "Pass exactly one of `base_ratio` or `sparsity`. Received "
+            f"base_ratio={base_ratio}, sparsity={sparsity}."
+        )
+    if base_ratio is not None and not 0 < base_ratio <= 1:
+        raise ValueError(
+            f"Expected base_ratio in (0, 1]. Received base_ratio={base_ratio}."
+        )
+    if sparsity is not None and not 0 <= sparsity < 1:
+        raise ValueError(f"Expected sparsity in [0, 1). Received sparsity={sparsity}.")
+    names = transforms_lib.resolve_transforms(transforms)
+    if "identity" not in names:
+        raise ValueError(
+            "`transforms` must include 'identity' (a kept filter is its own "
+            f"base). Received transforms={list(names)}."
+        )
+    chosen = select_layers(model, layers, lambda l: not skip_reason(l, transforms))
+    report = {}
+
+    def bases_for(filters):
+        if sparsity is not None:
+            return kept_filters(filters, sparsity)
+        return max(1, int(round(base_ratio * filters)))
+
+    def replace(layer):
+        if not isinstance(layer, _CONVOLUTIONS):
+            return None
+        before = layer.count_params()
+        reason = skip_reason(layer, transforms)
+        if not reason and layer.name not in chosen:
+            reason = "not selected by `layers`"
+        if reason:
+            report[layer.name] = LayerReport(
+                layer.name, type(layer).__name__, False, reason, before, before
+            )
+            return None
+        kernel = np.asarray(layer.kernel)
+        fit = fit_assignment(
+            kernel,
+            bases_for(layer.filters),
+            transforms=names,
+            depth_groups=depth_groups,
+            scale=scale,
+            criterion=criterion,
+        )
+        new, weights = transform_conv_from_conv2d(
+            layer, fit.base_kernel, fit.assignment, fit.transforms,
+            fit.scale if scale else None,
+        )
+        after = parameter_formula(
+            layer.kernel_size, kernel.shape[2], layer.filters, len(fit.bases),
+            scale, layer.use_bias,
+        )
+        report[layer.name] = LayerReport(
+            layer.name, "Conv2D", True, "", before, after, len(fit.bases),
+            float(fit.layer_error),
+        )
+        return new, weights
+
+    new_model = rewrite_model(model, replace)
+    ordered = [
+        report[layer.name]
+        for layer in model._flatten_layers(include_self=False, recursive=True)
+        if layer.name in report
+    ]
+    return new_model, ordered
