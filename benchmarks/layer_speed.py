@@ -541,7 +541,14 @@ def main(argv=None):
             "jit_compile": True,
             "train_loss": "mean(y**2); gradients w.r.t. input and all trainable variables",
             "statistic": "median over repeats of (loop time / calls)",
-            "auto_factored_add_cost": getattr(tc_layers, "FACTORED_ADD_COST", None),
+            "auto_rule": {
+                name: getattr(tc_layers, name, None)
+                for name in (
+                    "AUTO_MAX_PRODUCT_FRACTION",
+                    "AUTO_MIN_GROUP_CHANNELS",
+                    "AUTO_MAX_PRODUCT_BYTES",
+                )
+            },
         },
         "complete": False,
         "rows": [],

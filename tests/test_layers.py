@@ -270,17 +270,56 @@ def test_parameter_count():
     assert tuple(layer.base_kernel.shape) == (3, 3, 16, 4)
 
 
-def test_auto_picks_factored_for_few_bases_and_says_why():
-    wide = TransformConv2D(256, 3, transforms="d4", padding="same")
-    wide.build((None, 14, 14, 256))
-    assert wide.implementation_used == "factored"
-    assert "factored" in wide.implementation_reason and "cost" in wide.implementation_reason
-    half = TransformConv2D(16, 3, transforms=["identity", "rot180"], padding="same", strides=2)
-    half.build((None, 16, 16, 16))
-    assert half.implementation_used == "materialized"
+@pytest.mark.parametrize(
+    "kwargs, input_shape, expected, failing",
+    [
+        (dict(filters=256, transforms="d4"), (None, 14, 14, 256), "factored", None),
+        (dict(filters=64, transforms="rotations"), (None, 28, 28, 128), "factored", None),
+        # base products half the dense multiply-adds: the additions eat the saving
+        (dict(filters=16, transforms=["identity", "rot180"]), (None, 16, 16, 16), "materialized",
+         "NOT products/dense multiply-adds 0.5"),
+        # stride 2: products at every input pixel, 4x the output pixels
+        (dict(filters=16, transforms="rotations", strides=2), (None, 16, 16, 16), "materialized",
+         "NOT products/dense multiply-adds 1"),
+        (dict(filters=32, transforms="d4"), (None, 16, 16, 3), "materialized",
+         "NOT 3 input channels per depth group"),
+        (dict(filters=64, transforms="d4"), (None, 56, 56, 64), "factored", None),
+        (dict(filters=64, transforms="rotations"), (None, 56, 56, 64), "materialized",
+         "NOT products 1.72 MiB per image"),
+        (dict(filters=64, transforms="d4"), (None, None, None, 64), "materialized",
+         "spatial size unknown"),
+    ],
+)
+def test_auto_choice_and_reason(kwargs, input_shape, expected, failing):
+    layer = TransformConv2D(kernel_size=3, padding="same", **kwargs)
+    layer.build(input_shape)
+    assert layer.implementation_used == expected, layer.implementation_reason
+    if failing:
+        assert failing in layer.implementation_reason
+    else:
+        assert "NOT" not in layer.implementation_reason
+        assert "factored for inference, materialized for training" in layer.implementation_reason
+
+
+def test_requested_implementation_is_kept():
     forced = TransformConv2D(256, 3, transforms="d4", implementation="materialized")
     forced.build((None, 14, 14, 256))
     assert (forced.implementation_used, forced.implementation_reason) == ("materialized", "requested")
+
+
+def test_auto_trains_materialized_and_infers_factored(monkeypatch):
+    layer = TransformConv2D(32, 3, transforms="d4", padding="same")
+    x = np.zeros((1, 8, 8, 32), "float32")
+    layer.build(x.shape)
+    assert layer.implementation_used == "factored"
+
+    def boom(*args):
+        raise AssertionError("factored path ran")
+
+    monkeypatch.setattr(layer, "_factored", boom)
+    layer(x, training=True)  # materialized: no error
+    with pytest.raises(AssertionError, match="factored path ran"):
+        layer(x, training=False)
 
 
 def test_materialized_kernel_needs_build():

@@ -267,3 +267,12 @@ def test_registered_user_schedule_round_trips(tmp_path, data):
     loaded = keras.saving.load_model(tmp_path / "m.keras", safe_mode=True)
     schedule = wrappers(loaded)[0].schedule
     assert isinstance(schedule, StepSparsity) and schedule.get_config() == {"step": 1, "sparsity": 0.5}
+
+
+def test_wrapper_rejects_what_it_cannot_rebuild():
+    with pytest.raises(ValueError, match=r"cannot wrap DepthwiseConv2D 'dw': depthwise"):
+        pruning.TransformPruning(keras.layers.DepthwiseConv2D(3, name="dw"), lambda s: (False, 0.0))
+    with pytest.raises(ValueError, match=r"'pw': 1x1 kernel"):
+        pruning.TransformPruning(keras.layers.Conv2D(4, 1, name="pw"), lambda s: (False, 0.0))
+    with pytest.raises(ValueError, match=r"criterion.*'reconstruction', 'l1'.*'random'"):
+        pruning.TransformPruning(keras.layers.Conv2D(4, 3), lambda s: (False, 0.0), criterion="random")

@@ -10,16 +10,19 @@ from tf_transform_conv import transforms as transforms_lib
 
 IMPLEMENTATIONS = ("auto", "materialized", "factored")
 
-# `implementation="auto"` estimates the factored path's cost per output pixel
-# as `base products + FACTORED_ADD_COST * additions` (an addition reads a
-# shifted map from memory, a multiply-add runs inside a GEMM) and picks it
-# when that is below `AUTO_FACTORED_THRESHOLD` times the dense convolution's
-# multiply-adds and the per-image product tensor stays within
-# `AUTO_MAX_PRODUCT_BYTES` (beyond that the additions stream it from main
-# memory and lose). Calibrated with `benchmarks/layer_speed.py` on XLA/CPU;
-# see the README's design notes.
-FACTORED_ADD_COST = 32.0
-AUTO_FACTORED_THRESHOLD = 0.8
+# `implementation="auto"` runs the factored path for inference when three
+# measured conditions hold (`benchmarks/layer_speed.py`, XLA on a 2-core CPU;
+# see the README): the base products are at most a quarter of the dense
+# multiply-adds (`strides**2 * base_filters / filters <= 1/4`: at 1/2 the
+# additions eat the saving), each depth group sees at least 16 input channels
+# (the additions per output pixel, `kh*kw*filters*depth_groups`, stay small
+# against the products), and the per-image product tensor `P` fits in
+# `AUTO_MAX_PRODUCT_BYTES` (beyond it the additions stream `P` from main
+# memory and lose). Training steps always run materialised under "auto": the
+# factored path's gradient (pads and adds of every shifted slice) cost 1-2.5x
+# the dense step in the same benchmark.
+AUTO_MAX_PRODUCT_FRACTION = 0.25
+AUTO_MIN_GROUP_CHANNELS = 16
 AUTO_MAX_PRODUCT_BYTES = 1 << 20
 # The factored path pads the input before the products (no bounds checks in
 # the additions) unless that grows the products by more than this factor; then
@@ -514,24 +517,24 @@ class TransformConv2D(keras.layers.Layer):
             return "materialized", (
                 "spatial size unknown at build; the factored path needs it"
             )
-        kh, kw = self.kernel_size
-        taps = kh * kw
         sh, sw = self.strides
-        dense = taps * channels * self.filters
-        products = sh * sw * taps * channels * self.base_filters
-        adds = taps * self.filters * self.depth_groups
-        ratio = (products + FACTORED_ADD_COST * adds) / dense
+        taps = self.kernel_size[0] * self.kernel_size[1]
+        fraction = sh * sw * self.base_filters / self.filters
+        group_channels = channels // self.depth_groups
         product_bytes = h * w * taps * self.base_filters * self.depth_groups * 4
-        choice = (
-            "factored"
-            if ratio < AUTO_FACTORED_THRESHOLD and product_bytes <= AUTO_MAX_PRODUCT_BYTES
-            else "materialized"
-        )
-        reason = (
-            f"estimated factored/dense cost {ratio:.2f} (threshold "
-            f"{AUTO_FACTORED_THRESHOLD:g}), products {product_bytes / 2**20:.2f} MiB "
-            f"per image (limit {AUTO_MAX_PRODUCT_BYTES / 2**20:g}): {choice}"
-        )
+        checks = [
+            (fraction <= AUTO_MAX_PRODUCT_FRACTION,
+             f"products/dense multiply-adds {fraction:.3g} (<= {AUTO_MAX_PRODUCT_FRACTION:g})"),
+            (group_channels >= AUTO_MIN_GROUP_CHANNELS,
+             f"{group_channels} input channels per depth group (>= {AUTO_MIN_GROUP_CHANNELS})"),
+            (product_bytes <= AUTO_MAX_PRODUCT_BYTES,
+             f"products {product_bytes / 2**20:.2f} MiB per image "
+             f"(<= {AUTO_MAX_PRODUCT_BYTES / 2**20:g})"),
+        ]
+        choice = "factored" if all(ok for ok, _ in checks) else "materialized"
+        reason = "; ".join(
+            ("" if ok else "NOT ") + text for ok, text in checks
+        ) + f": {choice} for inference, materialized for training steps"
         return choice, reason
 
     def _output_spatial(self, h, w):
@@ -581,11 +584,14 @@ class TransformConv2D(keras.layers.Layer):
             kernel = kernel * ops.cast(self.scale_weight, dtype)
         return kernel
 
-    def call(self, inputs):
+    def call(self, inputs, training=None):
         x = inputs
         if self.data_format == "channels_first":
             x = ops.transpose(x, (0, 2, 3, 1))
-        if self.implementation_used == "factored":
+        factored = self.implementation_used == "factored" and not (
+            training and self.implementation == "auto"
+        )
+        if factored:
             y = self._factored(x)
         else:
             y = ops.conv(

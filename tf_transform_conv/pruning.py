@@ -26,6 +26,7 @@ import numpy as np
 from keras import ops
 
 from tf_transform_conv import transforms as transforms_lib
+from tf_transform_conv.assignment import CRITERIA
 from tf_transform_conv.assignment import fit_assignment
 from tf_transform_conv.convert import check_graph_model
 from tf_transform_conv.convert import rewrite_model
@@ -33,7 +34,6 @@ from tf_transform_conv.convert import select_layers
 from tf_transform_conv.convert import skip_reason
 from tf_transform_conv.convert import transform_conv_from_conv2d
 
-CRITERIA = ("reconstruction", "l1")
 _TFMOT_SCHEDULES = ("PolynomialDecay", "ConstantSparsity")
 _TFMOT_SCHEDULE_MODULE = (
     "tensorflow_model_optimization.python.core.sparsity.keras.pruning_schedule"
@@ -97,19 +97,13 @@ def _evaluate_schedule(schedule, step):
 
 
 def _check_wrappable(layer, transforms):
-    if not isinstance(layer, keras.layers.Conv2D) or isinstance(
-        layer, (keras.layers.DepthwiseConv2D, keras.layers.Conv2DTranspose)
-    ):
+    reason = skip_reason(layer, transforms)
+    if reason:
         raise ValueError(
-            "TransformPruning wraps keras.layers.Conv2D layers. Received "
-            f"{type(layer).__name__} '{layer.name}'."
+            f"TransformPruning cannot wrap {type(layer).__name__} '{layer.name}': "
+            f"{reason}. It wraps keras.layers.Conv2D layers with groups=1 and "
+            "a kernel larger than 1x1."
         )
-    if layer.groups != 1:
-        raise ValueError(
-            f"Layer '{layer.name}' is a grouped convolution (groups={layer.groups}); "
-            "only groups=1 can be reconstructed from spatial transforms."
-        )
-    transforms_lib.resolve_transforms(transforms, layer.kernel_size)
 
 
 @keras.saving.register_keras_serializable(package="tf_transform_conv")
