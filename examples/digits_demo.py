@@ -125,9 +125,9 @@ def parse_args(argv=None):
     parser.add_argument(
         "--prune-epochs",
         type=int,
-        default=15,
+        default=20,
         help="fine-tuning epochs of the pruning path, from the trained Conv2D "
-        "model (15; 0 skips it)",
+        "model (20; 0 skips it)",
     )
     parser.add_argument(
         "--prune-sparsity",
@@ -370,7 +370,7 @@ def prune_and_strip(dense, data, args):
     keras.utils.set_random_seed(args.seed)
     wrapped = prune_model(dense, schedule, transforms="d4", scale=True)
     history, seconds, per_epoch = compile_and_fit(
-        wrapped, data, args, args.prune_epochs, args.learning_rate / 3,
+        wrapped, data, args, args.prune_epochs, args.learning_rate,
         callbacks=[UpdateTransformPruningStep()],
     )
     stripped = strip_model(wrapped)

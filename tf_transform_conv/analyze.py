@@ -36,8 +36,10 @@ class RedundancyRow:
 
 
 def transform_sets(kernel_size, names=None):
-    """`{label: transforms}`: each transform with identity, then the presets that apply."""
-    sets = {}
+    """`{label: transforms}`: identity alone (shared, scaled copies: the
+    reference that says what the spatial transforms add), each transform with
+    identity, then the presets that apply."""
+    sets = {"identity": ("identity",)}
     for name in names or transforms_lib.TRANSFORM_NAMES:
         if name == "identity":
             continue
@@ -124,6 +126,7 @@ def plot_rows(rows, path):
     layers = list(dict.fromkeys(r.layer for r in rows))
     fig, axes = plt.subplots(1, len(layers), figsize=(5 * len(layers), 4), squeeze=False)
     for ax, layer in zip(axes[0], layers):
+        ax.set_prop_cycle(color=plt.cm.tab20.colors)
         mine = [r for r in rows if r.layer == layer]
         for label in dict.fromkeys(r.transforms for r in mine):
             line = sorted((r for r in mine if r.transforms == label), key=lambda r: r.sparsity)
