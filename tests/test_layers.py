@@ -298,7 +298,7 @@ def test_auto_choice_and_reason(kwargs, input_shape, expected, failing):
         assert failing in layer.implementation_reason
     else:
         assert "NOT" not in layer.implementation_reason
-        assert "factored for inference, materialized for training" in layer.implementation_reason
+        assert "factored for inference" in layer.implementation_reason
 
 
 def test_requested_implementation_is_kept():
@@ -307,11 +307,12 @@ def test_requested_implementation_is_kept():
     assert (forced.implementation_used, forced.implementation_reason) == ("materialized", "requested")
 
 
-def test_auto_trains_materialized_and_infers_factored(monkeypatch):
+def test_auto_trains_materialized_below_64_channels_and_infers_factored(monkeypatch):
     layer = TransformConv2D(32, 3, transforms="d4", padding="same")
     x = np.zeros((1, 8, 8, 32), "float32")
     layer.build(x.shape)
     assert layer.implementation_used == "factored"
+    assert "materialized (< 64 channels per group) for training" in layer.implementation_reason
 
     def boom(*args):
         raise AssertionError("factored path ran")
@@ -560,3 +561,13 @@ def test_default_assignment_needs_no_output_permutation():
     layer.build((None, 8, 8, 4))
     assert layer._factored_plan.output_index is None
     assert len(layer._factored_plan.segments) == 8  # one per transform block
+
+
+def test_auto_trains_factored_from_64_channels(monkeypatch):
+    layer = TransformConv2D(64, 3, transforms="d4", padding="same")
+    x = np.zeros((1, 8, 8, 64), "float32")
+    layer.build(x.shape)
+    assert "factored for inference, factored for training" in layer.implementation_reason
+    monkeypatch.setattr(layer, "_factored", lambda *a: (_ for _ in ()).throw(AssertionError("ran")))
+    with pytest.raises(AssertionError, match="ran"):
+        layer(x, training=True)

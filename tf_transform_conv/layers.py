@@ -18,11 +18,13 @@ IMPLEMENTATIONS = ("auto", "materialized", "factored")
 # (the additions per output pixel, `kh*kw*filters*depth_groups`, stay small
 # against the products), and the per-image product tensor `P` fits in
 # `AUTO_MAX_PRODUCT_BYTES` (beyond it the additions stream `P` from main
-# memory and lose). Training steps always run materialised under "auto": the
-# factored path's gradient (pads and adds of every shifted slice) cost 1-2.5x
-# the dense step in the same benchmark.
+# memory and lose). Training steps run factored only with at least
+# `AUTO_MIN_TRAINING_GROUP_CHANNELS` channels per group: the factored
+# gradient (pads and adds of every shifted slice) costs 1.3-2.7x the
+# materialised step below that, and 0.25-0.6x of it from 256 channels up.
 AUTO_MAX_PRODUCT_FRACTION = 0.25
 AUTO_MIN_GROUP_CHANNELS = 16
+AUTO_MIN_TRAINING_GROUP_CHANNELS = 64
 AUTO_MAX_PRODUCT_BYTES = 1 << 20
 # The factored path pads the input before the products (no bounds checks in
 # the additions) unless that grows the products by more than this factor; then
@@ -265,6 +267,7 @@ class TransformConv2D(keras.layers.Layer):
         self.input_spec = keras.layers.InputSpec(ndim=4)
         self.implementation_used = None
         self.implementation_reason = None
+        self._train_factored = False
 
     # ------------------------------------------------------------------
     # Argument resolution
@@ -532,9 +535,16 @@ class TransformConv2D(keras.layers.Layer):
              f"(<= {AUTO_MAX_PRODUCT_BYTES / 2**20:g})"),
         ]
         choice = "factored" if all(ok for ok, _ in checks) else "materialized"
+        self._train_factored = (
+            choice == "factored" and group_channels >= AUTO_MIN_TRAINING_GROUP_CHANNELS
+        )
+        training = "factored" if self._train_factored else (
+            "materialized" if choice == "materialized"
+            else f"materialized (< {AUTO_MIN_TRAINING_GROUP_CHANNELS} channels per group)"
+        )
         reason = "; ".join(
             ("" if ok else "NOT ") + text for ok, text in checks
-        ) + f": {choice} for inference, materialized for training steps"
+        ) + f": {choice} for inference, {training} for training steps"
         return choice, reason
 
     def _output_spatial(self, h, w):
@@ -589,7 +599,7 @@ class TransformConv2D(keras.layers.Layer):
         if self.data_format == "channels_first":
             x = ops.transpose(x, (0, 2, 3, 1))
         factored = self.implementation_used == "factored" and not (
-            training and self.implementation == "auto"
+            training and self.implementation == "auto" and not self._train_factored
         )
         if factored:
             y = self._factored(x)
