@@ -19,11 +19,9 @@ import argparse
 import cProfile
 import datetime
 import io
-import json
 import os
 import platform
 import pstats
-import re
 import shlex
 import statistics
 import sys
@@ -34,6 +32,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import numpy as np  # noqa: E402
 
+import common  # noqa: E402  (benchmarks/common.py, beside this script)
 import tf_transform_conv  # noqa: E402
 from tf_transform_conv.assignment import fit_assignment  # noqa: E402
 
@@ -82,24 +81,11 @@ def profile_fit(kernel, base_filters, transforms):
 
 
 def machine_info():
-    processor = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = re.findall(r"^model name\s*:\s*(.+)$", f.read(), re.MULTILINE)
-        processor = names[0] if names else processor
-    except OSError:
-        pass
     try:
         load = os.getloadavg()
     except OSError:
         load = None
-    return {
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "processor": processor,
-        "cpu_count": os.cpu_count(),
-        "load_average": load,
-    }
+    return common.machine_info(load_average=load)
 
 
 def versions():
@@ -114,16 +100,6 @@ def versions():
     except Exception:  # older numpy: no dict mode
         pass
     return info
-
-
-def write_json(path, payload):
-    """Writes `payload` to `path` atomically (temporary file, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 def main(argv=None):
@@ -190,7 +166,7 @@ def main(argv=None):
         "rows": rows,
         "target": target,
     }
-    write_json(args.out, payload)
+    common.write_json(args.out, payload)
     print(f"wrote {args.out}")
 
 

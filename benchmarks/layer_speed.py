@@ -37,7 +37,6 @@ Usage:
 import argparse
 import datetime
 import fractions
-import json
 import math
 import os
 import platform
@@ -54,6 +53,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+import common  # noqa: E402  (benchmarks/common.py, beside this script)
 import tf_transform_conv  # noqa: E402
 from tf_transform_conv import TransformConv2D  # noqa: E402
 from tf_transform_conv import layers as tc_layers  # noqa: E402
@@ -424,25 +424,12 @@ def target_line(result):
 
 
 def machine_info():
-    processor = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = re.findall(r"^model name\s*:\s*(.+)$", f.read(), re.MULTILINE)
-        processor = names[0] if names else processor
-    except OSError:
-        pass
     devices = []
     for device in tf.config.list_physical_devices():
         details = tf.config.experimental.get_device_details(device)
         name = device.name.replace("/physical_device:", "")
         devices.append(f"{name} ({details['device_name']})" if "device_name" in details else name)
-    return {
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "processor": processor,
-        "cpu_count": os.cpu_count(),
-        "devices": devices,
-    }
+    return common.machine_info(devices=devices)
 
 
 def versions():
@@ -457,16 +444,6 @@ def versions():
         "matplotlib": matplotlib.__version__,
         "tf_transform_conv": tf_transform_conv.__version__,
     }
-
-
-def write_json(path, payload):
-    """Writes `payload` to `path` atomically (temporary file, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 def plot(rows, ratios, path):
@@ -567,11 +544,11 @@ def main(argv=None):
                       f"{row['factored_vs_materialized_max_rel_diff']:.2g} of the output "
                       f"scale (tolerance {MAX_REL_DIFF:g}): timing a wrong result",
                       flush=True)
-        write_json(args.out, payload)  # partial results survive an interrupted run
+        common.write_json(args.out, payload)  # partial results survive an interrupted run
 
     payload["targets"] = check_targets(payload["rows"])
     payload["complete"] = True
-    write_json(args.out, payload)
+    common.write_json(args.out, payload)
     png = args.out.with_suffix(".png")
     plot(payload["rows"], args.ratios, png)
 

@@ -261,7 +261,7 @@ class EpochTimer(keras.callbacks.Callback):
 
 
 def compile_and_fit(model, data, args, epochs, learning_rate, callbacks=()):
-    """Adam on a cosine decay; returns `(history, train_seconds, seconds_per_epoch)`."""
+    """Adam on a cosine decay; returns the training figures of a results row."""
     x_train, _, y_train, _ = data
     batches = training_batches(x_train, y_train, args.batch_size, args.seed)
     steps = epochs * (len(x_train) // args.batch_size)
@@ -283,7 +283,12 @@ def compile_and_fit(model, data, args, epochs, learning_rate, callbacks=()):
     )
     train_seconds = time.perf_counter() - start
     steady = timer.seconds[1:] or timer.seconds
-    return history, train_seconds, float(np.median(steady))
+    return {
+        "train_accuracy": float(history.history["accuracy"][-1]),
+        "train_loss": float(history.history["loss"][-1]),
+        "train_seconds": train_seconds,
+        "seconds_per_epoch": float(np.median(steady)),
+    }
 
 
 def evaluate_and_save(name, model, data, args):
@@ -335,16 +340,9 @@ def train_and_evaluate(name, conv_factory, data, args):
     """Trains a model built with `conv_factory`; returns `(row, model)`."""
     keras.utils.set_random_seed(args.seed)  # same initial draws for every variant
     model = build_cnn(conv_factory, name=name)
-    history, seconds, per_epoch = compile_and_fit(
-        model, data, args, args.epochs, args.learning_rate
-    )
+    training = compile_and_fit(model, data, args, args.epochs, args.learning_rate)
     row = evaluate_and_save(name, model, data, args)
-    row.update(
-        train_accuracy=float(history.history["accuracy"][-1]),
-        train_loss=float(history.history["loss"][-1]),
-        train_seconds=seconds,
-        seconds_per_epoch=per_epoch,
-    )
+    row.update(training)
     return row, model
 
 
@@ -369,19 +367,13 @@ def prune_and_strip(dense, data, args):
     )
     keras.utils.set_random_seed(args.seed)
     wrapped = prune_model(dense, schedule, transforms="d4", scale=True)
-    history, seconds, per_epoch = compile_and_fit(
+    training = compile_and_fit(
         wrapped, data, args, args.prune_epochs, args.learning_rate,
         callbacks=[UpdateTransformPruningStep()],
     )
     stripped = strip_model(wrapped)
-    name = f"pruned-{round(args.prune_sparsity * 100)}"
-    row = evaluate_and_save(name, stripped, data, args)
-    row.update(
-        train_accuracy=float(history.history["accuracy"][-1]),
-        train_loss=float(history.history["loss"][-1]),
-        train_seconds=seconds,
-        seconds_per_epoch=per_epoch,
-    )
+    row = evaluate_and_save(f"pruned-{round(args.prune_sparsity * 100)}", stripped, data, args)
+    row.update(training)
     return row
 
 

@@ -18,6 +18,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "TransformConv2D",
+    "assignment",
+    "convert",
     "TransformPruning",
     "TransformPruningSummaries",
     "UpdateTransformPruningStep",

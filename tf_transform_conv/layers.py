@@ -1,6 +1,5 @@
 """`TransformConv2D`: a convolution whose filters are spatial transforms of a few bases."""
 
-import math
 
 import keras
 import numpy as np
@@ -625,7 +624,7 @@ class TransformConv2D(keras.layers.Layer):
 
     def _factored(self, x):
         kh, kw = self.kernel_size
-        taps, g, n = kh * kw, self.depth_groups, self.base_filters
+        taps, g = kh * kw, self.depth_groups
         h, w = x.shape[1], x.shape[2]
         if h is None or w is None:
             raise ValueError(
