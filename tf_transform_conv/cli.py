@@ -2,12 +2,18 @@
 
     tfconv cost MODEL.keras [--json OUT.json]
     tfconv analyze MODEL.keras [--out-dir DIR] [--sparsities 0.25 0.5 0.75]
+    tfconv export MODEL.keras OUT.tflite [--quantization dynamic|float16|int8]
+                  [--representative SAMPLES.npy] [--batch-size 1]
 
 `cost` prints a model's parameters and multiply-adds per layer (see
 `tf_transform_conv.cost`); `analyze` reports, per Conv2D layer, how well
 its filters are reconstructed by each transform at a few sparsities, against
 random filters of the same shape, and writes `analysis.json` and
-`analysis.png` (see `tf_transform_conv.analyze`).
+`analysis.png` (see `tf_transform_conv.analyze`); `export` writes a `.tflite`
+file whose `TransformConv2D`s run factored (only the bases are stored), prints
+its size against the parameter bytes and, for float32 and float16 files,
+checks it against the Keras model on random inputs (see
+`tf_transform_conv.export`).
 """
 
 import argparse
@@ -56,6 +62,58 @@ def _analyze(args):
     return 0
 
 
+def _export(args):
+    import numpy as np
+
+    from tf_transform_conv import export
+
+    model = _load(args.model, "export")
+    quantization = None if args.quantization == "float32" else args.quantization
+    representative = None
+    if args.representative:
+        if not os.path.isfile(args.representative):
+            raise SystemExit(f"tfconv export: no such file: {args.representative}")
+        representative = np.load(args.representative)
+    try:
+        result = export.export_tflite(
+            model, args.output, quantization=quantization,
+            representative_data=representative, batch_size=args.batch_size,
+        )
+    except ValueError as e:
+        raise SystemExit(f"tfconv export: {e}") from None
+    per_param = result.param_bytes // max(result.params, 1)
+    print(f"wrote {result.path} ({args.quantization}, batch {result.batch_size})")
+    print(f"  file size        {result.bytes:>12,} bytes")
+    print(
+        f"  parameter bytes  {result.param_bytes:>12,} bytes "
+        f"({result.params:,} parameters x {per_param} B)"
+    )
+    print(
+        f"  file / params    {result.bytes / max(result.param_bytes, 1):>12.3f}   "
+        f"(overhead {result.overhead_bytes:,} bytes, {result.num_ops} operators)"
+    )
+    tolerance = {None: 1e-4, "float16": 1e-2}.get(quantization)
+    if tolerance is None:
+        print("  quantized file: check its accuracy on real data")
+        return 0
+    rng = np.random.default_rng(args.seed)
+    inputs = [
+        rng.normal(size=(args.verify_samples,) + tuple(t.shape)[1:]).astype("float32")
+        for t in model.inputs
+    ]
+    try:
+        check = export.verify_tflite(
+            result.path, model, inputs[0] if len(inputs) == 1 else inputs, rtol=tolerance
+        )
+    except ValueError as e:
+        raise SystemExit(f"tfconv export: verification failed: {e}") from None
+    print(
+        f"  verify ({check.samples} random inputs): max abs diff {check.max_abs_diff:.3g}, "
+        f"relative to output scale {check.max_rel_diff:.3g} (<= {tolerance:g}): ok"
+    )
+    return 0
+
+
 def _sparsity(text):
     value = float(text)
     if not 0 <= value < 1:
@@ -85,6 +143,26 @@ def build_parser():
     )
     analyze.add_argument("--seed", type=int, default=0, help="seed of the random baseline")
     analyze.set_defaults(run=_analyze)
+    export = commands.add_parser(
+        "export", help="write a .tflite file holding only the base filters, and check it"
+    )
+    export.add_argument("model", help="path to a .keras file")
+    export.add_argument("output", help="the .tflite file to write")
+    export.add_argument(
+        "--quantization", choices=["float32", "dynamic", "float16", "int8"],
+        default="float32", help="weight/activation types (float32)",
+    )
+    export.add_argument(
+        "--representative", metavar="NPY",
+        help="a .npy file of sample inputs (num_samples, *input_shape), for int8",
+    )
+    export.add_argument("--batch-size", type=int, default=1, help="the file's batch (1)")
+    export.add_argument(
+        "--verify-samples", type=int, default=8,
+        help="random inputs for the float check (8)",
+    )
+    export.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+    export.set_defaults(run=_export)
     return parser
 
 

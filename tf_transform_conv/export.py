@@ -1,0 +1,823 @@
+"""Deployment: TFLite and SavedModel export, and the check against the Keras model.
+
+A `TransformConv2D` that runs its *materialised* path gathers the full kernel
+from the bases and then convolves; the TFLite converter constant-folds that
+gather, so the `.tflite` file would hold the full dense kernel and be as large
+as the `Conv2D` model's. Before converting, `export_tflite` therefore rebuilds
+the model (same weights, same configuration) with every `TransformConv2D` on
+its *factored* path: a 1x1 product with the base kernel, then slices and
+additions. The file then stores only the bases.
+
+- `export_tflite(model, path, quantization=None, ...)`: float32, dynamic-range,
+  float16 or full-integer (int8) `.tflite` file; returns an `ExportResult`.
+- `verify_tflite(path, model, inputs, rtol=1e-4)`: runs the file with the
+  LiteRT interpreter and compares it with `model(inputs)`.
+- `export_saved_model(model, path)`: the same rewrite, then `model.export`.
+- `factored_model(model)`: the rewrite itself.
+
+Conversion goes through a SavedModel (`model.export` with a static input
+signature, then `tf.lite.TFLiteConverter.from_saved_model`). With Keras 3.15
+and TensorFlow 2.21, `TFLiteConverter.from_concrete_functions` on a
+`tf.function` wrapping the model writes a file *without* the weights (they
+stay resource variables that nothing initialises): it runs, and returns NaN.
+"""
+
+import collections
+import dataclasses
+import math
+import os
+import tempfile
+
+import keras
+import numpy as np
+
+from tf_transform_conv.convert import _is_graph_model
+from tf_transform_conv.convert import rewrite_model
+from tf_transform_conv.layers import TransformConv2D
+
+__all__ = [
+    "ExportResult",
+    "FIXED_OVERHEAD",
+    "FILE_OVERHEAD_BYTES",
+    "OP_OVERHEAD_BYTES",
+    "QUANTIZATIONS",
+    "TFLiteMismatchError",
+    "VerifyResult",
+    "export_saved_model",
+    "export_tflite",
+    "factored_model",
+    "overhead_allowance",
+    "run_tflite",
+    "tflite_op_counts",
+    "verify_tflite",
+]
+
+QUANTIZATIONS = (None, "dynamic", "float16", "int8")
+
+# Bytes per stored parameter, as `export_tflite` counts `param_bytes`.
+_BYTES_PER_PARAM = {None: 4, "float16": 2, "dynamic": 1, "int8": 1}
+
+# What a `.tflite` file holds besides the weights: the flatbuffer's tables,
+# the operators, every tensor's shape, type and name, and the small constant
+# index tensors of slices, pads and reshapes. Measured with TF 2.21 by
+# exporting the models named here as float32 (overhead = file bytes minus
+# 4 bytes per parameter; operators counted with `tflite_op_counts`):
+#
+# - FILE_OVERHEAD_BYTES: a model with one operator and 2-5 parameters
+#   (`Input((4,)) -> Dense(1)`, `Input((1, 1, 1)) -> Dense(1)`) exports to
+#   952-988 bytes; rounded up to 1 KiB.
+# - OP_OVERHEAD_BYTES: chains of 1, 2 and 4 factored 3x3 `TransformConv2D`s
+#   on a 16x16x1 input with one base each (13-257 parameters) have an
+#   overhead of 17,836 / 30,968 / 58,128 bytes for 77 / 154 / 308 operators
+#   under "rotations", and 23,168 / 41,208 / 78,792 bytes for 109 / 218 / 436
+#   operators under "d4": 170-175 bytes per operator, rounded up to 192. A
+#   factored 3x3 "d4" layer with the default assignment is 109 operators
+#   (42 strided slices, 64 adds, a pad, the product, a concatenation),
+#   whatever its channel counts.
+# - FIXED_OVERHEAD: the graph of the size test (`tests/test_export.py`: a
+#   16x16 input, then two factored 3x3
+#   `TransformConv2D(256, base_filters=32, transforms="d4")`, 218 operators)
+#   built on one input channel with one base per layer (97 parameters)
+#   exports to 41,596 bytes, 41,208 of them overhead; rounded up to 48 KiB.
+#   It covers graphs up to about 250 operators; for larger ones use
+#   `overhead_allowance(num_ops)`. Against the 2.95 MB of that model's
+#   dense kernel it is 1.7%, so a file holding the materialised kernel
+#   cannot pass `bytes <= 1.10 * param_bytes + FIXED_OVERHEAD`. (The real
+#   size-test export: 409,220 bytes for 370,688 parameter bytes.)
+#   Quantized files spend more per tensor (scales and zero points): about
+#   40 KB (float16), 47 KB (dynamic) and 55 KB (int8) for the same graph.
+FILE_OVERHEAD_BYTES = 1024
+OP_OVERHEAD_BYTES = 192
+FIXED_OVERHEAD = 48 * 1024
+
+
+def overhead_allowance(num_ops):
+    """Bytes a `.tflite` file may spend besides its weights, for `num_ops` operators.
+
+    `FILE_OVERHEAD_BYTES + OP_OVERHEAD_BYTES * num_ops`; see the comment on
+    these constants in the module for how they were measured.
+
+    Example:
+
+    >>> overhead_allowance(218)
+    42880
+    """
+    return FILE_OVERHEAD_BYTES + OP_OVERHEAD_BYTES * int(num_ops)
+
+
+class TFLiteMismatchError(ValueError, AssertionError):
+    """The `.tflite` file's outputs differ from the Keras model's by more than the tolerance.
+
+    Both a `ValueError` and an `AssertionError`, so tests may expect either.
+    """
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportResult:
+    """What `export_tflite` wrote.
+
+    Attributes:
+        path: str, the `.tflite` file.
+        bytes: int, its size.
+        quantization: None (float32), `"dynamic"`, `"float16"` or `"int8"`.
+        params: int, the model's parameters as `cost.model_cost` counts them
+            (`model.count_params()` for a subclassed model).
+        param_bytes: int, `params` times the bytes a weight takes in the
+            file: 4 for float32, 2 for float16, 1 for dynamic-range and
+            int8 (their biases stay float32 or become int32, so the file's
+            weight bytes are slightly above this for them).
+        batch_size: int, the static batch dimension of the file's inputs.
+        op_counts: dict, operator name -> count in the file (empty when
+            the interpreter could not list them).
+    """
+
+    path: str
+    bytes: int
+    quantization: str
+    params: int
+    param_bytes: int
+    batch_size: int
+    op_counts: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def num_ops(self):
+        """The number of operators in the file."""
+        return sum(self.op_counts.values())
+
+    @property
+    def overhead_bytes(self):
+        """`bytes - param_bytes`: what the file spends besides the weights."""
+        return self.bytes - self.param_bytes
+
+    def to_dict(self):
+        """A JSON-serialisable dict of the fields."""
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class VerifyResult:
+    """How closely a `.tflite` file reproduces the Keras model (see `verify_tflite`).
+
+    Attributes:
+        max_abs_diff: float, the largest `|tflite - keras|` over all outputs.
+        max_rel_diff: float, the largest `|tflite - keras| / scale`, where
+            `scale` is the largest `|keras|` of that output.
+        output_scale: float, the largest `|keras|` over all outputs.
+        samples: int, the number of samples compared.
+    """
+
+    max_abs_diff: float
+    max_rel_diff: float
+    output_scale: float
+    samples: int
+
+    def to_dict(self):
+        """A JSON-serialisable dict of the fields."""
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------
+# The rewrite
+
+
+def _flat_inputs(model):
+    return list(model.inputs)
+
+
+def _inputs_struct(model):
+    struct = getattr(model, "_inputs_struct", None)
+    if struct is not None:
+        return struct
+    inputs = _flat_inputs(model)
+    return inputs[0] if len(inputs) == 1 else inputs
+
+
+def _check_no_wrappers(model, verb):
+    from tf_transform_conv.pruning import TransformPruning
+
+    wrappers = [
+        layer.name
+        for layer in model._flatten_layers(include_self=False, recursive=True)
+        if isinstance(layer, TransformPruning)
+    ]
+    if wrappers:
+        raise ValueError(
+            f"{verb} needs a stripped model: this one still holds TransformPruning "
+            f"wrappers {wrappers}, whose dense kernel would be exported; strip "
+            "first: tf_transform_conv.strip_model(model), then export the result."
+        )
+
+
+def _unknown_input_dims(model):
+    """`(name, shape)` of the model inputs with an unknown non-batch dimension."""
+    if not getattr(model, "inputs", None):
+        return [(model.name, None)]
+    return [
+        (getattr(t, "name", "?"), tuple(t.shape))
+        for t in _flat_inputs(model)
+        if any(d is None for d in tuple(t.shape)[1:])
+    ]
+
+
+def _check_static_inputs(model, verb):
+    if not getattr(model, "built", False) or not getattr(model, "inputs", None):
+        kind = (
+            f"{type(model).__name__} is a subclassed model, which has no input "
+            "signature to export"
+            if model.built and not _is_graph_model(model)
+            else "the model is not built"
+        )
+        raise ValueError(
+            f"{verb} needs a built model with known inputs; {kind}. Build it as a "
+            "Functional model, or a Sequential model starting with "
+            "keras.Input((H, W, C))."
+        )
+    unknown = _unknown_input_dims(model)
+    if unknown:
+        raise ValueError(
+            f"{verb} needs fully known input dimensions apart from the batch "
+            f"(the factored TransformConv2D path and the TFLite file have a fixed "
+            f"size). Received inputs {unknown}. Rebuild the model on "
+            "keras.Input((H, W, C)) at the deployment size and copy the weights "
+            "(they do not depend on the spatial size), then export that model."
+        )
+
+
+def _needs_rewrite(model):
+    return [
+        layer.name
+        for layer in model._flatten_layers(include_self=False, recursive=True)
+        if isinstance(layer, TransformConv2D) and layer.implementation_used != "factored"
+    ]
+
+
+def factored_model(model):
+    """The model with every `TransformConv2D` on its factored path, weights unchanged.
+
+    Each `TransformConv2D` that does not already run factored at inference
+    is replaced by one with the same configuration except
+    `implementation="factored"` and the same weights (a clone made with
+    `tf_transform_conv.convert.rewrite_model`; other layers keep their
+    weights too). A model with nothing to rewrite is returned as it is.
+
+    Args:
+        model: a built Sequential or Functional model with fully known input
+            dimensions apart from the batch.
+
+    Returns:
+        A model computing the same function (to float32 rounding).
+
+    Raises:
+        ValueError: if the model holds `TransformPruning` wrappers (strip it
+            first), has inputs of unknown size, or is not a built Functional
+            or Sequential model.
+    """
+    _check_no_wrappers(model, "factored_model")
+    _check_static_inputs(model, "factored_model")
+    pending = _needs_rewrite(model)
+    if not pending:
+        return model
+    if not _is_graph_model(model):
+        raise ValueError(
+            f"{type(model).__name__} is a subclassed model, whose layers cannot be "
+            f"rewritten; its TransformConv2D layers {pending} would export their "
+            "materialised (dense) kernel. Construct them with "
+            "implementation='factored' in the model's code, or build the model "
+            "as a Functional or Sequential model."
+        )
+
+    def replace(layer):
+        if isinstance(layer, TransformConv2D) and layer.implementation_used != "factored":
+            config = layer.get_config()
+            config["implementation"] = "factored"
+            return TransformConv2D.from_config(config), layer.get_weights()
+        return None
+
+    return rewrite_model(model, replace)
+
+
+# ----------------------------------------------------------------------------
+# TFLite
+
+
+def _check_writable(path, verb):
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ValueError(
+            f"{verb} writes a file; {path!r} is a directory. Pass a file path "
+            "such as 'model.tflite'."
+        )
+    folder = os.path.dirname(os.path.abspath(path))
+    _check_folder(folder, path, verb)
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".tfconv-write-test-"):
+            pass
+    except OSError as e:
+        raise ValueError(
+            f"{verb} cannot write {path!r}: the folder {folder!r} is not writable "
+            f"({e.strerror or e}). Pick a folder you can write to."
+        ) from None
+    return path
+
+
+def _check_folder(folder, path, verb):
+    if os.path.isdir(folder):
+        return
+    if os.path.exists(folder):
+        raise ValueError(
+            f"{verb} cannot write {path!r}: {folder!r} is a file, not a folder. "
+            "Pick a path inside an existing folder."
+        )
+    raise ValueError(
+        f"{verb} cannot write {path!r}: the folder {folder!r} does not exist. "
+        "Create it first (os.makedirs(folder, exist_ok=True)) or pick another path."
+    )
+
+
+def _input_signature(model, batch_size):
+    import tensorflow as tf
+
+    def spec(tensor):
+        shape = (batch_size,) + tuple(tensor.shape)[1:]
+        return tf.TensorSpec(shape, tf.as_dtype(tensor.dtype), name=getattr(tensor, "name", None))
+
+    return [keras.tree.map_structure(spec, _inputs_struct(model))]
+
+
+def _representative_dataset(model, data, batch_size):
+    """A TFLite `representative_dataset` callable for `data`."""
+    if callable(data):
+        return data
+    tensors = keras.tree.flatten(_inputs_struct(model))
+    shapes = [tuple(t.shape)[1:] for t in tensors]
+    if len(tensors) > 1 and isinstance(data, (dict, list, tuple)):
+        arrays = keras.tree.flatten(data)
+    else:
+        arrays = [data]
+    arrays = [np.asarray(a, np.float32) for a in arrays]
+    if len(arrays) != len(shapes):
+        raise ValueError(
+            f"`representative_data` must hold one array per model input "
+            f"({len(shapes)}), structured like the model's inputs. Received "
+            f"{len(arrays)} arrays."
+        )
+    for a, shape in zip(arrays, shapes):
+        if a.ndim != len(shape) + 1 or tuple(a.shape[1:]) != shape:
+            raise ValueError(
+                "`representative_data` must be sample inputs of shape "
+                f"(num_samples,) + {shape}. Received an array of shape {a.shape}."
+            )
+    n = arrays[0].shape[0]
+    if n == 0 or any(a.shape[0] != n for a in arrays):
+        raise ValueError(
+            "`representative_data` needs at least one sample, the same number "
+            f"for every input. Received {[a.shape[0] for a in arrays]} samples."
+        )
+
+    def sample(batch):
+        # Several inputs: keyed by the signature's input names, which
+        # `_input_signature` sets to the Keras input names.
+        return batch if len(batch) == 1 else {t.name: b for t, b in zip(tensors, batch)}
+
+    def dataset():
+        for start in range(0, n - batch_size + 1, batch_size):
+            yield sample([a[start : start + batch_size] for a in arrays])
+        if n < batch_size:  # fewer samples than one batch: repeat them
+            reps = math.ceil(batch_size / n)
+            yield sample([np.concatenate([a] * reps)[:batch_size] for a in arrays])
+
+    return dataset
+
+
+def export_tflite(
+    model,
+    path,
+    quantization=None,
+    representative_data=None,
+    batch_size=1,
+    factored=True,
+):
+    """Writes `model` as a `.tflite` file that stores only the base filters.
+
+    Every `TransformConv2D` is first switched to its factored path
+    (`factored_model`): the converter would otherwise constant-fold the
+    materialised kernel into the file, as large as a `Conv2D` model's. The
+    file has a fixed input shape, the model's with batch `batch_size`.
+
+    Args:
+        model: a built Sequential or Functional Keras model, stripped of
+            `TransformPruning` wrappers, with fully known input dimensions
+            apart from the batch.
+        path: str or path-like, the `.tflite` file to write (its folder must
+            exist and be writable; checked before converting).
+        quantization: None (float32, default), `"dynamic"` (dynamic-range:
+            int8 weights, float activations), `"float16"` (float16 weights,
+            computed in float32) or `"int8"` (full integer: int8 weights and
+            activations, calibrated on `representative_data`; the file's
+            inputs and outputs stay float32, with a quantize and a dequantize
+            operator at the ends, so it is called like the float file).
+        representative_data: for `"int8"` only: sample inputs, an array
+            `(num_samples,) + input_shape` (for several inputs, a list or
+            dict of such arrays structured like the model's inputs; a few
+            hundred samples is typical), or a TFLite `representative_dataset`
+            callable.
+        batch_size: int, the static batch dimension of the file. Defaults
+            to 1.
+        factored: bool, whether to rewrite `TransformConv2D`s to the factored
+            path (default). False converts the model as it is, for
+            comparisons.
+
+    Returns:
+        An `ExportResult` (path, bytes, quantization, params, param_bytes,
+        batch_size, op_counts).
+
+    Raises:
+        ValueError: for an unknown `quantization`, `"int8"` without
+            `representative_data` (or `representative_data` with another
+            quantization), a `batch_size` that is not a positive int, a
+            `path` that cannot be written, a model holding `TransformPruning`
+            wrappers, or inputs of unknown size.
+
+    Example:
+
+    >>> import os, tempfile
+    >>> import keras, numpy as np
+    >>> from tf_transform_conv import TransformConv2D
+    >>> model = keras.Sequential([
+    ...     keras.Input((8, 8, 4)),
+    ...     TransformConv2D(8, 3, base_filters=2, transforms="rotations")])
+    >>> path = os.path.join(tempfile.mkdtemp(), "m.tflite")
+    >>> result = export_tflite(model, path)
+    >>> result.params, result.param_bytes  # 3*3*4*2 + 8 bias, 4 bytes each
+    (80, 320)
+    >>> "CONV_2D" in result.op_counts  # factored: no convolution in the file
+    False
+    >>> x = np.random.default_rng(0).normal(size=(3, 8, 8, 4)).astype("float32")
+    >>> verify_tflite(path, model, x).max_rel_diff < 1e-4
+    True
+    """
+    import tensorflow as tf
+
+    verb = "export_tflite"
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(
+            "Invalid value for argument `quantization`. Expected one of "
+            f"{list(QUANTIZATIONS)}. Received quantization={quantization!r}."
+        )
+    if quantization == "int8" and representative_data is None:
+        raise ValueError(
+            "quantization='int8' (full integer) calibrates the activation ranges "
+            "on sample inputs: pass representative_data= (an array of a few "
+            "hundred inputs, shape (num_samples,) + input_shape), or use "
+            "quantization='dynamic', which needs none."
+        )
+    if quantization != "int8" and representative_data is not None:
+        raise ValueError(
+            "`representative_data` is used only with quantization='int8'. "
+            f"Received quantization={quantization!r}."
+        )
+    if not isinstance(batch_size, (int, np.integer)) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(
+            "Invalid value for argument `batch_size`. Expected a strictly "
+            f"positive int. Received batch_size={batch_size!r}."
+        )
+    batch_size = int(batch_size)
+    path = _check_writable(path, verb)
+    _check_no_wrappers(model, verb)
+    _check_static_inputs(model, verb)
+    params = _count_params(model)
+    deployed = factored_model(model) if factored else model
+    dataset = (
+        _representative_dataset(model, representative_data, batch_size)
+        if quantization == "int8"
+        else None
+    )
+
+    with tempfile.TemporaryDirectory(prefix="tfconv-export-") as tmp:
+        saved = os.path.join(tmp, "saved_model")
+        deployed.export(
+            saved, input_signature=_input_signature(deployed, batch_size), verbose=False
+        )
+        converter = tf.lite.TFLiteConverter.from_saved_model(saved)
+        if quantization is not None:
+            converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        if quantization == "float16":
+            converter.target_spec.supported_types = [tf.float16]
+        elif quantization == "int8":
+            converter.representative_dataset = dataset
+            converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        flatbuffer = converter.convert()
+
+    with open(path, "wb") as f:
+        f.write(flatbuffer)
+    return ExportResult(
+        path=path,
+        bytes=len(flatbuffer),
+        quantization=quantization,
+        params=params,
+        param_bytes=params * _BYTES_PER_PARAM[quantization],
+        batch_size=batch_size,
+        op_counts=tflite_op_counts(flatbuffer),
+    )
+
+
+def _count_params(model):
+    from tf_transform_conv.cost import model_cost
+
+    try:
+        return int(model_cost(model).params)
+    except ValueError:
+        return int(model.count_params())
+
+
+def _read_flatbuffer(path, verb):
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ValueError(
+            f"{verb}: no such file: {path!r}. Pass the path export_tflite wrote."
+        )
+    with open(path, "rb") as f:
+        content = f.read()
+    if len(content) < 8 or content[4:8] != b"TFL3":
+        raise ValueError(
+            f"{verb}: {path!r} is not a TFLite flatbuffer (bytes 4:8 are "
+            f"{content[4:8]!r}, expected the identifier b'TFL3'). Pass a .tflite "
+            "file written by export_tflite (or tf.lite.TFLiteConverter)."
+        )
+    return content
+
+
+def _interpreter(content, num_threads=None, delegates=True):
+    from ai_edge_litert.interpreter import Interpreter
+    from ai_edge_litert.interpreter import OpResolverType
+
+    kwargs = {"model_content": content, "num_threads": num_threads}
+    if not delegates:
+        kwargs["experimental_op_resolver_type"] = (
+            OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+        )
+    return Interpreter(**kwargs)
+
+
+def tflite_op_counts(flatbuffer):
+    """Operator name -> count in a `.tflite` file (bytes or path), before delegation.
+
+    Returns an empty dict when the interpreter cannot list the operators.
+    """
+    if not isinstance(flatbuffer, (bytes, bytearray)):
+        flatbuffer = _read_flatbuffer(flatbuffer, "tflite_op_counts")
+    try:
+        interpreter = _interpreter(bytes(flatbuffer), delegates=False)
+        interpreter.allocate_tensors()
+        details = interpreter._get_ops_details()
+    except Exception:  # a private API: leave the counts out rather than fail
+        return {}
+    return dict(collections.Counter(op["op_name"] for op in details))
+
+
+def _signature_order(names, prefix):
+    """Signature names in output (or input) order.
+
+    `prefix`, `prefix_1`, `prefix_2`, ... (how TensorFlow names positional
+    arguments and outputs) by their index; other names sorted, as
+    `keras.tree.flatten` orders a dict.
+    """
+
+    def index(name):
+        if name == prefix:
+            return 0
+        tail = name[len(prefix) + 1 :] if name.startswith(prefix + "_") else ""
+        return int(tail) if tail.isdigit() else None
+
+    keys = [index(n) for n in names]
+    if any(k is None for k in keys):
+        return sorted(names)
+    return [n for _, n in sorted(zip(keys, names))]
+
+
+def _quantize(x, detail):
+    scale, zero = detail["quantization"]
+    if detail["dtype"] in (np.int8, np.uint8, np.int16) and scale:
+        info = np.iinfo(detail["dtype"])
+        return np.clip(np.round(x / scale + zero), info.min, info.max).astype(detail["dtype"])
+    return x.astype(detail["dtype"])
+
+
+def _dequantize(y, detail):
+    scale, zero = detail["quantization"]
+    if detail["dtype"] in (np.int8, np.uint8, np.int16) and scale:
+        return (y.astype(np.float32) - zero) * scale
+    return y.astype(np.float32)
+
+
+def run_tflite(path, inputs, num_threads=None):
+    """Runs a `.tflite` file on `inputs`, looping over the batch when the file's is smaller.
+
+    A last batch smaller than the file's is padded with zeros (and those
+    outputs dropped). Integer inputs and outputs (a file converted with
+    int8 input/output types) are quantized and dequantized with the file's
+    parameters; files from `export_tflite` take float32.
+
+    Args:
+        path: the `.tflite` file.
+        inputs: an array (a file with one input), or a dict of arrays keyed
+            by the file's input names (for files from `export_tflite`, the
+            names of the model's `keras.Input`s), or a list of arrays in the
+            file's signature order; every array with the same number of
+            samples.
+        num_threads: interpreter threads (None: the interpreter's default).
+
+    Returns:
+        A list of float32 arrays, one per output, in the model's (flattened)
+        output order.
+
+    Raises:
+        ValueError: for a missing or non-TFLite file, and inputs that do not
+            fit the file's.
+    """
+    content = _read_flatbuffer(path, "run_tflite")
+    interpreter = _interpreter(content, num_threads=num_threads)
+    signatures = interpreter.get_signature_list()
+    if signatures:
+        runner = interpreter.get_signature_runner(next(iter(signatures)))
+        in_names = _signature_order(list(runner.get_input_details()), "args_0")
+        out_names = _signature_order(list(runner.get_output_details()), "output")
+        in_details = [runner.get_input_details()[n] for n in in_names]
+        out_details = [runner.get_output_details()[n] for n in out_names]
+
+        def invoke(batch):
+            result = runner(**dict(zip(in_names, batch)))
+            return [result[n] for n in out_names]
+    else:
+        interpreter.allocate_tensors()
+        in_details = interpreter.get_input_details()
+        out_details = interpreter.get_output_details()
+        in_names = [d["name"] for d in in_details]
+
+        def invoke(batch):
+            for detail, x in zip(in_details, batch):
+                interpreter.set_tensor(detail["index"], x)
+            interpreter.invoke()
+            return [interpreter.get_tensor(d["index"]) for d in out_details]
+
+    if isinstance(inputs, dict):
+        if set(inputs) != set(in_names):
+            raise ValueError(
+                f"The file's inputs are named {sorted(in_names)}; received a dict "
+                f"with keys {sorted(inputs)}."
+            )
+        arrays = [np.asarray(inputs[name]) for name in in_names]
+    else:
+        arrays = [np.asarray(a) for a in (inputs if isinstance(inputs, (list, tuple)) else [inputs])]
+        if len(arrays) != len(in_details):
+            raise ValueError(
+                f"The file has {len(in_details)} inputs {in_names}; received "
+                f"{len(arrays)} arrays."
+            )
+        if len(arrays) > 1 and not all(n.startswith("args_0") for n in in_names):
+            raise ValueError(
+                f"The file has several named inputs {in_names}: pass a dict of "
+                "arrays keyed by these names (verify_tflite does this from the model)."
+            )
+    n = arrays[0].shape[0]
+    if any(a.shape[0] != n for a in arrays):
+        raise ValueError(
+            "Every input needs the same number of samples. Received "
+            f"{[a.shape[0] for a in arrays]}."
+        )
+    file_batch = int(in_details[0]["shape"][0])
+    for name, detail, a in zip(in_names, in_details, arrays):
+        expected = tuple(int(d) for d in detail["shape"][1:])
+        if expected != tuple(a.shape[1:]):
+            raise ValueError(
+                f"The file's input {name!r} has shape (batch,) + {expected}; "
+                f"received an array of shape {a.shape}."
+            )
+    outputs = [[] for _ in out_details]
+    for start in range(0, n, file_batch):
+        batch = [a[start : start + file_batch] for a in arrays]
+        short = file_batch - batch[0].shape[0]
+        if short:
+            batch = [np.concatenate([b, np.zeros((short,) + b.shape[1:], b.dtype)]) for b in batch]
+        batch = [_quantize(np.asarray(b, np.float32), d) for b, d in zip(batch, in_details)]
+        for i, (y, detail) in enumerate(zip(invoke(batch), out_details)):
+            y = _dequantize(np.asarray(y), detail)
+            outputs[i].append(y[: file_batch - short])
+    return [np.concatenate(parts) for parts in outputs]
+
+
+def _named_inputs(model, inputs):
+    """`inputs` (structured like the model's inputs) as a dict keyed by input names."""
+    tensors = keras.tree.flatten(_inputs_struct(model))
+    if len(tensors) == 1 and not isinstance(inputs, (dict, list, tuple)):
+        return {tensors[0].name: inputs}
+    arrays = keras.tree.flatten(inputs)
+    if len(arrays) != len(tensors):
+        raise ValueError(
+            f"The model has {len(tensors)} inputs; received {len(arrays)} arrays."
+        )
+    return {t.name: a for t, a in zip(tensors, arrays)}
+
+
+def verify_tflite(path, model, inputs, rtol=1e-4, num_threads=None):
+    """Checks that a `.tflite` file computes what the Keras model computes.
+
+    Runs the file with the LiteRT interpreter on `inputs` (looping over the
+    samples when the file's batch is smaller) and compares with
+    `model(inputs, training=False)`, output by output. The difference that
+    counts is relative to the output's scale: `max|tflite - keras| /
+    max|keras|`. Float32 files agree to about 1e-6; float16 weights give
+    about 1e-3; for dynamic-range and int8 files pass a looser `rtol`
+    (or `float("inf")`, to only measure) or compare accuracy on real data.
+
+    Args:
+        path: the `.tflite` file.
+        model: the Keras model it was exported from.
+        inputs: what `model` takes: an array (one input), or a list or dict
+            of arrays structured like the model's inputs.
+        rtol: float, the largest relative difference accepted. Defaults to
+            `1e-4` (float32).
+        num_threads: interpreter threads (None: the interpreter's default).
+
+    Returns:
+        A `VerifyResult` (max_abs_diff, max_rel_diff, output_scale, samples).
+
+    Raises:
+        ValueError: if `path` is missing or not a TFLite flatbuffer (its
+            bytes 4:8 are not `b"TFL3"`), or the inputs do not fit the file.
+        TFLiteMismatchError: (a `ValueError` and an `AssertionError`) if
+            the relative difference exceeds `rtol`, or is NaN.
+    """
+    content = _read_flatbuffer(path, "verify_tflite")
+    signatures = _interpreter(content).get_signature_list()
+    names = next(iter(signatures.values()))["inputs"] if signatures else []
+    feed = inputs
+    if len(names) > 1 and not all(n.startswith("args_0") for n in names):
+        feed = _named_inputs(model, inputs)  # files from export_tflite
+    got = run_tflite(path, feed, num_threads=num_threads)
+    reference = model(inputs, training=False)
+    reference = [np.asarray(keras.ops.convert_to_numpy(r), np.float32)
+                 for r in keras.tree.flatten(reference)]
+    if len(got) != len(reference) or any(g.shape != r.shape for g, r in zip(got, reference)):
+        raise ValueError(
+            "The file's outputs do not match the model's: file "
+            f"{[g.shape for g in got]}, model {[r.shape for r in reference]}. "
+            "Was the file exported from this model?"
+        )
+    max_abs, max_rel, scale_all = 0.0, 0.0, 0.0
+    for g, r in zip(got, reference):
+        diff = float(np.max(np.abs(g - r))) if g.size else 0.0
+        scale = float(np.max(np.abs(r))) if r.size else 0.0
+        rel = diff / scale if scale > 0 else diff
+        if math.isnan(diff):
+            max_abs = max_rel = float("nan")
+        elif not math.isnan(max_abs):
+            max_abs, max_rel = max(max_abs, diff), max(max_rel, rel)
+        scale_all = max(scale_all, scale)
+    result = VerifyResult(max_abs, max_rel, scale_all, int(got[0].shape[0]) if got else 0)
+    if not max_rel <= rtol:
+        raise TFLiteMismatchError(
+            f"The TFLite file {os.fspath(path)!r} differs from the Keras model: "
+            f"max abs diff {max_abs:.3g}, max diff relative to the output scale "
+            f"{max_rel:.3g} (output scale {scale_all:.3g}) > rtol={rtol:g}, over "
+            f"{result.samples} samples. For a quantized file pass a looser rtol "
+            "or compare accuracy on real data."
+        )
+    return result
+
+
+# ----------------------------------------------------------------------------
+# SavedModel
+
+
+def export_saved_model(model, path):
+    """Writes `model` as a TensorFlow SavedModel with factored `TransformConv2D`s.
+
+    A thin wrapper: `factored_model(model).export(path)`. The SavedModel
+    stores the variables (the bases) either way; the rewrite makes the
+    serving graph run the factored path. Its `serve` endpoint takes a batch
+    of any size. A model whose inputs have an unknown spatial size is
+    exported as it is (its `TransformConv2D`s then run the path they chose
+    at build, materialised for unknown sizes).
+
+    Args:
+        model: a built Sequential or Functional Keras model, stripped of
+            `TransformPruning` wrappers.
+        path: the SavedModel directory to write.
+
+    Returns:
+        `path`.
+
+    Raises:
+        ValueError: if the model holds `TransformPruning` wrappers, or
+            `path`'s parent folder is missing or not writable.
+
+    Load and serve it with `tf.saved_model.load(path).serve(x)`.
+    """
+    verb = "export_saved_model"
+    path = os.fspath(path)
+    _check_folder(os.path.dirname(os.path.abspath(path)), path, verb)
+    _check_no_wrappers(model, verb)
+    deployed = model if _unknown_input_dims(model) else factored_model(model)
+    deployed.export(path, verbose=False)
+    return path
