@@ -551,7 +551,7 @@ def test_factored_gather_fallback_matches_reference(monkeypatch):
     x = rng.normal(size=(2, 6, 7, 4)).astype("float32")
     layer.build(x.shape)
     randomize(layer, rng)
-    assert layer._factored_plan.num_slices(9, 2) > 0
+    assert layer._factored_plan.num_slices() > 0
     expected, _ = reference_output(layer, x)
     assert_close(layer(x), expected)
 

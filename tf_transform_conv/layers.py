@@ -653,7 +653,7 @@ class TransformConv2D(keras.layers.Layer):
             for j in range(kw)
         ]
         plan = self._factored_plan
-        if plan.num_slices(taps, g) <= _MAX_SLICES:
+        if plan.num_slices() <= _MAX_SLICES:
             out = _segment_sums(windows, plan)
         else:
             out = _gathered_sums(windows, self._factored_index)
@@ -740,7 +740,7 @@ class _SegmentPlan:
         self.segments = segments
         self.output_index = output_index
 
-    def num_slices(self, taps, groups):
+    def num_slices(self):
         return sum(len(entries) for entries, _ in self.segments)
 
 
