@@ -1,0 +1,755 @@
+"""Trains a reference CNN on CIFAR-10, ImageNet, digits or synthetic data: dense, transformed, pruned or converted.
+
+One recipe for every way of getting a compact `TransformConv2D` model:
+
+- `--mode dense`: the plain model (`conv_factory()`), the baseline and the
+  starting point of the other modes (`--init-from`, `--teacher`).
+- `--mode transform`: the transformed twin trained from scratch
+  (`conv_factory(base_ratio, transforms, depth_groups, scale)`).
+- `--mode prune`: the dense model (from scratch or `--init-from`) wrapped with
+  `prune_model` under a tfmot `PolynomialDecay`, trained with
+  `UpdateTransformPruningStep`, then `strip_model`.
+- `--mode convert`: `transform_model` applied to a trained dense checkpoint
+  (`--init-from`), then fine-tuned.
+
+Any mode can distil from a teacher (`--teacher PATH.keras`): the loss is
+`(1 - w) * CE(y, s) + w * T^2 * KL(softmax(t / T) || softmax(s / T))`.
+
+Runs last: every epoch writes a backup (weights, optimizer state, pruning
+step, epoch counter; `keras.callbacks.BackupAndRestore`) and the model to
+`<run-dir>/ckpt/last.keras`; restarting the same command (or `--resume`)
+continues where it stopped. TensorBoard logs, a CSV log and `results.json`
+(accuracy, parameters, multiply-adds, `.tflite` size) go to the run folder.
+
+    python examples/train.py --preset cifar10 --mode dense --run-dir runs/r20
+    python examples/train.py --preset cifar10 --mode transform --base-ratio 0.25
+    python examples/train.py --preset cifar10 --mode prune --init-from runs/r20/ckpt/last.keras
+    python examples/train.py --preset imagenet --data-dir /data/tfds --strategy mirrored
+    python examples/train.py --dataset digits --epochs 5       # offline, no download
+"""
+
+import argparse
+import csv
+import datetime
+import json
+import math
+import os
+import pathlib
+import platform
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from tf_transform_conv import UpdateTransformPruningStep  # noqa: E402
+from tf_transform_conv import build_model  # noqa: E402
+from tf_transform_conv import conv_factory  # noqa: E402
+from tf_transform_conv import export_tflite  # noqa: E402
+from tf_transform_conv import prune_model  # noqa: E402
+from tf_transform_conv import strip_model  # noqa: E402
+from tf_transform_conv import transform_model  # noqa: E402
+from tf_transform_conv.cost import model_cost  # noqa: E402
+
+# Defaults per preset; any flag given on the command line wins.
+PRESETS = {
+    "cifar10": dict(
+        dataset="cifar10", model="resnet20", image_size=32, epochs=200, batch_size=128,
+        lr=0.1, schedule="cosine", lr_steps=[0.5, 0.75], warmup_epochs=1,
+        weight_decay=5e-4, label_smoothing=0.0,
+    ),
+    "imagenet": dict(
+        dataset="imagenet2012", model="resnet50", image_size=224, epochs=90, batch_size=256,
+        lr=0.1, schedule="step", lr_steps=[1 / 3, 2 / 3, 8 / 9], warmup_epochs=5,
+        weight_decay=1e-4, label_smoothing=0.1,
+    ),
+}
+DATASETS = ("cifar10", "imagenet2012", "digits", "synthetic")
+MODES = ("dense", "transform", "prune", "convert")
+NUM_CLASSES = {"cifar10": 10, "imagenet2012": 1000, "digits": 10}
+# Per-channel statistics of the training images (RGB, in [0, 1]).
+MEAN_STD = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "imagenet2012": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+IMAGENET_MANUAL = (
+    "ImageNet (imagenet2012) cannot be downloaded automatically. Download "
+    "ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar from "
+    "https://image-net.org/download-images (a free account is needed) and put "
+    "both files, as they are, into {manual}/ ; the first run then prepares the "
+    "dataset there (hours, about 300 GB of disk). Pass the same --data-dir."
+)
+CIFAR_OFFLINE = (
+    "CIFAR-10 is not prepared in {data_dir} and could not be downloaded ({error}). "
+    "On a machine with internet access run\n"
+    "    python -c \"import tensorflow_datasets as tfds; tfds.load('cifar10', data_dir='DIR')\"\n"
+    "(it fetches https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz, 163 MB) and "
+    "copy DIR/cifar10/ to {data_dir}/cifar10/, or put cifar-10-binary.tar.gz into "
+    "{data_dir}/downloads/manual/. Offline, --dataset digits or synthetic need no download."
+)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add = parser.add_argument
+    # What to train.
+    add("--preset", choices=sorted(PRESETS), default="cifar10",
+        help="dataset, model and schedule defaults (cifar10); flags override them")
+    add("--dataset", choices=DATASETS, help="the data (the preset's)")
+    add("--data-dir", type=pathlib.Path, default=None,
+        help="tensorflow_datasets folder (tfds default: ~/tensorflow_datasets)")
+    add("--synthetic-size", type=int, default=256,
+        help="images of --dataset synthetic, 1/4 more for the test split (256)")
+    add("--image-size", type=int, help="input height and width (the preset's: 32 or 224)")
+    add("--model", help="a name of tf_transform_conv.models.MODELS (the preset's)")
+    add("--mode", choices=MODES, default="dense", help="how the model is made (dense)")
+    add("--base-ratio", type=float, default=0.25,
+        help="transform/convert: fraction of filters learned as bases (0.25)")
+    add("--transforms", default=None,
+        help="transform: a preset or comma-separated names (default for the ratio); "
+        "prune/convert: the candidates (d4)")
+    add("--depth-groups", type=int, default=1, help="TransformConv2D depth groups (1)")
+    add("--scale", action=argparse.BooleanOptionalAction, default=None,
+        help="a trainable scale per filter (off for transform, on for prune/convert)")
+    add("--final-sparsity", type=float, default=0.75,
+        help="prune: final fraction of filters rebuilt as transforms (0.75)")
+    add("--prune-begin", type=float, default=0.0,
+        help="prune: start of the schedule, as a fraction of training (0.0)")
+    add("--prune-end", type=float, default=0.5,
+        help="prune: end of the schedule, as a fraction of training (0.5)")
+    add("--prune-frequency", type=int, default=0,
+        help="prune: steps between pruning steps (0: about 20 over the schedule)")
+    add("--init-from", type=pathlib.Path, default=None,
+        help="a dense .keras checkpoint to start prune/convert (or any mode) from")
+    # Distillation.
+    add("--teacher", type=pathlib.Path, default=None, help="a .keras teacher to distil from")
+    add("--kd-temperature", type=float, default=4.0, help="distillation temperature T (4)")
+    add("--kd-weight", type=float, default=0.9,
+        help="weight w of the distillation term; 1 - w goes to cross-entropy (0.9)")
+    # Training.
+    add("--epochs", type=int, help="training epochs (the preset's)")
+    add("--batch-size", type=int, help="global batch size (the preset's)")
+    add("--steps-per-epoch", type=int, default=None,
+        help="training steps per epoch (training images // batch size)")
+    add("--lr", type=float, help="peak learning rate of SGD with Nesterov momentum "
+        "(the preset's, scaled by batch/256 for imagenet)")
+    add("--momentum", type=float, default=0.9, help="SGD momentum (0.9)")
+    add("--schedule", choices=("cosine", "step"), help="learning-rate decay (the preset's)")
+    add("--lr-steps", type=float, nargs="+", help="step: where the rate drops 10x, "
+        "as fractions of training (the preset's)")
+    add("--warmup-epochs", type=float, help="linear warm-up epochs (the preset's)")
+    add("--weight-decay", type=float, help="decoupled weight decay of the optimizer, "
+        "not applied to biases and BatchNorm (the preset's)")
+    add("--label-smoothing", type=float, help="label smoothing (the preset's)")
+    add("--jit-compile", action=argparse.BooleanOptionalAction, default=True,
+        help="compile the training step with XLA (on)")
+    add("--mixed-precision", choices=("off", "mixed_float16", "mixed_bfloat16"),
+        default="off", help="Keras dtype policy (off: float32)")
+    add("--strategy", choices=("default", "mirrored", "multiworker"), default="default",
+        help="tf.distribute strategy; multiworker reads TF_CONFIG (default)")
+    add("--cpu-devices", type=int, default=0,
+        help="split the CPU into this many logical devices before TensorFlow starts, "
+        "e.g. to try --strategy mirrored without GPUs (0: leave it)")
+    add("--seed", type=int, default=0, help="seed of the data order and weights (0)")
+    # Runs that last.
+    add("--run-dir", type=pathlib.Path, default=None,
+        help="checkpoints, logs and results.json (runs/<mode>-<timestamp>)")
+    add("--resume", action="store_true",
+        help="require a backup in --run-dir to continue from (restarting the same "
+        "command continues anyway)")
+    add("--fresh", action="store_true", help="delete the run folder's backup and start over")
+    add("--tflite", action=argparse.BooleanOptionalAction, default=True,
+        help="export the final model with export_tflite and record its size (on)")
+    add("--verbose", type=int, choices=(0, 1, 2), default=1,
+        help="Keras verbosity: 0 silent, 1 progress bars, 2 a line per epoch (1)")
+    args = parser.parse_args(argv)
+
+    for key, value in PRESETS[args.preset].items():
+        if getattr(args, key) is None and key != "lr":
+            setattr(args, key, value)
+    if args.lr is None:
+        args.lr = PRESETS[args.preset]["lr"]
+        if args.preset == "imagenet":
+            args.lr *= args.batch_size / 256
+    if args.scale is None:
+        args.scale = args.mode in ("prune", "convert")
+    if args.run_dir is None:
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        args.run_dir = pathlib.Path("runs") / f"{args.dataset}-{args.model}-{args.mode}-{stamp}"
+    problems = []
+    if args.epochs < 1 or args.batch_size < 1:
+        problems.append(f"--epochs and --batch-size must be >= 1 (got {args.epochs}, "
+                        f"{args.batch_size})")
+    if args.steps_per_epoch is not None and args.steps_per_epoch < 1:
+        problems.append(f"--steps-per-epoch must be >= 1 (got {args.steps_per_epoch})")
+    if not 0 <= args.final_sparsity < 1:
+        problems.append(f"--final-sparsity must be in [0, 1) (got {args.final_sparsity})")
+    if not 0 <= args.prune_begin <= args.prune_end <= 1:
+        problems.append("need 0 <= --prune-begin <= --prune-end <= 1 (got "
+                        f"{args.prune_begin}, {args.prune_end})")
+    if not 0 <= args.kd_weight <= 1 or args.kd_temperature <= 0:
+        problems.append(f"--kd-weight must be in [0, 1] and --kd-temperature > 0 (got "
+                        f"{args.kd_weight}, {args.kd_temperature})")
+    if args.resume and args.fresh:
+        problems.append("--resume and --fresh contradict each other")
+    if args.teacher is not None and not args.teacher.is_file():
+        problems.append(f"--teacher {args.teacher}: no such file")
+    if args.init_from is not None and not args.init_from.is_file():
+        problems.append(f"--init-from {args.init_from}: no such file")
+    if problems:
+        parser.error("; ".join(problems))
+    if args.transforms and "," in args.transforms:
+        args.transforms = [t.strip() for t in args.transforms.split(",")]
+    return args
+
+
+# ----------------------------------------------------------------------------
+# Devices and strategy
+
+
+def configure_devices(cpu_devices):
+    """Splits the first CPU into `cpu_devices` logical devices (before TF starts them)."""
+    if cpu_devices < 1:
+        return
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    try:
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration()] * cpu_devices
+        )
+    except RuntimeError as error:
+        raise SystemExit(
+            f"--cpu-devices {cpu_devices}: TensorFlow has already started its devices "
+            f"in this process ({error}); run the script in a fresh process."
+        ) from None
+
+
+def make_strategy(name):
+    if name == "mirrored":
+        devices = [d.name for d in tf.config.list_logical_devices("GPU")] or [
+            d.name for d in tf.config.list_logical_devices("CPU")
+        ]
+        return tf.distribute.MirroredStrategy(devices)
+    if name == "multiworker":
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    return tf.distribute.get_strategy()
+
+
+def is_chief(strategy):
+    """Whether this worker writes the run folder (always, except multiworker non-chiefs)."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.cluster_spec().as_dict():
+        return True
+    return resolver.task_type in ("chief", None) or (
+        resolver.task_type == "worker" and resolver.task_id == 0
+        and "chief" not in resolver.cluster_spec().as_dict()
+    )
+
+
+# ----------------------------------------------------------------------------
+# Data
+
+
+def normalize(image, mean_std):
+    image = tf.cast(image, tf.float32) / 255.0
+    if mean_std is None:
+        return image
+    mean, std = mean_std
+    return (image - tf.constant(mean)) / tf.constant(std)
+
+
+def cifar_train_augment(image, size=32):
+    """Pads 4 pixels, crops a random `size` x `size` window, flips left-right at random."""
+    image = tf.image.resize_with_crop_or_pad(image, size + 8, size + 8)
+    image = tf.image.random_crop(image, (size, size, 3))
+    return tf.image.random_flip_left_right(image)
+
+
+def imagenet_train_crop(encoded, size=224):
+    """Random resized crop (area 8-100%, aspect 3/4-4/3) of a JPEG, resized, flipped."""
+    shape = tf.image.extract_jpeg_shape(encoded)
+    begin, crop, _ = tf.image.sample_distorted_bounding_box(
+        shape, bounding_boxes=tf.zeros((1, 0, 4)), min_object_covered=0.1,
+        aspect_ratio_range=(3 / 4, 4 / 3), area_range=(0.08, 1.0),
+        max_attempts=10, use_image_if_no_bounding_boxes=True,
+    )
+    window = tf.stack([begin[0], begin[1], crop[0], crop[1]])
+    image = tf.image.decode_and_crop_jpeg(encoded, window, channels=3)
+    image = tf.image.resize(image, (size, size), method="bilinear")
+    return tf.image.random_flip_left_right(image)
+
+
+def imagenet_eval_crop(encoded, size=224):
+    """Resizes the shorter side to `size / 0.875` and takes the centre `size` x `size`."""
+    image = tf.image.decode_jpeg(encoded, channels=3)
+    shape = tf.cast(tf.shape(image)[:2], tf.float32)
+    scale = (size / 0.875) / tf.reduce_min(shape)
+    resized = tf.cast(tf.round(shape * scale), tf.int32)
+    image = tf.image.resize(image, resized, method="bilinear")
+    return tf.image.resize_with_crop_or_pad(image, size, size)
+
+
+def load_tfds(args):
+    """`(train, test, num_train, num_test)` unbatched `(uint8 image, label)` datasets."""
+    import tensorflow_datasets as tfds
+
+    data_dir = None if args.data_dir is None else str(args.data_dir)
+    shown = data_dir or os.path.expanduser("~/tensorflow_datasets")
+    kwargs = dict(data_dir=data_dir, as_supervised=True, with_info=True)
+    try:
+        if args.dataset == "imagenet2012":
+            (train, test), info = tfds.load(
+                "imagenet2012", split=["train", "validation"], download=False,
+                decoders={"image": tfds.decode.SkipDecoding()}, **kwargs,
+            )
+        else:
+            (train, test), info = tfds.load("cifar10", split=["train", "test"], **kwargs)
+    except Exception as error:  # tfds raises many kinds when offline or missing
+        if args.dataset == "imagenet2012":
+            manual = pathlib.Path(shown) / "downloads" / "manual"
+            raise SystemExit(
+                IMAGENET_MANUAL.format(manual=manual) + f"\n(tfds said: {error})"
+            ) from None
+        raise SystemExit(
+            CIFAR_OFFLINE.format(data_dir=shown, error=f"{type(error).__name__}: {error}")
+        ) from None
+    splits = info.splits
+    test_split = "validation" if args.dataset == "imagenet2012" else "test"
+    return train, test, splits["train"].num_examples, splits[test_split].num_examples
+
+
+def digits_images(size):
+    """scikit-learn's 8x8 digits, upsampled (nearest) and tiled to `size` x `size` x 3 uint8."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    images = np.round(digits.images * (255 / 16)).astype("uint8")
+    factor = max(1, size // 8)
+    images = images.repeat(factor, axis=1).repeat(factor, axis=2)
+    pad = size - images.shape[1]
+    images = np.pad(images, ((0, 0), (pad // 2, pad - pad // 2), (pad // 2, pad - pad // 2)))
+    images = np.repeat(images[..., None], 3, axis=-1)
+    return train_test_split(images, digits.target.astype("int64"), test_size=0.25,
+                            stratify=digits.target, random_state=0)
+
+
+def synthetic_images(size, count, num_classes, seed):
+    """Random uint8 images with random labels: a pipeline check, nothing to learn."""
+    rng = np.random.default_rng(seed)
+    n_test = max(1, count // 4)
+    images = rng.integers(0, 256, (count + n_test, size, size, 3), dtype=np.uint8)
+    labels = rng.integers(0, num_classes, count + n_test).astype("int64")
+    return images[:count], images[count:], labels[:count], labels[count:]
+
+
+def make_datasets(args, num_classes):
+    """Batched, augmented, prefetched `(train, test, num_train, num_test)`; one-hot labels."""
+    size, autotune = args.image_size, tf.data.AUTOTUNE
+    if args.dataset in ("cifar10", "imagenet2012"):
+        train, test, num_train, num_test = load_tfds(args)
+    else:
+        if args.dataset == "digits":
+            x_train, x_test, y_train, y_test = digits_images(size)
+        else:
+            x_train, x_test, y_train, y_test = synthetic_images(
+                size, args.synthetic_size, num_classes, args.seed)
+        train = tf.data.Dataset.from_tensor_slices((x_train, y_train))
+        test = tf.data.Dataset.from_tensor_slices((x_test, y_test))
+        num_train, num_test = len(x_train), len(x_test)
+
+    mean_std = MEAN_STD.get(args.dataset)
+    if args.dataset == "imagenet2012":
+        train_map = lambda x, y: (imagenet_train_crop(x, size), y)  # noqa: E731
+        test_map = lambda x, y: (imagenet_eval_crop(x, size), y)  # noqa: E731
+    elif args.dataset == "cifar10":
+        train_map = lambda x, y: (cifar_train_augment(x, size), y)  # noqa: E731
+        test_map = None
+    else:  # digits are not flip-invariant; synthetic has nothing to augment
+        train_map = test_map = None
+
+    def finish(x, y):
+        return normalize(x, mean_std), tf.one_hot(y, num_classes)
+
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    train = train.shuffle(min(num_train, 50_000), seed=args.seed).repeat()
+    if train_map is not None:
+        train = train.map(train_map, num_parallel_calls=autotune)
+    # Full batches only: one batch shape, so XLA compiles the step once.
+    train = (train.map(finish, num_parallel_calls=autotune)
+             .batch(args.batch_size, drop_remainder=True).prefetch(autotune)
+             .with_options(options))
+    if test_map is not None:
+        test = test.map(test_map, num_parallel_calls=autotune)
+    test = (test.map(finish, num_parallel_calls=autotune)
+            .batch(args.batch_size).prefetch(autotune).with_options(options))
+    return train, test, num_train, num_test
+
+
+# ----------------------------------------------------------------------------
+# Model
+
+
+class Distiller(keras.Model):
+    """Trains `student` on `(1 - w) * CE(y, s) + w * T^2 * KL(softmax(t/T) || softmax(s/T))`.
+
+    Calling it calls the student; the teacher is frozen and runs in
+    inference mode. The compiled loss is the cross-entropy term; the
+    distillation term is tracked as the metric `kd_loss`.
+    """
+
+    def __init__(self, student, teacher, temperature=4.0, weight=0.9, **kwargs):
+        super().__init__(**kwargs)
+        self.student = student
+        self.teacher = teacher
+        self.teacher.trainable = False
+        self.temperature = float(temperature)
+        self.weight = float(weight)
+        self.kl = keras.losses.KLDivergence(name="kd")
+        self.kd_tracker = keras.metrics.Mean(name="kd_loss")
+
+    def call(self, inputs, training=None):
+        return self.student(inputs, training=training)
+
+    def kd_loss(self, teacher_logits, student_logits):
+        """`T^2 * KL(softmax(t/T) || softmax(s/T))`, batch mean, in float32."""
+        t = self.temperature
+        p_teacher = keras.ops.softmax(keras.ops.cast(teacher_logits, "float32") / t)
+        p_student = keras.ops.softmax(keras.ops.cast(student_logits, "float32") / t)
+        return (t * t) * self.kl(p_teacher, p_student)
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        ce = super().compute_loss(x, y, y_pred, sample_weight, training)
+        teacher_logits = self.teacher(x, training=False)
+        kd = self.kd_loss(teacher_logits, y_pred)
+        self.kd_tracker.update_state(keras.src.losses.loss.unscale_loss_for_distribution(kd))
+        return (1.0 - self.weight) * ce + self.weight * kd
+
+    @property
+    def metrics(self):
+        return [*super().metrics, self.kd_tracker]
+
+
+def model_conv(args):
+    if args.mode != "transform":
+        return conv_factory()
+    return conv_factory(base_ratio=args.base_ratio, transforms=args.transforms,
+                        depth_groups=args.depth_groups, scale=args.scale)
+
+
+def load_keras(path):
+    return keras.saving.load_model(path, compile=False)
+
+
+def make_model(args, num_classes, total_steps, run_dir):
+    """The model to train (wrapped for pruning, converted, ...) and a note of how."""
+    input_shape = (args.image_size, args.image_size, 3)
+    if args.init_from is not None and args.mode != "transform":
+        model = load_keras(args.init_from)
+        origin = f"weights of {args.init_from}"
+    else:
+        if args.init_from is not None:
+            warnings.warn("--init-from is ignored by --mode transform (trained from scratch)")
+        model = build_model(args.model, num_classes=num_classes, conv=model_conv(args),
+                            input_shape=input_shape)
+        origin = "from scratch"
+        if args.mode == "convert":
+            warnings.warn("--mode convert without --init-from converts a freshly "
+                          "initialised dense model; pass a trained dense checkpoint.")
+    transforms = args.transforms or "d4"
+    if args.mode == "prune":
+        import tensorflow_model_optimization as tfmot  # only here: it switches tf.keras
+
+        begin = int(args.prune_begin * (total_steps - 1))
+        end = max(begin, int(args.prune_end * (total_steps - 1)))
+        frequency = args.prune_frequency or max(1, (end - begin) // 20)
+        end = begin + (end - begin) // frequency * frequency  # the last step prunes
+        schedule = tfmot.sparsity.keras.PolynomialDecay(
+            initial_sparsity=0.0, final_sparsity=args.final_sparsity,
+            begin_step=begin, end_step=max(end, begin + 1) if end == begin else end,
+            frequency=frequency,
+        )
+        model = prune_model(model, schedule, transforms=transforms,
+                            depth_groups=args.depth_groups, scale=args.scale)
+        origin += f"; pruned at steps {begin}..{end} every {frequency}"
+    elif args.mode == "convert":
+        converted = run_dir / "converted.keras"
+        if converted.is_file():  # a restarted run: the same assignment as before
+            model = load_keras(converted)
+        else:
+            model, _ = transform_model(model, base_ratio=args.base_ratio, transforms=transforms,
+                                       depth_groups=args.depth_groups, scale=args.scale)
+            model.save(converted)
+        origin += f"; converted to base ratio {args.base_ratio}"
+    return model, origin
+
+
+# ----------------------------------------------------------------------------
+# Training
+
+
+@keras.saving.register_keras_serializable(package="train")
+class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
+    """Linear warm-up to `peak`, then a cosine to 0 or 10x drops at `boundaries` (steps)."""
+
+    def __init__(self, peak, total_steps, warmup_steps=0, kind="cosine", boundaries=()):
+        self.peak = float(peak)
+        self.total_steps = int(total_steps)
+        self.warmup_steps = int(warmup_steps)
+        self.kind = kind
+        self.boundaries = [int(b) for b in boundaries]
+
+    def __call__(self, step):
+        step = keras.ops.cast(step, "float32")
+        warm = float(max(1, self.warmup_steps))
+        warmup = self.peak * (step + 1.0) / warm
+        if self.kind == "cosine":
+            span = float(max(1, self.total_steps - self.warmup_steps))
+            progress = keras.ops.clip((step - self.warmup_steps) / span, 0.0, 1.0)
+            decayed = 0.5 * self.peak * (1.0 + keras.ops.cos(math.pi * progress))
+        else:
+            drops = sum(keras.ops.cast(step >= b, "float32") for b in self.boundaries)
+            decayed = self.peak * keras.ops.power(0.1, drops)
+        return keras.ops.where(step < self.warmup_steps, warmup, decayed)
+
+    def get_config(self):
+        return dict(peak=self.peak, total_steps=self.total_steps,
+                    warmup_steps=self.warmup_steps, kind=self.kind,
+                    boundaries=self.boundaries)
+
+
+def make_optimizer(args, steps_per_epoch):
+    total = args.epochs * steps_per_epoch
+    schedule = WarmupSchedule(
+        args.lr, total, round(args.warmup_epochs * steps_per_epoch), args.schedule,
+        [round(f * total) for f in args.lr_steps],
+    )
+    optimizer = keras.optimizers.SGD(schedule, momentum=args.momentum, nesterov=True,
+                                     weight_decay=args.weight_decay or None)
+    if args.weight_decay:
+        optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta", "scale"])
+    return optimizer
+
+
+def compile_model(model, args, optimizer, num_classes):
+    metrics = [keras.metrics.CategoricalAccuracy(name="accuracy")]
+    if num_classes > 10:
+        metrics.append(keras.metrics.TopKCategoricalAccuracy(5, name="top5"))
+    model.compile(
+        optimizer=optimizer,
+        loss=keras.losses.CategoricalCrossentropy(
+            from_logits=True, label_smoothing=args.label_smoothing),
+        metrics=metrics,
+        jit_compile=args.jit_compile,
+    )
+
+
+class SaveCheckpoint(keras.callbacks.Callback):
+    """Saves `model` to `ckpt/last.keras` and `{"epoch": n}` to `ckpt/last.json` each epoch.
+
+    The `.keras` file is the model to reuse (`--init-from`, `--teacher`); the
+    backup of `BackupAndRestore` is what a restart continues from.
+    """
+
+    def __init__(self, folder, model):
+        super().__init__()
+        self.folder = folder
+        self.target = model
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = self.folder / "last.tmp.keras"
+        self.target.save(tmp)
+        os.replace(tmp, self.folder / "last.keras")
+        write_json_atomic(self.folder / "last.json", {"epoch": epoch + 1})
+
+
+def backup_epoch(backup_dir):
+    """The epochs a `BackupAndRestore` backup holds, or None without one."""
+    path = backup_dir / "training_metadata.json"
+    if not path.is_file():
+        return None
+    return int(json.loads(path.read_text())["epoch"])
+
+
+def trim_csv(path, epochs_done):
+    """Drops CSV rows of epochs after the backup (written just before a kill)."""
+    if not path.is_file():
+        return
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    if not rows:
+        return
+    kept = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) < epochs_done]
+    if len(kept) != len(rows):
+        with open(path, "w", newline="") as f:
+            csv.writer(f).writerows(kept)
+
+
+# ----------------------------------------------------------------------------
+# Results
+
+
+def write_json_atomic(path, payload):
+    """Writes `payload` to `path` through a temporary file and a rename."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(payload, f, indent=2, default=str)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def tflite_size(model, path):
+    """`(bytes, None)` of the exported file, or `(None, reason)` if export failed."""
+    try:
+        return int(export_tflite(model, path).bytes), None
+    except Exception as error:  # recorded, never fatal: the training is done
+        return None, f"{type(error).__name__}: {error}"
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    configure_devices(args.cpu_devices)
+    previous_policy = keras.config.dtype_policy()
+    if args.mixed_precision != "off":
+        keras.mixed_precision.set_global_policy(args.mixed_precision)
+    try:
+        return run(args, argv)
+    finally:
+        keras.mixed_precision.set_global_policy(previous_policy)
+
+
+def run(args, argv):
+    strategy = make_strategy(args.strategy)
+    chief = is_chief(strategy)
+    run_dir = args.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    backup_dir = run_dir / "backup"
+    if not chief:  # workers back up apart; only the chief writes the run folder
+        backup_dir = run_dir / f"backup-worker-{strategy.cluster_resolver.task_id}"
+    if args.fresh and backup_dir.exists():
+        shutil.rmtree(backup_dir)
+    resumed_at = backup_epoch(backup_dir)
+    if args.resume and resumed_at is None:
+        raise SystemExit(f"--resume: no backup in {backup_dir} to continue from.")
+    if args.jit_compile and strategy.num_replicas_in_sync > 1 and not tf.config.list_logical_devices("GPU"):
+        # XLA cannot reach a variable replica on another logical CPU device.
+        warnings.warn("--jit-compile is turned off: XLA does not support replicas on "
+                      "several logical CPU devices")
+        args.jit_compile = False
+    keras.utils.set_random_seed(args.seed)
+
+    # Data.
+    num_classes = NUM_CLASSES.get(args.dataset, 10 if args.preset == "cifar10" else 1000)
+    train, test, num_train, num_test = make_datasets(args, num_classes)
+    steps_per_epoch = args.steps_per_epoch or max(1, num_train // args.batch_size)
+    total_steps = args.epochs * steps_per_epoch
+    print(f"{args.dataset}: {num_train} train / {num_test} test images, "
+          f"{args.image_size}x{args.image_size}x3, {num_classes} classes; "
+          f"{args.epochs} epochs x {steps_per_epoch} steps of {args.batch_size} "
+          f"on {strategy.num_replicas_in_sync} replica(s)")
+
+    # Model.
+    with strategy.scope():
+        model, origin = make_model(args, num_classes, total_steps, run_dir)
+        print(f"model {model.name} ({args.mode}, {origin}): {model.count_params():,} parameters")
+        trained = model
+        if args.teacher is not None:
+            teacher = load_keras(args.teacher)
+            trained = Distiller(model, teacher, args.kd_temperature, args.kd_weight)
+            trained.build((None, args.image_size, args.image_size, 3))
+            print(f"distilling from {args.teacher} (T={args.kd_temperature}, "
+                  f"w={args.kd_weight})")
+        optimizer = make_optimizer(args, steps_per_epoch)
+        compile_model(trained, args, optimizer, num_classes)
+
+    # Training.
+    if resumed_at is not None:
+        print(f"resuming after epoch {resumed_at} from {backup_dir}")
+    trim_csv(run_dir / "log.csv", resumed_at or 0)
+    # Order matters. At the end of an epoch the CSV row goes first and the
+    # backup after it: a kill in between repeats the row, which `trim_csv`
+    # drops on restart (the other order would lose it). At the start the
+    # backup is restored before the pruning callback reads the pruning step.
+    callbacks = []
+    if chief:
+        callbacks += [
+            keras.callbacks.CSVLogger(str(run_dir / "log.csv"), append=True),
+            keras.callbacks.TensorBoard(str(run_dir / "tensorboard")),
+        ]
+    callbacks.append(keras.callbacks.BackupAndRestore(backup_dir=str(backup_dir)))
+    if args.mode == "prune":
+        callbacks.append(UpdateTransformPruningStep())
+    if chief:
+        callbacks.append(SaveCheckpoint(run_dir / "ckpt", model))
+    start = time.perf_counter()
+    history = trained.fit(
+        train, epochs=args.epochs, steps_per_epoch=steps_per_epoch,
+        validation_data=test, callbacks=callbacks, verbose=args.verbose, shuffle=False,
+    )
+    train_seconds = time.perf_counter() - start
+    epochs_done = history.epoch[-1] + 1 if history.epoch else (resumed_at or 0)
+
+    # Results.
+    with strategy.scope():
+        final = strip_model(model) if args.mode == "prune" else model
+        compile_model(final, args, make_optimizer(args, steps_per_epoch), num_classes)
+    scores = final.evaluate(test, verbose=0, return_dict=True)
+    if not chief:
+        return None
+    final.save(run_dir / "final.keras")
+    cost = model_cost(final)
+    tflite_bytes, tflite_skipped = None, "--no-tflite"
+    if args.tflite:
+        tflite_bytes, tflite_skipped = tflite_size(final, run_dir / "model.tflite")
+    last = {k: float(v[-1]) for k, v in history.history.items()}
+    command = sys.argv if argv is None else [__file__, *argv]
+    results = {
+        "command": " ".join(str(part) for part in command),
+        "args": {k: (str(v) if isinstance(v, pathlib.Path) else v) for k, v in vars(args).items()},
+        "model": final.name,
+        "mode": args.mode,
+        "origin": origin,
+        "dataset": args.dataset,
+        "epochs": epochs_done,
+        "epochs_requested": args.epochs,
+        "resumed_from_epoch": resumed_at,
+        "steps_per_epoch": steps_per_epoch,
+        "optimizer_steps": int(keras.ops.convert_to_numpy(optimizer.iterations)),
+        "test_accuracy": float(scores["accuracy"]),
+        "test_top5": float(scores["top5"]) if "top5" in scores else None,
+        "test_loss": float(scores["loss"]),
+        "last_epoch_logs": last,
+        "params": int(cost.params),
+        "macs": int(cost.macs),
+        "dense_macs": int(cost.dense_macs),
+        "tflite_bytes": tflite_bytes,
+        "tflite_skipped": None if tflite_bytes is not None else tflite_skipped,
+        "train_seconds": train_seconds,
+        "replicas": strategy.num_replicas_in_sync,
+        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count()},
+        "versions": {"python": platform.python_version(), "keras": keras.__version__,
+                     "tensorflow": tf.__version__, "numpy": np.__version__},
+        "finished": epochs_done == args.epochs,
+    }
+    write_json_atomic(run_dir / "results.json", results)
+    top5 = "" if results["test_top5"] is None else f", top-5 {results['test_top5']:.4f}"
+    print(f"\n{final.name} ({args.mode}): test accuracy {results['test_accuracy']:.4f}{top5}, "
+          f"{results['params']:,} parameters, {results['macs']:,} multiply-adds, .tflite "
+          + (f"{tflite_bytes:,} bytes" if tflite_bytes is not None else f"skipped ({tflite_skipped})"))
+    print(f"run folder: {run_dir}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

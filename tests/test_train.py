@@ -1,0 +1,254 @@
+"""Tests of `examples/train.py`: every mode, distillation, Mirrored, kill and restart.
+
+The end-to-end runs (marked `slow`) train resnet20 for one epoch of a few
+steps on digits or synthetic 32x32 images, without XLA, so each takes
+seconds; the kill-and-restart and Mirrored runs go through a subprocess
+(a SIGKILL, and logical CPU devices that must be set before TensorFlow
+starts).
+"""
+
+import csv
+import importlib.util
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import tf_transform_conv  # noqa: F401  (registers TransformConv2D for loading)
+
+SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "examples" / "train.py"
+FAST = ["--batch-size", "16", "--no-jit-compile", "--verbose", "0"]
+
+
+def load_train():
+    """Imports the script by path: `examples/` is not a package."""
+    spec = importlib.util.spec_from_file_location("train_example", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def train():
+    return load_train()
+
+
+@pytest.fixture(scope="module")
+def dense_run(train, tmp_path_factory):
+    """One dense resnet20 epoch on digits, reused as the checkpoint of other modes."""
+    run_dir = tmp_path_factory.mktemp("dense")
+    results = train.main(["--dataset", "digits", "--mode", "dense", "--epochs", "1",
+                          "--steps-per-epoch", "3", "--run-dir", str(run_dir), *FAST])
+    return run_dir, results
+
+
+def check_results(run_dir, epochs, mode):
+    """results.json is complete, valid JSON, written atomically; returns it."""
+    results = json.loads((run_dir / "results.json").read_text())
+    assert not list(run_dir.glob("*.tmp")), "results.json was not written atomically"
+    assert results["mode"] == mode
+    assert results["epochs"] == results["epochs_requested"] == epochs
+    assert results["finished"] is True
+    assert 0.0 <= results["test_accuracy"] <= 1.0
+    assert np.isfinite(results["test_loss"])
+    assert results["params"] > 0 and results["macs"] > 0
+    assert results["optimizer_steps"] == epochs * results["steps_per_epoch"]
+    assert (results["tflite_bytes"] or 0) > 0 or results["tflite_skipped"], results
+    for name in ("log.csv", "ckpt/last.keras", "ckpt/last.json", "final.keras"):
+        assert (run_dir / name).is_file(), name
+    assert any((run_dir / "tensorboard").rglob("*tfevents*"))
+    return results
+
+
+def csv_epochs(run_dir):
+    with open(run_dir / "log.csv", newline="") as f:
+        return [int(row["epoch"]) for row in csv.DictReader(f)]
+
+
+def run_script(args, **kwargs):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    return subprocess.Popen([sys.executable, str(SCRIPT), *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            **kwargs)
+
+
+# ----------------------------------------------------------------------------
+# Fast: arguments, data, schedule, distillation
+
+
+def test_preset_defaults_and_overrides(train):
+    args = train.parse_args(["--preset", "imagenet", "--batch-size", "512", "--epochs", "3"])
+    assert (args.dataset, args.model, args.image_size) == ("imagenet2012", "resnet50", 224)
+    assert args.epochs == 3 and args.lr == pytest.approx(0.2)  # 0.1 * 512 / 256
+    args = train.parse_args(["--mode", "prune"])
+    assert (args.dataset, args.model, args.scale) == ("cifar10", "resnet20", True)
+
+
+def test_bad_arguments_exit_with_a_message(train, capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--final-sparsity", "1.5"])
+    assert "--final-sparsity" in capsys.readouterr().err
+
+
+def test_imagenet_without_files_says_what_to_download(train, tmp_path):
+    args = train.parse_args(["--preset", "imagenet", "--data-dir", str(tmp_path)])
+    with pytest.raises(SystemExit) as error:
+        train.load_tfds(args)
+    message = str(error.value)
+    assert "ILSVRC2012_img_train.tar" in message and "ILSVRC2012_img_val.tar" in message
+    assert str(tmp_path / "downloads" / "manual") in message
+
+
+def test_cifar_offline_says_what_to_download(train, tmp_path, monkeypatch):
+    import tensorflow_datasets as tfds
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(tfds, "load", offline)
+    args = train.parse_args(["--data-dir", str(tmp_path)])
+    with pytest.raises(SystemExit) as error:
+        train.load_tfds(args)
+    assert "cifar-10-binary.tar.gz" in str(error.value)
+    assert str(tmp_path) in str(error.value)
+
+
+def test_augmentations_keep_shapes(train):
+    import tensorflow as tf
+
+    image = tf.cast(tf.random.uniform((32, 32, 3), 0, 255), tf.uint8)
+    assert train.cifar_train_augment(image).shape == (32, 32, 3)
+    jpeg = tf.io.encode_jpeg(tf.cast(tf.random.uniform((300, 400, 3), 0, 255), tf.uint8))
+    assert train.imagenet_train_crop(jpeg, 224).shape == (224, 224, 3)
+    assert train.imagenet_eval_crop(jpeg, 224).shape == (224, 224, 3)
+
+
+def test_schedule_warms_up_then_decays(train):
+    cosine = train.WarmupSchedule(0.1, total_steps=100, warmup_steps=10)
+    rates = [float(cosine(s)) for s in (0, 9, 10, 55, 99)]
+    assert rates[0] == pytest.approx(0.01) and rates[1] == pytest.approx(0.1)
+    assert rates[2] == pytest.approx(0.1) and rates[3] == pytest.approx(0.05, abs=1e-3)
+    assert rates[4] < 1e-3
+    step = train.WarmupSchedule(0.1, 100, 0, "step", [50, 75])
+    assert [float(step(s)) for s in (0, 50, 80)] == pytest.approx([0.1, 0.01, 0.001])
+
+
+def test_distillation_lowers_kd_loss(train):
+    import keras
+
+    keras.utils.set_random_seed(0)
+    x = np.random.default_rng(0).normal(size=(64, 8, 8, 3)).astype("float32")
+    y = keras.utils.to_categorical(np.arange(64) % 10, 10)
+
+    def cnn():
+        return keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Conv2D(8, 3),
+                                 keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(10)])
+
+    teacher = cnn()
+    teacher.layers[-1].set_weights([w * 5 for w in teacher.layers[-1].get_weights()])
+    distiller = train.Distiller(cnn(), teacher, temperature=2.0, weight=1.0)
+    distiller.compile(keras.optimizers.Adam(1e-2),
+                      keras.losses.CategoricalCrossentropy(from_logits=True))
+
+    def kd():
+        return float(distiller.kd_loss(teacher(x), distiller(x)))
+
+    before = kd()
+    teacher_weights = [w.copy() for w in teacher.get_weights()]
+    distiller.fit(x, y, batch_size=16, epochs=5, verbose=0)
+    assert kd() < 0.5 * before, (before, kd())
+    for w, w0 in zip(teacher.get_weights(), teacher_weights):
+        np.testing.assert_array_equal(w, w0)  # the teacher stays frozen
+    # w = 1: the loss is the distillation term alone.
+    kd_term = float(distiller.kd_loss(teacher(x), distiller(x)))
+    loss = float(distiller.compute_loss(x, y, distiller(x)))
+    assert loss == pytest.approx(kd_term, rel=1e-5)
+
+
+# ----------------------------------------------------------------------------
+# Slow: end to end
+
+
+@pytest.mark.slow
+def test_dense_mode_writes_complete_results(dense_run):
+    run_dir, results = dense_run
+    assert results == check_results(run_dir, 1, "dense")
+    assert results["tflite_bytes"] > 0
+    assert csv_epochs(run_dir) == [0]
+
+
+@pytest.mark.slow
+def test_transform_mode_with_teacher(train, dense_run, tmp_path):
+    dense_dir, dense = dense_run
+    results = train.main(["--dataset", "digits", "--mode", "transform", "--base-ratio", "0.25",
+                          "--teacher", str(dense_dir / "final.keras"), "--epochs", "1",
+                          "--steps-per-epoch", "2", "--run-dir", str(tmp_path), *FAST])
+    check_results(tmp_path, 1, "transform")
+    assert results["params"] < dense["params"] / 2
+    assert "kd_loss" in results["last_epoch_logs"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["prune", "convert"])
+def test_prune_and_convert_from_dense_checkpoint(train, dense_run, tmp_path, mode):
+    dense_dir, dense = dense_run
+    results = train.main(["--dataset", "digits", "--mode", mode, "--init-from",
+                          str(dense_dir / "ckpt" / "last.keras"), "--final-sparsity", "0.75",
+                          "--base-ratio", "0.25", "--epochs", "1", "--steps-per-epoch", "3",
+                          "--no-tflite", "--run-dir", str(tmp_path), *FAST])
+    check_results(tmp_path, 1, mode)
+    assert results["tflite_skipped"] == "--no-tflite"
+    assert results["params"] < dense["params"] / 2
+    import keras
+
+    final = keras.saving.load_model(tmp_path / "final.keras", compile=False)
+    kinds = {type(layer).__name__ for layer in final.layers}
+    assert "TransformConv2D" in kinds and "TransformPruning" not in kinds
+
+
+@pytest.mark.slow
+def test_mirrored_over_two_cpu_devices(tmp_path):
+    proc = run_script(["--dataset", "synthetic", "--synthetic-size", "64", "--epochs", "1",
+                       "--steps-per-epoch", "2", "--strategy", "mirrored", "--cpu-devices", "2",
+                       "--no-tflite", "--run-dir", str(tmp_path), *FAST])
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-3000:]
+    results = check_results(tmp_path, 1, "dense")
+    assert results["replicas"] == 2
+
+
+@pytest.mark.slow
+def test_killed_run_restarts_where_it_stopped(tmp_path):
+    command = ["--dataset", "synthetic", "--synthetic-size", "128", "--mode", "prune",
+               "--epochs", "3", "--steps-per-epoch", "6", "--prune-end", "1.0",
+               "--prune-frequency", "1", "--no-tflite", "--run-dir", str(tmp_path), *FAST]
+    metadata = tmp_path / "backup" / "training_metadata.json"
+    proc = run_script(command)
+    deadline = time.monotonic() + 600
+    while not metadata.is_file() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, f"finished before the kill:\n{out[-3000:]}"
+    assert json.loads(metadata.read_text())["epoch"] < 3
+    assert not (tmp_path / "results.json").exists()
+
+    proc = run_script(command)  # the same command again
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-3000:]
+    assert "resuming after epoch" in out
+    results = check_results(tmp_path, 3, "prune")
+    assert results["resumed_from_epoch"] >= 1
+    assert csv_epochs(tmp_path) == [0, 1, 2]
+    # The pruning schedule ran to the end: the stripped model holds 1/4 of the bases.
+    import keras
+
+    final = keras.saving.load_model(tmp_path / "final.keras", compile=False)
+    convs = [layer for layer in final.layers if type(layer).__name__ == "TransformConv2D"]
+    assert convs and all(layer.base_filters <= layer.filters // 4 + 1 for layer in convs)
