@@ -32,3 +32,13 @@ def write_json(path, payload):
         json.dump(payload, f, indent=2)
         f.write("\n")
     os.replace(tmp, path)
+
+
+def save_figure(fig, path):
+    """Saves a matplotlib figure as PNG atomically, then closes it."""
+    import matplotlib.pyplot as plt
+
+    tmp = path.with_name(path.name + ".tmp")
+    fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)

@@ -479,10 +479,7 @@ def plot(rows, ratios, path):
     axes[0][0].legend(fontsize="small")
     fig.suptitle("TransformConv2D speed against Conv2D (XLA, 3x3, stride 1)")
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    common.save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------

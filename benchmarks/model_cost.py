@@ -628,10 +628,7 @@ def plot(rows, args, path):
         ax.legend(fontsize="small", loc="upper left")
     fig.suptitle("TransformConv2D models against dense (same run; lower is better)")
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    common.save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------
