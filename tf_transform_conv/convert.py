@@ -139,14 +139,20 @@ def skip_reason(layer, transforms):
         return "transposed convolution: not supported"
     if not isinstance(layer, keras.layers.Conv2D):
         return "not a Conv2D"
-    if layer.groups != 1:
-        return f"grouped convolution (groups={layer.groups}): not supported"
-    if tuple(layer.kernel_size) == (1, 1):
+    return shape_skip_reason(layer.kernel_size, layer.groups, transforms)
+
+
+def shape_skip_reason(kernel_size, groups, transforms):
+    """Why a `Conv2D` of this shape cannot be a `TransformConv2D` ("" when it can)."""
+    kernel_size = tuple(kernel_size)
+    if groups != 1:
+        return f"grouped convolution (groups={groups}): not supported"
+    if kernel_size == (1, 1):
         return "1x1 kernel: spatial transforms are meaningless"
     try:
-        transforms_lib.resolve_transforms(transforms, layer.kernel_size)
+        transforms_lib.resolve_transforms(transforms, kernel_size)
     except ValueError as e:
-        return f"kernel {tuple(layer.kernel_size)}: {e}"
+        return f"kernel {kernel_size}: {e}"
     return ""
 
 

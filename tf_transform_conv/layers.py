@@ -624,7 +624,6 @@ class TransformConv2D(keras.layers.Layer):
 
     def _factored(self, x):
         kh, kw = self.kernel_size
-        taps, g = kh * kw, self.depth_groups
         h, w = x.shape[1], x.shape[2]
         if h is None or w is None:
             raise ValueError(

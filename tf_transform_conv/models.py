@@ -56,6 +56,7 @@ import numpy as np
 from keras import ops
 
 from tf_transform_conv import transforms as transforms_lib
+from tf_transform_conv.convert import shape_skip_reason
 from tf_transform_conv.layers import IMPLEMENTATIONS, TransformConv2D
 
 __all__ = [
@@ -182,14 +183,9 @@ class ConvFactory:
         kh, kw = _kernel_pair(kernel_size)
         if not self.transformed:
             return "Conv2D", "dense factory (base_ratio=None)"
-        if (kh, kw) == (1, 1):
-            return "Conv2D", "1x1 kernel: spatial transforms are meaningless"
-        if groups != 1:
-            return "Conv2D", f"grouped convolution (groups={groups}): not supported"
-        try:
-            transforms_lib.resolve_transforms(self.transforms, (kh, kw))
-        except ValueError as error:
-            return "Conv2D", f"kernel {(kh, kw)}: {error}"
+        reason = shape_skip_reason((kh, kw), groups, self.transforms)
+        if reason:
+            return "Conv2D", reason
         return "TransformConv2D", f"{len(self.transforms)} transforms {list(self.transforms)}"
 
     def __call__(
