@@ -70,9 +70,34 @@ def inputs_for(model, n=5, seed=0):
     return np.random.default_rng(seed).normal(size=shape).astype("float32")
 
 
-def assert_factored(result):
+def tensor_shapes(path):
+    """Shapes of every tensor in a `.tflite` file (constants included)."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_path=str(path))
+    return {tuple(int(d) for d in t["shape"]) for t in interpreter.get_tensor_details()}
+
+
+def dense_kernel_shapes(model, skip=()):
+    """The TFLite (out, kh, kw, in) shape of each TransformConv2D's materialised kernel."""
+    return {
+        (layer.filters, *layer.kernel_size, layer.base_kernel.shape[2])
+        for layer in model._flatten_layers(include_self=False, recursive=True)
+        if isinstance(layer, TransformConv2D) and layer.name not in skip
+    }
+
+
+def assert_factored(result, model):
+    """No materialised kernel in the file: it holds the bases (and the grouped form's spreads).
+
+    Layers that `lowering="auto"` wrote dense (a stem: no larger, fewer
+    multiply-adds) are left out.
+    """
     assert result.op_counts, "the interpreter listed no operators"
-    assert "CONV_2D" not in result.op_counts, result.op_counts
+    dense = dense_kernel_shapes(
+        model, skip={name for name, form in result.lowerings.items() if form == "dense"})
+    assert dense, "the model has no TransformConv2D"
+    assert not dense & tensor_shapes(result.path), (dense, result.op_counts)
 
 
 # ----------------------------------------------------------------------------
@@ -93,7 +118,7 @@ def test_float_export_matches_keras_model(kind, tmp_path):
     assert result.quantization is None and result.batch_size == 1
     assert result.params == tc.model_cost(model).params
     assert result.param_bytes == 4 * result.params
-    assert_factored(result)
+    assert_factored(result, model)
     check = export.verify_tflite(result.path, model, inputs_for(model), rtol=RTOL)
     assert check.max_rel_diff <= RTOL, check
     assert check.samples == 5
@@ -102,18 +127,18 @@ def test_float_export_matches_keras_model(kind, tmp_path):
 def test_several_inputs_and_outputs_keep_their_order(tmp_path):
     """Inputs named out of alphabetical order, outputs of different sizes."""
     keras.utils.set_random_seed(0)
-    image = keras.Input((8, 8, 4), name="z_image")
+    image = keras.Input((8, 8, 16), name="z_image")
     vector = keras.Input((3,), name="a_vector")
-    x = TransformConv2D(8, 3, base_filters=2, transforms="rotations",
+    x = TransformConv2D(32, 3, base_filters=8, transforms="rotations",
                         implementation="materialized")(image)
     x = keras.layers.GlobalAveragePooling2D()(x)
     first = keras.layers.Dense(2)(keras.layers.Concatenate()([x, vector]))
     second = keras.layers.Dense(6)(vector)
     model = keras.Model([image, vector], [first, second])
     result = export.export_tflite(model, tmp_path / "m.tflite")
-    assert_factored(result)
+    assert_factored(result, model)
     rng = np.random.default_rng(0)
-    inputs = [rng.normal(size=(3, 8, 8, 4)).astype("float32"),
+    inputs = [rng.normal(size=(3, 8, 8, 16)).astype("float32"),
               rng.normal(size=(3, 3)).astype("float32")]
     export.verify_tflite(result.path, model, inputs, rtol=RTOL)
     outputs = export.run_tflite(result.path, {"z_image": inputs[0], "a_vector": inputs[1]})
@@ -180,15 +205,19 @@ def test_float_size_is_the_bases_plus_fixed_overhead(size_exports):
     model, results = size_exports
     result = results[None]
     assert result.params == 3 * 3 * 64 * 32 + 256 + 3 * 3 * 256 * 32 + 256
-    assert_factored(result)
+    assert_factored(result, model)
     assert result.bytes <= 1.10 * result.param_bytes + export.FIXED_OVERHEAD, result
-    assert result.overhead_bytes <= export.overhead_allowance(result.num_ops), result
+    assert sorted(result.lowerings.values()) == ["grouped", "grouped"], result.lowerings
+    assert result.lowering_values == 2 * (9 * 256 + 9 * 32)
+    assert result.overhead_bytes <= export.overhead_allowance(
+        result.num_ops, result.lowering_values), result
     # FIXED_OVERHEAD is small against the dense kernel (the test means something) ...
     dense_kernel_bytes = 4 * 3 * 3 * (64 + 256) * 256
     assert export.FIXED_OVERHEAD < 0.05 * dense_kernel_bytes
     # ... and exporting the materialised path folds that dense kernel into the file.
     materialized = results["materialized"]
     assert "CONV_2D" in materialized.op_counts
+    assert dense_kernel_shapes(model) <= tensor_shapes(materialized.path)  # the check bites
     assert materialized.bytes >= dense_kernel_bytes
     assert result.bytes < 0.5 * materialized.bytes
     export.verify_tflite(result.path, model, inputs_for(model, n=2), rtol=RTOL)
@@ -200,7 +229,7 @@ def test_quantized_sizes_and_outputs(size_exports, quantization, rtol):
     result = results[quantization]
     assert result.quantization == quantization
     assert result.param_bytes == {"float16": 2, "dynamic": 1, "int8": 1}[quantization] * result.params
-    assert_factored(result)
+    assert_factored(result, model)
     # Per-channel scales and float32/int32 biases add a little to the weights.
     assert result.bytes <= 1.10 * result.param_bytes + export.FIXED_OVERHEAD + 16 * 1024, result
     assert result.bytes < results[None].bytes
@@ -241,7 +270,7 @@ def test_int8_accuracy_within_one_point_of_float(tmp_path):
 
     result = export.export_tflite(model, tmp_path / "digits.tflite", quantization="int8",
                                   representative_data=x_train[:200])
-    assert_factored(result)
+    assert_factored(result, model)
     (logits,) = export.run_tflite(result.path, x_test)
     int8_acc = float(np.mean(np.argmax(logits, -1) == y_test))
     print(f"digits accuracy: float {float_acc:.4f}, int8 {int8_acc:.4f}, {result.bytes} bytes")
@@ -280,6 +309,25 @@ def test_unknown_quantization_and_batch_size(tmp_path):
         export.export_tflite(transform_conv_model(), tmp_path / "m.tflite", quantization="int4")
     with pytest.raises(ValueError, match="Received batch_size=0"):
         export.export_tflite(transform_conv_model(), tmp_path / "m.tflite", batch_size=0)
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+def test_mixed_precision_model_exports_its_float32_twin(policy, tmp_path):
+    """The converter has no 16-bit convolutions: the file computes in float32."""
+    keras.config.set_dtype_policy(policy)
+    try:
+        model = transform_conv_model()
+    finally:
+        keras.config.set_dtype_policy("float32")
+    assert model.get_layer("tc_b").compute_dtype != "float32"
+    twin = export.float32_model(model)
+    assert {layer.compute_dtype for layer in twin.layers} == {"float32"}
+    assert export.float32_model(twin) is twin  # nothing left to rewrite
+    result = export.export_tflite(model, tmp_path / "m.tflite")
+    assert_factored(result, model)
+    x = inputs_for(model)
+    export.verify_tflite(result.path, twin, x, rtol=RTOL)  # exactly the float32 twin
+    export.verify_tflite(result.path, model, x, rtol=5e-2)  # and the 16-bit model, to its precision
 
 
 def test_unknown_spatial_size_is_an_error(tmp_path):
@@ -361,6 +409,11 @@ def test_export_command_prints_size_and_verifies(tmp_path, capsys):
     assert "file size" in printed and "parameter bytes" in printed
     assert f"{4 * model.count_params():,} bytes" in printed
     assert "verify (8 random inputs)" in printed and ": ok" in printed
+    # tc_a (4 input channels) is cheaper dense; see export.lowering_choice.
+    assert "TransformConv2D  1 dense, 2 grouped" in printed
+    assert cli.main(["export", str(tmp_path / "m.keras"), str(out), "--lowering", "slices"]) == 0
+    printed = capsys.readouterr().out
+    assert "TransformConv2D  3 slices" in printed and ": ok" in printed
 
 
 def test_export_command_int8_with_representative_npy(tmp_path, capsys):

@@ -4,19 +4,22 @@
     tfconv analyze MODEL.keras [--out-dir DIR] [--sparsities 0.25 0.5 0.75]
     tfconv export MODEL.keras OUT.tflite [--quantization dynamic|float16|int8]
                   [--representative SAMPLES.npy] [--batch-size 1]
+                  [--lowering auto|grouped|slices]
 
 `cost` prints a model's parameters and multiply-adds per layer (see
 `tf_transform_conv.cost`); `analyze` reports, per Conv2D layer, how well
 its filters are reconstructed by each transform at a few sparsities, against
 random filters of the same shape, and writes `analysis.json` and
 `analysis.png` (see `tf_transform_conv.analyze`); `export` writes a `.tflite`
-file whose `TransformConv2D`s run factored (only the bases are stored), prints
+file whose `TransformConv2D`s are written in a compact form (only the bases
+are stored; see `export.lowering_choice`), prints
 its size against the parameter bytes and, for float32 and float16 files,
 checks it against the Keras model on random inputs (see
 `tf_transform_conv.export`).
 """
 
 import argparse
+import collections
 import json
 import os
 import sys
@@ -78,6 +81,7 @@ def _export(args):
         result = export.export_tflite(
             model, args.output, quantization=quantization,
             representative_data=representative, batch_size=args.batch_size,
+            lowering=args.lowering,
         )
     except ValueError as e:
         raise SystemExit(f"tfconv export: {e}") from None
@@ -92,6 +96,9 @@ def _export(args):
         f"  file / params    {result.bytes / max(result.param_bytes, 1):>12.3f}   "
         f"(overhead {result.overhead_bytes:,} bytes, {result.num_ops} operators)"
     )
+    if result.lowerings:
+        forms = collections.Counter(result.lowerings.values())
+        print("  TransformConv2D  " + ", ".join(f"{n} {form}" for form, n in sorted(forms.items())))
     tolerance = {None: 1e-4, "float16": 1e-2}.get(quantization)
     if tolerance is None:
         print("  quantized file: check its accuracy on real data")
@@ -157,6 +164,11 @@ def build_parser():
         help="a .npy file of sample inputs (num_samples, *input_shape), for int8",
     )
     export.add_argument("--batch-size", type=int, default=1, help="the file's batch (1)")
+    export.add_argument(
+        "--lowering", choices=["auto", "grouped", "slices"], default="auto",
+        help="how TransformConv2D layers are written: grouped convolutions or "
+        "slices and additions (auto: grouped where it applies)",
+    )
     export.add_argument(
         "--verify-samples", type=int, default=8,
         help="random inputs for the float check (8)",

@@ -4,16 +4,26 @@ A `TransformConv2D` that runs its *materialised* path gathers the full kernel
 from the bases and then convolves; the TFLite converter constant-folds that
 gather, so the `.tflite` file would hold the full dense kernel and be as large
 as the `Conv2D` model's. Before converting, `export_tflite` therefore rebuilds
-the model (same weights, same configuration) with every `TransformConv2D` on
-its *factored* path: a 1x1 product with the base kernel, then slices and
-additions. The file then stores only the bases.
+the model (same weights) with every `TransformConv2D` in a compact form
+(`deployment_model`, `lowering_choice`):
+
+- `"grouped"` (the default where it applies): a 1x1 product convolution with
+  the bases, then a grouped convolution that spreads each base's products to
+  the filters built from it (`tf_transform_conv.lowering`). Two CONV_2D
+  operators that the XNNPACK delegate runs; the spread kernel is stored
+  sparse.
+- `"slices"`: the Keras factored path, a product then shifted slices and
+  additions (about 100 operators per 3x3 layer).
+
+Either way the file stores only the bases.
 
 - `export_tflite(model, path, quantization=None, ...)`: float32, dynamic-range,
   float16 or full-integer (int8) `.tflite` file; returns an `ExportResult`.
 - `verify_tflite(path, model, inputs, rtol=1e-4)`: runs the file with the
   LiteRT interpreter and compares it with `model(inputs)`.
 - `export_saved_model(model, path)`: the same rewrite, then `model.export`.
-- `factored_model(model)`: the rewrite itself.
+- `deployment_model(model, lowering)`: the rewrite itself;
+  `factored_model(model)` the Keras factored rewrite (for SavedModel).
 
 Conversion goes through a SavedModel (`model.export` with a static input
 signature, then `tf.lite.TFLiteConverter.from_saved_model`). With Keras 3.15
@@ -33,19 +43,28 @@ import numpy as np
 
 from tf_transform_conv.convert import _is_graph_model
 from tf_transform_conv.convert import rewrite_model
+from tf_transform_conv import lowering as lowering_lib
 from tf_transform_conv.layers import TransformConv2D
 
 __all__ = [
     "ExportResult",
     "FIXED_OVERHEAD",
+    "AUTO_DENSE_MAX_GROWTH",
+    "AUTO_MIN_GROUPED_SLOTS",
+    "AUTO_SLICES_MIN_CHANNELS",
     "FILE_OVERHEAD_BYTES",
+    "LOWERINGS",
+    "LOWERING_VALUE_BYTES",
     "OP_OVERHEAD_BYTES",
     "QUANTIZATIONS",
     "TFLiteMismatchError",
     "VerifyResult",
     "export_saved_model",
     "export_tflite",
+    "deployment_model",
     "factored_model",
+    "float32_model",
+    "lowering_choice",
     "overhead_allowance",
     "run_tflite",
     "tflite_op_counts",
@@ -58,8 +77,10 @@ QUANTIZATIONS = (None, "dynamic", "float16", "int8")
 _BYTES_PER_PARAM = {None: 4, "float16": 2, "dynamic": 1, "int8": 1}
 
 # What a `.tflite` file holds besides the weights: the flatbuffer's tables,
-# the operators, every tensor's shape, type and name, and the small constant
-# index tensors of slices, pads and reshapes. Measured with TF 2.21 by
+# the operators, every tensor's shape, type and name, the small constant
+# index tensors of slices, pads and reshapes, and the constants a lowering
+# adds (the grouped form's spread values with their sparse indices, and the
+# zero biases the converter gives its convolutions). Measured with TF 2.21 by
 # exporting the models named here as float32 (overhead = file bytes minus
 # 4 bytes per parameter; operators counted with `tflite_op_counts`):
 #
@@ -67,42 +88,58 @@ _BYTES_PER_PARAM = {None: 4, "float16": 2, "dynamic": 1, "int8": 1}
 #   (`Input((4,)) -> Dense(1)`, `Input((1, 1, 1)) -> Dense(1)`) exports to
 #   952-988 bytes; rounded up to 1 KiB.
 # - OP_OVERHEAD_BYTES: chains of 1, 2 and 4 factored 3x3 `TransformConv2D`s
-#   on a 16x16x1 input with one base each (13-257 parameters) have an
-#   overhead of 17,836 / 30,968 / 58,128 bytes for 77 / 154 / 308 operators
-#   under "rotations", and 23,168 / 41,208 / 78,792 bytes for 109 / 218 / 436
-#   operators under "d4": 170-175 bytes per operator, rounded up to 192. A
-#   factored 3x3 "d4" layer with the default assignment is 109 operators
-#   (42 strided slices, 64 adds, a pad, the product, a concatenation),
-#   whatever its channel counts.
+#   written as slices on a 16x16x1 input with one base each (13-257
+#   parameters) have an overhead of 17,836 / 30,968 / 58,128 bytes for
+#   77 / 154 / 308 operators under "rotations", and 23,168 / 41,208 /
+#   78,792 bytes for 109 / 218 / 436 operators under "d4": 170-175 bytes
+#   per operator, rounded up to 192.
+# - LOWERING_VALUE_BYTES: per constant value a lowering adds
+#   (`ExportResult.lowering_values`): 4 bytes for the value and, for the
+#   spread kernels, their sparse index. The size test's model (below) in
+#   the grouped form: 19,844 bytes of overhead for 11 operators and 5,184
+#   lowering values (4,608 spread nonzeros, 576 product-bias zeros), i.e.
+#   3.4 bytes per value once the operators are paid; rounded up to 8.
 # - FIXED_OVERHEAD: the graph of the size test (`tests/test_export.py`: a
 #   16x16 input, then two factored 3x3
-#   `TransformConv2D(256, base_filters=32, transforms="d4")`, 218 operators)
-#   built on one input channel with one base per layer (97 parameters)
-#   exports to 41,596 bytes, 41,208 of them overhead; rounded up to 48 KiB.
-#   It covers graphs up to about 250 operators; for larger ones use
-#   `overhead_allowance(num_ops)`. Against the 2.95 MB of that model's
-#   dense kernel it is 1.7%, so a file holding the materialised kernel
-#   cannot pass `bytes <= 1.10 * param_bytes + FIXED_OVERHEAD`. (The real
-#   size-test export: 409,220 bytes for 370,688 parameter bytes.)
-#   Quantized files spend more per tensor (scales and zero points): about
-#   40 KB (float16), 47 KB (dynamic) and 55 KB (int8) for the same graph.
+#   `TransformConv2D(256, base_filters=32, transforms="d4")`) written as
+#   slices (218 operators) on one input channel with one base per layer
+#   (97 parameters) exports to 41,596 bytes, 41,208 of them overhead;
+#   rounded up to 48 KiB. It covers graphs up to about 250 slice operators
+#   or a few thousand grouped-form values; for larger ones use
+#   `overhead_allowance(num_ops, lowering_values)`. Against the 2.95 MB of
+#   that model's dense kernel it is 1.7%, so a file holding the materialised
+#   kernel cannot pass `bytes <= 1.10 * param_bytes + FIXED_OVERHEAD`. (The
+#   real size-test export: 390,532 bytes for 370,688 parameter bytes in the
+#   grouped form, 409,220 as slices.) Quantized files spend more per tensor
+#   (scales and zero points): about 40 KB (float16), 47 KB (dynamic) and
+#   55 KB (int8) for the same graph as slices.
 FILE_OVERHEAD_BYTES = 1024
 OP_OVERHEAD_BYTES = 192
+LOWERING_VALUE_BYTES = 8
 FIXED_OVERHEAD = 48 * 1024
 
 
-def overhead_allowance(num_ops):
-    """Bytes a `.tflite` file may spend besides its weights, for `num_ops` operators.
+def overhead_allowance(num_ops, lowering_values=0):
+    """Bytes a `.tflite` file may spend besides its weights.
 
-    `FILE_OVERHEAD_BYTES + OP_OVERHEAD_BYTES * num_ops`; see the comment on
-    these constants in the module for how they were measured.
+    `FILE_OVERHEAD_BYTES + OP_OVERHEAD_BYTES * num_ops +
+    LOWERING_VALUE_BYTES * lowering_values`, for a file of `num_ops`
+    operators whose lowering adds `lowering_values` constants
+    (`ExportResult.lowering_values`); see the comment on these constants
+    in the module for how they were measured.
 
     Example:
 
     >>> overhead_allowance(218)
     42880
+    >>> overhead_allowance(11, lowering_values=5184)
+    44608
     """
-    return FILE_OVERHEAD_BYTES + OP_OVERHEAD_BYTES * int(num_ops)
+    return (
+        FILE_OVERHEAD_BYTES
+        + OP_OVERHEAD_BYTES * int(num_ops)
+        + LOWERING_VALUE_BYTES * int(lowering_values)
+    )
 
 
 class TFLiteMismatchError(ValueError, AssertionError):
@@ -129,6 +166,12 @@ class ExportResult:
         batch_size: int, the static batch dimension of the file's inputs.
         op_counts: dict, operator name -> count in the file (empty when
             the interpreter could not list them).
+        lowerings: dict, `TransformConv2D` name -> `"grouped"` or
+            `"slices"`: how each was written (see `lowering_choice`).
+        lowering_values: int, constants the lowering adds besides the
+            parameters (the grouped form's spread nonzeros and its
+            product convolution's zero bias), counted before the
+            converter deduplicates identical ones.
     """
 
     path: str
@@ -138,6 +181,8 @@ class ExportResult:
     param_bytes: int
     batch_size: int
     op_counts: dict = dataclasses.field(default_factory=dict)
+    lowerings: dict = dataclasses.field(default_factory=dict)
+    lowering_values: int = 0
 
     @property
     def num_ops(self):
@@ -296,6 +341,222 @@ def factored_model(model):
     return rewrite_model(model, replace)
 
 
+LOWERINGS = ("auto", "grouped", "slices")
+# The `lowering="auto"` rule; see `lowering_choice`.
+AUTO_MIN_GROUPED_SLOTS = 4
+AUTO_SLICES_MIN_CHANNELS = 32
+AUTO_DENSE_MAX_GROWTH = 1.5
+
+
+def lowering_choice(layer, lowering="auto"):
+    """`(form, reason)`: how `export_tflite` writes a built `TransformConv2D`.
+
+    `form` is `"grouped"` (two convolutions; see `tf_transform_conv.lowering`)
+    or `"slices"` (the Keras factored path: a product, then shifted slices
+    and additions), which store only the bases, or, from `"auto"` only,
+    `"dense"` (the materialised kernel). `lowering="auto"` picks the form
+    measured faster in the LiteRT interpreter
+    (`benchmarks/tflite_lowering.py`, XNNPACK, batch 1; see the README):
+
+    - dense when the dense convolution does no more multiply-adds than the
+      grouped form and its kernel is at most `AUTO_DENSE_MAX_GROWTH` (1.5)
+      times the grouped form's constants in bytes: few input channels, as
+      in a stem (3 channels: the grouped form was 2.2x the dense
+      MobileNetV2 at ratio 1/2, all of it the stem), where the spread
+      convolution alone costs `kh*kw / c_in` of the dense layer;
+
+    - grouped when each base builds at least `AUTO_MIN_GROUPED_SLOTS` (4)
+      filters: its spread convolution then writes groups wide enough for
+      XNNPACK's kernels (at ratio 1/4 grouped was 0.3-1.0x the slices'
+      latency with 1 thread, and smaller);
+    - with fewer (ratio 1/2: 2 per base), grouped only below
+      `AUTO_SLICES_MIN_CHANNELS` (32) input channels per depth group; from
+      32 channels up, 2-wide groups made it 1.0-1.6x the slices' latency;
+    - never when the assignment gives one base more than
+      `lowering.MAX_GROUPED_PADDING` times the filters of the average (every
+      base's group is padded to the largest), or the layer's shape rules
+      it out (`lowering.grouped_skip_reason`).
+
+    Args:
+        layer: a built `TransformConv2D`.
+        lowering: `"auto"`, `"grouped"` or `"slices"`; the last two are
+            taken as asked (`"grouped"` raises for a layer that cannot take
+            it).
+    """
+    if lowering not in LOWERINGS:
+        raise ValueError(
+            "Invalid value for argument `lowering`. Expected one of "
+            f"{list(LOWERINGS)}. Received lowering={lowering!r}."
+        )
+    if lowering == "slices":
+        return "slices", "requested"
+    reason = lowering_lib.grouped_skip_reason(layer)
+    if reason is not None:
+        if lowering == "grouped":
+            raise ValueError(
+                f"Layer {layer.name!r} cannot be written in the grouped form: {reason}. "
+                "Use lowering='auto' (which falls back to 'slices') or 'slices'."
+            )
+        return "slices", reason
+    if lowering == "grouped":
+        return "grouped", "requested"
+    plan = lowering_lib.grouped_plan(layer)
+    dense = _dense_instead(layer, plan)
+    if dense is not None:
+        return "dense", dense
+    padding = plan.spread_outputs() / (layer.filters * layer.depth_groups)
+    if padding > lowering_lib.MAX_GROUPED_PADDING:
+        return "slices", (
+            f"the assignment's largest base group pads the spread convolution to "
+            f"{padding:.1f}x the filters (limit {lowering_lib.MAX_GROUPED_PADDING:g}x)"
+        )
+    channels = layer.base_kernel.shape[2] // layer.depth_groups
+    if plan.slots < AUTO_MIN_GROUPED_SLOTS and channels >= AUTO_SLICES_MIN_CHANNELS:
+        return "slices", (
+            f"{plan.slots} filters per base (< {AUTO_MIN_GROUPED_SLOTS}) with {channels} "
+            f"input channels per group (>= {AUTO_SLICES_MIN_CHANNELS}): slices measured faster"
+        )
+    return "grouped", f"{plan.slots} filters per base, {channels} input channels per group"
+
+
+def _dense_instead(layer, plan):
+    """Why `"auto"` writes `layer` with its materialised kernel, or None.
+
+    When the dense convolution does no more multiply-adds than the grouped
+    form, and its kernel takes at most `AUTO_DENSE_MAX_GROWTH` times the
+    bytes of the grouped form's constants: a layer with few input channels
+    (a stem), where the grouped form is both slower and hardly smaller.
+    """
+    kh, kw = layer.kernel_size
+    sh, sw = layer.strides
+    taps, channels = kh * kw, layer.base_kernel.shape[2]
+    # Per output pixel; the products are computed at every input pixel, and
+    # each spread output reads `taps` product channels at `kh * kw` taps.
+    dense_macs = taps * channels * layer.filters
+    grouped_macs = (
+        taps * channels * layer.base_filters * sh * sw + taps * taps * plan.spread_outputs()
+    )
+    dense_bytes = 4 * taps * channels * layer.filters
+    grouped_bytes = (
+        4 * taps * channels * layer.base_filters + LOWERING_VALUE_BYTES * plan.stored_values()
+    )
+    if dense_macs <= grouped_macs and dense_bytes <= AUTO_DENSE_MAX_GROWTH * grouped_bytes:
+        return (
+            f"the dense kernel needs {dense_macs / grouped_macs:.2f}x the grouped form's "
+            f"multiply-adds and {dense_bytes / grouped_bytes:.2f}x its bytes "
+            f"(limit {AUTO_DENSE_MAX_GROWTH:g}x)"
+        )
+    return None
+
+
+def deployment_model(model, lowering="auto"):
+    """The model as `export_tflite` converts it: every `TransformConv2D` in a compact form.
+
+    Each `TransformConv2D` is replaced by its grouped form
+    (`lowering.GroupedTransformConv2D`) or its factored Keras path, as
+    `lowering_choice(layer, lowering)` says; other layers keep their weights.
+    Both forms store only the bases. The result is for conversion (it runs
+    TensorFlow ops; its grouped convolutions need XLA outside a `.tflite`
+    file), not for training or `.keras` files.
+
+    Args:
+        model: a built Sequential or Functional model, stripped of
+            `TransformPruning` wrappers, with fully known input dimensions
+            apart from the batch.
+        lowering: `"auto"` (default), `"grouped"` or `"slices"`.
+
+    Raises:
+        ValueError: as `factored_model`, for an unknown `lowering`, or for
+            `lowering="grouped"` with a layer that cannot take it.
+    """
+    if lowering not in LOWERINGS:
+        lowering_choice(None, lowering)  # raises the error
+    if lowering == "slices":
+        return factored_model(model)
+    _check_no_wrappers(model, "deployment_model")
+    _check_static_inputs(model, "deployment_model")
+    layers = [
+        layer
+        for layer in model._flatten_layers(include_self=False, recursive=True)
+        if isinstance(layer, TransformConv2D)
+    ]
+    if not layers:
+        return model
+    if not _is_graph_model(model):
+        return factored_model(model)  # raises the subclassed-model error if needed
+
+    def replace(layer):
+        if not isinstance(layer, TransformConv2D):
+            return None
+        form, _ = lowering_choice(layer, lowering)
+        if form == "grouped":
+            return lowering_lib.GroupedTransformConv2D.from_layer(layer), None
+        config = layer.get_config()
+        config["implementation"] = "materialized" if form == "dense" else "factored"
+        return TransformConv2D.from_config(config), layer.get_weights()
+
+    return rewrite_model(model, replace)
+
+
+def float32_model(model):
+    """The model with every layer computing in float32, weights unchanged.
+
+    A mixed-precision model (`"mixed_float16"`, `"mixed_bfloat16"`) keeps
+    float32 variables but computes in 16 bits; the TFLite converter has no
+    builtin float16/bfloat16 convolutions and fails on it. `export_tflite`
+    converts this float32 twin instead (use `quantization="float16"` for a
+    file with 16-bit weights). A model already in float32 is returned as is.
+    """
+    if all(
+        layer.compute_dtype == "float32"
+        for layer in model._flatten_layers(include_self=False, recursive=True)
+        if layer.weights or not isinstance(layer, keras.layers.InputLayer)
+    ):
+        return model
+    if not _is_graph_model(model):
+        raise ValueError(
+            f"{type(model).__name__} is a subclassed mixed-precision model, whose "
+            "layers cannot be rebuilt in float32 for export. Build it under "
+            "keras.config.set_dtype_policy('float32'), copy the weights, and export that."
+        )
+
+    def replace(layer):
+        if isinstance(layer, keras.layers.InputLayer) or isinstance(layer, keras.Model):
+            return None
+        config = layer.get_config()
+        if "dtype" not in config:
+            return None
+        config["dtype"] = "float32"
+        return layer.__class__.from_config(config), layer.get_weights()
+
+    return rewrite_model(model, replace)
+
+
+def _lowerings(deployed):
+    forms = {}
+    for layer in deployed._flatten_layers(include_self=False, recursive=True):
+        if isinstance(layer, lowering_lib.GroupedTransformConv2D):
+            forms[layer.name] = "grouped"
+        elif isinstance(layer, TransformConv2D):
+            forms[layer.name] = "slices" if layer.implementation_used == "factored" else "dense"
+    return forms
+
+
+def _lowering_values(deployed):
+    return sum(
+        layer.plan.stored_values()
+        for layer in deployed._flatten_layers(include_self=False, recursive=True)
+        if isinstance(layer, lowering_lib.GroupedTransformConv2D)
+    )
+
+
+def _has_grouped(model):
+    return any(
+        isinstance(layer, lowering_lib.GroupedTransformConv2D)
+        for layer in model._flatten_layers(include_self=False, recursive=True)
+    )
+
+
 # ----------------------------------------------------------------------------
 # TFLite
 
@@ -396,6 +657,7 @@ def export_tflite(
     representative_data=None,
     batch_size=1,
     factored=True,
+    lowering="auto",
 ):
     """Writes `model` as a `.tflite` file that stores only the base filters.
 
@@ -423,16 +685,20 @@ def export_tflite(
             callable.
         batch_size: int, the static batch dimension of the file. Defaults
             to 1.
-        factored: bool, whether to rewrite `TransformConv2D`s to the factored
-            path (default). False converts the model as it is, for
-            comparisons.
+        factored: bool, whether to rewrite `TransformConv2D`s to a compact
+            form (default). False converts the model as it is, for
+            comparisons (a materialised layer then stores its dense kernel).
+        lowering: `"auto"` (default), `"grouped"` or `"slices"`: how each
+            `TransformConv2D` is written (see `lowering_choice`). `"auto"`
+            writes the grouped form unless a layer's shape or assignment
+            rules it out.
 
     Returns:
         An `ExportResult` (path, bytes, quantization, params, param_bytes,
-        batch_size, op_counts).
+        batch_size, op_counts, lowerings, lowering_values).
 
     Raises:
-        ValueError: for an unknown `quantization`, `"int8"` without
+        ValueError: for an unknown `quantization` or `lowering`, `"int8"` without
             `representative_data` (or `representative_data` with another
             quantization), a `batch_size` that is not a positive int, a
             `path` that cannot be written, a model holding `TransformPruning`
@@ -444,15 +710,17 @@ def export_tflite(
     >>> import keras, numpy as np
     >>> from tf_transform_conv import TransformConv2D
     >>> model = keras.Sequential([
-    ...     keras.Input((8, 8, 4)),
-    ...     TransformConv2D(8, 3, base_filters=2, transforms="rotations")])
+    ...     keras.Input((8, 8, 16)),
+    ...     TransformConv2D(32, 3, base_filters=8, transforms="rotations", name="tc")])
     >>> path = os.path.join(tempfile.mkdtemp(), "m.tflite")
     >>> result = export_tflite(model, path)
-    >>> result.params, result.param_bytes  # 3*3*4*2 + 8 bias, 4 bytes each
-    (80, 320)
-    >>> "CONV_2D" in result.op_counts  # factored: no convolution in the file
-    False
-    >>> x = np.random.default_rng(0).normal(size=(3, 8, 8, 4)).astype("float32")
+    >>> result.params, result.param_bytes  # 3*3*16*8 + 32 bias, 4 bytes each
+    (1184, 4736)
+    >>> result.lowerings  # a 1x1 product, then a grouped spread convolution
+    {'tc': 'grouped'}
+    >>> result.op_counts["CONV_2D"], result.op_counts["DENSIFY"]
+    (2, 1)
+    >>> x = np.random.default_rng(0).normal(size=(3, 8, 8, 16)).astype("float32")
     >>> verify_tflite(path, model, x).max_rel_diff < 1e-4
     True
     """
@@ -486,7 +754,8 @@ def export_tflite(
     _check_no_wrappers(model, verb)
     _check_static_inputs(model, verb)
     params = _count_params(model)
-    deployed = factored_model(model) if factored else model
+    deployed = float32_model(model)
+    deployed = deployment_model(deployed, lowering) if factored else deployed
     dataset = (
         _representative_dataset(model, representative_data, batch_size)
         if quantization == "int8"
@@ -499,8 +768,16 @@ def export_tflite(
             saved, input_signature=_input_signature(deployed, batch_size), verbose=False
         )
         converter = tf.lite.TFLiteConverter.from_saved_model(saved)
+        optimizations = []
         if quantization is not None:
-            converter.optimizations = [tf.lite.Optimize.DEFAULT]
+            optimizations.append(tf.lite.Optimize.DEFAULT)
+        if quantization != "dynamic" and _has_grouped(deployed):
+            # The grouped form's spread kernels are 1 - 1/(kh*kw) zeros:
+            # stored sparse, densified once when the interpreter is prepared.
+            # (Not with dynamic-range weights: XNNPACK then fails to prepare
+            # the densified hybrid convolution, TF 2.21.)
+            optimizations.append(tf.lite.Optimize.EXPERIMENTAL_SPARSITY)
+        converter.optimizations = optimizations
         if quantization == "float16":
             converter.target_spec.supported_types = [tf.float16]
         elif quantization == "int8":
@@ -518,6 +795,8 @@ def export_tflite(
         param_bytes=params * _BYTES_PER_PARAM[quantization],
         batch_size=batch_size,
         op_counts=tflite_op_counts(flatbuffer),
+        lowerings=_lowerings(deployed) if factored else {},
+        lowering_values=_lowering_values(deployed),
     )
 
 

@@ -1,0 +1,219 @@
+"""The grouped TFLite form of TransformConv2D: its plan against numpy, its files against Keras."""
+
+import keras
+import numpy as np
+import pytest
+
+from tf_transform_conv import TransformConv2D
+from tf_transform_conv import export
+from tf_transform_conv import lowering
+from tf_transform_conv import transforms as transforms_lib
+
+RTOL = 1e-5
+
+
+def tensor_shapes(path):
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_path=str(path))
+    return {tuple(int(d) for d in t["shape"]) for t in interpreter.get_tensor_details()}
+
+CASES = {
+    "rotations_same": dict(filters=16, kernel_size=3, base_filters=4, transforms="rotations",
+                           padding="same", activation="relu"),
+    "d4_stride2_valid_scale": dict(filters=16, kernel_size=3, base_filters=2, transforms="d4",
+                                   strides=2, padding="valid", scale=True),
+    "flips_3x5_dilated": dict(filters=8, kernel_size=(3, 5), base_filters=2, transforms="flips",
+                              padding="same", dilation_rate=2, use_bias=False),
+    "depth_groups_2": dict(filters=16, kernel_size=3, base_filters=4, transforms="rotations",
+                           padding="same", depth_groups=2, scale=True),
+    "shifts_random_assignment": dict(
+        filters=10, kernel_size=3, base_filters=3, transforms="shifts", padding="same",
+        activation="relu",
+        assignment=np.random.default_rng(3).integers(0, 3, size=(1, 10, 2)).tolist()),
+    "softmax_after_gather": dict(
+        filters=6, kernel_size=3, base_filters=2, transforms="rotations", padding="same",
+        activation="softmax", assignment=[[[0, 0], [0, 1], [0, 2], [0, 3], [1, 0], [0, 2]]]),
+    "channels_first": dict(filters=8, kernel_size=3, base_filters=2, transforms="rotations",
+                           padding="same", data_format="channels_first"),
+}
+
+
+def layer_model(config, seed=0):
+    rng = np.random.default_rng(seed)
+    shape = (8, 11, 11) if config.get("data_format") == "channels_first" else (11, 11, 8)
+    inputs = keras.Input(shape)
+    outputs = TransformConv2D(**config, name="tc")(inputs)
+    model = keras.Model(inputs, outputs)
+    for weight in model.weights:  # random scales and biases, not ones and zeros
+        weight.assign(rng.normal(size=weight.shape).astype("float32"))
+    return model
+
+
+def kernel_from_plan(plan, layer):
+    """The dense kernel the grouped form computes, composed in numpy."""
+    kh, kw = layer.kernel_size
+    taps, g = kh * kw, layer.depth_groups
+    product = plan.product_kernel[0, 0]  # (cg, g * n * taps)
+    cg = product.shape[0]
+    n = product.shape[1] // (g * taps)
+    spread = plan.spread_kernel  # (kh, kw, taps, g * n * M)
+    m = plan.slots
+    kernel = np.zeros((kh, kw, cg * g, layer.filters))
+    for k in range(g):
+        for o in range(layer.filters):
+            out = plan.output_index[k, o]
+            block = (out // m) * taps  # the group's first product channel
+            assert block // (n * taps) == k  # the group of the output's depth group
+            for s in range(taps):
+                kernel[:, :, k * cg:(k + 1) * cg, o] += (
+                    spread[:, :, s, out][:, :, None] * product[:, block + s][None, None, :]
+                )
+    return kernel
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_plan_composes_to_the_materialized_kernel(case):
+    layer = layer_model(CASES[case]).get_layer("tc")
+    plan = lowering.grouped_plan(layer)
+    expected = keras.ops.convert_to_numpy(layer.materialized_kernel())
+    np.testing.assert_allclose(kernel_from_plan(plan, layer), expected, rtol=1e-6, atol=1e-6)
+    # The spread kernel has at most one nonzero per (output, tap): kh*kw of (kh*kw)**2.
+    taps = np.prod(layer.kernel_size)
+    nonzeros = (plan.spread_kernel != 0).reshape(-1, plan.spread_outputs()).sum(axis=0)
+    assert nonzeros.max() <= taps
+
+
+def test_default_assignment_is_restored_by_a_transpose():
+    layer = layer_model(CASES["rotations_same"]).get_layer("tc")
+    plan = lowering.grouped_plan(layer)
+    assert plan.transpose == (4, 4) and not plan.identity
+    one_base = layer_model(dict(filters=4, kernel_size=3, base_filters=1,
+                                transforms="rotations", padding="same")).get_layer("tc")
+    assert lowering.grouped_plan(one_base).identity
+
+
+@pytest.fixture(scope="module")
+def grouped_exports(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("grouped")
+    results = {}
+    for case, config in CASES.items():
+        model = layer_model(config)
+        results[case] = model, export.export_tflite(model, folder / f"{case}.tflite",
+                                                    lowering="grouped")
+    return results
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_grouped_file_matches_keras(grouped_exports, case):
+    model, result = grouped_exports[case]
+    layer = model.get_layer("tc")
+    assert result.op_counts["CONV_2D"] == 2 and result.op_counts["DENSIFY"] == 1, result.op_counts
+    assert "STRIDED_SLICE" not in result.op_counts
+    if layer.get_config()["activation"] == "relu":  # applied before reordering: fused
+        assert "RELU" not in result.op_counts, result.op_counts
+    x = np.random.default_rng(1).normal(size=(3,) + tuple(model.inputs[0].shape[1:]))
+    check = export.verify_tflite(result.path, model, x.astype("float32"), rtol=RTOL)
+    assert check.max_rel_diff <= RTOL
+    # The file holds the bases and the sparse spread kernel, not the dense kernel.
+    dense = (layer.filters, *layer.kernel_size, layer.base_kernel.shape[2])
+    assert dense not in tensor_shapes(result.path)
+
+
+def test_grouped_is_smaller_and_has_fewer_operators_than_slices(tmp_path):
+    config = dict(filters=64, kernel_size=3, base_filters=16, transforms="rotations",
+                  padding="same")
+    model = layer_model(config)
+    grouped = export.export_tflite(model, tmp_path / "g.tflite", lowering="grouped")
+    slices = export.export_tflite(model, tmp_path / "s.tflite", lowering="slices")
+    auto = export.export_tflite(model, tmp_path / "a.tflite")
+    assert auto.op_counts == grouped.op_counts
+    assert grouped.num_ops <= 6 < 40 < slices.num_ops
+    assert grouped.bytes < slices.bytes
+    taps, n, cin, f = 9, 16, 8, 64
+    # Bases and bias, plus one stored value per (output, tap) and its index.
+    assert grouped.bytes <= 4 * (taps * cin * n + f) + 4 * taps * f + 2 * taps * f + 4096
+
+
+def test_auto_falls_back_to_slices_for_a_lopsided_assignment(tmp_path):
+    assignment = np.zeros((1, 12, 2), np.int64)
+    assignment[0, :, 1] = np.arange(12) % 4
+    assignment[0, 10:, 0] = [1, 2]  # base 0 builds 10 filters, bases 1 and 2 one each
+    model = layer_model(dict(filters=12, kernel_size=3, base_filters=3, transforms="rotations",
+                             padding="same", assignment=assignment.tolist()))
+    layer = model.get_layer("tc")
+    form, reason = export.lowering_choice(layer)
+    assert form == "slices" and "2.5x the filters" in reason, reason
+    result = export.export_tflite(model, tmp_path / "m.tflite")
+    assert "STRIDED_SLICE" in result.op_counts and "DENSIFY" not in result.op_counts
+    x = np.random.default_rng(1).normal(size=(2, 11, 11, 8)).astype("float32")
+    export.verify_tflite(result.path, model, x, rtol=RTOL)
+    # Asked for, the padded grouped form is still exact: 30 spread outputs for 12 filters.
+    assert lowering.grouped_plan(layer).spread_outputs() == 30
+    grouped = export.export_tflite(model, tmp_path / "g.tflite", lowering="grouped")
+    assert grouped.op_counts["DENSIFY"] == 1
+    export.verify_tflite(grouped.path, model, x, rtol=RTOL)
+
+
+@pytest.mark.parametrize("channels, expected", [(16, "dense"), (32, "slices")])
+def test_auto_at_two_filters_per_base(channels, expected):
+    """Measured: 2-wide spread groups lose to slices from 32 input channels; at 16
+    the dense layer does fewer multiply-adds (2,304 per pixel against 1,152 + 1,296)
+    in a kernel 1.45x the grouped form's bytes."""
+    inputs = keras.Input((8, 8, channels))
+    layer = TransformConv2D(channels, 3, base_ratio=0.5, transforms=["identity", "rot180"],
+                            padding="same")
+    layer(inputs)
+    form, reason = export.lowering_choice(layer)
+    assert form == expected, reason
+    assert export.lowering_choice(layer, "grouped")[0] == "grouped"
+    four = TransformConv2D(channels, 3, base_ratio=0.25, transforms="rotations", padding="same")
+    four(inputs)
+    assert export.lowering_choice(four)[0] == "grouped"
+
+
+@pytest.mark.parametrize("ratio, transforms", [(0.5, ["identity", "rot180"]),
+                                               (0.25, "rotations")])
+def test_auto_writes_a_three_channel_stem_dense(ratio, transforms, tmp_path):
+    """Few input channels: the dense kernel is cheaper to run and barely larger."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((16, 16, 3))
+    x = TransformConv2D(32, 3, strides=2, base_ratio=ratio, transforms=transforms,
+                        padding="same", name="stem")(inputs)
+    x = TransformConv2D(64, 3, base_ratio=0.25, transforms="rotations", padding="same",
+                        name="body")(x)
+    model = keras.Model(inputs, x)
+    stem = model.get_layer("stem")
+    form, reason = export.lowering_choice(stem)
+    assert form == "dense" and "multiply-adds" in reason, reason
+    assert export.lowering_choice(model.get_layer("body"))[0] == "grouped"
+    result = export.export_tflite(model, tmp_path / "m.tflite")
+    assert result.lowerings == {"stem": "dense", "body": "grouped"}
+    shapes = tensor_shapes(result.path)
+    assert (32, 3, 3, 3) in shapes  # the stem's materialised kernel
+    assert (64, 3, 3, 32) not in shapes  # not the body's
+    x = np.random.default_rng(1).normal(size=(2, 16, 16, 3)).astype("float32")
+    export.verify_tflite(result.path, model, x, rtol=RTOL)
+    # Asked for, the stem is written grouped all the same.
+    assert export.lowering_choice(stem, "grouped")[0] == "grouped"
+
+
+def test_unknown_lowering_is_an_error(tmp_path):
+    model = layer_model(CASES["rotations_same"])
+    with pytest.raises(ValueError, match=r"Expected one of \['auto', 'grouped', 'slices'\]"):
+        export.export_tflite(model, tmp_path / "m.tflite", lowering="fast")
+
+
+def test_tap_tables_cover_every_transform_in_the_plan():
+    """Each output's spread column holds its transform's tap table, times its scale."""
+    layer = layer_model(CASES["d4_stride2_valid_scale"]).get_layer("tc")
+    plan = lowering.grouped_plan(layer)
+    src = transforms_lib.tap_tables(layer.transforms, layer.kernel_size)
+    scale = layer.scale_weight.numpy()
+    spread = plan.spread_kernel.reshape(9, 9, -1)
+    for o, (b, t) in enumerate(layer.assignment[0]):
+        column = spread[:, :, plan.output_index[0, o]]
+        for u in range(9):
+            expected = np.zeros(9)
+            expected[src[t, u]] = scale[o]
+            np.testing.assert_array_equal(column[u], expected)

@@ -1,0 +1,321 @@
+"""How a `TransformConv2D` is written into a TFLite file: the *grouped* form.
+
+The Keras factored path (`implementation="factored"`) sums `kh * kw` shifted
+slices of the product tensor `P = x @ B` per block of outputs. Lowered to
+TFLite that is one STRIDED_SLICE and one ADD per tap and block: about 100
+operators per layer, and at ~1.5 us of interpreter overhead per operator a
+CIFAR ResNet-56 ran 3.3x slower than its dense twin.
+
+The grouped form computes the same function with two convolutions, which
+the XNNPACK delegate runs as two nodes:
+
+1. the products `P`, a 1x1 convolution with the bases, its output channels
+   laid out `(depth group, base, tap)`;
+2. a grouped `kh x kw` convolution of `P` with one group per
+   `(depth group, base)`: group `(k, b)` reads that base's `kh * kw` product
+   channels and writes one channel per output filter built from base `b`
+   (in depth group `k`), whose kernel holds the filter's scale at tap `u` on
+   the product channel of the base tap that its transform moves to `u`, and
+   zero elsewhere. A one-tap shift's empty taps are zero.
+
+The second convolution's outputs are grouped by base; the layer's filter
+order is restored by a reshape and transpose when it is the default
+assignment's (block `j` holds every base under transform `j`), by a gather
+otherwise, and with `depth_groups > 1` each depth group's outputs are
+gathered and added. Bias and scale ride in the second convolution.
+
+The second kernel has `kh*kw` nonzeros per output filter among
+`(kh*kw)**2`; `export_tflite` converts with TFLite's sparse weight encoding
+so the file stores only those, and a DENSIFY operator rebuilds the kernel
+once when the interpreter is prepared.
+
+Multiply-adds per output pixel: `kh*kw*c_in*base_filters` (products, as the
+factored path) plus `(kh*kw)**2 * M * base_filters * depth_groups` for the
+second convolution, where `M` is the most filters any base builds
+(`filters / base_filters` under the default assignment), against
+`kh*kw*c_in*filters` for `Conv2D`. The second term is `kh*kw / c_in` of the
+dense cost: small for wide layers, not for 16-channel ones.
+
+`GroupedTransformConv2D` is built from a `TransformConv2D` by `from_layer`,
+for export only: it runs TensorFlow ops directly (grouped convolutions in
+TensorFlow need XLA on CPU, so call it under `tf.function(jit_compile=True)`
+to run it outside a `.tflite` file) and is not meant for training.
+"""
+
+import numpy as np
+
+import keras
+
+from tf_transform_conv import transforms as transforms_lib
+
+__all__ = [
+    "GroupedPlan",
+    "GroupedTransformConv2D",
+    "grouped_plan",
+    "grouped_skip_reason",
+    "MAX_GROUPED_PADDING",
+]
+
+#: `export_tflite(lowering="auto")` does not write a layer in the grouped
+#: form when its second convolution would compute more than this many times
+#: the layer's filters: the assignment gives one base many more filters than
+#: the others, and every base's group is padded to that count. (The whole
+#: rule: `export.lowering_choice`.)
+MAX_GROUPED_PADDING = 2.0
+
+
+# Keras activations that act on each value alone (not softmax: it mixes the
+# channels, and the padded slots of the spread convolution would join in).
+_ELEMENTWISE_ACTIVATIONS = frozenset(
+    ["linear", "relu", "relu6", "elu", "selu", "gelu", "silu", "swish", "sigmoid",
+     "hard_sigmoid", "hard_silu", "hard_swish", "tanh", "softplus", "softsign",
+     "leaky_relu", "mish", "exponential"]
+)
+
+
+class GroupedPlan:
+    """The constant tensors of the grouped form of one layer (numpy, float32).
+
+    Attributes:
+        product_kernel: `(1, 1, c_in / depth_groups, depth_groups * n * taps)`,
+            the 1x1 product convolution (grouped when `depth_groups > 1`).
+        spread_kernel: `(kh, kw, taps, depth_groups * n * M)`, the grouped
+            second convolution; `M = slots`.
+        spread_bias: `(depth_groups * n * M,)` or None: the bias at each
+            filter's slot when it can ride in the convolution (one depth
+            group), else None (added after).
+        output_index: `(depth_groups, filters)` int array: the channel of the
+            second convolution's output that holds each filter, per depth
+            group.
+        transpose: `(n, M)` when `output_index` is the transpose of an
+            `(n, M)` grid (the default assignment), else None.
+        slots: int, `M`, the most filters that one base builds in one depth
+            group.
+    """
+
+    def __init__(self, product_kernel, spread_kernel, spread_bias, output_index, transpose, slots):
+        self.product_kernel = product_kernel
+        self.spread_kernel = spread_kernel
+        self.spread_bias = spread_bias
+        self.output_index = output_index
+        self.transpose = transpose
+        self.slots = slots
+
+    @property
+    def identity(self):
+        """Whether the second convolution's outputs are already in filter order."""
+        g, f = self.output_index.shape
+        return g == 1 and self.spread_kernel.shape[-1] == f and np.array_equal(
+            self.output_index[0], np.arange(f)
+        )
+
+    def stored_values(self):
+        """Constants this form adds besides the layer's parameters.
+
+        The spread kernel's nonzeros and the zero bias the converter gives
+        the product convolution (and the spread convolution, when the bias
+        does not ride in it).
+        """
+        values = int(np.count_nonzero(self.spread_kernel)) + self.product_kernel.shape[-1]
+        if self.spread_bias is None:
+            values += self.spread_outputs()
+        return values
+
+    def spread_outputs(self):
+        """Channels the second convolution writes (padded slots included)."""
+        return self.spread_kernel.shape[-1]
+
+
+def grouped_skip_reason(layer):
+    """Why `layer` cannot use the grouped form, or None if it can.
+
+    The grouped form covers every configuration `TransformConv2D` accepts
+    today (kernel sizes, strides or dilation, "valid"/"same", depth groups,
+    scale, any assignment); the checks guard against configurations a
+    future layer might add. It is exact whenever it applies.
+    """
+    if max(layer.strides) > 1 and max(layer.dilation_rate) > 1:  # the layer forbids it
+        return "strides and dilation together"
+    if layer.padding not in ("valid", "same"):
+        return f"padding={layer.padding!r}"
+    return None
+
+
+def grouped_plan(layer):
+    """The `GroupedPlan` of a built `TransformConv2D`, from its current weights."""
+    kh, kw = layer.kernel_size
+    taps, g, n, f = kh * kw, layer.depth_groups, layer.base_filters, layer.filters
+    base = np.asarray(keras.ops.convert_to_numpy(layer.base_kernel), np.float32)
+    channels = base.shape[2]
+    cg = channels // g
+    scale = (
+        np.ones(f, np.float32)
+        if layer.scale_weight is None
+        else np.asarray(keras.ops.convert_to_numpy(layer.scale_weight), np.float32)
+    )
+    assignment = layer.assignment  # (g, f, 2)
+    src = transforms_lib.tap_tables(layer.transforms, layer.kernel_size)  # (T, taps)
+
+    # Products: channel ((k * n + b) * taps + s) = x[group k] . base[tap s, :, b].
+    product = base.reshape(taps, g, cg, n).transpose(2, 1, 3, 0)  # (cg, g, n, taps)
+    product_kernel = product.reshape(1, 1, cg, g * n * taps)
+
+    # Slots: the filters built from base b in group k, in filter order.
+    slot = np.zeros((g, f), np.int64)
+    counts = np.zeros((g, n), np.int64)
+    for k in range(g):
+        for o in range(f):
+            b = assignment[k, o, 0]
+            slot[k, o] = counts[k, b]
+            counts[k, b] += 1
+    slots = max(int(counts.max()), 1)
+    output_index = (np.arange(g)[:, None] * n + assignment[..., 0]) * slots + slot
+
+    spread = np.zeros((taps, taps, g * n * slots), np.float32)  # (u, s, out)
+    for k in range(g):
+        for o in range(f):
+            sources = src[assignment[k, o, 1]]  # base tap landing on each tap u
+            for u in np.flatnonzero(sources >= 0):
+                spread[u, sources[u], output_index[k, o]] = scale[o]
+    spread_kernel = spread.reshape(kh, kw, taps, g * n * slots)
+
+    spread_bias = None
+    if layer.bias is not None and g == 1:
+        spread_bias = np.zeros(g * n * slots, np.float32)
+        spread_bias[output_index[0]] = keras.ops.convert_to_numpy(layer.bias)
+
+    transpose = None
+    if g == 1 and n * slots == f:
+        grid = (np.arange(f) % n) * slots + np.arange(f) // n
+        if slots > 1 and n > 1 and np.array_equal(output_index[0], grid):
+            transpose = (n, slots)
+    return GroupedPlan(
+        product_kernel, spread_kernel, spread_bias, output_index.astype(np.int32),
+        transpose, slots,
+    )
+
+
+class GroupedTransformConv2D(keras.layers.Layer):
+    """A `TransformConv2D` in the grouped form, for TFLite export (TensorFlow only).
+
+    Build it with `GroupedTransformConv2D.from_layer(layer)`: it holds the
+    layer's configuration and its `GroupedPlan` as constants. See the module
+    docstring for the computation.
+    """
+
+    def __init__(self, filters, kernel_size, strides, padding, dilation_rate, data_format,
+                 activation, bias, plan, **kwargs):
+        super().__init__(**kwargs)
+        self.filters = filters
+        self.kernel_size = tuple(kernel_size)
+        self.strides = tuple(strides)
+        self.padding = padding
+        self.dilation_rate = tuple(dilation_rate)
+        self.data_format = data_format
+        self.activation = activation
+        self._bias = bias
+        self.plan = plan
+
+    @classmethod
+    def from_layer(cls, layer):
+        """The grouped form of a built `TransformConv2D` (its current weights)."""
+        reason = grouped_skip_reason(layer)
+        if reason is not None:
+            raise ValueError(
+                f"Layer {layer.name!r} cannot be written in the grouped form: {reason}."
+            )
+        plan = grouped_plan(layer)
+        bias = None
+        if layer.bias is not None and plan.spread_bias is None:
+            bias = np.asarray(keras.ops.convert_to_numpy(layer.bias), np.float32)
+        return cls(
+            filters=layer.filters,
+            kernel_size=layer.kernel_size,
+            strides=layer.strides,
+            padding=layer.padding,
+            dilation_rate=layer.dilation_rate,
+            data_format=layer.data_format,
+            activation=layer.activation,
+            bias=bias,
+            plan=plan,
+            name=layer.name,
+            dtype=layer.dtype_policy,
+        )
+
+    def compute_output_shape(self, input_shape):
+        def size(n, k, s, d):
+            if n is None:
+                return None
+            span = (k - 1) * d + 1
+            return -(-n // s) if self.padding == "same" else (n - span) // s + 1
+
+        if self.data_format == "channels_last":
+            b, h, w, _ = input_shape
+        else:
+            b, _, h, w = input_shape
+        oh, ow = (
+            size(n, k, s, d)
+            for n, k, s, d in zip((h, w), self.kernel_size, self.strides, self.dilation_rate)
+        )
+        if self.data_format == "channels_last":
+            return (b, oh, ow, self.filters)
+        return (b, self.filters, oh, ow)
+
+    def call(self, inputs):
+        import tensorflow as tf
+
+        plan = self.plan
+        dtype = inputs.dtype
+        x = inputs
+        if self.data_format == "channels_first":
+            x = tf.transpose(x, (0, 2, 3, 1))
+        products = tf.nn.conv2d(x, tf.constant(plan.product_kernel, dtype), 1, "VALID")
+        y = tf.nn.conv2d(
+            products,
+            tf.constant(plan.spread_kernel, dtype),
+            strides=self.strides,
+            padding=self.padding.upper(),
+            dilations=self.dilation_rate,
+        )
+        if plan.spread_bias is not None:
+            y = y + tf.constant(plan.spread_bias, dtype)
+        # An elementwise activation commutes with reordering the channels:
+        # applied first, the converter fuses it into the convolution.
+        early = self._bias is None and self._elementwise_activation()
+        if early:
+            y = self.activation(y)
+        y = self._to_filter_order(y)
+        if self._bias is not None:
+            y = y + tf.constant(self._bias, dtype)
+        if self.data_format == "channels_first":
+            y = tf.transpose(y, (0, 3, 1, 2))
+        if self.activation is not None and not early:
+            y = self.activation(y)
+        return y
+
+    def _elementwise_activation(self):
+        if self.activation is None:
+            return False
+        try:
+            name = keras.activations.serialize(self.activation)
+        except ValueError:
+            return False
+        return isinstance(name, str) and name in _ELEMENTWISE_ACTIVATIONS
+
+    def _to_filter_order(self, y):
+        import tensorflow as tf
+
+        plan = self.plan
+        if plan.identity:
+            return y
+        shape = tf.shape(y)
+        if plan.transpose is not None:
+            n, m = plan.transpose
+            y = tf.reshape(y, (shape[0], y.shape[1], y.shape[2], n, m))
+            y = tf.transpose(y, (0, 1, 2, 4, 3))
+            return tf.reshape(y, (shape[0], y.shape[1], y.shape[2], self.filters))
+        total = None
+        for index in plan.output_index:
+            term = tf.gather(y, index, axis=-1)
+            total = term if total is None else total + term
+        return total
