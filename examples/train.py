@@ -236,8 +236,63 @@ def make_strategy(name):
         ]
         return tf.distribute.MirroredStrategy(devices)
     if name == "multiworker":
+        patch_keras_for_multiworker()
         return tf.distribute.MultiWorkerMirroredStrategy()
     return tf.distribute.get_strategy()
+
+
+def patch_keras_for_multiworker():
+    """Works around two Keras 3 bugs that stop `fit` under MultiWorkerMirroredStrategy.
+
+    Both are in `keras.src.backend.tensorflow.trainer` and only hit with
+    several workers (keras-team/keras#20585); with one worker, or
+    MirroredStrategy, Keras takes other paths and this changes nothing.
+
+    1. Before training, Keras builds the model from one batch and first
+       `strategy.reduce`s the whole `(x, y)` tuple of per-replica tensors,
+       which fails across workers ("Attempt to convert a value (PerReplica...)
+       ... to a Tensor"). The batch serves only for its shapes and dtypes: this
+       worker's own batch is passed instead.
+    2. Each step averages the replicas' metric results (scalars) with
+       `strategy.reduce("MEAN", v, axis=0)`, a mean over the batch axis too,
+       which scalars lack ("Invalid reduction dimension 0 for input with 0
+       dimensions"). The mean across replicas, `axis=None`, is what is meant.
+    """
+    from keras.src.backend.tensorflow import trainer
+
+    if getattr(trainer, "patched_for_multiworker", False):
+        return
+    missing = [name for name in ("reduce_per_replica", "_collective_all_reduce_multi_worker")
+               if not hasattr(trainer, name)]
+    if missing or not hasattr(trainer.TensorFlowTrainer, "_maybe_symbolic_build"):
+        warnings.warn(f"Keras {keras.__version__} differs from the one patched for "
+                      "--strategy multiworker; training may fail")
+        return
+
+    symbolic_build = trainer.TensorFlowTrainer._maybe_symbolic_build
+
+    def maybe_symbolic_build(self, iterator=None, data_batch=None):
+        if iterator is not None and self._distribute_strategy is not None:
+            for _, _, batches in iterator:
+                data_batch = keras.tree.map_structure(
+                    lambda v: v.values[0] if isinstance(v, tf.distribute.DistributedValues)
+                    else v, next(batches))
+                break
+            iterator = None
+        return symbolic_build(self, iterator=iterator, data_batch=data_batch)
+
+    reduce_per_replica = trainer.reduce_per_replica
+
+    def reduce_across_replicas(values, strategy, reduction):
+        if (reduction in ("auto", "mean")
+                and trainer._collective_all_reduce_multi_worker(strategy)):
+            return keras.tree.map_structure(
+                lambda v: strategy.reduce("MEAN", v, axis=None), values)
+        return reduce_per_replica(values, strategy, reduction)
+
+    trainer.TensorFlowTrainer._maybe_symbolic_build = maybe_symbolic_build
+    trainer.reduce_per_replica = reduce_across_replicas
+    trainer.patched_for_multiworker = True
 
 
 def is_chief(strategy):
@@ -447,8 +502,12 @@ def load_keras(path):
     return keras.saving.load_model(path, compile=False)
 
 
-def make_model(args, num_classes, total_steps, run_dir):
-    """The model to train (wrapped for pruning, converted, ...) and a note of how."""
+def make_model(args, num_classes, total_steps, run_dir, chief=True):
+    """The model to train (wrapped for pruning, converted, ...) and a note of how.
+
+    Only the chief writes `converted.keras`; other workers compute the same
+    conversion (deterministic from the same weights) without writing.
+    """
     input_shape = (args.image_size, args.image_size, 3)
     if args.init_from is not None and args.mode != "transform":
         model = load_keras(args.init_from)
@@ -485,7 +544,8 @@ def make_model(args, num_classes, total_steps, run_dir):
         else:
             model, _ = transform_model(model, base_ratio=args.base_ratio, transforms=transforms,
                                        depth_groups=args.depth_groups, scale=args.scale)
-            model.save(converted)
+            if chief:
+                model.save(converted)
         origin += f"; converted to base ratio {args.base_ratio}"
     return model, origin
 
@@ -643,8 +703,11 @@ def run(args, argv):
     if args.resume and resumed_at is None:
         raise SystemExit(f"--resume: no backup in {backup_dir} to continue from.")
     if args.jit_compile and strategy.num_replicas_in_sync > 1 and not tf.config.list_logical_devices("GPU"):
-        # XLA cannot reach a variable replica on another logical CPU device.
-        warnings.warn("--jit-compile is turned off: XLA does not support replicas on "
+        # XLA cannot reach a variable replica on another logical CPU device
+        # ("resource located in device CPU:1"); multi-worker CPU runs were not
+        # tried with XLA, so they get the same (safe) treatment.
+        warnings.warn("--jit-compile is turned off: several replicas on CPUs "
+                      f"({strategy.num_replicas_in_sync}); XLA fails with replicas on "
                       "several logical CPU devices")
         args.jit_compile = False
     keras.utils.set_random_seed(args.seed)
@@ -661,7 +724,7 @@ def run(args, argv):
 
     # Model.
     with strategy.scope():
-        model, origin = make_model(args, num_classes, total_steps, run_dir)
+        model, origin = make_model(args, num_classes, total_steps, run_dir, chief=chief)
         print(f"model {model.name} ({args.mode}, {origin}): {model.count_params():,} parameters")
         trained = model
         if args.teacher is not None:
@@ -676,7 +739,8 @@ def run(args, argv):
     # Training.
     if resumed_at is not None:
         print(f"resuming after epoch {resumed_at} from {backup_dir}")
-    trim_csv(run_dir / "log.csv", resumed_at or 0)
+    if chief:  # the CSV is the chief's; a non-chief's backup says nothing of it
+        trim_csv(run_dir / "log.csv", resumed_at or 0)
     # Order matters. At the end of an epoch the CSV row goes first and the
     # backup after it: a kill in between repeats the row, which `trim_csv`
     # drops on restart (the other order would lose it). At the start the
