@@ -200,8 +200,32 @@ def test_auto_writes_a_three_channel_stem_dense(ratio, transforms, tmp_path):
 
 def test_unknown_lowering_is_an_error(tmp_path):
     model = layer_model(CASES["rotations_same"])
-    with pytest.raises(ValueError, match=r"Expected one of \['auto', 'grouped', 'slices'\]"):
+    with pytest.raises(ValueError, match=r"Expected one of \['auto', 'grouped', 'slices', 'dense'\]"):
         export.export_tflite(model, tmp_path / "m.tflite", lowering="fast")
+    with pytest.raises(ValueError, match=r"for layer 'tc'.*Received 'fast'"):
+        export.export_tflite(model, tmp_path / "m.tflite", lowering={"tc": "fast"})
+    with pytest.raises(ValueError, match=r"not TransformConv2D layers of the model: \['conv'\]"):
+        export.export_tflite(model, tmp_path / "m.tflite", lowering={"conv": "dense"})
+
+
+def test_lowering_per_layer(tmp_path):
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8, 8, 16))
+    x = TransformConv2D(32, 3, base_filters=8, transforms="rotations", padding="same",
+                        name="first")(inputs)
+    x = TransformConv2D(32, 3, base_filters=8, transforms="rotations", padding="same",
+                        name="second")(x)
+    x = TransformConv2D(32, 3, base_filters=8, transforms="rotations", padding="same",
+                        name="third")(x)
+    model = keras.Model(inputs, x)
+    result = export.export_tflite(model, tmp_path / "m.tflite",
+                                  lowering={"first": "dense", "second": "slices"})
+    assert result.lowerings == {"first": "dense", "second": "slices", "third": "grouped"}
+    shapes = tensor_shapes(result.path)
+    assert (32, 3, 3, 16) in shapes and (32, 3, 3, 32) not in shapes
+    assert result.op_counts["STRIDED_SLICE"] > 0 and result.op_counts["DENSIFY"] == 1
+    x = np.random.default_rng(1).normal(size=(2, 8, 8, 16)).astype("float32")
+    export.verify_tflite(result.path, model, x, rtol=RTOL)
 
 
 def test_tap_tables_cover_every_transform_in_the_plan():

@@ -4,7 +4,7 @@
     tfconv analyze MODEL.keras [--out-dir DIR] [--sparsities 0.25 0.5 0.75]
     tfconv export MODEL.keras OUT.tflite [--quantization dynamic|float16|int8]
                   [--representative SAMPLES.npy] [--batch-size 1]
-                  [--lowering auto|grouped|slices]
+                  [--lowering auto|grouped|slices|dense]
 
 `cost` prints a model's parameters and multiply-adds per layer (see
 `tf_transform_conv.cost`); `analyze` reports, per Conv2D layer, how well
@@ -165,9 +165,10 @@ def build_parser():
     )
     export.add_argument("--batch-size", type=int, default=1, help="the file's batch (1)")
     export.add_argument(
-        "--lowering", choices=["auto", "grouped", "slices"], default="auto",
-        help="how TransformConv2D layers are written: grouped convolutions or "
-        "slices and additions (auto: grouped where it applies)",
+        "--lowering", choices=["auto", "grouped", "slices", "dense"], default="auto",
+        help="how TransformConv2D layers are written: grouped convolutions, "
+        "slices and additions, or the dense kernel (auto: per layer, the fastest "
+        "compact form, dense only for few-channel stems)",
     )
     export.add_argument(
         "--verify-samples", type=int, default=8,

@@ -341,7 +341,7 @@ def factored_model(model):
     return rewrite_model(model, replace)
 
 
-LOWERINGS = ("auto", "grouped", "slices")
+LOWERINGS = ("auto", "grouped", "slices", "dense")
 # The `lowering="auto"` rule; see `lowering_choice`.
 AUTO_MIN_GROUPED_SLOTS = 4
 AUTO_SLICES_MIN_CHANNELS = 32
@@ -353,8 +353,8 @@ def lowering_choice(layer, lowering="auto"):
 
     `form` is `"grouped"` (two convolutions; see `tf_transform_conv.lowering`)
     or `"slices"` (the Keras factored path: a product, then shifted slices
-    and additions), which store only the bases, or, from `"auto"` only,
-    `"dense"` (the materialised kernel). `lowering="auto"` picks the form
+    and additions), which store only the bases, or `"dense"` (the
+    materialised kernel, as large as the `Conv2D`'s). `lowering="auto"` picks the form
     measured faster in the LiteRT interpreter
     (`benchmarks/tflite_lowering.py`, XNNPACK, batch 1; see the README):
 
@@ -379,17 +379,17 @@ def lowering_choice(layer, lowering="auto"):
 
     Args:
         layer: a built `TransformConv2D`.
-        lowering: `"auto"`, `"grouped"` or `"slices"`; the last two are
-            taken as asked (`"grouped"` raises for a layer that cannot take
-            it).
+        lowering: `"auto"`, `"grouped"`, `"slices"` or `"dense"`; the last
+            three are taken as asked (`"grouped"` raises for a layer that
+            cannot take it).
     """
     if lowering not in LOWERINGS:
         raise ValueError(
             "Invalid value for argument `lowering`. Expected one of "
             f"{list(LOWERINGS)}. Received lowering={lowering!r}."
         )
-    if lowering == "slices":
-        return "slices", "requested"
+    if lowering in ("slices", "dense"):
+        return lowering, "requested"
     reason = lowering_lib.grouped_skip_reason(layer)
     if reason is not None:
         if lowering == "grouped":
@@ -463,14 +463,15 @@ def deployment_model(model, lowering="auto"):
         model: a built Sequential or Functional model, stripped of
             `TransformPruning` wrappers, with fully known input dimensions
             apart from the batch.
-        lowering: `"auto"` (default), `"grouped"` or `"slices"`.
+        lowering: `"auto"` (default), `"grouped"`, `"slices"` or `"dense"`
+            for every layer, or a dict from `TransformConv2D` names to one
+            of these (layers not named: `"auto"`).
 
     Raises:
-        ValueError: as `factored_model`, for an unknown `lowering`, or for
-            `lowering="grouped"` with a layer that cannot take it.
+        ValueError: as `factored_model`, for an unknown `lowering` or layer
+            name, or for `"grouped"` with a layer that cannot take it.
     """
-    if lowering not in LOWERINGS:
-        lowering_choice(None, lowering)  # raises the error
+    choices = _lowering_per_layer(model, lowering)
     if lowering == "slices":
         return factored_model(model)
     _check_no_wrappers(model, "deployment_model")
@@ -488,7 +489,7 @@ def deployment_model(model, lowering="auto"):
     def replace(layer):
         if not isinstance(layer, TransformConv2D):
             return None
-        form, _ = lowering_choice(layer, lowering)
+        form, _ = lowering_choice(layer, choices(layer))
         if form == "grouped":
             return lowering_lib.GroupedTransformConv2D.from_layer(layer), None
         config = layer.get_config()
@@ -530,6 +531,36 @@ def float32_model(model):
         return layer.__class__.from_config(config), layer.get_weights()
 
     return rewrite_model(model, replace)
+
+
+def _lowering_per_layer(model, lowering):
+    """`layer -> lowering` for `deployment_model`, after checking `lowering`."""
+
+    def check(value, where):
+        if value not in LOWERINGS:
+            raise ValueError(
+                f"Invalid value{where} for argument `lowering`. Expected one of "
+                f"{list(LOWERINGS)} (or a dict from layer names to these). "
+                f"Received {value!r}."
+            )
+
+    if not isinstance(lowering, dict):
+        check(lowering, "")
+        return lambda layer: lowering
+    names = {
+        layer.name
+        for layer in model._flatten_layers(include_self=False, recursive=True)
+        if isinstance(layer, TransformConv2D)
+    }
+    unknown = sorted(set(lowering) - names)
+    if unknown:
+        raise ValueError(
+            f"`lowering` names layers that are not TransformConv2D layers of the "
+            f"model: {unknown}. Its TransformConv2D layers: {sorted(names)}."
+        )
+    for name, value in lowering.items():
+        check(value, f" for layer {name!r}")
+    return lambda layer: lowering.get(layer.name, "auto")
 
 
 def _lowerings(deployed):
@@ -688,10 +719,12 @@ def export_tflite(
         factored: bool, whether to rewrite `TransformConv2D`s to a compact
             form (default). False converts the model as it is, for
             comparisons (a materialised layer then stores its dense kernel).
-        lowering: `"auto"` (default), `"grouped"` or `"slices"`: how each
-            `TransformConv2D` is written (see `lowering_choice`). `"auto"`
-            writes the grouped form unless a layer's shape or assignment
-            rules it out.
+        lowering: how each `TransformConv2D` is written (see
+            `lowering_choice`): `"auto"` (default: per layer, what measured
+            fastest in LiteRT among the compact forms, or the dense kernel
+            for a stem where that is no larger), `"grouped"`, `"slices"`,
+            `"dense"` (the materialised kernel), or a dict from layer names
+            to these (layers not named: `"auto"`).
 
     Returns:
         An `ExportResult` (path, bytes, quantization, params, param_bytes,
