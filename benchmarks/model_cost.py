@@ -11,11 +11,13 @@ default r = 1/2, 1/4, 1/8) are built with random weights
                          paths the Keras model runs (`implementation="auto"`),
                          the factored paths' additions, and `dense_macs`
     .keras               size of `model.save(...)`
-    .tflite f32 / int8   size of `export.export_tflite` (every TransformConv2D
-                         factored; int8: full integer, calibrated on a few
-                         random samples); each file's operator counts, and
-                         its max relative difference from the Keras model on
-                         2 random samples (`export.verify_tflite`)
+    .tflite f32 / int8   size of `export.export_tflite` (default lowering
+                         "auto": every TransformConv2D written in a compact
+                         form, the grouped one where it applies; int8: full
+                         integer, calibrated on a few random samples); each
+                         file's operator counts and lowerings, and its max
+                         relative difference from the Keras model on 2
+                         random samples (`export.verify_tflite`)
     LiteRT               batch-1 latency of the float32 file with
                          `ai_edge_litert` `Interpreter(model_path,
                          num_threads=k)` (default delegates, i.e. XNNPACK),
@@ -52,7 +54,6 @@ import collections
 import concurrent.futures
 import datetime
 import fractions
-import math
 import multiprocessing
 import os
 import platform
@@ -270,6 +271,7 @@ def measure_files(name, variant, folder, args):
         "tflite_f32_overhead_bytes": f32.overhead_bytes,
         "tflite_f32_num_ops": f32.num_ops,
         "tflite_f32_op_counts": f32.op_counts,
+        "tflite_lowerings": dict(collections.Counter(f32.lowerings.values())),
         "tflite_f32_max_rel_diff": check.max_rel_diff,
         "tflite_f32_max_abs_diff": check.max_abs_diff,
         "keras_output_scale": check.output_scale,
@@ -284,69 +286,6 @@ def measure_files(name, variant, folder, args):
 
 # ----------------------------------------------------------------------
 # Timing
-
-
-class Timer:
-    """One callable to be timed in interleaved rounds; seconds per call."""
-
-    def __init__(self, run_once, loop_s, min_calls, warmup=3):
-        self.run_once = run_once
-        for _ in range(warmup):
-            run_once()
-        start = time.perf_counter()
-        run_once()
-        single = time.perf_counter() - start
-        self.calls = max(min_calls, math.ceil(loop_s / max(single, 1e-6)))
-        self.samples = []
-
-    def run(self, record=True):
-        start = time.perf_counter()
-        self.run_once(self.calls)
-        seconds = (time.perf_counter() - start) / self.calls
-        if record:
-            self.samples.append(seconds)
-
-    @property
-    def median_ms(self):
-        return 1e3 * float(np.median(self.samples))
-
-
-def run_rounds(timers, repeats):
-    """One untimed round, then `repeats` rounds, the order rotating each round."""
-    order = list(timers)
-    for timer in order:
-        timer.run(record=False)
-    for rep in range(repeats):
-        shift = rep % len(order)
-        for timer in order[shift:] + order[:shift]:
-            timer.run()
-
-
-def litert_runner(path, threads, seed):
-    """Invokes a batch-1 interpreter of `path`; returns `run(calls=1)`."""
-    from ai_edge_litert.interpreter import Interpreter
-
-    interpreter = Interpreter(model_path=path, num_threads=threads)
-    interpreter.allocate_tensors()
-    detail = interpreter.get_input_details()[0]
-    x = np.random.default_rng(seed).normal(size=detail["shape"]).astype(detail["dtype"])
-    interpreter.set_tensor(detail["index"], x)
-
-    def run(calls=1):
-        for _ in range(calls):
-            interpreter.invoke()
-
-    run.interpreter = interpreter
-    return run
-
-
-def delegated_ops(interpreter):
-    """DELEGATE nodes after the default (XNNPACK) delegation, or None if unknown."""
-    try:
-        details = interpreter._get_ops_details()
-    except Exception:  # noqa: BLE001 - a private API: leave it out rather than fail
-        return None
-    return sum(op["op_name"] == "DELEGATE" for op in details)
 
 
 def xla_runner(model, x):
@@ -372,11 +311,11 @@ def time_litert(rows, args):
     timers = {}
     for row in rows:
         for threads in THREADS:
-            runner = litert_runner(row["_tflite_f32_path"], threads, args.seed)
-            row.setdefault("litert_delegate_nodes", delegated_ops(runner.interpreter))
-            timers[(row["variant"], threads)] = Timer(
+            runner = common.litert_runner(row["_tflite_f32_path"], threads, args.seed)
+            row.setdefault("litert_delegate_nodes", common.delegated_ops(runner.interpreter))
+            timers[(row["variant"], threads)] = common.Timer(
                 runner, args.loop_ms / 1e3, args.min_calls, warmup=5)
-    run_rounds(timers.values(), args.repeats)
+    common.run_rounds(timers.values(), args.repeats)
     for row in rows:
         for threads in THREADS:
             timer = timers[(row["variant"], threads)]
@@ -394,8 +333,8 @@ def time_xla(rows, models, args):
     for row in rows:
         runner = xla_runner(models[row["variant"]], x)
         row["xla_compile_s"] = round(runner.compile_s, 2)
-        timers[row["variant"]] = Timer(runner, args.loop_ms / 1e3, args.min_calls)
-    run_rounds(timers.values(), args.repeats)
+        timers[row["variant"]] = common.Timer(runner, args.loop_ms / 1e3, args.min_calls)
+    common.run_rounds(timers.values(), args.repeats)
     for row in rows:
         timer = timers[row["variant"]]
         row["xla_ms"] = timer.median_ms
@@ -540,7 +479,8 @@ LEGEND = """\
 MACs: multiply-adds of the paths the Keras model runs (one sample); adds: the
 factored paths' additions; dnsMACs: with every TransformConv2D as Conv2D;
 paths: TransformConv2D layers materialised (M) / factored (F) in the Keras
-model (the .tflite files are always all factored). f32 / int8: .tflite sizes;
+model (the .tflite files write every one in a compact form, grouped where it
+applies: export lowering "auto"). f32 / int8: .tflite sizes;
 ops: operators in the float32 file; xnn: XNNPACK partitions LiteRT made of it
 (more than the dense file's: some operators run outside XNNPACK). lite1 /
 lite2: LiteRT batch-1 latency, float32 file, 1 / 2 threads; XLA: batch-32
