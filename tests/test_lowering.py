@@ -84,6 +84,24 @@ def test_plan_composes_to_the_materialized_kernel(case):
     assert nonzeros.max() <= taps
 
 
+@pytest.mark.parametrize("case", ["rotations_same", "depth_groups_2", "softmax_after_gather",
+                                  "channels_first"])
+def test_grouped_layer_matches_the_keras_layer_in_tensorflow(case):
+    """Before any conversion: the grouped layer itself, eagerly and under XLA."""
+    import tensorflow as tf
+
+    model = layer_model(CASES[case])
+    layer = model.get_layer("tc")
+    grouped = lowering.GroupedTransformConv2D.from_layer(layer)
+    x = np.random.default_rng(2).normal(size=(2,) + tuple(model.inputs[0].shape[1:]))
+    x = x.astype("float32")
+    expected = keras.ops.convert_to_numpy(layer(x))
+    scale = np.abs(expected).max()
+    np.testing.assert_allclose(grouped(x).numpy(), expected, atol=RTOL * scale)
+    xla = tf.function(grouped.call, jit_compile=True)(tf.constant(x)).numpy()
+    np.testing.assert_allclose(xla, expected, atol=RTOL * scale)
+
+
 def test_default_assignment_is_restored_by_a_transpose():
     layer = layer_model(CASES["rotations_same"]).get_layer("tc")
     plan = lowering.grouped_plan(layer)

@@ -453,11 +453,12 @@ def deployment_model(model, lowering="auto"):
     """The model as `export_tflite` converts it: every `TransformConv2D` in a compact form.
 
     Each `TransformConv2D` is replaced by its grouped form
-    (`lowering.GroupedTransformConv2D`) or its factored Keras path, as
-    `lowering_choice(layer, lowering)` says; other layers keep their weights.
-    Both forms store only the bases. The result is for conversion (it runs
-    TensorFlow ops; its grouped convolutions need XLA outside a `.tflite`
-    file), not for training or `.keras` files.
+    (`lowering.GroupedTransformConv2D`), its factored Keras path or its
+    materialised path, as `lowering_choice(layer, lowering)` says; other
+    layers keep their weights.
+    The compact forms store only the bases. The result is for conversion (the
+    grouped form runs TensorFlow ops and holds its kernels as constants),
+    not for training or `.keras` files.
 
     Args:
         model: a built Sequential or Functional model, stripped of

@@ -37,9 +37,11 @@ second convolution, where `M` is the most filters any base builds
 dense cost: small for wide layers, not for 16-channel ones.
 
 `GroupedTransformConv2D` is built from a `TransformConv2D` by `from_layer`,
-for export only: it runs TensorFlow ops directly (grouped convolutions in
-TensorFlow need XLA on CPU, so call it under `tf.function(jit_compile=True)`
-to run it outside a `.tflite` file) and is not meant for training.
+for export only: it runs TensorFlow ops directly (`tf.nn.conv2d`, which
+TFLite converts to grouped `CONV_2D`), holds its kernels as constants and is
+not meant for training. Called in TensorFlow it computes the layer's output
+(tested eagerly and under XLA), but slowly on CPU: keep the Keras layer for
+anything but conversion.
 """
 
 import numpy as np
