@@ -16,7 +16,8 @@ Any mode can distil from a teacher (`--teacher PATH.keras`): the loss is
 `(1 - w) * CE(y, s) + w * T^2 * KL(softmax(t / T) || softmax(s / T))`.
 
 Runs last: every epoch writes a backup (weights, optimizer state, pruning
-step, epoch counter; `keras.callbacks.BackupAndRestore`) and the model to
+step, epoch counter; `AtomicBackupAndRestore`, written so that a kill never
+leaves it half-written) and the model to
 `<run-dir>/ckpt/last.keras`; restarting the same command (or `--resume`)
 continues where it stopped. TensorBoard logs, a CSV log and `results.json`
 (accuracy, parameters, multiply-adds, `.tflite` size) go to the run folder.
@@ -614,7 +615,7 @@ class SaveCheckpoint(keras.callbacks.Callback):
     """Saves `model` to `ckpt/last.keras` and `{"epoch": n}` to `ckpt/last.json` each epoch.
 
     The `.keras` file is the model to reuse (`--init-from`, `--teacher`); the
-    backup of `BackupAndRestore` is what a restart continues from.
+    backup of `AtomicBackupAndRestore` is what a restart continues from.
     """
 
     def __init__(self, folder, model):
@@ -630,8 +631,43 @@ class SaveCheckpoint(keras.callbacks.Callback):
         write_json_atomic(self.folder / "last.json", {"epoch": epoch + 1})
 
 
+class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
+    """`BackupAndRestore` whose backup a kill never leaves half-written.
+
+    Keras 3.15 writes the weights, then `training_metadata.json`, in place: a
+    process killed inside the second write leaves an empty JSON file, on which
+    the restart fails (json.JSONDecodeError), and one killed between the two
+    pairs new weights with the previous epoch count (the epoch would run
+    twice). Here each backup's weights go to a new file named by its epoch,
+    then the metadata, naming that file, replaces the old atomically: it is
+    the commit point, and a restart always finds a complete, matching pair.
+    Older weight files are deleted after the commit.
+    """
+
+    def _save_model(self):
+        folder = pathlib.Path(self.backup_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        name = f"epoch-{self._current_epoch}-batch-{self._last_batch_seen}.weights.h5"
+        self.model.save_weights(str(folder / name), overwrite=True)
+        write_json_atomic(pathlib.Path(self._training_metadata_path), {
+            "epoch": self._current_epoch, "batch": self._last_batch_seen, "weights": name})
+        for old in folder.glob("*.weights.h5"):
+            if old.name != name:
+                old.unlink()
+
+    def _load_model(self):
+        metadata = pathlib.Path(self._training_metadata_path)
+        if not metadata.is_file():
+            return
+        backup = json.loads(metadata.read_text())
+        if self.model.optimizer is not None and not self.model.optimizer.built:
+            self.model.optimizer.build(self.model.trainable_variables)
+        self.model.load_weights(str(pathlib.Path(self.backup_dir) / backup["weights"]))
+        self.model._initial_epoch = backup["epoch"]
+
+
 def backup_epoch(backup_dir):
-    """The epochs a `BackupAndRestore` backup holds, or None without one."""
+    """The epochs a backup (`AtomicBackupAndRestore`) holds, or None without one."""
     path = backup_dir / "training_metadata.json"
     if not path.is_file():
         return None
@@ -751,7 +787,7 @@ def run(args, argv):
             keras.callbacks.CSVLogger(str(run_dir / "log.csv"), append=True),
             keras.callbacks.TensorBoard(str(run_dir / "tensorboard")),
         ]
-    callbacks.append(keras.callbacks.BackupAndRestore(backup_dir=str(backup_dir)))
+    callbacks.append(AtomicBackupAndRestore(backup_dir=str(backup_dir)))
     if args.mode == "prune":
         callbacks.append(UpdateTransformPruningStep())
     if chief:

@@ -289,6 +289,34 @@ def test_multiworker_two_local_processes(tmp_path):
         "ckpt", "final.keras", "log.csv", "results.json", "tensorboard"]
 
 
+def test_backup_survives_a_kill_while_writing(train, tmp_path):
+    """A half-written newer weights file is ignored: the committed backup is restored."""
+    import keras
+
+    def model():
+        m = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+        m.compile(optimizer="sgd", loss="mse")
+        return m
+
+    saved = model()
+    backup = train.AtomicBackupAndRestore(backup_dir=str(tmp_path))
+    backup.set_model(saved)
+    backup.on_epoch_end(0)  # commits epoch 1
+    (tmp_path / "epoch-2-batch-0.weights.h5").write_bytes(b"\x89HDF")  # killed mid-write
+    assert train.backup_epoch(tmp_path) == 1
+
+    restored = model()
+    restore = train.AtomicBackupAndRestore(backup_dir=str(tmp_path))
+    restore.set_model(restored)
+    restore.on_train_begin()
+    assert restored._initial_epoch == 1
+    for a, b in zip(saved.get_weights(), restored.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    backup.on_epoch_end(1)  # the next commit replaces the stray file
+    assert sorted(p.name for p in tmp_path.glob("*.weights.h5")) == ["epoch-2-batch-0.weights.h5"]
+    assert train.backup_epoch(tmp_path) == 2
+
+
 @pytest.mark.slow
 def test_killed_run_restarts_where_it_stopped(tmp_path):
     command = ["--dataset", "synthetic", "--synthetic-size", "128", "--mode", "prune",
