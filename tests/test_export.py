@@ -16,6 +16,8 @@ from tf_transform_conv import TransformConv2D
 from tf_transform_conv import cli
 from tf_transform_conv import export
 
+from tflite_util import tensor_shapes
+
 RTOL = 1e-4
 
 
@@ -68,14 +70,6 @@ def size_model(implementation="materialized", seed=0):
 def inputs_for(model, n=5, seed=0):
     shape = (n,) + tuple(model.inputs[0].shape)[1:]
     return np.random.default_rng(seed).normal(size=shape).astype("float32")
-
-
-def tensor_shapes(path):
-    """Shapes of every tensor in a `.tflite` file (constants included)."""
-    from ai_edge_litert.interpreter import Interpreter
-
-    interpreter = Interpreter(model_path=str(path))
-    return {tuple(int(d) for d in t["shape"]) for t in interpreter.get_tensor_details()}
 
 
 def dense_kernel_shapes(model, skip=()):

@@ -9,14 +9,9 @@ from tf_transform_conv import export
 from tf_transform_conv import lowering
 from tf_transform_conv import transforms as transforms_lib
 
+from tflite_util import tensor_shapes
+
 RTOL = 1e-5
-
-
-def tensor_shapes(path):
-    from ai_edge_litert.interpreter import Interpreter
-
-    interpreter = Interpreter(model_path=str(path))
-    return {tuple(int(d) for d in t["shape"]) for t in interpreter.get_tensor_details()}
 
 CASES = {
     "rotations_same": dict(filters=16, kernel_size=3, base_filters=4, transforms="rotations",

@@ -473,8 +473,6 @@ def deployment_model(model, lowering="auto"):
             name, or for `"grouped"` with a layer that cannot take it.
     """
     choices = _lowering_per_layer(model, lowering)
-    if lowering == "slices":
-        return factored_model(model)
     _check_no_wrappers(model, "deployment_model")
     _check_static_inputs(model, "deployment_model")
     layers = [
@@ -512,7 +510,7 @@ def float32_model(model):
     if all(
         layer.compute_dtype == "float32"
         for layer in model._flatten_layers(include_self=False, recursive=True)
-        if layer.weights or not isinstance(layer, keras.layers.InputLayer)
+        if not isinstance(layer, keras.layers.InputLayer)
     ):
         return model
     if not _is_graph_model(model):
@@ -523,7 +521,7 @@ def float32_model(model):
         )
 
     def replace(layer):
-        if isinstance(layer, keras.layers.InputLayer) or isinstance(layer, keras.Model):
+        if isinstance(layer, (keras.layers.InputLayer, keras.Model)):
             return None
         config = layer.get_config()
         if "dtype" not in config:
@@ -581,12 +579,6 @@ def _lowering_values(deployed):
         if isinstance(layer, lowering_lib.GroupedTransformConv2D)
     )
 
-
-def _has_grouped(model):
-    return any(
-        isinstance(layer, lowering_lib.GroupedTransformConv2D)
-        for layer in model._flatten_layers(include_self=False, recursive=True)
-    )
 
 
 # ----------------------------------------------------------------------------
@@ -796,6 +788,8 @@ def export_tflite(
         else None
     )
 
+    lowerings = _lowerings(deployed) if factored else {}
+
     with tempfile.TemporaryDirectory(prefix="tfconv-export-") as tmp:
         saved = os.path.join(tmp, "saved_model")
         deployed.export(
@@ -805,7 +799,7 @@ def export_tflite(
         optimizations = []
         if quantization is not None:
             optimizations.append(tf.lite.Optimize.DEFAULT)
-        if quantization != "dynamic" and _has_grouped(deployed):
+        if quantization != "dynamic" and "grouped" in lowerings.values():
             # The grouped form's spread kernels are 1 - 1/(kh*kw) zeros:
             # stored sparse, densified once when the interpreter is prepared.
             # (Not with dynamic-range weights: XNNPACK then fails to prepare
@@ -829,7 +823,7 @@ def export_tflite(
         param_bytes=params * _BYTES_PER_PARAM[quantization],
         batch_size=batch_size,
         op_counts=tflite_op_counts(flatbuffer),
-        lowerings=_lowerings(deployed) if factored else {},
+        lowerings=lowerings,
         lowering_values=_lowering_values(deployed),
     )
 

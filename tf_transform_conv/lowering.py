@@ -310,12 +310,10 @@ class GroupedTransformConv2D(keras.layers.Layer):
         plan = self.plan
         if plan.identity:
             return y
-        shape = tf.shape(y)
         if plan.transpose is not None:
-            n, m = plan.transpose
-            y = tf.reshape(y, (shape[0], y.shape[1], y.shape[2], n, m))
-            y = tf.transpose(y, (0, 1, 2, 4, 3))
-            return tf.reshape(y, (shape[0], y.shape[1], y.shape[2], self.filters))
+            batch, h, w = tf.shape(y)[0], y.shape[1], y.shape[2]
+            y = tf.transpose(tf.reshape(y, (batch, h, w) + plan.transpose), (0, 1, 2, 4, 3))
+            return tf.reshape(y, (batch, h, w, self.filters))
         total = None
         for index in plan.output_index:
             term = tf.gather(y, index, axis=-1)

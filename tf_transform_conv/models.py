@@ -155,13 +155,7 @@ class ConvFactory:
                     "but base_ratio=None and transforms=None make a dense "
                     "(Conv2D) factory. Pass base_ratio (e.g. 1/4) or transforms."
                 )
-        if isinstance(depth_groups, bool) or not isinstance(
-            depth_groups, (int, np.integer)
-        ) or depth_groups < 1:
-            raise ValueError(
-                "Invalid value for argument `depth_groups`. Expected a strictly "
-                f"positive int. Received depth_groups={depth_groups!r}."
-            )
+        _check_positive_int(depth_groups, "depth_groups")
         if implementation not in IMPLEMENTATIONS:
             raise ValueError(
                 "Invalid value for argument `implementation`. Expected one of "
@@ -444,13 +438,11 @@ def _check_input_shape(input_shape):
     return shape
 
 
-def _check_num_classes(num_classes):
-    if isinstance(num_classes, bool) or not isinstance(
-        num_classes, (int, np.integer)
-    ) or num_classes < 1:
+def _check_positive_int(value, name):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(
-            "Invalid value for argument `num_classes`. Expected a strictly "
-            f"positive int. Received num_classes={num_classes!r}."
+            f"Invalid value for argument `{name}`. Expected a strictly "
+            f"positive int. Received {name}={value!r}."
         )
 
 
@@ -530,7 +522,7 @@ def cifar_resnet(depth, num_classes=10, conv=None, input_shape=(32, 32, 3)):
             "Invalid value for argument `depth`. Expected 6 n + 2 for n >= 1 "
             f"(e.g. 20, 32, 56, 110). Received depth={depth!r}."
         )
-    _check_num_classes(num_classes)
+    _check_positive_int(num_classes, "num_classes")
     conv = _resolve_factory(conv)
     blocks = (depth - 2) // 6
     inputs = keras.Input(_check_input_shape(input_shape), name="image")
@@ -579,7 +571,7 @@ def cifar_vgg16(num_classes=10, conv=None, input_shape=(32, 32, 3)):
     Raises:
         ValueError: for bad `num_classes`, `conv` or `input_shape`.
     """
-    _check_num_classes(num_classes)
+    _check_positive_int(num_classes, "num_classes")
     conv = _resolve_factory(conv)
     inputs = keras.Input(_check_input_shape(input_shape), name="image")
     x = inputs
@@ -684,7 +676,7 @@ def imagenet_resnet(depth, num_classes=1000, conv=None, input_shape=(224, 224, 3
             "Invalid value for argument `depth`. Expected one of "
             f"{sorted(IMAGENET_RESNETS)}. Received depth={depth!r}."
         )
-    _check_num_classes(num_classes)
+    _check_positive_int(num_classes, "num_classes")
     conv = _resolve_factory(conv)
     kind, blocks = IMAGENET_RESNETS[depth]
     make_block = _imagenet_basic_block if kind == "basic" else _bottleneck_block
@@ -791,7 +783,7 @@ def mobilenet_v2(num_classes=1000, conv=None, alpha=1.0, input_shape=(224, 224, 
             "Invalid value for argument `alpha`. Expected a strictly positive "
             f"number. Received alpha={alpha!r}."
         )
-    _check_num_classes(num_classes)
+    _check_positive_int(num_classes, "num_classes")
     conv = _resolve_factory(conv)
     inputs = keras.Input(_check_input_shape(input_shape), name="image")
     x = _conv(inputs, conv, _make_divisible(32 * alpha), 3, 2, name="stem_conv")
