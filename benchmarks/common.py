@@ -1,5 +1,7 @@
 """Helpers shared by the benchmark scripts (run as `python benchmarks/NAME.py`)."""
 
+import argparse
+import fractions
 import json
 import math
 import os
@@ -26,6 +28,87 @@ def machine_info(**extra):
         "cpu_count": os.cpu_count(),
         **extra,
     }
+
+
+def tf_machine_info():
+    """`machine_info` with TensorFlow's devices and the load average."""
+    import tensorflow as tf
+
+    devices = [d.name.replace("/physical_device:", "") for d in tf.config.list_physical_devices()]
+    return machine_info(devices=devices, load_average=list(os.getloadavg()))
+
+
+def litert_versions():
+    """Versions of what the TFLite benchmarks use (None for LiteRT if missing)."""
+    from importlib import metadata
+
+    import keras
+    import matplotlib
+    import tensorflow as tf
+
+    import tf_transform_conv
+
+    try:
+        litert = metadata.version("ai-edge-litert")
+    except metadata.PackageNotFoundError:
+        litert = None
+    return {
+        "python": platform.python_version(),
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "keras_backend": keras.backend.backend(),
+        "numpy": np.__version__,
+        "ai_edge_litert": litert,
+        "matplotlib": matplotlib.__version__,
+        "tf_transform_conv": tf_transform_conv.__version__,
+    }
+
+
+# Command-line values
+
+#: Base ratios the benchmarks take: `models.DEFAULT_TRANSFORMS` has transforms for them.
+RATIO_CHOICES = ("1/2", "1/4", "1/8")
+
+
+def parse_shape(text):
+    """argparse type: `"HxWxC"` with positive integers."""
+    if not re.fullmatch(r"\d+x\d+x\d+", text) or 0 in shape_dims(text):
+        raise argparse.ArgumentTypeError(
+            f"expected HxWxC with positive integers, e.g. 56x56x64; got {text!r}"
+        )
+    return text
+
+
+def shape_dims(shape):
+    """`"HxWxC"` -> `(H, W, C)`."""
+    return tuple(int(v) for v in shape.split("x"))
+
+
+def parse_ratio(text):
+    """argparse type: one of `RATIO_CHOICES`, returned as `"1/k"`."""
+    try:
+        ratio = fractions.Fraction(text)
+    except (ValueError, ZeroDivisionError):
+        ratio = None
+    if ratio is None or ratio.numerator != 1 or f"1/{ratio.denominator}" not in RATIO_CHOICES:
+        raise argparse.ArgumentTypeError(
+            f"expected one of {', '.join(RATIO_CHOICES)}; got {text!r}"
+        )
+    return f"1/{ratio.denominator}"
+
+
+def ratio_denominator(ratio):
+    """`"1/k"` -> `k`."""
+    return fractions.Fraction(ratio).denominator
+
+
+def table(rows, columns):
+    """A text table: `columns` are `(header, width, format function of a row)`."""
+    header = " ".join(f"{name:>{w}}" for name, w, _ in columns)
+    lines = [header, "-" * len(header)]
+    for row in rows:
+        lines.append(" ".join(f"{fmt(row):>{w}}" for _, w, fmt in columns))
+    return "\n".join(lines)
 
 
 def write_json(path, payload):

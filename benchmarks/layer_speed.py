@@ -40,7 +40,6 @@ import fractions
 import math
 import os
 import platform
-import re
 import shlex
 import sys
 import time
@@ -93,12 +92,12 @@ QUICK_OUT = DEFAULT_OUT.with_name("layer_speed_quick.json")
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--shapes", nargs="+", type=parse_shape, default=None,
+        "--shapes", nargs="+", type=common.parse_shape, default=None,
         help=f"input shapes HxWxC (in = out channels); default: all of "
         f"{' '.join(RESNET_SHAPES)} ({' '.join(QUICK_SHAPES)} with --quick)",
     )
     parser.add_argument(
-        "--ratios", nargs="+", type=parse_ratio, default=None,
+        "--ratios", nargs="+", type=common.parse_ratio, default=None,
         help="base ratios n/filters, among "
         f"{' '.join(f'1/{k}' for k in TRANSFORMS_FOR_RATIO)}; default: all",
     )
@@ -139,41 +138,12 @@ def parse_args(argv=None):
         args.out = QUICK_OUT if args.quick else DEFAULT_OUT
     for shape in args.shapes:
         for ratio in args.ratios:
-            if shape_dims(shape)[2] % ratio_denominator(ratio):
-                parser.error(f"{shape}: {shape_dims(shape)[2]} channels do not "
+            if common.shape_dims(shape)[2] % common.ratio_denominator(ratio):
+                parser.error(f"{shape}: {common.shape_dims(shape)[2]} channels do not "
                              f"divide into bases at ratio {ratio}")
     if min(args.batch, args.repeats, args.min_calls) < 1 or args.loop_ms <= 0:
         parser.error("--batch, --repeats, --min-calls and --loop-ms must be positive")
     return args
-
-
-def parse_shape(text):
-    if not re.fullmatch(r"\d+x\d+x\d+", text) or 0 in shape_dims(text):
-        raise argparse.ArgumentTypeError(
-            f"expected HxWxC with positive integers, e.g. 56x56x64; got {text!r}"
-        )
-    return text
-
-
-def shape_dims(shape):
-    return tuple(int(v) for v in shape.split("x"))
-
-
-def parse_ratio(text):
-    try:
-        ratio = fractions.Fraction(text)
-    except (ValueError, ZeroDivisionError):
-        ratio = None
-    if ratio is None or ratio.numerator != 1 or ratio.denominator not in TRANSFORMS_FOR_RATIO:
-        raise argparse.ArgumentTypeError(
-            f"expected one of {', '.join(f'1/{k}' for k in TRANSFORMS_FOR_RATIO)}; "
-            f"got {text!r}"
-        )
-    return f"1/{ratio.denominator}"
-
-
-def ratio_denominator(ratio):
-    return fractions.Fraction(ratio).denominator
 
 
 # ----------------------------------------------------------------------
@@ -181,7 +151,7 @@ def ratio_denominator(ratio):
 
 
 def transform_conv(channels, ratio, implementation):
-    k = ratio_denominator(ratio)
+    k = common.ratio_denominator(ratio)
     return TransformConv2D(
         channels, 3, padding="same", base_filters=channels // k,
         transforms=TRANSFORMS_FOR_RATIO[k], implementation=implementation,
@@ -192,7 +162,7 @@ def build_layer(variant, channels, ratio):
     if variant == "dense":
         return keras.layers.Conv2D(channels, 3, padding="same")
     if variant == "floor":
-        return keras.layers.Conv2D(channels // ratio_denominator(ratio), 3, padding="same")
+        return keras.layers.Conv2D(channels // common.ratio_denominator(ratio), 3, padding="same")
     return transform_conv(channels, ratio, variant)
 
 
@@ -262,7 +232,7 @@ class Timer:
 
 def time_shape(shape, ratios, args):
     """Times every layer of one shape, interleaved; returns its rows."""
-    h, w, c = shape_dims(shape)
+    h, w, c = common.shape_dims(shape)
     x = tf.random.normal((args.batch, h, w, c), seed=args.seed)
     layers = {("dense", None): build_layer("dense", c, None)}
     for ratio in ratios:
@@ -289,7 +259,7 @@ def time_shape(shape, ratios, args):
 
 
 def row_for(shape, ratio, timers, x):
-    h, w, c = shape_dims(shape)
+    h, w, c = common.shape_dims(shape)
 
     def timer(variant, mode):
         return timers[(variant, None if variant == "dense" else ratio, mode)]

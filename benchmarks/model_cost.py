@@ -56,7 +56,6 @@ import datetime
 import fractions
 import multiprocessing
 import os
-import platform
 import shlex
 import sys
 import tempfile
@@ -71,7 +70,6 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import common  # noqa: E402  (benchmarks/common.py, beside this script)
-import tf_transform_conv  # noqa: E402
 from tf_transform_conv import build_model, conv_factory  # noqa: E402
 from tf_transform_conv.cost import model_cost  # noqa: E402
 from tf_transform_conv.export import export_tflite, verify_tflite  # noqa: E402
@@ -80,7 +78,6 @@ from tf_transform_conv.layers import TransformConv2D  # noqa: E402
 CIFAR_MODELS = ("resnet20", "resnet32", "resnet56", "resnet110", "vgg16_cifar")
 MODEL_CHOICES = (*CIFAR_MODELS, "mobilenet_v2")
 DEFAULT_MODELS = ("resnet56", "mobilenet_v2")
-RATIO_CHOICES = ("1/2", "1/4", "1/8")  # conv_factory's default transforms
 THREADS = (1, 2)
 XLA_BATCH = 32
 VERIFY_SAMPLES = 2
@@ -115,8 +112,8 @@ def parse_args(argv=None):
         "--mobilenet-size and has 1000",
     )
     parser.add_argument(
-        "--ratios", nargs="+", type=parse_ratio, default=None,
-        help=f"base ratios of the transformed twins, among {' '.join(RATIO_CHOICES)} "
+        "--ratios", nargs="+", type=common.parse_ratio, default=None,
+        help=f"base ratios of the transformed twins, among {' '.join(common.RATIO_CHOICES)} "
         f"(default all; {TARGET_RATIO} with --quick)",
     )
     parser.add_argument(
@@ -163,7 +160,7 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     args = parser.parse_args(argv)
     if args.ratios is None:
-        args.ratios = [TARGET_RATIO] if args.quick else list(RATIO_CHOICES)
+        args.ratios = [TARGET_RATIO] if args.quick else list(common.RATIO_CHOICES)
     args.ratios = sorted(set(args.ratios), key=lambda r: -fractions.Fraction(r))
     args.models = list(dict.fromkeys(args.models))
     if args.mobilenet_size is None:
@@ -180,18 +177,6 @@ def parse_args(argv=None):
     if args.mobilenet_size < 32:
         parser.error("--mobilenet-size must be at least 32 (MobileNetV2 downsamples 32x)")
     return args
-
-
-def parse_ratio(text):
-    try:
-        ratio = fractions.Fraction(text)
-    except (ValueError, ZeroDivisionError):
-        ratio = None
-    if ratio is None or f"1/{ratio.denominator}" not in RATIO_CHOICES or ratio.numerator != 1:
-        raise argparse.ArgumentTypeError(
-            f"expected one of {', '.join(RATIO_CHOICES)}; got {text!r}"
-        )
-    return f"1/{ratio.denominator}"
 
 
 def input_shape(name, args):
@@ -488,40 +473,6 @@ forward, ms per batch and images/s. diff: max |tflite - keras| / max |keras|
 on 2 samples. Medians over rounds."""
 
 
-def table(rows, columns):
-    header = " ".join(f"{name:>{w}}" for name, w, _ in columns)
-    lines = [header, "-" * len(header)]
-    for row in rows:
-        lines.append(" ".join(f"{fmt(row):>{w}}" for _, w, fmt in columns))
-    return "\n".join(lines)
-
-
-def versions():
-    from importlib import metadata
-
-    import matplotlib
-
-    try:
-        litert = metadata.version("ai-edge-litert")
-    except metadata.PackageNotFoundError:
-        litert = None
-    return {
-        "python": platform.python_version(),
-        "tensorflow": tf.__version__,
-        "keras": keras.__version__,
-        "keras_backend": keras.backend.backend(),
-        "numpy": np.__version__,
-        "ai_edge_litert": litert,
-        "matplotlib": matplotlib.__version__,
-        "tf_transform_conv": tf_transform_conv.__version__,
-    }
-
-
-def machine_info():
-    devices = [d.name.replace("/physical_device:", "") for d in tf.config.list_physical_devices()]
-    return common.machine_info(devices=devices, load_average=list(os.getloadavg()))
-
-
 PLOT_METRICS = (
     ("params", "params"),
     ("macs_plus_adds", "MACs+adds"),
@@ -585,8 +536,8 @@ def main(argv=None):
         "command": shlex.join(["python", *sys.argv]),
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(
             timespec="seconds"),
-        "machine": machine_info(),
-        "versions": versions(),
+        "machine": common.tf_machine_info(),
+        "versions": common.litert_versions(),
         "config": {
             "models": {name: {"input_shape": list(input_shape(name, args))}
                        for name in args.models},
@@ -651,10 +602,10 @@ def main(argv=None):
     print()
     print(LEGEND)
     print()
-    print(table(payload["rows"], ABSOLUTE_COLUMNS))
+    print(common.table(payload["rows"], ABSOLUTE_COLUMNS))
     print()
     print("Transformed / dense, same run (ops: operators in the float32 .tflite):")
-    print(table(payload["rows"], RATIO_COLUMNS))
+    print(common.table(payload["rows"], RATIO_COLUMNS))
     bad = [r for r in payload["rows"] if not r["tflite_f32_max_rel_diff"] <= FLOAT_MAX_REL_DIFF]
     for row in bad:
         print(f"WARNING: {row['label']} {row['variant']}: the float32 .tflite differs from "

@@ -50,8 +50,6 @@ import datetime
 import fractions
 import math
 import os
-import platform
-import re
 import shlex
 import sys
 import tempfile
@@ -66,7 +64,6 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import common  # noqa: E402  (benchmarks/common.py, beside this script)
-import tf_transform_conv  # noqa: E402
 from tf_transform_conv.cost import model_cost  # noqa: E402
 from tf_transform_conv.export import TFLiteMismatchError  # noqa: E402
 from tf_transform_conv.export import export_tflite, lowering_choice, verify_tflite  # noqa: E402
@@ -83,7 +80,6 @@ SHAPES = (
     "7x7x512",
 )
 QUICK_SHAPES = ("32x32x16", "8x8x64")
-RATIO_CHOICES = ("1/2", "1/4", "1/8")
 QUICK_RATIO = "1/4"
 STRIDE_CHOICES = (1, 2)
 FORMS = ("dense", "grouped", "slices")
@@ -102,13 +98,13 @@ QUICK_OUT = RESULTS / "tflite_lowering_quick.json"
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--shapes", nargs="+", type=parse_shape, default=None,
+        "--shapes", nargs="+", type=common.parse_shape, default=None,
         help=f"input shapes HxWxC (in = out channels); default: all of "
         f"{' '.join(SHAPES)} ({' '.join(QUICK_SHAPES)} with --quick)",
     )
     parser.add_argument(
-        "--ratios", nargs="+", type=parse_ratio, default=None,
-        help=f"base ratios n/filters, among {' '.join(RATIO_CHOICES)} "
+        "--ratios", nargs="+", type=common.parse_ratio, default=None,
+        help=f"base ratios n/filters, among {' '.join(common.RATIO_CHOICES)} "
         f"(default all; {QUICK_RATIO} with --quick)",
     )
     parser.add_argument(
@@ -148,7 +144,7 @@ def parse_args(argv=None):
     if args.shapes is None:
         args.shapes = list(QUICK_SHAPES if args.quick else SHAPES)
     if args.ratios is None:
-        args.ratios = [QUICK_RATIO] if args.quick else list(RATIO_CHOICES)
+        args.ratios = [QUICK_RATIO] if args.quick else list(common.RATIO_CHOICES)
     args.shapes = list(dict.fromkeys(args.shapes))
     args.ratios = sorted(set(args.ratios), key=lambda r: -fractions.Fraction(r))
     args.strides = sorted(set(args.strides))
@@ -162,38 +158,10 @@ def parse_args(argv=None):
         parser.error("--repeats, --min-calls and --loop-ms must be positive")
     for shape in args.shapes:
         for ratio in args.ratios:
-            if shape_dims(shape)[2] % ratio_denominator(ratio):
-                parser.error(f"{shape}: {shape_dims(shape)[2]} channels do not "
+            if common.shape_dims(shape)[2] % common.ratio_denominator(ratio):
+                parser.error(f"{shape}: {common.shape_dims(shape)[2]} channels do not "
                              f"divide into bases at ratio {ratio}")
     return args
-
-
-def parse_shape(text):
-    if not re.fullmatch(r"\d+x\d+x\d+", text) or 0 in shape_dims(text):
-        raise argparse.ArgumentTypeError(
-            f"expected HxWxC with positive integers, e.g. 56x56x64; got {text!r}"
-        )
-    return text
-
-
-def shape_dims(shape):
-    return tuple(int(v) for v in shape.split("x"))
-
-
-def parse_ratio(text):
-    try:
-        ratio = fractions.Fraction(text)
-    except (ValueError, ZeroDivisionError):
-        ratio = None
-    if ratio is None or ratio.numerator != 1 or f"1/{ratio.denominator}" not in RATIO_CHOICES:
-        raise argparse.ArgumentTypeError(
-            f"expected one of {', '.join(RATIO_CHOICES)}; got {text!r}"
-        )
-    return f"1/{ratio.denominator}"
-
-
-def ratio_denominator(ratio):
-    return fractions.Fraction(ratio).denominator
 
 
 def row_label(row):
@@ -206,8 +174,8 @@ def row_label(row):
 
 def make_models(shape, stride, ratio, seed):
     """The TransformConv2D model with random weights, and its dense Conv2D twin."""
-    h, w, c = shape_dims(shape)
-    k = ratio_denominator(ratio)
+    h, w, c = common.shape_dims(shape)
+    k = common.ratio_denominator(ratio)
     rng = np.random.default_rng(seed)
     inputs = keras.Input((h, w, c))
     layer = TransformConv2D(
@@ -233,7 +201,7 @@ def make_models(shape, stride, ratio, seed):
 
 
 def output_hw(shape, stride):
-    h, w, _ = shape_dims(shape)
+    h, w, _ = common.shape_dims(shape)
     return math.ceil(h / stride), math.ceil(w / stride)  # padding="same"
 
 
@@ -246,13 +214,13 @@ def output_hw(shape, stride):
 
 
 def dense_macs(shape, stride):
-    _, _, c = shape_dims(shape)
+    _, _, c = common.shape_dims(shape)
     ho, wo = output_hw(shape, stride)
     return ho * wo * KERNEL * KERNEL * c * c
 
 
 def grouped_macs(shape, stride, base_filters):
-    h, w, c = shape_dims(shape)
+    h, w, c = common.shape_dims(shape)
     ho, wo = output_hw(shape, stride)
     taps = KERNEL * KERNEL
     products = h * w * taps * c * base_filters
@@ -273,8 +241,8 @@ def verify(path, model, samples):
 def build_row(shape, stride, ratio, folder, args):
     """Builds, exports and verifies the three files of one shape, stride and ratio."""
     keras.backend.clear_session()
-    h, w, c = shape_dims(shape)
-    k = ratio_denominator(ratio)
+    h, w, c = common.shape_dims(shape)
+    k = common.ratio_denominator(ratio)
     layer, model, dense = make_models(shape, stride, ratio, args.seed)
     samples = np.random.default_rng(args.seed + 1).normal(
         size=(VERIFY_SAMPLES, h, w, c)).astype("float32")
@@ -391,40 +359,6 @@ input resolution + the 3x3 grouped spread) over the dense layer's. auto: the
 form export_tflite(lowering="auto") picks. Medians over rounds."""
 
 
-def table(rows, columns):
-    header = " ".join(f"{name:>{w}}" for name, w, _ in columns)
-    lines = [header, "-" * len(header)]
-    for row in rows:
-        lines.append(" ".join(f"{fmt(row):>{w}}" for _, w, fmt in columns))
-    return "\n".join(lines)
-
-
-def versions():
-    from importlib import metadata
-
-    import matplotlib
-
-    try:
-        litert = metadata.version("ai-edge-litert")
-    except metadata.PackageNotFoundError:
-        litert = None
-    return {
-        "python": platform.python_version(),
-        "tensorflow": tf.__version__,
-        "keras": keras.__version__,
-        "keras_backend": keras.backend.backend(),
-        "numpy": np.__version__,
-        "ai_edge_litert": litert,
-        "matplotlib": matplotlib.__version__,
-        "tf_transform_conv": tf_transform_conv.__version__,
-    }
-
-
-def machine_info():
-    devices = [d.name.replace("/physical_device:", "") for d in tf.config.list_physical_devices()]
-    return common.machine_info(devices=devices, load_average=list(os.getloadavg()))
-
-
 def plot(rows, args, path):
     """Latency ratios lowered / dense (1 thread) per shape, one panel per ratio."""
     import matplotlib
@@ -478,8 +412,8 @@ def main(argv=None):
         "command": shlex.join(["python", *sys.argv]),
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(
             timespec="seconds"),
-        "machine": machine_info(),
-        "versions": versions(),
+        "machine": common.tf_machine_info(),
+        "versions": common.litert_versions(),
         "config": {
             "shapes": args.shapes,
             "ratios": args.ratios,
@@ -487,7 +421,7 @@ def main(argv=None):
             "layer": "TransformConv2D(C, 3, base_filters=C*ratio, "
                      "transforms=DEFAULT_TRANSFORMS[1/ratio], padding='same', "
                      "strides=s, scale=True, use_bias=True)",
-            "transforms": {r: DEFAULT_TRANSFORMS[ratio_denominator(r)] for r in args.ratios},
+            "transforms": {r: DEFAULT_TRANSFORMS[common.ratio_denominator(r)] for r in args.ratios},
             "dense": "Conv2D(C, 3, padding='same', strides=s) holding "
                      "layer.materialized_kernel() (scale included) and the bias",
             "forms": {
@@ -554,7 +488,7 @@ def main(argv=None):
     print()
     print(LEGEND)
     print()
-    print(table(payload["rows"], COLUMNS))
+    print(common.table(payload["rows"], COLUMNS))
     for row in payload["rows"]:
         for form in FORMS:
             if not row["verified"][form]:
