@@ -1,8 +1,8 @@
-"""Speed of one `TransformConv2D` layer against `Conv2D`, under XLA.
+"""Speed of one `TransformConv2D` layer against `Conv2D`, under XLA, per transform family.
 
 For each ResNet-like shape (H x W x C in, C out, 3x3, stride 1, "same") and
 each base ratio n / filters (default assignment: 1/2 -> identity and rot180,
-1/4 -> the four rotations, 1/8 -> d4), four layers are timed:
+1/4 -> the four rotations, 1/8 -> d4), these layers are timed:
 
     materialized  TransformConv2D(implementation="materialized")
     factored      TransformConv2D(implementation="factored")
@@ -10,28 +10,35 @@ each base ratio n / filters (default assignment: 1/2 -> identity and rot180,
     floor         Conv2D(n), the base convolution alone: the best the
                   factored path can reach
 
-each for the forward pass and for a training step (loss = mean(y**2),
-gradients with respect to the input and every trainable variable, taken under
-`tf.GradientTape` inside the compiled function as Keras's `train_step` does),
-all inside `tf.function(jit_compile=True)`. All layers of one shape are timed
-in the same run, interleaved: after a warm-up (compilation excluded) each
-repetition times a loop of several calls per layer, blocking on the last
-result; a row reports the median over the repetitions. Conv2D(filters) is
-timed once per shape and shared by that shape's rows. Each row also records
-what `implementation="auto"` picks, and checks that the factored and
-materialized layers, given the same weights, agree.
+the two TransformConv2D paths once per transform family (`--families`; the
+discrete family at every ratio, the learned ones at `--family-ratios`), each
+for the forward pass and for a training step (called with `training=True`,
+loss = mean(y**2), gradients with respect to the input and every trainable
+variable, taken under `tf.GradientTape` inside the compiled function as
+Keras's `train_step` does), all inside `tf.function(jit_compile=True)`. The
+learned families' transform parameters are moved off the identity (random
+perturbations), so the timed operators are general ones. All layers of one
+shape are timed in the same run, interleaved: after a warm-up (compilation
+excluded) each repetition times a loop of several calls per layer, blocking
+on the last result; a row reports the median over the repetitions.
+Conv2D(filters) is timed once per shape and shared by that shape's rows.
+Each row also records what `implementation="auto"` picks, and checks that the
+factored and materialized layers, given the same weights, agree.
 
-Three targets are checked and printed as PASS/MISS with the worst value:
-(a) factored forward <= 1.2 x Conv2D(n); (b) Conv2D(filters) / factored
-forward >= 3.0 at ratio 1/4 on 56x56x64, 32x32x16 and 28x28x128;
-(c) materialized training step <= 1.1 x Conv2D(filters).
+Targets, PASS/MISS with the worst value: (a) factored forward <= 1.2 x
+Conv2D(n); (b) Conv2D(filters) / factored forward >= 3.0 at ratio 1/4 on
+56x56x64, 32x32x16 and 28x28x128; (c) materialized training step <= 1.1 x
+Conv2D(filters) (these three on the discrete family); (d) factored scalar
+forward <= 1.15 x factored discrete; (e) factored rotation and affine forward
+<= 1.5 x factored discrete; (f) materialized training step of every learned
+family <= 1.15 x Conv2D(filters).
 
 Writes JSON (machine, versions, command, config, rows) and a PNG beside it.
 
 Usage:
-    python benchmarks/layer_speed.py                   # every shape and ratio
-    python benchmarks/layer_speed.py --quick           # smoke test, ~1 minute
-    python benchmarks/layer_speed.py --shapes 56x56x64 28x28x128 --ratios 1/4
+    python benchmarks/layer_speed.py                   # every shape, ratio and family
+    python benchmarks/layer_speed.py --quick           # smoke test, a few minutes
+    python benchmarks/layer_speed.py --shapes 56x56x64 --ratios 1/4 --families discrete scalar
 """
 
 import argparse
@@ -55,6 +62,7 @@ import tensorflow as tf  # noqa: E402
 import common  # noqa: E402  (benchmarks/common.py, beside this script)
 import tf_transform_conv  # noqa: E402
 from tf_transform_conv import TransformConv2D  # noqa: E402
+from tf_transform_conv import families as tc_families  # noqa: E402
 from tf_transform_conv import layers as tc_layers  # noqa: E402
 
 RESNET_SHAPES = (
@@ -73,16 +81,24 @@ TRANSFORMS_FOR_RATIO = {
     4: "rotations",
     8: "d4",
 }
-VARIANTS = ("materialized", "factored", "dense", "floor")
+PATHS = ("materialized", "factored")
+REFERENCES = ("dense", "floor")
+VARIANTS = PATHS + REFERENCES
 MODES = ("forward", "train")
 MODE_TITLES = {"forward": "forward", "train": "train step"}
+LEARNED = tuple(f for f in tc_families.FAMILIES if f != "discrete")
+# How far the learned families' parameters are moved off the identity.
+PERTURBATION = 0.2
 
 FACTORED_OVER_FLOOR_MAX = 1.2  # target (a)
 DENSE_OVER_FACTORED_MIN = 3.0  # target (b)
 TARGET_B_RATIO = "1/4"
 TARGET_B_SHAPES = ("56x56x64", "32x32x16", "28x28x128")
 MATERIALIZED_TRAIN_OVER_DENSE_MAX = 1.1  # target (c)
-# Both paths must agree to this fraction of the output scale (DESIGN.md, section 4).
+SCALAR_OVER_DISCRETE_MAX = 1.15  # target (d)
+SAMPLED_OVER_DISCRETE_MAX = 1.5  # target (e)
+LEARNED_TRAIN_OVER_DENSE_MAX = 1.15  # target (f)
+# Both paths must agree to this fraction of the output scale.
 MAX_REL_DIFF = 1e-4
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "layer_speed.json"
@@ -98,8 +114,17 @@ def parse_args(argv=None):
     )
     parser.add_argument(
         "--ratios", nargs="+", type=common.parse_ratio, default=None,
-        help="base ratios n/filters, among "
+        help="base ratios n/filters of the discrete family, among "
         f"{' '.join(f'1/{k}' for k in TRANSFORMS_FOR_RATIO)}; default: all",
+    )
+    parser.add_argument(
+        "--families", nargs="+", choices=tc_families.FAMILIES,
+        default=list(tc_families.FAMILIES),
+        help="transform families to time (default: all)",
+    )
+    parser.add_argument(
+        "--family-ratios", nargs="+", type=common.parse_ratio, default=["1/4"],
+        help="base ratios at which the learned families are timed (default 1/4)",
     )
     parser.add_argument("--batch", type=int, default=32, help="batch size (default 32)")
     parser.add_argument(
@@ -137,7 +162,7 @@ def parse_args(argv=None):
     if args.out is None:
         args.out = QUICK_OUT if args.quick else DEFAULT_OUT
     for shape in args.shapes:
-        for ratio in args.ratios:
+        for ratio in set(args.ratios) | set(args.family_ratios):
             if common.shape_dims(shape)[2] % common.ratio_denominator(ratio):
                 parser.error(f"{shape}: {common.shape_dims(shape)[2]} channels do not "
                              f"divide into bases at ratio {ratio}")
@@ -146,24 +171,28 @@ def parse_args(argv=None):
     return args
 
 
+def cases(args):
+    """The (ratio, family) pairs timed for every shape, in table order."""
+    pairs = []
+    for ratio in sorted(set(args.ratios) | set(args.family_ratios), key=common.ratio_denominator):
+        for family in args.families:
+            wanted = args.ratios if family == "discrete" else args.family_ratios
+            if ratio in wanted:
+                pairs.append((ratio, family))
+    return pairs
+
+
 # ----------------------------------------------------------------------
 # Layers and compiled steps
 
 
-def transform_conv(channels, ratio, implementation):
+def transform_conv(channels, ratio, family, implementation):
     k = common.ratio_denominator(ratio)
     return TransformConv2D(
         channels, 3, padding="same", base_filters=channels // k,
-        transforms=TRANSFORMS_FOR_RATIO[k], implementation=implementation,
+        transforms=TRANSFORMS_FOR_RATIO[k], transform_family=family,
+        implementation=implementation,
     )
-
-
-def build_layer(variant, channels, ratio):
-    if variant == "dense":
-        return keras.layers.Conv2D(channels, 3, padding="same")
-    if variant == "floor":
-        return keras.layers.Conv2D(channels // common.ratio_denominator(ratio), 3, padding="same")
-    return transform_conv(channels, ratio, variant)
 
 
 def compiled_steps(layer):
@@ -171,13 +200,13 @@ def compiled_steps(layer):
 
     @tf.function(jit_compile=True)
     def forward(x):
-        return layer(x)
+        return layer(x, training=False)
 
     @tf.function(jit_compile=True)
     def train_step(x):
         with tf.GradientTape() as tape:
             tape.watch(x)
-            loss = tf.reduce_mean(tf.square(layer(x)))
+            loss = tf.reduce_mean(tf.square(layer(x, training=True)))
         grads = tape.gradient(loss, [x, *layer.trainable_variables])
         return loss, grads
 
@@ -230,22 +259,36 @@ class Timer:
         return 1e3 * float(np.median(self.samples))
 
 
-def time_shape(shape, ratios, args):
+def perturb(layer, rng):
+    """Moves a learned layer's transform parameters off the identity."""
+    if layer.transform is not None:
+        noise = rng.normal(scale=PERTURBATION, size=layer.transform.shape)
+        layer.transform.assign(np.asarray(layer.transform) + noise.astype("float32"))
+
+
+def time_shape(shape, pairs, args):
     """Times every layer of one shape, interleaved; returns its rows."""
     h, w, c = common.shape_dims(shape)
+    rng = np.random.default_rng(args.seed)
     x = tf.random.normal((args.batch, h, w, c), seed=args.seed)
-    layers = {("dense", None): build_layer("dense", c, None)}
-    for ratio in ratios:
-        for variant in ("materialized", "factored", "floor"):
-            layers[(variant, ratio)] = build_layer(variant, c, ratio)
+    layers = {("dense", None, None): keras.layers.Conv2D(c, 3, padding="same")}
+    for ratio in dict.fromkeys(r for r, _ in pairs):
+        n = c // common.ratio_denominator(ratio)
+        layers[("floor", ratio, None)] = keras.layers.Conv2D(n, 3, padding="same")
+    for ratio, family in pairs:
+        for path in PATHS:
+            layers[(path, ratio, family)] = transform_conv(c, ratio, family, path)
     for layer in layers.values():
         layer.build(x.shape)
-    for ratio in ratios:  # same weights, so the two paths must agree
-        layers[("factored", ratio)].set_weights(layers[("materialized", ratio)].get_weights())
+    for ratio, family in pairs:  # same weights, so the two paths must agree
+        perturb(layers[("materialized", ratio, family)], rng)
+        layers[("factored", ratio, family)].set_weights(
+            layers[("materialized", ratio, family)].get_weights()
+        )
     timers = {}
-    for (variant, ratio), layer in layers.items():
+    for key, layer in layers.items():
         for mode, fn in compiled_steps(layer).items():
-            timers[(variant, ratio, mode)] = Timer(fn, x, args.loop_ms / 1e3, args.min_calls)
+            timers[key + (mode,)] = Timer(fn, x, args.loop_ms / 1e3, args.min_calls)
 
     order = list(timers.values())
     for timer in order:  # one untimed round, so every layer starts warm
@@ -255,20 +298,24 @@ def time_shape(shape, ratios, args):
         for timer in order[shift:] + order[:shift]:
             timer.run()
 
-    return [row_for(shape, ratio, timers, x) for ratio in ratios]
+    return [row_for(shape, ratio, family, timers, x) for ratio, family in pairs]
 
 
-def row_for(shape, ratio, timers, x):
+def row_for(shape, ratio, family, timers, x):
     h, w, c = common.shape_dims(shape)
 
     def timer(variant, mode):
-        return timers[(variant, None if variant == "dense" else ratio, mode)]
+        if variant == "dense":
+            return timers[("dense", None, None, mode)]
+        if variant == "floor":
+            return timers[("floor", ratio, None, mode)]
+        return timers[(variant, ratio, family, mode)]
 
     ms = {m: {v: timer(v, m).median_ms for v in VARIANTS} for m in MODES}
     materialized = timer("materialized", "forward").fn(x).numpy()
     factored = timer("factored", "forward").fn(x).numpy()
     mismatch = float(np.max(np.abs(factored - materialized)) / np.max(np.abs(materialized)))
-    auto = transform_conv(c, ratio, "auto")
+    auto = transform_conv(c, ratio, family, "auto")
     auto.build(x.shape)
     return {
         "shape": shape,
@@ -276,6 +323,7 @@ def row_for(shape, ratio, timers, x):
         "width": w,
         "channels": c,
         "ratio": ratio,
+        "family": family,
         "base_filters": auto.base_filters,
         "transforms": list(auto.transforms),
         "auto": auto.implementation_used,
@@ -291,6 +339,7 @@ def row_for(shape, ratio, timers, x):
             "materialized_train_over_dense_train": (
                 ms["train"]["materialized"] / ms["train"]["dense"]
             ),
+            "factored_train_over_dense_train": ms["train"]["factored"] / ms["train"]["dense"],
         },
         "calls_per_loop": {
             m: {v: timer(v, m).calls for v in VARIANTS} for m in MODES
@@ -305,36 +354,60 @@ def row_for(shape, ratio, timers, x):
     }
 
 
+def add_family_ratios(rows):
+    """Each learned row's factored forward over the discrete row's (same shape and ratio)."""
+    discrete = {(r["shape"], r["ratio"]): r for r in rows if r["family"] == "discrete"}
+    for row in rows:
+        reference = discrete.get((row["shape"], row["ratio"]))
+        if reference is not None:
+            row["ratios"]["factored_fwd_over_discrete_factored_fwd"] = (
+                row["ms"]["forward"]["factored"] / reference["ms"]["forward"]["factored"]
+            )
+
+
 # ----------------------------------------------------------------------
 # Targets
 
 
 def check_targets(rows):
-    """The three targets: PASS/MISS (or None without rows) and the worst row."""
+    """The targets: PASS/MISS (or None without rows) and the worst row."""
 
     def worst(name, rule, limit, key, selected, pick):
-        values = [(row["ratios"][key], row) for row in selected]
+        values = [(row["ratios"][key], row) for row in selected if key in row["ratios"]]
         result = {"target": name, "rule": rule, "limit": limit, "status": None,
                   "worst": None, "where": None}
         if values:
             value, row = pick(values, key=lambda item: item[0])
             passed = value <= limit if pick is max else value >= limit
             result.update(status="PASS" if passed else "MISS", worst=value,
-                          where=f"{row['shape']} {row['ratio']}")
+                          where=f"{row['shape']} {row['ratio']} {row['family']}")
         return result
 
+    discrete = [r for r in rows if r["family"] == "discrete"]
+    learned = [r for r in rows if r["family"] != "discrete"]
     return [
         worst("a", f"factored forward <= {FACTORED_OVER_FLOOR_MAX}x Conv2D(n)",
-              FACTORED_OVER_FLOOR_MAX, "factored_fwd_over_floor_fwd", rows, max),
+              FACTORED_OVER_FLOOR_MAX, "factored_fwd_over_floor_fwd", discrete, max),
         worst("b", f"Conv2D(filters) / factored forward >= {DENSE_OVER_FACTORED_MIN} "
               f"at {TARGET_B_RATIO} on {', '.join(TARGET_B_SHAPES)}",
               DENSE_OVER_FACTORED_MIN, "dense_fwd_over_factored_fwd",
-              [r for r in rows if r["ratio"] == TARGET_B_RATIO
+              [r for r in discrete if r["ratio"] == TARGET_B_RATIO
                and r["shape"] in TARGET_B_SHAPES], min),
         worst("c", f"materialized train step <= {MATERIALIZED_TRAIN_OVER_DENSE_MAX}x "
               "Conv2D(filters)",
               MATERIALIZED_TRAIN_OVER_DENSE_MAX, "materialized_train_over_dense_train",
-              rows, max),
+              discrete, max),
+        worst("d", f"factored scalar forward <= {SCALAR_OVER_DISCRETE_MAX}x factored discrete",
+              SCALAR_OVER_DISCRETE_MAX, "factored_fwd_over_discrete_factored_fwd",
+              [r for r in learned if r["family"] == "scalar"], max),
+        worst("e", f"factored rotation and affine forward <= {SAMPLED_OVER_DISCRETE_MAX}x "
+              "factored discrete",
+              SAMPLED_OVER_DISCRETE_MAX, "factored_fwd_over_discrete_factored_fwd",
+              [r for r in learned if r["family"] in tc_families.SAMPLED], max),
+        worst("f", f"materialized train step of every learned family <= "
+              f"{LEARNED_TRAIN_OVER_DENSE_MAX}x Conv2D(filters)",
+              LEARNED_TRAIN_OVER_DENSE_MAX, "materialized_train_over_dense_train",
+              learned, max),
     ]
 
 
@@ -347,6 +420,7 @@ COLUMN_GROUPS = (
     ("", [
         ("shape", 9, lambda r: r["shape"]),
         ("ratio", 5, lambda r: r["ratio"]),
+        ("family", 8, lambda r: r["family"]),
         ("n", 3, lambda r: str(r["base_filters"])),
         ("auto", 6, lambda r: SHORT_NAMES[r["auto"]]),
     ]),
@@ -356,13 +430,17 @@ COLUMN_GROUPS = (
     ("ratios", [
         ("fac/flr", 7, lambda r: f"{r['ratios']['factored_fwd_over_floor_fwd']:.2f}"),
         ("dns/fac", 7, lambda r: f"{r['ratios']['dense_fwd_over_factored_fwd']:.2f}"),
+        ("fac/dis", 7, lambda r: (
+            f"{r['ratios']['factored_fwd_over_discrete_factored_fwd']:.2f}"
+            if "factored_fwd_over_discrete_factored_fwd" in r["ratios"] else "")),
         ("mat/dns", 7, lambda r: f"{r['ratios']['materialized_train_over_dense_train']:.2f}"),
     ]),
 )
 LEGEND = (
     "Median ms per call. mater/factor: TransformConv2D materialized/factored; "
-    "dense: Conv2D(filters);\nfloor: Conv2D(n). fac/flr = factored/floor and "
-    "dns/fac = dense/factored, forward; mat/dns = materialized/dense, train step."
+    "dense: Conv2D(filters);\nfloor: Conv2D(n). fac/flr = factored/floor, "
+    "dns/fac = dense/factored and fac/dis = factored/factored discrete, forward;\n"
+    "mat/dns = materialized/dense, train step."
 )
 
 
@@ -399,7 +477,7 @@ def machine_info():
         details = tf.config.experimental.get_device_details(device)
         name = device.name.replace("/physical_device:", "")
         devices.append(f"{name} ({details['device_name']})" if "device_name" in details else name)
-    return common.machine_info(devices=devices)
+    return common.machine_info(devices=devices, load_average=list(os.getloadavg()))
 
 
 def versions():
@@ -416,37 +494,45 @@ def versions():
     }
 
 
-def plot(rows, ratios, path):
-    """Time / Conv2D(filters) of each variant across shapes, a panel per pass
-    and ratio; the dotted line is the ideal, the ratio itself."""
+def plot(rows, path):
+    """Time / Conv2D(filters) across shapes: the discrete family per ratio,
+    then every family at each learned-family ratio; one row of panels per pass."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    styles = {"materialized": "s-", "factored": "o-", "floor": "^--"}
-    fig, axes = plt.subplots(
-        len(MODES), len(ratios), figsize=(4.5 * len(ratios), 7), squeeze=False,
-        sharey=True,
-    )
-    for col, ratio in enumerate(ratios):
-        selected = [r for r in rows if r["ratio"] == ratio]
-        shapes = [r["shape"] for r in selected]
+    panels = []
+    for ratio in dict.fromkeys(r["ratio"] for r in rows if r["family"] == "discrete"):
+        panels.append((f"discrete, ratio {ratio}", ratio,
+                       {"materialized": ("discrete", "s-"), "factored": ("discrete", "o-"),
+                        "floor": ("discrete", "^--")}))
+    for ratio in dict.fromkeys(r["ratio"] for r in rows if r["family"] != "discrete"):
+        styles = {f"factored {f}": (f, "o-") for f in dict.fromkeys(
+            r["family"] for r in rows if r["ratio"] == ratio)}
+        panels.append((f"families, ratio {ratio}", ratio, styles))
+    fig, axes = plt.subplots(len(MODES), len(panels), figsize=(4.5 * len(panels), 7),
+                             squeeze=False, sharey=True)
+    for col, (title, ratio, styles) in enumerate(panels):
         for row_index, mode in enumerate(MODES):
             ax = axes[row_index][col]
-            for variant, style in styles.items():
-                ax.plot(shapes, [r["ms"][mode][variant] / r["ms"][mode]["dense"]
-                                 for r in selected], style, label=variant)
+            for label, (family, style) in styles.items():
+                variant = label.split()[0]
+                selected = [r for r in rows if r["ratio"] == ratio and r["family"] == family]
+                ax.plot([r["shape"] for r in selected],
+                        [r["ms"][mode][variant] / r["ms"][mode]["dense"] for r in selected],
+                        style, label=label if "families" in title else variant)
             ax.axhline(1.0, color="gray", linewidth=1, label="Conv2D(filters)")
             ax.axhline(float(fractions.Fraction(ratio)), color="gray",
                        linestyle=":", linewidth=1, label="ideal (ratio)")
             ax.set_yscale("log", base=2)
-            ax.set_title(f"{MODE_TITLES[mode]}, ratio {ratio}")
+            ax.set_title(f"{MODE_TITLES[mode]}, {title}")
             ax.tick_params(axis="x", labelrotation=45)
             ax.grid(True, which="both", alpha=0.3)
             if col == 0:
                 ax.set_ylabel("time / Conv2D(filters)")
-    axes[0][0].legend(fontsize="small")
+            if row_index == 0:
+                ax.legend(fontsize="x-small")
     fig.suptitle("TransformConv2D speed against Conv2D (XLA, 3x3, stride 1)")
     fig.tight_layout()
     common.save_figure(fig, path)
@@ -461,6 +547,7 @@ def main(argv=None):
         sys.exit("This benchmark times tf.function(jit_compile=True): "
                  "run it with KERAS_BACKEND=tensorflow.")
     keras.utils.set_random_seed(args.seed)
+    pairs = cases(args)
     payload = {
         "benchmark": "layer_speed",
         "command": shlex.join(["python", *sys.argv]),
@@ -471,6 +558,8 @@ def main(argv=None):
         "config": {
             "shapes": args.shapes,
             "ratios": args.ratios,
+            "families": args.families,
+            "family_ratios": args.family_ratios,
             "transforms": {f"1/{k}": t for k, t in TRANSFORMS_FOR_RATIO.items()},
             "batch": args.batch,
             "repeats": args.repeats,
@@ -483,13 +572,16 @@ def main(argv=None):
             "padding": "same",
             "dtype": keras.config.floatx(),
             "jit_compile": True,
-            "train_loss": "mean(y**2); gradients w.r.t. input and all trainable variables",
+            "transform_perturbation": PERTURBATION,
+            "train_loss": "mean(y**2) of layer(x, training=True); gradients w.r.t. "
+                          "input and all trainable variables",
             "statistic": "median over repeats of (loop time / calls)",
             "auto_rule": {
                 name: getattr(tc_layers, name, None)
                 for name in (
                     "AUTO_MAX_PRODUCT_FRACTION",
                     "AUTO_MIN_GROUP_CHANNELS",
+                    "AUTO_MIN_DENSE_OPERATOR_CHANNELS",
                     "AUTO_MAX_PRODUCT_BYTES",
                 )
             },
@@ -503,7 +595,9 @@ def main(argv=None):
           f"devices {', '.join(payload['machine']['devices'])}")
     print(table_header(), flush=True)
     for shape in args.shapes:
-        for row in time_shape(shape, args.ratios, args):
+        rows = time_shape(shape, pairs, args)
+        add_family_ratios(rows)
+        for row in rows:
             payload["rows"].append(row)
             print(table_row(row), flush=True)
             if row["factored_vs_materialized_max_rel_diff"] > MAX_REL_DIFF:
@@ -517,7 +611,7 @@ def main(argv=None):
     payload["complete"] = True
     common.write_json(args.out, payload)
     png = args.out.with_suffix(".png")
-    plot(payload["rows"], args.ratios, png)
+    plot(payload["rows"], png)
 
     print()
     for result in payload["targets"]:

@@ -1,6 +1,6 @@
 """Independent numpy references for the tests: transforms, kernels and convolution.
 
-Nothing here imports the library: these are the contract of DESIGN.md written
+Nothing here imports the library: these are the package's contract written
 out directly, against which the layer is checked.
 """
 
@@ -61,3 +61,93 @@ def conv2d(x, kernel, bias=None, strides=(1, 1), padding="valid", dilation=(1, 1
     if bias is not None:
         out += bias
     return out
+
+
+# ----------------------------------------------------------------------------
+# The learned families, written out tap by tap
+
+
+def bilinear(base, x, y):
+    """The value of a 2-D array at the point (x, y) of centred tap coordinates.
+
+    Tap (i, j) sits at x = j - (kw - 1) / 2, y = i - (kh - 1) / 2; the array is
+    zero outside its grid, and linear in between (bilinear interpolation).
+    """
+    kh, kw = base.shape
+    gx, gy = x + (kw - 1) / 2.0, y + (kh - 1) / 2.0
+    total = 0.0
+    for i in range(kh):
+        for j in range(kw):
+            weight = max(0.0, 1.0 - abs(gx - j)) * max(0.0, 1.0 - abs(gy - i))
+            total += weight * base[i, j]
+    return total
+
+
+def learned_operator(family, params, kernel_size):
+    """The family's learned tap operator L (taps x taps), built column by column."""
+    kh, kw = kernel_size
+    taps = kh * kw
+    params = np.asarray(params, np.float64)
+    if family == "scalar":
+        return np.diag(params)
+    if family == "general":
+        return params.reshape(taps, taps)
+    if family == "rotation":
+        theta = params[0]
+        matrix = np.array([[np.cos(theta), -np.sin(theta), 0.0],
+                           [np.sin(theta), np.cos(theta), 0.0]])
+    else:
+        matrix = params.reshape(2, 3)
+    out = np.zeros((taps, taps))
+    for v in range(taps):  # column v: the operator applied to the unit tap v
+        unit = np.zeros(taps)
+        unit[v] = 1.0
+        unit = unit.reshape(kh, kw)
+        for u in range(taps):
+            i, j = divmod(u, kw)
+            x, y = j - (kw - 1) / 2.0, i - (kh - 1) / 2.0
+            px = matrix[0, 0] * x + matrix[0, 1] * y + matrix[0, 2]
+            py = matrix[1, 0] * x + matrix[1, 1] * y + matrix[1, 2]
+            out[u, v] = bilinear(unit, px, py)
+    if family == "rotation":
+        out = out * params[1]  # the amplitude
+    return out
+
+
+def transform_kernel(base, family, params):
+    """T (the discrete transform already applied) -> L @ T on the taps of every channel."""
+    kh, kw = base.shape[:2]
+    operator = learned_operator(family, params, (kh, kw))
+    flat = base.reshape(kh * kw, -1)
+    return (operator @ flat).reshape(base.shape)
+
+
+def learned_operators(family, params, kernel_size):
+    """`learned_operator` for every (group, output): `(g, f, taps, taps)`, or None (discrete)."""
+    if family == "discrete":
+        return None
+    groups, filters = params.shape[:2]
+    return np.array([[learned_operator(family, params[g, o], kernel_size)
+                      for o in range(filters)] for g in range(groups)])
+
+
+def materialize_learned(base, assignment, names, family, params, scale=None, operators=None):
+    """Like `materialize`, with every output's learned operator `params[g, o]` applied
+    (or the given `operators` `(g, f, taps, taps)`)."""
+    kh, kw, c_in, _ = base.shape
+    groups, filters, _ = assignment.shape
+    cg = c_in // groups
+    if operators is None:
+        operators = learned_operators(family, params, (kh, kw))
+    kernel = np.zeros((kh, kw, c_in, filters), np.float64)
+    for g in range(groups):
+        channels = slice(g * cg, (g + 1) * cg)
+        for o in range(filters):
+            b, t = assignment[g, o]
+            moved = TRANSFORMS[names[t]](base[:, :, channels, b])
+            if operators is not None:
+                moved = (operators[g, o] @ moved.reshape(kh * kw, -1)).reshape(moved.shape)
+            kernel[:, :, channels, o] = moved
+    if scale is not None:
+        kernel = kernel * scale
+    return kernel

@@ -17,6 +17,7 @@ import pytest
 
 import reference
 from tf_transform_conv import assignment as assignment_lib
+from tf_transform_conv import families
 from tf_transform_conv import transforms as transforms_lib
 from tf_transform_conv.assignment import AssignmentFit
 from tf_transform_conv.assignment import fit_assignment
@@ -511,3 +512,57 @@ def test_module_imports_numpy_only():
         elif isinstance(node, ast.ImportFrom):
             imported.add(node.module.split(".")[0])
     assert imported <= {"dataclasses", "numpy", "tf_transform_conv"}, imported
+
+
+# ----------------------------------------------------------------------------
+# Learned families
+
+
+@pytest.mark.parametrize("depth_groups", [1, 2])
+@pytest.mark.parametrize("family", ["scalar", "rotation", "affine", "general"])
+def test_learned_fit_reconstructs_its_parameters_and_beats_discrete(family, depth_groups):
+    rng = np.random.default_rng(21)
+    kernel = rng.normal(size=(3, 3, 8, 16))
+    fit = fit_assignment(kernel, 6, "d4", depth_groups=depth_groups, transform_family=family)
+    discrete = fit_assignment(kernel, 6, "d4", depth_groups=depth_groups)
+    assert fit.transforms == discrete.transforms
+    if family in ("scalar", "rotation"):  # d4 already holds every transform they absorb
+        np.testing.assert_array_equal(fit.bases, discrete.bases)
+        np.testing.assert_array_equal(fit.assignment, discrete.assignment)
+    expected = reference.materialize_learned(
+        fit.base_kernel.astype(np.float64), fit.assignment, fit.transforms, family,
+        fit.transform_params.astype(np.float64), fit.scale.astype(np.float64),
+    )
+    np.testing.assert_allclose(fit.reconstruct(), expected, atol=1e-5)
+    assert fit.layer_error < discrete.layer_error
+    # Kept filters are templates with the identity operator.
+    assert fit.templates[:, fit.bases].all() and fit.templates.sum() == depth_groups * 6
+    identity = families.identity_params(family, 3)
+    np.testing.assert_array_equal(fit.transform_params[fit.templates], np.tile(identity, (depth_groups * 6, 1)))
+    assert fit.transform_weights.shape == (depth_groups * 10, identity.size)
+
+
+def test_scalar_fit_rebuilds_per_tap_multiples_exactly():
+    """Every filter a per-tap multiple of one base: the scalar family rebuilds it."""
+    rng = np.random.default_rng(22)
+    base = rng.normal(size=(3, 3, 6, 1))
+    multipliers = rng.uniform(0.5, 2.0, size=(3, 3, 1, 8))
+    kernel = base * multipliers
+    fit = fit_assignment(kernel, 1, "identity", transform_family="scalar")
+    assert fit.layer_error < 1e-6
+    assert fit_assignment(kernel, 1, "identity").layer_error > 0.05
+
+
+@pytest.mark.parametrize("family", ["rotation", "affine", "general"])
+def test_learned_family_takes_over_the_transforms_it_reproduces(family):
+    """Quarter turns of one base, fitted with `transforms="identity"` only: the
+    pairings are chosen through the rotations anyway, and the operator takes
+    them over (starting from their angle or matrix)."""
+    rng = np.random.default_rng(23)
+    base = rng.normal(size=(3, 3, 5, 1))
+    kernel = np.concatenate([np.rot90(base, r, axes=(0, 1)) for r in range(4)], axis=-1)
+    fit = fit_assignment(kernel, 1, "identity", transform_family=family)
+    assert fit.transforms == ("identity",)
+    assert (fit.assignment[..., 1] == 0).all()
+    assert fit.layer_error < 1e-6
+    assert fit_assignment(kernel, 1, "identity", transform_family="scalar").layer_error > 0.1

@@ -46,4 +46,10 @@ def test_analyze_command_finds_planted_redundancy(tmp_path, capsys):
     assert by_set["rotations"]["error"] < 1e-6
     assert by_set["rotations"]["random_error"] > 0.5
     assert by_set["flip_h"]["error"] > 0.1  # mirrors do not rebuild rotations
+    # Learned families, fitted by least squares: a learned rotation of one
+    # kept filter rebuilds every quarter turn; per-tap multipliers cannot.
+    assert by_set["rotation"]["family"] == "rotation"
+    assert by_set["rotation"]["error"] < 1e-6
+    assert by_set["scalar"]["error"] > 0.1
+    assert by_set["d4+scalar"]["error"] < 1e-6
     assert (tmp_path / "analysis.png").stat().st_size > 1000

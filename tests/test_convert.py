@@ -77,6 +77,27 @@ def test_fitted_layer_holds_the_fit(x):
     assert report[0].error == pytest.approx(fit.layer_error, rel=1e-6)
 
 
+@pytest.mark.parametrize("family", ["scalar", "rotation", "affine", "general"])
+def test_learned_family_starts_at_its_least_squares_fit(x, family, tmp_path):
+    model = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Conv2D(16, 3, name="c")])
+    new, report = tc.transform_model(model, sparsity=0.5, transforms="d4",
+                                     transform_family=family)
+    layer = new.layers[0]
+    kernel = np.asarray(model.layers[0].kernel)
+    fit = tc.assignment.fit_assignment(kernel, 8, transforms="d4", transform_family=family)
+    assert_close(layer.materialized_kernel(), fit.reconstruct(), 1e-6)
+    discrete = tc.assignment.fit_assignment(kernel, 8, transforms="d4")
+    assert report[0].error == pytest.approx(fit.layer_error, rel=1e-6)
+    assert report[0].error < discrete.layer_error  # the learned operators help
+    assert layer.transform_family == family
+    np.testing.assert_array_equal(layer.templates, fit.templates)
+    assert report[0].params_after == layer.count_params()
+    path = tmp_path / "m.keras"
+    new.save(path)
+    loaded = keras.saving.load_model(path, safe_mode=True)
+    np.testing.assert_array_equal(loaded(x), new(x))
+
+
 def test_bad_arguments():
     model = nested_model()
     with pytest.raises(ValueError, match="exactly one of `base_ratio` or `sparsity`"):
@@ -89,6 +110,8 @@ def test_bad_arguments():
         tc.transform_model(model, sparsity=0.5, layers=["nope"])
     with pytest.raises(ValueError, match="must include 'identity'"):
         tc.transform_model(model, sparsity=0.5, transforms=["rot90", "rot180"])
+    with pytest.raises(ValueError, match=r"transform_family.*Received transform_family='spin'"):
+        tc.transform_model(model, sparsity=0.5, transform_family="spin")
 
 
 @pytest.mark.slow

@@ -185,6 +185,35 @@ def test_transform_conv_channels_first_output_shape():
     assert cost.macs == 8 * 8 * 3 * 3 * 8 * 16
 
 
+@pytest.mark.parametrize(
+    "family, params_per_filter, terms_per_tap",
+    [("scalar", 9, 1), ("rotation", 2, 9), ("affine", 6, 9), ("general", 81, 9)],
+)
+def test_transform_conv_learned_family(family, params_per_filter, terms_per_tap):
+    """Transform parameters per transformed filter; the second stage's multiply-adds
+    per output value: one per tap (scalar) or per pair of taps."""
+    layer = _tconv("factored", transform_family=family, depth_groups=2)
+    cost = layer_cost(layer, (10, 10, 8))
+    transformed = 2 * (16 - 4)  # per depth group, every output but the 4 bases
+    assert layer.num_transformed == transformed
+    assert cost.transform_params == transformed * params_per_filter
+    assert cost.params == 3 * 3 * 8 * 4 + 16 + transformed * params_per_filter
+    assert cost.transform_macs == 10 * 10 * 16 * 2 * 9 * terms_per_tap
+    assert cost.macs == 10 * 10 * 8 * 3 * 3 * 4 + cost.transform_macs
+    assert cost.adds == 0
+    layer.build((None, 10, 10, 8))
+    assert layer.count_params() == cost.params
+    materialized = layer_cost(_tconv("materialized", transform_family=family), (10, 10, 8))
+    assert materialized.macs == materialized.dense_macs and materialized.transform_macs == 0
+
+
+def test_shifts_second_stage_skips_the_zeroed_taps():
+    layer = TransformConv2D(15, 3, transforms="shifts", padding="same", implementation="factored")
+    cost = layer_cost(layer, (10, 10, 8))
+    # identity keeps 9 taps, each one-tap shift 6: 3 bases per transform.
+    assert cost.adds == 10 * 10 * 3 * (9 + 4 * 6)
+
+
 @pytest.mark.parametrize("scale", [False, True])
 @pytest.mark.parametrize("use_bias", [False, True])
 def test_parameter_formula_matches_count_params(scale, use_bias):

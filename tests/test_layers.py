@@ -1,7 +1,7 @@
 """TransformConv2D: exactness against independent references, Keras citizenship, errors.
 
 Tolerance: float32 outputs are compared with float64 references at
-max |difference| <= 1e-4 * max(1, max |reference|) (DESIGN.md section 4).
+max |difference| <= 1e-4 * max(1, max |reference|).
 """
 
 import json
@@ -21,6 +21,7 @@ from keras.src import testing
 
 import reference
 from tf_transform_conv import TransformConv2D
+from tf_transform_conv import families
 from tf_transform_conv import transforms as transforms_lib
 
 RTOL = 1e-4
@@ -65,6 +66,7 @@ def layer_cases(draw):
     use_bias = draw(st.booleans())
     n = draw(st.integers(1, 3))
     explicit = draw(st.booleans())
+    family = draw(st.sampled_from(families.FAMILIES))
     kwargs = dict(
         kernel_size=kernel_size,
         strides=strides,
@@ -74,6 +76,7 @@ def layer_cases(draw):
         scale=scale,
         use_bias=use_bias,
         transforms=list(names),
+        transform_family=family,
     )
     if explicit:
         filters = draw(st.integers(n, 10))
@@ -95,16 +98,29 @@ def layer_cases(draw):
     return kwargs, (2, h, w, c_in)
 
 
+def full_params(layer):
+    """Every (group, output)'s family parameters: the identity for templates,
+    the rows of `layer.transform` (in group, output order) for the others."""
+    identity = families.identity_params(layer.transform_family, layer.kernel_size)
+    params = np.tile(identity.astype(np.float64), layer.templates.shape + (1,))
+    if layer.transform is not None:
+        params[~layer.templates] = np.asarray(layer.transform, np.float64)
+    return params
+
+
 def reference_output(layer, x):
     base = np.asarray(layer.base_kernel, np.float64)
     scale = None if layer.scale_weight is None else np.asarray(layer.scale_weight, np.float64)
-    kernel = reference.materialize(base, layer.assignment, layer.transforms, scale)
+    kernel = reference.materialize_learned(
+        base, layer.assignment, layer.transforms, layer.transform_family, full_params(layer),
+        scale,
+    )
     bias = None if layer.bias is None else np.asarray(layer.bias, np.float64)
     out = reference.conv2d(x, kernel, bias, layer.strides, layer.padding, layer.dilation_rate)
     return out, kernel
 
 
-@settings(max_examples=60)
+@settings(max_examples=80)
 @given(case=layer_cases(), seed=st.integers(0, 2**16))
 def test_both_paths_match_numpy_and_conv2d(case, seed):
     kwargs, input_shape = case
@@ -122,6 +138,8 @@ def test_both_paths_match_numpy_and_conv2d(case, seed):
         outputs[implementation] = np.asarray(layer(x))
         expected, kernel = reference_output(layer, x)
         assert_close(outputs[implementation], expected, what=implementation)
+        # training=True runs the same forward (with the dense gradient attached).
+        assert_close(layer(x, training=True), expected, what=f"{implementation}, training")
         # The library's materialised kernel is the reference kernel ...
         assert_close(layer.materialized_kernel(), kernel, what="materialized_kernel")
         # ... and a plain Conv2D holding it computes the same output.
@@ -288,6 +306,13 @@ def test_parameter_count():
          "NOT products 1.72 MiB per image"),
         (dict(filters=64, transforms="d4"), (None, None, None, 64), "materialized",
          "spatial size unknown"),
+        # the sampled and general families' second stage needs wider layers
+        (dict(filters=128, transforms="rotations", transform_family="rotation"),
+         (None, 14, 14, 128), "factored", None),
+        (dict(filters=32, transforms="rotations", transform_family="affine"),
+         (None, 14, 14, 32), "materialized", "NOT affine operators with 32 channels"),
+        (dict(filters=32, transforms="rotations", transform_family="scalar"),
+         (None, 14, 14, 32), "factored", None),
     ],
 )
 def test_auto_choice_and_reason(kwargs, input_shape, expected, failing):
@@ -301,26 +326,136 @@ def test_auto_choice_and_reason(kwargs, input_shape, expected, failing):
         assert "factored for inference" in layer.implementation_reason
 
 
+def test_auto_runs_factored_only_for_inference_under_xla(monkeypatch):
+    """Measured: without XLA the factored path's slices run as separate ops
+    (1.1-7x slower than the convolution), and training steps gain nothing."""
+    layer = TransformConv2D(64, 3, transforms="d4", padding="same")
+    x = np.zeros((1, 8, 8, 64), "float32")
+    layer.build(x.shape)
+    assert layer.implementation_used == "factored"
+    assert "factored for inference under XLA" in layer.implementation_reason
+    ran = []
+    original = layer._factored_forward
+    monkeypatch.setattr(layer, "_factored_forward", lambda *a: ran.append(1) or original(*a))
+
+    def runs_factored(fn):
+        ran.clear()
+        fn()
+        return bool(ran)
+
+    assert not runs_factored(lambda: layer(x))  # eager: no XLA
+    assert not runs_factored(lambda: tf.function(lambda v: layer(v))(x))  # graph, no XLA
+    assert runs_factored(lambda: tf.function(lambda v: layer(v), jit_compile=True)(x))
+    assert not runs_factored(
+        lambda: tf.function(lambda v: layer(v, training=True), jit_compile=True)(x)
+    )
+    forced = TransformConv2D(64, 3, transforms="d4", padding="same", implementation="factored")
+    forced.build(x.shape)
+    original_forced = forced._factored_forward
+    monkeypatch.setattr(forced, "_factored_forward",
+                        lambda *a: ran.append(1) or original_forced(*a))
+    assert runs_factored(lambda: forced(x, training=True))  # requested: always
+
+
+def test_factored_training_differentiates_the_dense_convolution():
+    """The regression behind unbounded training memory without XLA: the
+    factored path's own gradient pads a product-sized tensor per shifted
+    slice (StridedSliceGrad). Training steps must use the dense
+    convolution's gradient instead."""
+    layer = TransformConv2D(32, 3, base_filters=8, transforms="d4", padding="same",
+                            implementation="factored", transform_family="scalar")
+    x = tf.random.normal((2, 8, 8, 16))
+    layer.build(x.shape)
+
+    @tf.function
+    def step(x):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(tf.square(layer(x, training=True)))
+        return tape.gradient(loss, layer.trainable_variables)
+
+    graph = step.get_concrete_function(x).graph
+    kinds = {op.type for op in graph.get_operations()}
+    activation_slice_grads = [
+        op.name for op in graph.get_operations()
+        if op.type == "StridedSliceGrad" and op.outputs[0].shape.rank == 4
+        and op.outputs[0].shape[0] == x.shape[0]
+    ]
+    assert not activation_slice_grads
+    assert "Conv2DBackpropFilter" in kinds and "Conv2DBackpropInput" in kinds
+    # ... and the gradients are those of the factored path differentiated directly.
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(tf.square(layer(x, training=False)))
+    direct = tape.gradient(loss, layer.trainable_variables)
+    for got, want in zip(step(x), direct):
+        assert_close(tf.convert_to_tensor(got), tf.convert_to_tensor(want), what="gradient")
+
+
+@pytest.mark.parametrize("family", families.FAMILIES)
+@pytest.mark.parametrize("implementation, training", [("materialized", True),
+                                                      ("factored", True), ("factored", False)])
+def test_gradients_match_central_differences(family, implementation, training):
+    """Every parameter's gradient against central differences of the numpy
+    reference, in float64 (step 1e-6; tolerance 1e-6 of the largest)."""
+    rng = np.random.default_rng(13)
+    kwargs = dict(filters=6, kernel_size=3, base_filters=2, transforms="d4", depth_groups=2,
+                  scale=True, padding="same", strides=2, transform_family=family,
+                  assignment=np.stack([rng.integers(0, 2, (2, 6)), rng.integers(0, 8, (2, 6))],
+                                      -1).tolist())
+    layer = TransformConv2D(implementation=implementation, dtype="float64", **kwargs)
+    x = rng.normal(size=(2, 7, 6, 4))
+    layer.build(x.shape)
+    for v in layer.weights:
+        noise = rng.normal(size=v.shape)
+        v.assign(np.asarray(v) + 0.3 * noise if v.name == "transform" else noise)
+    upstream = rng.normal(size=layer.compute_output_shape(x.shape))
+
+    with tf.GradientTape() as tape:
+        value = tf.reduce_sum(layer(tf.constant(x), training=training) * upstream)
+    grads = dict(zip([v.name for v in layer.trainable_weights],
+                     tape.gradient(value, layer.trainable_weights)))
+
+    # The numpy reference loss of the weights, with each (group, output)'s
+    # operator recomputed only when its own parameters move.
+    values = {v.name: np.asarray(v, np.float64) for v in layer.weights}
+    params = full_params(layer)
+    operators = reference.learned_operators(family, params, layer.kernel_size)
+    pair_of_row = np.argwhere(~layer.templates)
+
+    def loss(values, operators):
+        kernel = reference.materialize_learned(
+            values["base_kernel"], layer.assignment, layer.transforms, family, None,
+            values["scale"], operators,
+        )
+        out = reference.conv2d(x, kernel, values["bias"], layer.strides, layer.padding,
+                               layer.dilation_rate)
+        return float(np.sum(out * upstream))
+
+    step = 1e-6
+    for name, grad in grads.items():
+        numeric = np.zeros_like(values[name])
+        for flat in range(numeric.size):
+            results = []
+            for sign in (1, -1):
+                moved = dict(values)
+                moved[name] = values[name].copy()
+                moved[name].reshape(-1)[flat] += sign * step
+                ops_ = operators
+                if name == "transform":
+                    row = flat // values[name].shape[1]
+                    g, o = pair_of_row[row]
+                    ops_ = operators.copy()
+                    ops_[g, o] = reference.learned_operator(
+                        family, moved[name][row], layer.kernel_size)
+                results.append(loss(moved, ops_))
+            numeric.reshape(-1)[flat] = (results[0] - results[1]) / (2 * step)
+        assert_close(np.asarray(tf.convert_to_tensor(grad)), numeric, rtol=1e-6,
+                     what=f"d/d{name}")
+
+
 def test_requested_implementation_is_kept():
     forced = TransformConv2D(256, 3, transforms="d4", implementation="materialized")
     forced.build((None, 14, 14, 256))
     assert (forced.implementation_used, forced.implementation_reason) == ("materialized", "requested")
-
-
-def test_auto_trains_materialized_below_64_channels_and_infers_factored(monkeypatch):
-    layer = TransformConv2D(32, 3, transforms="d4", padding="same")
-    x = np.zeros((1, 8, 8, 32), "float32")
-    layer.build(x.shape)
-    assert layer.implementation_used == "factored"
-    assert "materialized (< 64 channels per group) for training" in layer.implementation_reason
-
-    def boom(*args):
-        raise AssertionError("factored path ran")
-
-    monkeypatch.setattr(layer, "_factored", boom)
-    layer(x, training=True)  # materialized: no error
-    with pytest.raises(AssertionError, match="factored path ran"):
-        layer(x, training=False)
 
 
 def test_materialized_kernel_needs_build():
@@ -340,14 +475,20 @@ def test_materialized_kernel_needs_build():
              padding="same", scale=True),
         dict(filters=6, kernel_size=(3, 5), transforms="flips", base_filters=2, depth_groups=2,
              assignment=[[0, 0], [1, 1], [0, 2], [1, 3], [1, 0], [0, 1]], implementation="factored"),
+        dict(filters=8, kernel_size=3, transforms="rotations", transform_family="affine",
+             implementation="factored", padding="same"),
+        dict(filters=8, kernel_size=3, transforms="rotations", transform_family="scalar",
+             implementation="materialized", scale=True),
     ],
-    ids=["materialized", "factored-scale", "flips-explicit-groups"],
+    ids=["materialized", "factored-scale", "flips-explicit-groups", "affine-factored",
+         "scalar-materialized"],
 )
 def test_keras_layer_conformance(init_kwargs):
     """The checks Keras runs on its own layers: config, build, symbolic call,
     serialisation, training and mixed precision."""
     case = testing.TestCase()
-    trainable = 1 + 1 + int(init_kwargs.get("scale", False))
+    trainable = (1 + 1 + int(init_kwargs.get("scale", False))
+                 + int(init_kwargs.get("transform_family", "discrete") != "discrete"))
     case.run_layer_test(
         TransformConv2D,
         init_kwargs=init_kwargs,
@@ -393,13 +534,14 @@ def test_fit_with_and_without_jit_agree(implementation):
     np.testing.assert_allclose(loss_jit, loss_eager, rtol=1e-4)
 
 
+@pytest.mark.parametrize("family", ["discrete", "scalar", "rotation"])
 @pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
-def test_mixed_precision(policy, implementation):
+def test_mixed_precision(policy, implementation, family):
     rng = np.random.default_rng(2)
     x = rng.normal(size=(2, 9, 9, 8)).astype("float32")
     kwargs = dict(filters=16, kernel_size=3, transforms="d4", scale=True, padding="same",
-                  implementation=implementation)
+                  implementation=implementation, transform_family=family)
     full = TransformConv2D(**kwargs)
     full.build(x.shape)
     randomize(full, rng)
@@ -409,8 +551,30 @@ def test_mixed_precision(policy, implementation):
     y = mixed(x)
     assert y.dtype == policy.split("_")[1]
     assert mixed.base_kernel.dtype == "float32"
+    if mixed.transform is not None:
+        assert mixed.transform.dtype == "float32"
+    # Training steps too (the factored path's dense gradient in 16 bits).
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(tf.cast(mixed(x, training=True), "float32"))
+    grads = tape.gradient(loss, mixed.trainable_weights)
+    assert all(g is not None and np.isfinite(np.asarray(tf.convert_to_tensor(g))).all()
+               for g in grads)
     # bfloat16 keeps 8 bits of mantissa: ~1e-2 relative, summed over 72 terms.
     assert_close(np.asarray(tf.cast(y, "float32")), full(x), rtol=0.05 if "bfloat" in policy else 5e-3)
+
+
+def test_learned_family_config_round_trip():
+    layer = TransformConv2D(
+        6, 3, base_filters=2, transforms="d4", depth_groups=2, transform_family="rotation",
+        assignment=[[0, 0], [1, 1], [0, 2], [1, 3], [1, 0], [0, 1]],
+        templates=[True, False, False, False, False, True], transform_regularizer="l2",
+    )
+    config = layer.get_config()
+    json.dumps(config)
+    clone = TransformConv2D.from_config(config)
+    assert clone.get_config() == config
+    np.testing.assert_array_equal(clone.templates, layer.templates)
+    assert clone.num_transformed == layer.num_transformed == 8
 
 
 def test_config_round_trip_and_registered_serialization():
@@ -430,15 +594,17 @@ def test_config_round_trip_and_registered_serialization():
     assert restored.get_config() == config
 
 
+@pytest.mark.parametrize("family", ["discrete", "scalar", "affine"])
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
-def test_keras_file_round_trip_in_safe_mode(tmp_path, implementation):
+def test_keras_file_round_trip_in_safe_mode(tmp_path, implementation, family):
     rng = np.random.default_rng(4)
     x = rng.normal(size=(2, 12, 12, 16)).astype("float32")
     assignment = np.stack([rng.integers(0, 4, 32), rng.integers(0, 8, 32)], axis=-1)
     model = keras.Sequential([
         keras.Input((12, 12, 16)),
         TransformConv2D(32, 3, base_filters=4, transforms="d4", assignment=assignment,
-                        scale=True, padding="same", implementation=implementation),
+                        scale=True, padding="same", implementation=implementation,
+                        transform_family=family),
     ])
     randomize(model.layers[0], rng)
     path = tmp_path / "model.keras"
@@ -450,37 +616,49 @@ def test_keras_file_round_trip_in_safe_mode(tmp_path, implementation):
     dense = keras.Sequential([keras.Input((12, 12, 16)), keras.layers.Conv2D(32, 3)])
     dense_path = tmp_path / "dense.keras"
     dense.save(dense_path)
-    assert path.stat().st_size < dense_path.stat().st_size - 3 * 3 * 16 * 28 * 4 * 0.9
+    layer = model.layers[0]
+    saved = 4 * (3 * 3 * 16 * 28 - (0 if layer.transform is None else np.asarray(layer.transform).size))
+    assert path.stat().st_size < dense_path.stat().st_size - 0.9 * saved
 
 
 def test_runs_and_matches_on_jax_backend():
     script = textwrap.dedent(
         """
-        import numpy as np, jax, keras
+        import numpy as np, jax, jax.numpy as jnp, keras
         assert keras.backend.backend() == "jax"
         import sys; sys.path.insert(0, TESTS_DIR)
         import reference
-        from tf_transform_conv import TransformConv2D
+        from tf_transform_conv import TransformConv2D, families
         rng = np.random.default_rng(0)
         x = rng.normal(size=(2, 9, 9, 4)).astype("float32")
         worst = 0.0
+        def full_params(layer):
+            identity = families.identity_params(layer.transform_family, layer.kernel_size)
+            params = np.tile(identity.astype(np.float64), layer.templates.shape + (1,))
+            if layer.transform is not None:
+                params[~layer.templates] = np.asarray(layer.transform)
+            return params
         for impl in ("materialized", "factored"):
-            for kw in (dict(transforms="d4", padding="same", scale=True, depth_groups=2),
-                       dict(transforms="shifts", strides=2, padding="valid")):
-                layer = TransformConv2D(8 * (kw["transforms"] == "d4") + 5 * (kw["transforms"] == "shifts"),
-                                        3, implementation=impl, **kw)
-                layer.build(x.shape)
-                for v in layer.weights:
-                    v.assign(rng.normal(size=v.shape).astype("float32"))
-                scale = None if layer.scale_weight is None else np.asarray(layer.scale_weight)
-                kernel = reference.materialize(np.asarray(layer.base_kernel), layer.assignment,
-                                               layer.transforms, scale)
-                want = reference.conv2d(x, kernel, np.asarray(layer.bias), layer.strides,
-                                        layer.padding, layer.dilation_rate)
-                eager = np.asarray(layer(x))
-                jitted = np.asarray(jax.jit(lambda v: layer(v))(x))
-                for got in (eager, jitted):
-                    worst = max(worst, float(np.abs(got - want).max()) / max(1.0, float(np.abs(want).max())))
+            for family in families.FAMILIES:
+                for kw in (dict(transforms="d4", padding="same", scale=True, depth_groups=2),
+                           dict(transforms="shifts", strides=2, padding="valid")):
+                    layer = TransformConv2D(8 * (kw["transforms"] == "d4") + 5 * (kw["transforms"] == "shifts"),
+                                            3, implementation=impl, transform_family=family, **kw)
+                    layer.build(x.shape)
+                    for v in layer.weights:
+                        v.assign(rng.normal(size=v.shape).astype("float32"))
+                    scale = None if layer.scale_weight is None else np.asarray(layer.scale_weight)
+                    kernel = reference.materialize_learned(
+                        np.asarray(layer.base_kernel), layer.assignment, layer.transforms,
+                        family, full_params(layer), scale)
+                    want = reference.conv2d(x, kernel, np.asarray(layer.bias), layer.strides,
+                                            layer.padding, layer.dilation_rate)
+                    eager = np.asarray(layer(x))
+                    jitted = np.asarray(jax.jit(lambda v: layer(v))(x))
+                    grads = jax.grad(lambda v: jnp.sum(layer(v, training=True) ** 2))(x)
+                    assert np.isfinite(np.asarray(grads)).all()
+                    for got in (eager, jitted):
+                        worst = max(worst, float(np.abs(got - want).max()) / max(1.0, float(np.abs(want).max())))
         print("WORST", worst)
         """
     ).replace("TESTS_DIR", repr(os.path.dirname(__file__)))
@@ -539,23 +717,6 @@ def test_bad_inputs_raise_clear_errors():
         layer(np.zeros((1, 5, 5, 4), "float32"))
 
 
-def test_factored_gather_fallback_matches_reference(monkeypatch):
-    """Assignments too scattered for contiguous segments take the per-tap gather route."""
-    from tf_transform_conv import layers as layers_lib
-
-    monkeypatch.setattr(layers_lib, "_MAX_SLICES", 0)
-    rng = np.random.default_rng(11)
-    assignment = np.stack([rng.integers(0, 3, (2, 12)), rng.integers(0, 12, (2, 12))], axis=-1)
-    layer = TransformConv2D(12, 3, base_filters=3, transforms="all", assignment=assignment,
-                            depth_groups=2, scale=True, padding="same", implementation="factored")
-    x = rng.normal(size=(2, 6, 7, 4)).astype("float32")
-    layer.build(x.shape)
-    randomize(layer, rng)
-    assert layer._factored_plan.num_slices() > 0
-    expected, _ = reference_output(layer, x)
-    assert_close(layer(x), expected)
-
-
 def test_default_assignment_needs_no_output_permutation():
     layer = TransformConv2D(16, 3, transforms="d4", depth_groups=2)
     layer.build((None, 8, 8, 4))
@@ -563,11 +724,114 @@ def test_default_assignment_needs_no_output_permutation():
     assert len(layer._factored_plan.segments) == 8  # one per transform block
 
 
-def test_auto_trains_factored_from_64_channels(monkeypatch):
-    layer = TransformConv2D(64, 3, transforms="d4", padding="same")
-    x = np.zeros((1, 8, 8, 64), "float32")
-    layer.build(x.shape)
-    assert "factored for inference, factored for training" in layer.implementation_reason
-    monkeypatch.setattr(layer, "_factored", lambda *a: (_ for _ in ()).throw(AssertionError("ran")))
-    with pytest.raises(AssertionError, match="ran"):
-        layer(x, training=True)
+
+
+def test_gathered_sums_match_reference_for_every_family(monkeypatch):
+    """Assignments too scattered for contiguous segments take the per-tap gather route."""
+    from tf_transform_conv import factored
+
+    monkeypatch.setattr(factored, "MAX_SLICE_TERMS", 0)
+    rng = np.random.default_rng(11)
+    assignment = np.stack([rng.integers(0, 3, (2, 12)), rng.integers(0, 12, (2, 12))], axis=-1)
+    x = rng.normal(size=(2, 6, 7, 4)).astype("float32")
+    for family in families.FAMILIES:
+        layer = TransformConv2D(12, 3, base_filters=3, transforms="all", assignment=assignment,
+                                depth_groups=2, scale=True, padding="same",
+                                implementation="factored", transform_family=family)
+        layer.build(x.shape)
+        randomize(layer, rng)
+        expected, _ = reference_output(layer, x)
+        assert_close(layer(x), expected, what=family)
+
+
+# ----------------------------------------------------------------------------
+# Learned families: templates and starting points
+
+
+def test_templates_are_each_bases_first_identity_output():
+    layer = TransformConv2D(6, 3, base_filters=2, transforms=["identity", "rot90"],
+                            transform_family="scalar",
+                            assignment=[[1, 0], [0, 1], [1, 0], [0, 0], [0, 0], [1, 1]])
+    np.testing.assert_array_equal(layer.templates[0], [True, False, False, True, False, False])
+    assert layer.num_transformed == 4
+    layer.build((None, 5, 5, 3))
+    assert tuple(layer.transform.shape) == (4, 9)
+    assert layer.count_params() == 3 * 3 * 3 * 2 + 6 + 4 * 9  # bases, bias, multipliers
+
+
+def test_default_layout_learns_every_output_but_the_bases():
+    layer = TransformConv2D(16, 3, transforms="rotations", transform_family="rotation",
+                            depth_groups=2)
+    np.testing.assert_array_equal(layer.templates, np.arange(16)[None].repeat(2, 0) < 4)
+    layer.build((None, 8, 8, 4))
+    assert tuple(layer.transform.shape) == (2 * 12, 2)
+
+
+def test_learned_default_assignment_may_repeat_the_transforms():
+    """The paper's layout: few templates, every other filter a learned transform."""
+    layer = TransformConv2D(8, 3, base_filters=2, transforms="identity", transform_family="scalar")
+    np.testing.assert_array_equal(layer.assignment[0], [[o % 2, 0] for o in range(8)])
+    np.testing.assert_array_equal(layer.templates[0], [True, True] + [False] * 6)
+    with pytest.raises(ValueError, match=r"filters == base_filters \* len\(transforms\)"):
+        TransformConv2D(8, 3, base_filters=2, transforms="identity")
+
+
+@pytest.mark.parametrize("family", ["scalar", "rotation", "affine", "general"])
+def test_switching_family_keeps_the_outputs(family):
+    """A learned layer starts exactly as its discrete layer."""
+    rng = np.random.default_rng(14)
+    x = rng.normal(size=(2, 8, 8, 6)).astype("float32")
+    kwargs = dict(filters=12, kernel_size=3, transforms="shifts", base_filters=3, scale=True,
+                  assignment=np.stack([rng.integers(0, 3, 12), rng.integers(0, 5, 12)], -1).tolist(),
+                  padding="same")
+    discrete = TransformConv2D(**kwargs)
+    discrete.build(x.shape)
+    randomize(discrete, rng)
+    for implementation in IMPLEMENTATIONS:
+        learned = TransformConv2D(transform_family=family, implementation=implementation, **kwargs)
+        learned.build(x.shape)
+        learned.set_weights(discrete.get_weights() + [np.asarray(learned.transform)])
+        np.testing.assert_allclose(learned(x), discrete(x), atol=1e-5)
+        np.testing.assert_array_equal(
+            learned.materialized_kernel(), discrete.materialized_kernel()
+        )
+
+
+def test_transform_operators_build_the_kernel():
+    rng = np.random.default_rng(15)
+    layer = TransformConv2D(8, 3, base_filters=2, transforms="d4", transform_family="affine",
+                            depth_groups=2, scale=True)
+    layer.build((None, 6, 6, 4))
+    randomize(layer, rng)
+    operators = np.asarray(layer.transform_operators())
+    base = np.asarray(layer.base_kernel, np.float64)
+    kernel = np.asarray(layer.materialized_kernel())
+    scale = np.asarray(layer.scale_weight)
+    for k in range(2):
+        for o in range(8):
+            b = layer.assignment[k, o, 0]
+            want = scale[o] * operators[k, o] @ base[:, :, 2 * k:2 * k + 2, b].reshape(9, 2)
+            np.testing.assert_allclose(kernel[:, :, 2 * k:2 * k + 2, o].reshape(9, 2), want,
+                                       atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(transform_family="spin"), r"transform_family.*'discrete'.*'spin'"),
+        (dict(templates=[True] * 8), r"`templates` applies to the learned transform families"),
+        (dict(transform_family="scalar", templates=[1] * 8), r"`templates` to be booleans"),
+        (dict(transform_family="scalar", templates=[True] * 3),
+         r"`templates` of shape \(filters,\) = \(8,\).*Received shape \(3,\)"),
+    ],
+)
+def test_bad_family_arguments_raise_clear_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        TransformConv2D(8, 3, transforms="rotations", **kwargs)
+
+
+def test_valid_padding_on_a_too_small_input_is_an_error_at_build():
+    """As Conv2D: no silently empty output."""
+    for channels in (3, 32):
+        with pytest.raises(ValueError, match=r"Computed output size would be zero or negative"):
+            TransformConv2D(8, 5, transforms="rotations")(np.zeros((1, 4, 4, channels), "float32"))

@@ -31,7 +31,23 @@ CASES = {
         activation="softmax", assignment=[[[0, 0], [0, 1], [0, 2], [0, 3], [1, 0], [0, 2]]]),
     "channels_first": dict(filters=8, kernel_size=3, base_filters=2, transforms="rotations",
                            padding="same", data_format="channels_first"),
+    # The learned families: the spread kernel holds the operators' entries.
+    "scalar_rotations": dict(filters=16, kernel_size=3, base_filters=4, transforms="rotations",
+                             padding="same", transform_family="scalar", activation="relu"),
+    "rotation_groups_2": dict(filters=16, kernel_size=3, base_filters=4, transforms="rotations",
+                              padding="same", depth_groups=2, scale=True,
+                              transform_family="rotation"),
+    "affine_shifts_assignment": dict(
+        filters=10, kernel_size=3, base_filters=3, transforms="shifts", padding="same",
+        transform_family="affine",
+        assignment=np.random.default_rng(4).integers(0, 3, size=(1, 10, 2)).tolist()),
+    "general_d4_stride2": dict(filters=16, kernel_size=3, base_filters=2, transforms="d4",
+                               strides=2, padding="valid", transform_family="general"),
 }
+
+# The most nonzeros in one output's spread column: taps per tap (discrete and
+# scalar: one), or four (bilinear sampling), or every tap (general).
+NONZEROS_PER_TAP = {"discrete": 1, "scalar": 1, "rotation": 4, "affine": 4, "general": None}
 
 
 def layer_model(config, seed=0):
@@ -41,7 +57,10 @@ def layer_model(config, seed=0):
     outputs = TransformConv2D(**config, name="tc")(inputs)
     model = keras.Model(inputs, outputs)
     for weight in model.weights:  # random scales and biases, not ones and zeros
-        weight.assign(rng.normal(size=weight.shape).astype("float32"))
+        noise = rng.normal(size=weight.shape)
+        if weight.name == "transform":  # learned operators moved off the identity
+            noise = np.asarray(weight) + 0.4 * noise
+        weight.assign(noise.astype("float32"))
     return model
 
 
@@ -73,10 +92,12 @@ def test_plan_composes_to_the_materialized_kernel(case):
     plan = lowering.grouped_plan(layer)
     expected = keras.ops.convert_to_numpy(layer.materialized_kernel())
     np.testing.assert_allclose(kernel_from_plan(plan, layer), expected, rtol=1e-6, atol=1e-6)
-    # The spread kernel has at most one nonzero per (output, tap): kh*kw of (kh*kw)**2.
+    # The spread kernel stores each operator's nonzeros: for the discrete and
+    # scalar families one per (output, tap), kh*kw of (kh*kw)**2.
     taps = np.prod(layer.kernel_size)
     nonzeros = (plan.spread_kernel != 0).reshape(-1, plan.spread_outputs()).sum(axis=0)
-    assert nonzeros.max() <= taps
+    per_tap = NONZEROS_PER_TAP[layer.transform_family] or taps
+    assert nonzeros.max() <= per_tap * taps
 
 
 @pytest.mark.parametrize("case", ["rotations_same", "depth_groups_2", "softmax_after_gather",
@@ -121,7 +142,11 @@ def grouped_exports(tmp_path_factory):
 def test_grouped_file_matches_keras(grouped_exports, case):
     model, result = grouped_exports[case]
     layer = model.get_layer("tc")
-    assert result.op_counts["CONV_2D"] == 2 and result.op_counts["DENSIFY"] == 1, result.op_counts
+    assert result.op_counts["CONV_2D"] == 2, result.op_counts
+    # A sparse spread kernel is stored sparse and densified once; the general
+    # family's operators fill it, so it is stored dense.
+    sparse = layer.transform_family != "general"
+    assert result.op_counts.get("DENSIFY", 0) == int(sparse), result.op_counts
     assert "STRIDED_SLICE" not in result.op_counts
     if layer.get_config()["activation"] == "relu":  # applied before reordering: fused
         assert "RELU" not in result.op_counts, result.op_counts
@@ -254,3 +279,30 @@ def test_tap_tables_cover_every_transform_in_the_plan():
             expected = np.zeros(9)
             expected[src[t, u]] = scale[o]
             np.testing.assert_array_equal(column[u], expected)
+
+
+def test_scalar_family_file_costs_what_the_discrete_file_costs(tmp_path):
+    """The multipliers ride in the spread kernel's nonzeros: same operators, same bytes."""
+    config = dict(filters=64, kernel_size=3, base_filters=16, transforms="rotations",
+                  padding="same")
+    discrete = export.export_tflite(layer_model(config), tmp_path / "d.tflite")
+    scalar = export.export_tflite(layer_model(dict(config, transform_family="scalar")),
+                                  tmp_path / "s.tflite")
+    assert scalar.op_counts == discrete.op_counts
+    assert scalar.bytes <= 1.1 * discrete.bytes
+
+
+@pytest.mark.parametrize("family", ["rotation", "affine", "general"])
+def test_auto_writes_dense_operator_families_grouped(family):
+    """Where the discrete family's 2-wide groups lose to slices, a family whose
+    slices multiply-add every pair of taps is still written grouped."""
+    inputs = keras.Input((8, 8, 32))
+    config = dict(filters=32, kernel_size=3, base_ratio=0.5, transforms=["identity", "rot180"],
+                  padding="same")
+    discrete = TransformConv2D(**config)
+    discrete(inputs)
+    assert export.lowering_choice(discrete)[0] == "slices"
+    learned = TransformConv2D(**config, transform_family=family)
+    learned(inputs)
+    form, reason = export.lowering_choice(learned)
+    assert form == "grouped" and "pair of taps" in reason, reason

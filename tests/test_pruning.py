@@ -144,6 +144,39 @@ def test_strip_keeps_outputs_and_parameter_count(data, depth_groups, scale):
         assert layer.count_params() == cost.parameter_formula(3, c_in, 16, 4, scale, True)
 
 
+@pytest.mark.parametrize("family", ["scalar", "rotation", "affine", "general"])
+def test_learned_family_starts_at_its_least_squares_fit(data, family, tmp_path):
+    """At the pruning step, each reconstructed filter is its least-squares fit;
+    training then moves the operators; strip and .keras keep the outputs."""
+    model = keras.Sequential([keras.Input((7, 7, 4)), keras.layers.Conv2D(8, 3, name="c")])
+    kernel = np.asarray(model.layers[0].kernel)
+    schedule = tfmot.sparsity.keras.ConstantSparsity(0.5, 0, frequency=100)
+    wrapped = tc.prune_model(model, schedule, transforms="d4", transform_family=family)
+    tc.update_pruning_step(wrapped, 0)
+    wrapper = wrappers(wrapped)[0]
+    fit = tc.assignment.fit_assignment(kernel, 4, "d4", transform_family=family)
+    assert_close(wrapper.effective_kernel(), fit.reconstruct(), 1e-5)
+    replaced = np.asarray(wrapper.reconstructed)
+    np.testing.assert_allclose(
+        np.asarray(wrapper.transform_params)[:, replaced], fit.transform_params[:, replaced],
+        rtol=1e-6, atol=1e-6,
+    )
+    x = data[0][:8, :7, :7]
+    y = np.random.default_rng(0).normal(size=(8, 5, 5, 8)).astype("float32")
+    wrapped.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse")
+    before = np.asarray(wrapper.transform_params).copy()
+    wrapped.fit(x, y, epochs=2, verbose=0, callbacks=[tc.UpdateTransformPruningStep()])
+    moved = np.abs(np.asarray(wrapper.transform_params) - before)[:, replaced]
+    assert moved.max() > 0, "the operators of reconstructed filters did not train"
+    stripped = tc.strip_model(wrapped)
+    layer = stripped.layers[0]
+    assert layer.transform_family == family and layer.num_transformed == 4
+    assert_close(stripped(x), wrapped(x), 1e-5)
+    wrapped.save(tmp_path / "wrapped.keras")
+    loaded = keras.saving.load_model(tmp_path / "wrapped.keras", safe_mode=True)
+    np.testing.assert_allclose(loaded(x), wrapped(x), rtol=1e-6, atol=1e-6)
+
+
 def test_wrapped_and_stripped_models_save_and_load_safely(tmp_path, data):
     schedule = tfmot.sparsity.keras.PolynomialDecay(0.0, 0.5, begin_step=0, end_step=4, frequency=2)
     wrapped = tc.prune_model(small_model(), schedule, transforms="rotations")

@@ -4,7 +4,7 @@ Given a trained `Conv2D` kernel `W` of shape `(kh, kw, c_in, F)`, choose `n`
 of its filters to keep (the *bases*) and give every output `o` (and, with
 `depth_groups=g`, every contiguous group `k` of its input channels) the kept
 filter `b` and transform `t` that best reconstruct it, plus one scale per
-output (`DESIGN.md`, section 5):
+output:
 
     cost(o, b, t) = min_a || W_o - a * T_t(W_b) ||^2
     a* = <W_o, T_t(W_b)> / ||T_t(W_b)||^2        (0 when T_t(W_b) = 0)
@@ -29,6 +29,7 @@ import dataclasses
 
 import numpy as np
 
+from tf_transform_conv import families as families_lib
 from tf_transform_conv import transforms as transforms_lib
 
 #: The criteria that choose which filters stay bases.
@@ -73,6 +74,13 @@ class AssignmentFit:
         relative_errors: float64 array `(F,)`, `||W_o - rec_o|| / ||W_o||`
             (0 where `W_o` is zero).
         norms: float64 array `(F,)`, `||W_o||`, the fitted kernel's filter norms.
+        transform_family: the family of the transforms (`"discrete"`, or a
+            learned family of `tf_transform_conv.families`).
+        transform_params: float32 array `(depth_groups, F, p)`, each
+            output's family parameters (`p = 0` for the discrete family);
+            the kept filters hold the identity parameters.
+        templates: bool array `(depth_groups, F)`: the kept filters, whose
+            operator is the identity (`TransformConv2D(templates=...)`).
     """
 
     bases: np.ndarray
@@ -83,13 +91,27 @@ class AssignmentFit:
     errors: np.ndarray
     relative_errors: np.ndarray
     norms: np.ndarray
+    transform_family: str = "discrete"
+    transform_params: np.ndarray = None
+    templates: np.ndarray = None
 
     def __repr__(self):
         return (
             f"AssignmentFit(filters={self.assignment.shape[1]}, bases={len(self.bases)}, "
             f"depth_groups={self.depth_groups}, transforms={self.transforms}, "
-            f"layer_error={self.layer_error:.4g})"
+            + ("" if self.transform_family == "discrete"
+               else f"transform_family={self.transform_family!r}, ")
+            + f"layer_error={self.layer_error:.4g})"
         )
+
+    @property
+    def transform_weights(self):
+        """The rows of `transform_params` a `TransformConv2D` learns: `(transformed, p)`.
+
+        The non-template (group, filter) pairs in (group, filter) order: the
+        layer's `transform` weight when built with `templates=self.templates`.
+        """
+        return self.transform_params[~self.templates]
 
     @property
     def depth_groups(self):
@@ -105,21 +127,22 @@ class AssignmentFit:
     def reconstruct(self):
         """The reconstructed dense kernel `(kh, kw, c_in, F)`, float32.
 
-        `W[..., group k, o] = scale[o] * T_{t_k(o)}(base_kernel[..., group k, b_k(o)])`,
-        built with `transforms.apply_table`: the same kernel as
+        `W[..., group k, o] = scale[o] * S_{k,o}(base_kernel[..., group k, b_k(o)])`
+        with `S = L(transform_params) @ T_t` (`tf_transform_conv.families`),
+        built with numpy: the same kernel as
         `TransformConv2D.materialized_kernel()` for this base kernel,
-        assignment and scale.
+        assignment, scale and transform parameters.
         """
-        kh, kw, c_in, n = self.base_kernel.shape
-        g, filters, _ = self.assignment.shape
-        tables = transforms_lib.tap_tables(self.transforms, (kh, kw))
-        moved = np.stack([transforms_lib.apply_table(self.base_kernel, src) for src in tables])
-        moved = moved.reshape(len(tables), kh, kw, g, c_in // g, n)
-        b, t = self.assignment[..., 0], self.assignment[..., 1]
-        group = np.arange(g)[:, None]
-        picked = moved[t, :, :, group, :, b]  # (g, F, kh, kw, c_in / g)
-        kernel = picked.transpose(2, 3, 0, 4, 1).reshape(kh, kw, c_in, filters)
-        return (kernel * self.scale).astype(np.float32)
+        kernel = _transformed_bases(
+            self.base_kernel.astype(np.float64), self.assignment, self.transforms
+        )  # (g, F, taps, c_in / g)
+        if self.transform_family != "discrete":
+            kh, kw = self.base_kernel.shape[:2]
+            operators = families_lib.operator(
+                self.transform_family, self.transform_params, (kh, kw)
+            )
+            kernel = operators @ kernel
+        return (_to_kernel(kernel, self.base_kernel.shape[:2]) * self.scale).astype(np.float32)
 
 
 def fit_assignment(
@@ -130,6 +153,7 @@ def fit_assignment(
     scale=True,
     criterion="reconstruction",
     candidates=None,
+    transform_family="discrete",
 ):
     """Chooses base filters and a `(base, transform, scale)` for every output of a kernel.
 
@@ -183,6 +207,14 @@ def fit_assignment(
             stay bases (at least `base_filters` of them); by default every
             filter. Pruning passes the current bases, since a filter once
             replaced stays replaced.
+        transform_family: `"discrete"` (default) or a learned family
+            (`"scalar"`, `"rotation"`, `"affine"`, `"general"`). The bases
+            and each output's `(base, transform)` are chosen as above; then
+            every reconstructed (group, output) gets the family parameters
+            of its least-squares fit (`families.fit`) on top of its discrete
+            transform. The scalar, rotation and general families carry their
+            own amplitude, so their reconstructed outputs get scale 1; the
+            affine family keeps a scale, refitted after the matrices.
 
     Returns:
         An `AssignmentFit` with `bases`, `assignment`, `scale`,
@@ -212,6 +244,16 @@ def fit_assignment(
     kernel64, n, names, g, cand = _validate(
         kernel, base_filters, transforms, depth_groups, criterion, candidates
     )
+    families_lib.check_family(transform_family)
+    if transform_family != "discrete":
+        # Choose the bases and pairings with every discrete transform the
+        # family reproduces too (a learned rotation finds quarter turns of a
+        # base even when `transforms` has none); those are then taken over
+        # by the operator, starting from it.
+        absorbed = families_lib.absorbed_transforms(transform_family, kernel64.shape[:2])
+        extended = names + tuple(t for t in absorbed if t not in names)
+        fit = fit_assignment(kernel64, n, extended, g, scale, criterion, candidates)
+        return _fit_learned(fit, kernel64, transform_family, bool(scale), names)
     kh, kw, c_in, filters = kernel64.shape
     identity = names.index("identity")
     tables = transforms_lib.tap_tables(names, (kh, kw))
@@ -658,6 +700,8 @@ def _finish(kernel, wg, wg32, names, tables, identity, scale, bases, cost, best,
     fit_scale = outputs.astype(np.float32)
 
     norms = np.sqrt(np.einsum("hwcf,hwcf->f", kernel, kernel))
+    templates = np.zeros((g, filters), bool)
+    templates[:, bases] = True
     partial = AssignmentFit(
         bases=bases,
         assignment=assignment,
@@ -667,6 +711,8 @@ def _finish(kernel, wg, wg32, names, tables, identity, scale, bases, cost, best,
         errors=np.zeros(filters),
         relative_errors=np.zeros(filters),
         norms=norms,
+        transform_params=np.zeros((g, filters, 0), np.float32),
+        templates=templates,
     )
     residual = kernel - partial.reconstruct()
     errors = np.einsum("hwcf,hwcf->f", residual, residual)
@@ -679,7 +725,110 @@ def _finish(kernel, wg, wg32, names, tables, identity, scale, bases, cost, best,
         errors=errors,
         relative_errors=relative,
         norms=norms,
+        transform_params=partial.transform_params,
+        templates=templates,
     )
     for value in arrays.values():
         value.flags.writeable = False
     return AssignmentFit(transforms=tuple(names), **arrays)
+
+
+# ----------------------------------------------------------------------
+# Learned families
+
+
+def _transformed_bases(base_kernel, assignment, transforms):
+    """`T_{t_k(o)}(B[..., group k, b_k(o)])` on flattened taps: `(g, F, taps, c_in / g)`."""
+    kh, kw, c_in, n = base_kernel.shape
+    g, filters, _ = assignment.shape
+    tables = transforms_lib.tap_tables(transforms, (kh, kw))
+    moved = np.stack([transforms_lib.apply_table(base_kernel, src) for src in tables])
+    moved = moved.reshape(len(tables), kh * kw, g, c_in // g, n)
+    b, t = assignment[..., 0], assignment[..., 1]
+    group = np.arange(g)[:, None]
+    return moved[t, :, group, :, b]  # (g, F, taps, c_in / g)
+
+
+def _to_kernel(per_output, kernel_size):
+    """`(g, F, taps, c_in / g)` -> the Keras kernel `(kh, kw, c_in, F)`."""
+    g, filters, taps, cg = per_output.shape
+    kh, kw = kernel_size
+    return per_output.transpose(2, 0, 3, 1).reshape(kh, kw, g * cg, filters)
+
+
+def _fit_learned(fit, kernel, family, scale, names):
+    """The discrete `fit` with each reconstructed output's learned operator fitted.
+
+    `fit` chose among `names` and the transforms the family absorbs (listed
+    after `names`); a pairing through an absorbed transform becomes
+    `identity` plus an operator fitted from that transform's parameters.
+    Targets are the kernel's filters (per depth group), sources their
+    discretely transformed bases. Families with an amplitude (scalar,
+    rotation, general) fit the target itself and take scale 1; the affine
+    family fits `target / scale` and then refits the shared scale.
+    """
+    kh, kw, c_in, filters = kernel.shape
+    g = fit.depth_groups
+    templates = np.zeros((g, filters), bool)
+    templates[:, fit.bases] = True
+    table = np.asarray(fit.assignment).copy()
+    absorbed = table[..., 1] >= len(names)
+    starts = np.tile(families_lib.identity_params(family, (kh, kw)).astype(np.float64),
+                     (g, filters, 1))
+    for k, o in zip(*np.nonzero(absorbed)):
+        starts[k, o] = families_lib.absorbed_params(family, fit.transforms[table[k, o, 1]],
+                                                    (kh, kw))
+    table[..., 1] = np.where(absorbed, names.index("identity"), table[..., 1])
+    fit = dataclasses.replace(fit, assignment=table.astype(np.int32), transforms=tuple(names))
+    targets = kernel.reshape(kh * kw, g, c_in // g, filters).transpose(1, 3, 0, 2)
+    sources = _transformed_bases(kernel[..., fit.bases], table, fit.transforms)
+    amplitude = family != "affine"
+    scale_of = np.asarray(fit.scale, np.float64).copy()
+    if amplitude or not scale:
+        divisor = np.ones(filters)
+    else:
+        divisor = np.where(scale_of != 0, scale_of, 1.0)
+    learned = ~templates
+    params = np.tile(
+        families_lib.identity_params(family, (kh, kw)).astype(np.float64), (g, filters, 1)
+    )
+    if learned.any():
+        fitted, _ = families_lib.fit(
+            family,
+            (targets / divisor[None, :, None, None])[learned],
+            sources[learned],
+            (kh, kw),
+            starts=starts[learned],
+        )
+        params[learned] = fitted
+    if scale and amplitude:
+        scale_of[~templates.all(axis=0)] = 1.0
+    elif scale:
+        # One scale per output over its groups: a = sum <W, L S> / sum ||L S||^2.
+        rebuilt = families_lib.operator(family, params, (kh, kw)) @ sources
+        num = np.einsum("gftc,gftc->f", targets, rebuilt)
+        den = np.einsum("gftc,gftc->f", rebuilt, rebuilt)
+        refit = np.where(den > 0, num / np.where(den > 0, den, 1.0), 0.0)
+        scale_of = np.where(templates.all(axis=0), scale_of, refit)
+    partial = dataclasses.replace(
+        fit,
+        scale=scale_of.astype(np.float32),
+        transform_family=family,
+        transform_params=params.astype(np.float32),
+        templates=templates,
+    )
+    residual = kernel - partial.reconstruct().astype(np.float64)
+    errors = np.einsum("hwcf,hwcf->f", residual, residual)
+    norms = np.asarray(fit.norms)
+    relative = np.where(norms > 0, np.sqrt(errors) / np.where(norms > 0, norms, 1.0), 0.0)
+    arrays = dict(
+        assignment=fit.assignment,
+        scale=partial.scale,
+        transform_params=partial.transform_params,
+        templates=templates,
+        errors=errors,
+        relative_errors=relative,
+    )
+    for value in arrays.values():
+        value.flags.writeable = False
+    return dataclasses.replace(partial, **arrays)

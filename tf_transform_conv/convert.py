@@ -12,6 +12,7 @@ import dataclasses
 import keras
 import numpy as np
 
+from tf_transform_conv import families as families_lib
 from tf_transform_conv import transforms as transforms_lib
 from tf_transform_conv.assignment import fit_assignment
 from tf_transform_conv.cost import parameter_formula
@@ -184,7 +185,10 @@ def rewrite_model(model, replace):
     return clone
 
 
-def transform_conv_from_conv2d(conv, base_kernel, assignment, transforms, scale=None):
+def transform_conv_from_conv2d(
+    conv, base_kernel, assignment, transforms, scale=None,
+    transform_family="discrete", templates=None, transform_weights=None,
+):
     """The `TransformConv2D` replacing `conv`, and the weights to give it.
 
     Args:
@@ -195,8 +199,14 @@ def transform_conv_from_conv2d(conv, base_kernel, assignment, transforms, scale=
             `base_kernel`.
         transforms: the transform names the table indexes.
         scale: per-output scale `(filters,)`, or None for no scale.
+        transform_family: the layer's family.
+        templates: for a learned family, the `(depth_groups, filters)`
+            outputs that learn no operator.
+        transform_weights: for a learned family, the parameters of the other
+            outputs, `(transformed, p)` in (group, filter) order.
     """
     assignment = np.asarray(assignment)
+    learned = transform_family != "discrete"
     layer = TransformConv2D(
         conv.filters,
         conv.kernel_size,
@@ -209,6 +219,8 @@ def transform_conv_from_conv2d(conv, base_kernel, assignment, transforms, scale=
         assignment=assignment.tolist(),
         scale=scale is not None,
         depth_groups=assignment.shape[0],
+        transform_family=transform_family,
+        templates=np.asarray(templates).tolist() if learned else None,
         activation=conv.activation,
         use_bias=conv.use_bias,
         kernel_regularizer=conv.kernel_regularizer,
@@ -224,6 +236,8 @@ def transform_conv_from_conv2d(conv, base_kernel, assignment, transforms, scale=
         weights.append(np.asarray(scale, "float32"))
     if conv.use_bias:
         weights.append(np.asarray(conv.bias))
+    if learned and len(transform_weights):
+        weights.append(np.asarray(transform_weights, "float32"))
     return layer, weights
 
 
@@ -236,6 +250,7 @@ def transform_model(
     depth_groups=1,
     scale=True,
     layers=None,
+    transform_family="discrete",
 ):
     """Rewrites the chosen `Conv2D`s of a model as fitted `TransformConv2D`s.
 
@@ -257,6 +272,10 @@ def transform_model(
         scale: whether reconstructed filters carry a scale.
         layers: None (every eligible convolution), names, a class, or a
             predicate `layer -> bool`.
+        transform_family: `"discrete"` (default) or a learned family
+            (`"scalar"`, `"rotation"`, `"affine"`, `"general"`): each
+            reconstructed filter's operator starts at its least-squares fit
+            to the filter it replaces (`fit_assignment`).
 
     Returns:
         `(new_model, report)`: the report lists a `LayerReport` per
@@ -289,6 +308,7 @@ def transform_model(
         )
     if sparsity is not None and not 0 <= sparsity < 1:
         raise ValueError(f"Expected sparsity in [0, 1). Received sparsity={sparsity}.")
+    families_lib.check_family(transform_family)
     names = transforms_lib.resolve_transforms(transforms)
     if "identity" not in names:
         raise ValueError(
@@ -323,14 +343,17 @@ def transform_model(
             depth_groups=depth_groups,
             scale=scale,
             criterion=criterion,
+            transform_family=transform_family,
         )
         new, weights = transform_conv_from_conv2d(
             layer, fit.base_kernel, fit.assignment, fit.transforms,
-            fit.scale if scale else None,
+            fit.scale if scale else None, transform_family, fit.templates,
+            fit.transform_weights,
         )
         after = parameter_formula(
             layer.kernel_size, kernel.shape[2], layer.filters, len(fit.bases),
-            scale, layer.use_bias,
+            scale, layer.use_bias, transform_family,
+            int((~fit.templates).sum()) if transform_family != "discrete" else 0,
         )
         report[layer.name] = LayerReport(
             layer.name, "Conv2D", True, "", before, after, len(fit.bases),

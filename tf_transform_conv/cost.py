@@ -11,14 +11,17 @@ multiply-adds are counted:
   `H' * W' * kh * kw * c_in * depth_multiplier`.
 - `keras.layers.Dense`, on inputs of any rank `(..., c_in)`:
   `prod(...) * c_in * units`.
-- `TransformConv2D`, both execution paths (see `DESIGN.md`, section 4):
-  the materialised path costs what the equivalent `Conv2D` costs
-  (`dense_macs`); the factored path costs the base convolution's products,
-  `H * W * c_in * kh * kw * base_filters` multiply-adds over the input
-  (padded, where the factored path pads the input rather than the products),
-  plus
-  `H' * W' * filters * kh * kw * depth_groups` additions, counted
-  separately as `adds`.
+- `TransformConv2D`, both execution paths: the materialised path costs
+  what the equivalent `Conv2D` costs (`dense_macs`); the factored path costs
+  the base convolution's products, `H * W * c_in * kh * kw * base_filters`
+  multiply-adds over the input (padded, where the factored path pads the
+  input rather than the products), plus its second stage: for the discrete
+  family `H' * W' * depth_groups * filters * kh * kw` additions (less the
+  taps a shift zeroes), counted separately as `adds`; for a learned family
+  as many multiply-adds (scalar) or `kh * kw` times as many (rotation,
+  affine, general), counted in `macs` and reported as `transform_macs`.
+  Learned transform parameters are counted in `params` and reported as
+  `transform_params`.
 
 Every other layer counts `layer.count_params()` parameters and no
 multiply-adds.
@@ -29,6 +32,7 @@ import math
 
 import keras
 
+from tf_transform_conv import families as families_lib
 from tf_transform_conv.layers import TransformConv2D
 
 __all__ = [
@@ -61,6 +65,11 @@ class LayerCost:
             would cost; equal to `macs` for every other layer.
         implementation: `"factored"` or `"materialized"` for a
             `TransformConv2D`, else `None`.
+        transform_params: int, the learned transform family's parameters
+            (included in `params`; 0 for the discrete family and other
+            layers).
+        transform_macs: int, the learned family's second-stage
+            multiply-adds when the layer runs factored (included in `macs`).
     """
 
     name: str
@@ -71,6 +80,8 @@ class LayerCost:
     adds: int
     dense_macs: int
     implementation: str = None
+    transform_params: int = 0
+    transform_macs: int = 0
 
     def to_dict(self):
         """A JSON-serialisable dict of the fields (shapes as lists)."""
@@ -111,6 +122,16 @@ class ModelCost:
         """Total multiply-adds with every `TransformConv2D` as a `Conv2D`."""
         return sum(layer.dense_macs for layer in self.layers)
 
+    @property
+    def transform_params(self):
+        """Total parameters of learned transform families (included in `params`)."""
+        return sum(layer.transform_params for layer in self.layers)
+
+    @property
+    def transform_macs(self):
+        """Total second-stage multiply-adds of learned families (included in `macs`)."""
+        return sum(layer.transform_macs for layer in self.layers)
+
     def to_dict(self):
         """A JSON-serialisable dict: the totals and the per-layer list."""
         return {
@@ -119,6 +140,8 @@ class ModelCost:
             "macs": self.macs,
             "adds": self.adds,
             "dense_macs": self.dense_macs,
+            "transform_params": self.transform_params,
+            "transform_macs": self.transform_macs,
             "layers": [layer.to_dict() for layer in self.layers],
         }
 
@@ -161,7 +184,11 @@ class ModelCost:
             print_fn(line(row))
         print_fn("=" * rule)
         print_fn(f"Total params: {self.params:,}")
+        if self.transform_params:
+            print_fn(f"  of which learned transforms: {self.transform_params:,}")
         print_fn(f"Total MACs: {self.macs:,}")
+        if self.transform_macs:
+            print_fn(f"  of which learned transforms (second stage): {self.transform_macs:,}")
         print_fn(f"Total adds: {self.adds:,}")
         print_fn(f"Total MACs as dense Conv2D: {self.dense_macs:,}")
         if self.dense_macs:
@@ -169,12 +196,18 @@ class ModelCost:
         print_fn("=" * rule)
 
 
-def parameter_formula(kernel_size, c_in, filters, base_filters, scale, use_bias):
+def parameter_formula(
+    kernel_size, c_in, filters, base_filters, scale, use_bias,
+    transform_family="discrete", transformed=0,
+):
     """The parameter count of a `TransformConv2D`.
 
     `kh * kw * c_in * base_filters`, plus `filters` when `scale`, plus
-    `filters` when `use_bias` (`DESIGN.md`, section 3). The same formula
-    with `base_filters == filters` and `scale=False` is `Conv2D`'s.
+    `filters` when `use_bias`, plus, for a learned transform family, the
+    family's parameters per transformed (depth group, filter) pair
+    (`families.num_params`: `kh * kw` scalar, 2 rotation, 6 affine,
+    `(kh * kw)**2` general). The same formula with
+    `base_filters == filters` and `scale=False` is `Conv2D`'s.
 
     Args:
         kernel_size: int or pair of ints `(kh, kw)`.
@@ -183,24 +216,33 @@ def parameter_formula(kernel_size, c_in, filters, base_filters, scale, use_bias)
         base_filters: int, the learned base filters.
         scale: bool, whether each output filter has a scale.
         use_bias: bool, whether the layer has a bias.
+        transform_family: the layer's family. Defaults to `"discrete"`.
+        transformed: int, the (depth group, filter) pairs with a learned
+            transform (`TransformConv2D.num_transformed`).
 
     Returns:
         int, the number of parameters.
 
     Raises:
-        ValueError: if `kernel_size` is not an int or a pair of ints.
+        ValueError: if `kernel_size` is not an int or a pair of ints, or the
+            family is unknown.
 
     Example:
 
     >>> parameter_formula(3, c_in=8, filters=16, base_filters=4, scale=True,
     ...                   use_bias=True)  # 3*3*8*4 + 16 + 16
     320
+    >>> parameter_formula(3, c_in=8, filters=16, base_filters=4, scale=False,
+    ...                   use_bias=True, transform_family="scalar",
+    ...                   transformed=12)  # 3*3*8*4 + 16 + 12*9
+    412
     """
     kh, kw = _pair(kernel_size, "kernel_size")
     return (
         kh * kw * int(c_in) * int(base_filters)
         + (int(filters) if scale else 0)
         + (int(filters) if use_bias else 0)
+        + int(transformed) * families_lib.num_params(transform_family, (kh, kw))
     )
 
 
@@ -307,11 +349,10 @@ def model_cost(model):
 def _layer_cost(layer, input_shape, output_shape, count_params):
     """The `LayerCost` of `layer` on `input_shape` giving `output_shape`."""
     name, class_name = layer.name, type(layer).__name__
-    implementation, adds = None, 0
+    implementation, adds, transform_params, transform_macs = None, 0, 0, 0
     if isinstance(layer, TransformConv2D):
-        params, macs, adds, dense, implementation = _transform_conv_cost(
-            layer, input_shape
-        )
+        (params, macs, adds, dense, implementation, transform_params,
+         transform_macs) = _transform_conv_cost(layer, input_shape)
     elif isinstance(layer, keras.layers.Conv2D):
         params, macs = _conv2d_cost(layer, input_shape, output_shape)
         dense = macs
@@ -338,6 +379,8 @@ def _layer_cost(layer, input_shape, output_shape, count_params):
         adds=int(adds),
         dense_macs=int(dense),
         implementation=implementation,
+        transform_params=int(transform_params) if count_params else 0,
+        transform_macs=int(transform_macs),
     )
 
 
@@ -401,6 +444,9 @@ def _transform_conv_cost(layer, input_shape):
     implementation = layer.implementation_used
     if implementation is None:  # not built: the choice build() would make
         implementation = layer.choose_implementation((None,) + tuple(input_shape))[0]
+    transform_params = layer.num_transformed * families_lib.num_params(
+        layer.transform_family, layer.kernel_size
+    )
     params = parameter_formula(
         layer.kernel_size,
         c,
@@ -408,15 +454,22 @@ def _transform_conv_cost(layer, input_shape):
         layer.base_filters,
         layer.scale,
         layer.use_bias,
+        layer.transform_family,
+        layer.num_transformed,
     )
     # The layer's own count of both paths.
     paths = layer.cost(input_shape)
     dense = paths["dense_macs"]
+    transform_macs = 0
     if implementation == "factored":
-        macs, adds = paths["factored_macs"], paths["factored_adds"]
+        transform_macs = paths["transform_macs"]
+        macs, adds = paths["factored_macs"] + transform_macs, paths["factored_adds"]
     else:
         macs, adds = dense, 0
-    return _built_params(layer, params), macs, adds, dense, implementation
+    return (
+        _built_params(layer, params), macs, adds, dense, implementation,
+        transform_params, transform_macs,
+    )
 
 
 # ----------------------------------------------------------------------

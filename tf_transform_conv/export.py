@@ -43,6 +43,7 @@ import numpy as np
 
 from tf_transform_conv.convert import _is_graph_model
 from tf_transform_conv.convert import rewrite_model
+from tf_transform_conv import families as families_lib
 from tf_transform_conv import lowering as lowering_lib
 from tf_transform_conv.layers import TransformConv2D
 
@@ -372,6 +373,9 @@ def lowering_choice(layer, lowering="auto"):
     - with fewer (ratio 1/2: 2 per base), grouped only below
       `AUTO_SLICES_MIN_CHANNELS` (32) input channels per depth group; from
       32 channels up, 2-wide groups made it 1.0-1.6x the slices' latency;
+    - always for the rotation, affine and general families, whose slices
+      would multiply-add every pair of taps (about ten times the
+      operators of the discrete family's);
     - never when the assignment gives one base more than
       `lowering.MAX_GROUPED_PADDING` times the filters of the average (every
       base's group is padded to the largest), or the layer's shape rules
@@ -404,6 +408,11 @@ def lowering_choice(layer, lowering="auto"):
     dense = _dense_instead(layer, plan)
     if dense is not None:
         return "dense", dense
+    if families_lib.coefficient_kind(layer.transform_family) == "dense":
+        return "grouped", (
+            f"the {layer.transform_family} family as slices would add a multiply-add per "
+            "pair of taps (about ten times the operators)"
+        )
     padding = plan.spread_outputs() / (layer.filters * layer.depth_groups)
     if padding > lowering_lib.MAX_GROUPED_PADDING:
         return "slices", (
@@ -453,12 +462,13 @@ def deployment_model(model, lowering="auto"):
     """The model as `export_tflite` converts it: every `TransformConv2D` in a compact form.
 
     Each `TransformConv2D` is replaced by its grouped form
-    (`lowering.GroupedTransformConv2D`), its factored Keras path or its
-    materialised path, as `lowering_choice(layer, lowering)` says; other
-    layers keep their weights.
-    The compact forms store only the bases. The result is for conversion (the
-    grouped form runs TensorFlow ops and holds its kernels as constants),
-    not for training or `.keras` files.
+    (`lowering.GroupedTransformConv2D`), its factored Keras path, or a
+    `keras.layers.Conv2D` holding its materialised kernel, as
+    `lowering_choice(layer, lowering)` says; other layers keep their
+    weights. The compact forms store only the bases (and the transforms'
+    entries). The result is for conversion (the grouped form runs TensorFlow
+    ops and holds its kernels as constants), not for training or `.keras`
+    files.
 
     Args:
         model: a built Sequential or Functional model, stripped of
@@ -472,6 +482,11 @@ def deployment_model(model, lowering="auto"):
         ValueError: as `factored_model`, for an unknown `lowering` or layer
             name, or for `"grouped"` with a layer that cannot take it.
     """
+    return _deploy(model, lowering)[0]
+
+
+def _deploy(model, lowering):
+    """`(deployed model, {layer name: form})`: `deployment_model` and what it chose."""
     choices = _lowering_per_layer(model, lowering)
     _check_no_wrappers(model, "deployment_model")
     _check_static_inputs(model, "deployment_model")
@@ -481,21 +496,46 @@ def deployment_model(model, lowering="auto"):
         if isinstance(layer, TransformConv2D)
     ]
     if not layers:
-        return model
+        return model, {}
     if not _is_graph_model(model):
-        return factored_model(model)  # raises the subclassed-model error if needed
+        # Raises the subclassed-model error unless every layer already runs factored.
+        return factored_model(model), {layer.name: "slices" for layer in layers}
+    forms = {}
 
     def replace(layer):
         if not isinstance(layer, TransformConv2D):
             return None
         form, _ = lowering_choice(layer, choices(layer))
+        forms[layer.name] = form
         if form == "grouped":
             return lowering_lib.GroupedTransformConv2D.from_layer(layer), None
+        if form == "dense":
+            return _dense_twin(layer)
         config = layer.get_config()
-        config["implementation"] = "materialized" if form == "dense" else "factored"
+        config["implementation"] = "factored"
         return TransformConv2D.from_config(config), layer.get_weights()
 
-    return rewrite_model(model, replace)
+    return rewrite_model(model, replace), forms
+
+
+def _dense_twin(layer):
+    """A `Conv2D` holding the layer's materialised kernel, and its weights."""
+    conv = keras.layers.Conv2D(
+        layer.filters,
+        layer.kernel_size,
+        strides=layer.strides,
+        padding=layer.padding,
+        data_format=layer.data_format,
+        dilation_rate=layer.dilation_rate,
+        activation=layer.activation,
+        use_bias=layer.use_bias,
+        name=layer.name,
+        dtype=layer.dtype_policy,
+    )
+    weights = [np.asarray(keras.ops.convert_to_numpy(layer.materialized_kernel()))]
+    if layer.bias is not None:
+        weights.append(np.asarray(keras.ops.convert_to_numpy(layer.bias)))
+    return conv, weights
 
 
 def float32_model(model):
@@ -560,16 +600,6 @@ def _lowering_per_layer(model, lowering):
     for name, value in lowering.items():
         check(value, f" for layer {name!r}")
     return lambda layer: lowering.get(layer.name, "auto")
-
-
-def _lowerings(deployed):
-    forms = {}
-    for layer in deployed._flatten_layers(include_self=False, recursive=True):
-        if isinstance(layer, lowering_lib.GroupedTransformConv2D):
-            forms[layer.name] = "grouped"
-        elif isinstance(layer, TransformConv2D):
-            forms[layer.name] = "slices" if layer.implementation_used == "factored" else "dense"
-    return forms
 
 
 def _lowering_values(deployed):
@@ -781,14 +811,14 @@ def export_tflite(
     _check_static_inputs(model, verb)
     params = _count_params(model)
     deployed = float32_model(model)
-    deployed = deployment_model(deployed, lowering) if factored else deployed
+    lowerings = {}
+    if factored:
+        deployed, lowerings = _deploy(deployed, lowering)
     dataset = (
         _representative_dataset(model, representative_data, batch_size)
         if quantization == "int8"
         else None
     )
-
-    lowerings = _lowerings(deployed) if factored else {}
 
     with tempfile.TemporaryDirectory(prefix="tfconv-export-") as tmp:
         saved = os.path.join(tmp, "saved_model")

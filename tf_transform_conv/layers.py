@@ -5,33 +5,37 @@ import keras
 import numpy as np
 from keras import ops
 
+from tf_transform_conv import _compat
+from tf_transform_conv import factored as factored_lib
+from tf_transform_conv import families as families_lib
 from tf_transform_conv import transforms as transforms_lib
 
 IMPLEMENTATIONS = ("auto", "materialized", "factored")
 
-# `implementation="auto"` runs the factored path for inference when three
+# `implementation="auto"` runs the factored path for inference under XLA when
 # measured conditions hold (`benchmarks/layer_speed.py`, XLA on a 2-core CPU;
 # see the README): the base products are at most a quarter of the dense
 # multiply-adds (`strides**2 * base_filters / filters <= 1/4`: at 1/2 the
 # additions eat the saving), each depth group sees at least 16 input channels
-# (the additions per output pixel, `kh*kw*filters*depth_groups`, stay small
-# against the products), and the per-image product tensor `P` fits in
-# `AUTO_MAX_PRODUCT_BYTES` (beyond it the additions stream `P` from main
-# memory and lose). Training steps run factored only with at least
-# `AUTO_MIN_TRAINING_GROUP_CHANNELS` channels per group: the factored
-# gradient (pads and adds of every shifted slice) costs 1.3-2.7x the
-# materialised step below that, and 0.25-0.6x of it from 256 channels up.
+# (the second stage's work per output pixel, `kh*kw*filters*depth_groups`
+# terms, stays small against the products), and the per-image product tensor
+# `P` fits in `AUTO_MAX_PRODUCT_BYTES` (beyond it the additions stream `P` from
+# main memory and lose). The rotation, affine and general families, whose
+# second stage does `kh*kw` times the terms, also need at least
+# `AUTO_MIN_DENSE_OPERATOR_CHANNELS` channels per group. Without XLA (Keras's
+# default on CPU) the factored path's slices and additions run as separate
+# operations and measured 1.1-7x slower than the materialised convolution, so
+# `auto` runs materialised there; training steps run materialised too (the
+# factored path's backward pass is the dense convolution's anyway, and its
+# forward pass saved too little to pay for building the kernel as well).
 AUTO_MAX_PRODUCT_FRACTION = 0.25
 AUTO_MIN_GROUP_CHANNELS = 16
-AUTO_MIN_TRAINING_GROUP_CHANNELS = 64
+AUTO_MIN_DENSE_OPERATOR_CHANNELS = 64
 AUTO_MAX_PRODUCT_BYTES = 1 << 20
 # The factored path pads the input before the products (no bounds checks in
 # the additions) unless that grows the products by more than this factor; then
 # it pads the products instead.
 _MAX_INPUT_PAD_GROWTH = 1.25
-# Above this many slices per call, the factored additions gather channels
-# with `take` per tap instead of slicing contiguous output segments.
-_MAX_SLICES = 512
 
 
 def _standardize_pair(value, name):
@@ -68,21 +72,47 @@ def _standardize_data_format(data_format):
 
 
 def default_assignment(filters, base_filters, num_transforms, depth_groups=1):
-    """The default assignment: block `j` of outputs holds every base under transform `j`.
+    """The default assignment: output `o` is base `o % n` under transform `(o // n) % T`.
+
+    With `filters == base_filters * num_transforms` (what the discrete
+    family needs), block `j` of outputs holds every base under transform
+    `j`. A learned family may repeat the blocks (`filters` any multiple of
+    `base_filters`): each repeat learns its own transforms.
 
     Returns:
         An int32 array `(depth_groups, filters, 2)` of `(base, transform)`.
     """
-    if filters != base_filters * num_transforms:
+    if filters % base_filters:
         raise ValueError(
-            "The default assignment needs filters == base_filters * "
-            f"len(transforms). Received filters={filters}, "
-            f"base_filters={base_filters} and {num_transforms} transforms "
-            f"(= {base_filters * num_transforms} filters)."
+            "The default assignment needs filters to be a multiple of "
+            f"base_filters. Received filters={filters} and base_filters={base_filters}."
         )
     o = np.arange(filters)
-    table = np.stack([o % base_filters, o // base_filters], axis=-1)
+    table = np.stack([o % base_filters, (o // base_filters) % num_transforms], axis=-1)
     return np.broadcast_to(table, (depth_groups, filters, 2)).astype(np.int32)
+
+
+def template_outputs(assignment, identity):
+    """`(depth_groups, filters)` bool: which outputs are their base's template.
+
+    In each depth group, the first output that takes base `b` under the
+    `identity` transform (its index in the layer's transforms, or None) is
+    `b`'s *template*: it is the base itself and learns no transform. Every
+    other output is a transformed filter.
+    """
+    assignment = np.asarray(assignment)
+    groups, filters, _ = assignment.shape
+    mask = np.zeros((groups, filters), bool)
+    if identity is None:
+        return mask
+    for k in range(groups):
+        seen = set()
+        for o in range(filters):
+            b, t = (int(v) for v in assignment[k, o])
+            if t == identity and b not in seen:
+                seen.add(b)
+                mask[k, o] = True
+    return mask
 
 
 @keras.saving.register_keras_serializable(package="tf_transform_conv")
@@ -93,27 +123,40 @@ class TransformConv2D(keras.layers.Layer):
     `(kh, kw, c_in, base_filters)` and computes exactly what
     `keras.layers.Conv2D` computes with the *materialised* kernel
 
-        W[..., o] = scale[o] * T_{t(o)}(B[..., b(o)])
+        W[..., o] = scale[o] * S_o(B[..., b(o)])
 
     where the *assignment* gives each output filter `o` a base `b(o)` and a
-    transform `t(o)` (rotation, mirror or one-tap shift; see
-    `tf_transform_conv.transforms`). With `depth_groups=g` the input channels
-    are split into `g` contiguous groups, each with its own assignment.
-    Parameters fall by `base_filters / filters` against `Conv2D`; with the
-    factored execution the multiply-adds fall by the same factor.
+    discrete transform `t(o)` (rotation, mirror or one-tap shift; see
+    `tf_transform_conv.transforms`), and `S_o` is a linear operator on the
+    `kh * kw` taps, the same for every input channel. The
+    `transform_family` says how `S_o` is built
+    (`tf_transform_conv.families`): `"discrete"` is the transform `t(o)`
+    itself; the learned families refine it with a per-filter operator,
+    `S_o = L(phi_o) @ T_{t(o)}`: `"scalar"` a learned multiplier per tap (the
+    paper's default), `"rotation"` a learned angle and amplitude,
+    `"affine"` a learned 2x3 matrix (both by bilinear sampling of the taps),
+    `"general"` any `taps x taps` matrix. `L` starts at the identity, so a
+    learned layer starts as its discrete one. The first output of each base
+    under the `identity` transform is its *template* and learns nothing.
+    With `depth_groups=g` the input channels are split into `g` contiguous
+    groups, each with its own assignment and transforms. Parameters fall by
+    about `base_filters / filters` against `Conv2D`; with the factored
+    execution the multiply-adds fall by about the same factor.
 
     Reference: R. Miles, K. Mikolajczyk, "Reconstructing Pruned Filters using
     Cheap Spatial Transformations", ICCV Workshops 2023 (arXiv 2110.12844).
 
     Two execution paths give the same result:
 
-    - `"materialized"`: gather `W` from `B`, then one ordinary convolution.
-      Multiply-adds equal the dense layer's; fastest to train on accelerators.
+    - `"materialized"`: build `W` from `B`, then one ordinary convolution.
+      Multiply-adds equal the dense layer's.
     - `"factored"`: `P = x @ B` per tap (the base convolution's products,
-      computed once), then each output sums `kh * kw` shifted channels of
-      `P`. Multiply-adds are the base convolution's, plus
-      `H' * W' * filters * kh * kw * depth_groups` additions.
-    - `"auto"` picks the cheaper one from the shapes when the layer is built;
+      computed once), then each output sums shifted channels of `P`:
+      `kh * kw` additions (discrete), multiply-adds (scalar) or
+      `(kh * kw)**2` multiply-adds (rotation, affine, general) per output
+      value and depth group (`tf_transform_conv.factored`). Training steps
+      differentiate it as the dense convolution, so memory stays bounded.
+    - `"auto"` picks from the shapes when the layer is built;
       `implementation_used` and `implementation_reason` say which and why.
 
     Args:
@@ -129,12 +172,23 @@ class TransformConv2D(keras.layers.Layer):
             `base_filters`, not both. With the default assignment both may be
             omitted: then `base_filters = filters / len(transforms)`.
         transforms: a preset (`"rotations"` (default), `"d4"`, `"flips"`,
-            `"shifts"`, `"all"`) or a list of transform names.
+            `"shifts"`, `"all"`), a transform name or a list of names.
+        transform_family: `"discrete"` (default), `"scalar"`, `"rotation"`,
+            `"affine"` or `"general"`.
+        templates: optional bool array `(filters,)` or
+            `(depth_groups, filters)`, for a learned family: the outputs
+            whose operator stays `T_{t(o)}` (they learn no parameters). By
+            default each base's first output under `identity` in each depth
+            group (`template_outputs`). Conversion and pruning pass the kept
+            filters.
         assignment: optional int array `(filters, 2)` or
             `(depth_groups, filters, 2)` of `(base, transform)` per output
             (and per depth group), `transform` indexing `transforms`. When
-            omitted, output block `j` holds every base under transform `j`,
-            which needs `filters == base_filters * len(transforms)`.
+            omitted, output `o` takes base `o % base_filters` under transform
+            `(o // base_filters) % len(transforms)`: block `j` holds every
+            base under transform `j`. The discrete family needs
+            `filters == base_filters * len(transforms)` for it, a learned
+            family any multiple of `base_filters`.
         scale: bool, whether each output filter has a trainable scale
             (initialised by `scale_initializer`). Defaults to `False`.
         depth_groups: int, the number of input channel groups with their
@@ -143,11 +197,12 @@ class TransformConv2D(keras.layers.Layer):
         activation: activation function, as in `Conv2D`. Defaults to `None`.
         use_bias: bool, whether to add a bias. Defaults to `True`.
         kernel_initializer, bias_initializer, scale_initializer: initializers
-            for the base kernel, bias and scale.
+            for the base kernel, bias and scale. The transform parameters
+            start at the identity operator.
         kernel_regularizer, bias_regularizer, scale_regularizer,
-        activity_regularizer: optional regularizers.
-        kernel_constraint, bias_constraint, scale_constraint: optional
-            constraints.
+        transform_regularizer, activity_regularizer: optional regularizers.
+        kernel_constraint, bias_constraint, scale_constraint,
+        transform_constraint: optional constraints.
         **kwargs: base layer arguments (`name`, `dtype`, ...).
 
     Input shape:
@@ -163,8 +218,9 @@ class TransformConv2D(keras.layers.Layer):
 
     Raises:
         ValueError: for arguments out of range or inconsistent with each
-            other, and for inputs that are not 4D or whose channels do not
-            divide into `depth_groups`.
+            other, and for inputs that are not 4D, whose channels do not
+            divide into `depth_groups`, or that are smaller than the kernel
+            with `"valid"` padding.
 
     Example:
 
@@ -176,6 +232,10 @@ class TransformConv2D(keras.layers.Layer):
     (3, 3, 3, 2)
     >>> tuple(layer.materialized_kernel().shape)
     (3, 3, 3, 8)
+    >>> learned = TransformConv2D(8, 3, base_filters=2, transform_family="scalar")
+    >>> _ = learned(np.zeros((1, 5, 5, 3), "float32"))
+    >>> tuple(learned.transform.shape)  # 6 transformed filters, 9 multipliers each
+    (6, 9)
     """
 
     def __init__(
@@ -205,10 +265,18 @@ class TransformConv2D(keras.layers.Layer):
         kernel_constraint=None,
         bias_constraint=None,
         scale_constraint=None,
+        transform_family="discrete",
+        templates=None,
+        transform_regularizer=None,
+        transform_constraint=None,
         **kwargs,
     ):
         super().__init__(activity_regularizer=activity_regularizer, **kwargs)
-        if not isinstance(filters, (int, np.integer)) or filters < 1:
+        if (
+            isinstance(filters, bool)
+            or not isinstance(filters, (int, np.integer))
+            or filters < 1
+        ):
             raise ValueError(
                 "Invalid value for argument `filters`. Expected a strictly "
                 f"positive int. Received filters={filters!r}."
@@ -233,7 +301,12 @@ class TransformConv2D(keras.layers.Layer):
         self.transforms = transforms_lib.resolve_transforms(
             transforms, self.kernel_size
         )
-        if not isinstance(depth_groups, (int, np.integer)) or depth_groups < 1:
+        self.transform_family = families_lib.check_family(transform_family)
+        if (
+            isinstance(depth_groups, bool)
+            or not isinstance(depth_groups, (int, np.integer))
+            or depth_groups < 1
+        ):
             raise ValueError(
                 "Invalid value for argument `depth_groups`. Expected a "
                 f"strictly positive int. Received depth_groups={depth_groups!r}."
@@ -246,11 +319,19 @@ class TransformConv2D(keras.layers.Layer):
                 f"implementation={implementation!r}."
             )
         self.implementation = implementation
+        for name, value in (("scale", scale), ("use_bias", use_bias)):
+            if not isinstance(value, (bool, np.bool_)):
+                raise ValueError(
+                    f"Invalid value for argument `{name}`. Expected True or "
+                    f"False. Received {name}={value!r}."
+                )
         self._base_filters_arg = base_filters
         self._base_ratio_arg = base_ratio
         self._assignment_arg = assignment
         self.base_filters = self._resolve_base_filters(base_filters, base_ratio, assignment)
         self._assignment = self._resolve_assignment(assignment)
+        self._templates_arg = templates
+        self._templates = self._resolve_templates(templates)
         self.scale = bool(scale)
         self.activation = keras.activations.get(activation)
         self.use_bias = bool(use_bias)
@@ -260,13 +341,14 @@ class TransformConv2D(keras.layers.Layer):
         self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
         self.bias_regularizer = keras.regularizers.get(bias_regularizer)
         self.scale_regularizer = keras.regularizers.get(scale_regularizer)
+        self.transform_regularizer = keras.regularizers.get(transform_regularizer)
         self.kernel_constraint = keras.constraints.get(kernel_constraint)
         self.bias_constraint = keras.constraints.get(bias_constraint)
         self.scale_constraint = keras.constraints.get(scale_constraint)
+        self.transform_constraint = keras.constraints.get(transform_constraint)
         self.input_spec = keras.layers.InputSpec(ndim=4)
         self.implementation_used = None
         self.implementation_reason = None
-        self._train_factored = False
 
     # ------------------------------------------------------------------
     # Argument resolution
@@ -278,8 +360,10 @@ class TransformConv2D(keras.layers.Layer):
                 f"base_filters={base_filters} and base_ratio={base_ratio}."
             )
         if base_ratio is not None:
-            if not isinstance(base_ratio, (int, float, np.floating, np.integer)) or not (
-                0 < base_ratio <= 1
+            if (
+                isinstance(base_ratio, bool)
+                or not isinstance(base_ratio, (int, float, np.floating, np.integer))
+                or not 0 < base_ratio <= 1
             ):
                 raise ValueError(
                     "Invalid value for argument `base_ratio`. Expected a number "
@@ -310,8 +394,10 @@ class TransformConv2D(keras.layers.Layer):
                     f"transforms."
                 )
             return self.filters // num
-        if not isinstance(base_filters, (int, np.integer)) or not (
-            1 <= base_filters <= self.filters
+        if (
+            isinstance(base_filters, bool)
+            or not isinstance(base_filters, (int, np.integer))
+            or not 1 <= base_filters <= self.filters
         ):
             raise ValueError(
                 "Invalid value for argument `base_filters`. Expected an int in "
@@ -328,13 +414,19 @@ class TransformConv2D(keras.layers.Layer):
             len(self.transforms),
         )
         if assignment is None:
-            if f != n * t:
+            if self.transform_family == "discrete" and f != n * t:
                 raise ValueError(
                     "The default assignment needs filters == base_filters * "
                     f"len(transforms). Received filters={f}, base_filters={n} "
                     f"and {t} transforms {list(self.transforms)} (= {n * t}). "
                     "Choose base_filters=filters/len(transforms), other "
                     "transforms, or pass an explicit assignment."
+                )
+            if f % n:
+                raise ValueError(
+                    "The default assignment needs filters to be a multiple of "
+                    f"base_filters. Received filters={f} and base_filters={n}; "
+                    "pass an explicit assignment."
                 )
             return default_assignment(f, n, t, g)
         table = np.asarray(assignment)
@@ -365,12 +457,60 @@ class TransformConv2D(keras.layers.Layer):
             )
         return table.astype(np.int32)
 
+    def _resolve_templates(self, templates):
+        g, f = self.depth_groups, self.filters
+        if self.transform_family == "discrete":
+            if templates is not None:
+                raise ValueError(
+                    "`templates` applies to the learned transform families; the "
+                    "discrete family learns no transform. Received "
+                    f"transform_family='discrete' with templates={templates!r}."
+                )
+            return np.ones((g, f), bool)
+        if templates is None:
+            identity = (
+                self.transforms.index("identity") if "identity" in self.transforms else None
+            )
+            return template_outputs(self._assignment, identity)
+        mask = np.asarray(templates)
+        if mask.dtype != bool:
+            raise ValueError(
+                "Expected `templates` to be booleans, one per output (or per "
+                f"depth group and output). Received an array of dtype {mask.dtype}."
+            )
+        if mask.shape == (f,):
+            mask = np.broadcast_to(mask, (g, f))
+        if mask.shape != (g, f):
+            raise ValueError(
+                f"Expected `templates` of shape (filters,) = ({f},) or "
+                f"(depth_groups, filters) = ({g}, {f}). Received shape {mask.shape}."
+            )
+        return mask.copy()
+
     @property
     def assignment(self):
         """The `(depth_groups, filters, 2)` table of `(base, transform)` per output."""
         table = self._assignment.copy()
         table.flags.writeable = False
         return table
+
+    @property
+    def templates(self):
+        """`(depth_groups, filters)` bool: the outputs that learn no transform.
+
+        For the discrete family, every output. For a learned family, each
+        base's first output under `identity` in each depth group; the other
+        outputs are the transformed filters, one row of `transform` each, in
+        (group, filter) order.
+        """
+        mask = self._templates.copy()
+        mask.flags.writeable = False
+        return mask
+
+    @property
+    def num_transformed(self):
+        """The number of (depth group, filter) pairs with a learned transform."""
+        return int((~self._templates).sum())
 
     # ------------------------------------------------------------------
     # Keras layer API
@@ -394,6 +534,7 @@ class TransformConv2D(keras.layers.Layer):
                 f"depth_groups={self.depth_groups}. Received "
                 f"input_shape={input_shape}."
             )
+        self._check_output_size(input_shape)
         self.input_spec = keras.layers.InputSpec(ndim=4, axes={channel_axis: channels})
         kh, kw = self.kernel_size
         self.base_kernel = self.add_weight(
@@ -427,19 +568,49 @@ class TransformConv2D(keras.layers.Layer):
                 trainable=True,
                 dtype=self.dtype,
             )
-        self._build_tables(channels)
+        self.transform = None
+        if self.num_transformed:
+            identity = families_lib.identity_params(self.transform_family, self.kernel_size)
+            self.transform = self.add_weight(
+                name="transform",
+                shape=(self.num_transformed, len(identity)),
+                initializer=keras.initializers.Constant(
+                    np.tile(identity, (self.num_transformed, 1))
+                ),
+                regularizer=self.transform_regularizer,
+                constraint=self.transform_constraint,
+                trainable=True,
+                dtype=self.dtype,
+            )
+        self._build_tables()
         self.implementation_used, self.implementation_reason = (
             self.choose_implementation(tuple(input_shape))
         )
 
-    def _build_tables(self, channels):
+    def _check_output_size(self, input_shape):
+        """Raises, as `Conv2D` does, when `"valid"` padding leaves no output."""
+        if self.data_format == "channels_last":
+            h, w = input_shape[1], input_shape[2]
+        else:
+            h, w = input_shape[2], input_shape[3]
+        out = self._output_spatial(h, w)
+        if any(size is not None and size <= 0 for size in out):
+            raise ValueError(
+                "Computed output size would be zero or negative: the input's "
+                f"spatial size {(h, w)} is smaller than the dilated kernel "
+                f"{tuple((k - 1) * d + 1 for k, d in zip(self.kernel_size, self.dilation_rate))} "
+                f"with padding='valid'. Received input_shape={input_shape}; use "
+                "padding='same' or a larger input."
+            )
+
+    def _build_tables(self):
         """Static index tables for both execution paths."""
         kh, kw = self.kernel_size
         taps, g, n = kh * kw, self.depth_groups, self.base_filters
         src = transforms_lib.tap_tables(self.transforms, self.kernel_size)  # (T, taps)
         bases, trans = self._assignment[..., 0], self._assignment[..., 1]  # (g, f)
-        src_of = src[trans]  # (g, f, taps): base tap landing on tap u
-        src_of = np.transpose(src_of, (2, 0, 1))  # (taps, g, f)
+        self._tap_sources = src[trans]  # (g, f, taps): base tap landing on tap w
+        src_of = np.transpose(self._tap_sources, (2, 0, 1))  # (taps, g, f)
         group = np.arange(g).reshape(1, g, 1)
         # Rows of the (taps, g, n) base table, in that order; `taps*g*n` is
         # the appended zero row.
@@ -450,7 +621,13 @@ class TransformConv2D(keras.layers.Layer):
         # Channels of the factored product P, laid out (group, tap, base).
         chans = (group * taps + src_of) * n + bases[None]
         self._factored_index = np.where(src_of >= 0, chans, -1).astype(np.int32)
-        self._factored_plan = _plan_segments(self._factored_index)
+        self._factored_plan = factored_lib.plan_segments(
+            self._factored_index,
+            merge_identical=self.transform_family == "discrete",
+        )
+        # Row of each (group, filter) in [identity; transform]: 0 for templates.
+        learned = (~self._templates).reshape(-1)
+        self._param_rows = np.where(learned, np.cumsum(learned), 0).astype(np.int32)
 
     def cost(self, input_shape):
         """Multiply-adds of both paths for one sample of `input_shape` (no batch).
@@ -459,8 +636,12 @@ class TransformConv2D(keras.layers.Layer):
             A dict with `output_shape` (as `compute_output_shape`, without
             batch), `dense_macs` (the materialised convolution),
             `factored_macs` (the base products, over the padded input where
-            the factored path pads it) and `factored_adds` (its shifted
-            additions, `kh * kw * depth_groups` per output value).
+            the factored path pads it), `factored_adds` (the discrete
+            family's shifted additions, `kh * kw * depth_groups` per output
+            value, less the taps a shift zeroes) and `transform_macs` (a
+            learned family's second stage instead: a multiply-add per tap
+            (scalar) or per pair of taps (rotation, affine, general) that the
+            factored path computes).
         """
         if len(input_shape) != 3:
             raise ValueError(
@@ -481,11 +662,16 @@ class TransformConv2D(keras.layers.Layer):
         (pad_h, pad_w), pad_input = self._factored_padding(h, w)
         if pad_input:
             h, w = h + sum(pad_h), w + sum(pad_w)
+        kept = int((transforms_lib.tap_tables(self.transforms, self.kernel_size)[
+            self._assignment[..., 1]] >= 0).sum())  # (group, filter, tap) terms
+        terms = oh * ow * kept
+        kind = self._coefficient_kind()
         return {
             "output_shape": output_shape,
             "dense_macs": oh * ow * taps * c * self.filters,
             "factored_macs": h * w * c * taps * self.base_filters,
-            "factored_adds": oh * ow * self.filters * taps * self.depth_groups,
+            "factored_adds": terms if kind is None else 0,
+            "transform_macs": 0 if kind is None else terms * (taps if kind == "dense" else 1),
         }
 
     def _factored_padding(self, h, w):
@@ -505,9 +691,17 @@ class TransformConv2D(keras.layers.Layer):
     def choose_implementation(self, input_shape):
         """The path `"auto"` runs for `input_shape` (with batch), and why.
 
+        With `"auto"`, a layer whose shapes favour the factored path runs it
+        for inference under XLA (`compile(jit_compile=True)`,
+        `tf.function(jit_compile=True)`, the JAX backend) and the
+        materialised path otherwise and for training steps; see the README
+        for the measurements.
+
         Returns:
-            `(implementation, reason)`; `("<requested>", "requested")` when
-            `implementation` is not `"auto"`.
+            `(implementation, reason)`: `"factored"` when the factored path is
+            chosen for inference under XLA, else `"materialized"`;
+            `("<requested>", "requested")` when `implementation` is not
+            `"auto"`.
         """
         if self.implementation != "auto":
             return self.implementation, "requested"
@@ -533,18 +727,20 @@ class TransformConv2D(keras.layers.Layer):
              f"products {product_bytes / 2**20:.2f} MiB per image "
              f"(<= {AUTO_MAX_PRODUCT_BYTES / 2**20:g})"),
         ]
+        if self._coefficient_kind() == "dense":
+            checks.append((
+                group_channels >= AUTO_MIN_DENSE_OPERATOR_CHANNELS,
+                f"{self.transform_family} operators with {group_channels} channels per "
+                f"group (>= {AUTO_MIN_DENSE_OPERATOR_CHANNELS})",
+            ))
         choice = "factored" if all(ok for ok, _ in checks) else "materialized"
-        self._train_factored = (
-            choice == "factored" and group_channels >= AUTO_MIN_TRAINING_GROUP_CHANNELS
+        where = (
+            "factored for inference under XLA, materialized without XLA and for training"
+            if choice == "factored"
+            else "materialized"
         )
-        training = "factored" if self._train_factored else (
-            "materialized" if choice == "materialized"
-            else f"materialized (< {AUTO_MIN_TRAINING_GROUP_CHANNELS} channels per group)"
-        )
-        reason = "; ".join(
-            ("" if ok else "NOT ") + text for ok, text in checks
-        ) + f": {choice} for inference, {training} for training steps"
-        return choice, reason
+        reason = "; ".join(("" if ok else "NOT ") + text for ok, text in checks)
+        return choice, f"{reason}: {where}"
 
     def _output_spatial(self, h, w):
         out = []
@@ -566,64 +762,164 @@ class TransformConv2D(keras.layers.Layer):
         oh, ow = self._output_spatial(h, w)
         return (batch, self.filters, oh, ow)
 
+    # ------------------------------------------------------------------
+    # The kernel and the transform operators
+
+    def _check_built(self, what):
+        if not self.built:
+            raise ValueError(
+                f"{what} needs a built layer: call the layer on an input (or "
+                "call build(input_shape)) first."
+            )
+
+    def _coefficient_kind(self):
+        """How the learned operators enter the sums: None, "diagonal" or "dense"."""
+        return families_lib.coefficient_kind(self.transform_family)
+
+    def transform_parameters(self, dtype=None):
+        """`(depth_groups, filters, p)`: every output's family parameters.
+
+        Templates hold the identity parameters; the transformed filters the
+        rows of `transform`. None for the discrete family.
+        """
+        self._check_built("transform_parameters()")
+        if self.transform_family == "discrete":
+            return None
+        dtype = dtype or self.variable_dtype
+        identity = families_lib.identity_params(self.transform_family, self.kernel_size)
+        table = ops.cast(identity[None], dtype)
+        if self.transform is not None:
+            table = ops.concatenate([table, ops.cast(self.transform, dtype)], axis=0)
+        params = ops.take(table, self._param_rows, axis=0)
+        return ops.reshape(params, (self.depth_groups, self.filters, len(identity)))
+
+    def _coefficients(self, dtype):
+        """The learned part of every operator, as the sums and the kernel use it.
+
+        None (discrete); the multipliers `(g, f, taps)` (scalar); or the
+        operators `L` `(g, f, taps, taps)` (rotation, affine, general).
+        Computed in float32 at least (the sampling weights need the
+        precision; float64 for a float64 layer), then cast to `dtype`.
+        """
+        if self.transform_family == "discrete":
+            return None
+        params = self.transform_parameters("float64" if dtype == "float64" else "float32")
+        return ops.cast(
+            families_lib.coefficients(self.transform_family, params, self.kernel_size), dtype
+        )
+
+    def transform_operators(self):
+        """`(depth_groups, filters, taps, taps)`: each output's tap operator `S_o`.
+
+        `S_o = L(phi_o) @ T_{t(o)}` (without the output scale): the
+        materialised kernel is `scale[o] * S_o @ B[..., b(o)]` on the taps,
+        per input channel.
+        """
+        self._check_built("transform_operators()")
+        kh, kw = self.kernel_size
+        taps = kh * kw
+        permutation = np.zeros((self.depth_groups, self.filters, taps, taps), np.float32)
+        g, o, u = np.nonzero(self._tap_sources >= 0)
+        permutation[g, o, u, self._tap_sources[g, o, u]] = 1.0
+        coefficients = self._coefficients("float32")
+        kind = self._coefficient_kind()
+        if kind is None:
+            return ops.convert_to_tensor(permutation)
+        if kind == "diagonal":
+            return coefficients[..., None] * permutation
+        return ops.matmul(coefficients, permutation)
+
     def materialized_kernel(self, dtype=None):
         """The equivalent `Conv2D` kernel `(kh, kw, c_in, filters)`.
 
         Args:
             dtype: dtype of the result; defaults to the variable dtype.
         """
-        if not self.built:
-            raise ValueError(
-                "materialized_kernel() needs a built layer: call the layer on "
-                "an input (or call build(input_shape)) first."
-            )
+        self._check_built("materialized_kernel()")
         dtype = dtype or self.base_kernel.dtype
+        return self._materialize(
+            ops.cast(self.base_kernel, dtype),
+            self._coefficients(dtype),
+            None if self.scale_weight is None else ops.cast(self.scale_weight, dtype),
+        )
+
+    def _materialize(self, base, coefficients, scale):
         kh, kw = self.kernel_size
         taps, g, n = kh * kw, self.depth_groups, self.base_filters
-        channels = self.base_kernel.shape[2]
+        channels = base.shape[2]
         cg = channels // g
-        base = ops.cast(self.base_kernel, dtype)
+        dtype = base.dtype
         table = ops.reshape(base, (taps, g, cg, n))
         table = ops.reshape(ops.transpose(table, (0, 1, 3, 2)), (taps * g * n, cg))
         table = ops.concatenate([table, ops.zeros((1, cg), dtype)], axis=0)
         kernel = ops.take(table, self._materialize_index, axis=0)  # (taps, g, f, cg)
+        kernel = families_lib.apply_coefficients(kernel, coefficients, self.transform_family)
         kernel = ops.transpose(kernel, (0, 1, 3, 2))
         kernel = ops.reshape(kernel, (kh, kw, channels, self.filters))
-        if self.scale_weight is not None:
-            kernel = kernel * ops.cast(self.scale_weight, dtype)
+        if scale is not None:
+            kernel = kernel * scale
         return kernel
+
+    # ------------------------------------------------------------------
+    # Execution
+
+    def _conv_kwargs(self):
+        return dict(
+            strides=self.strides,
+            padding=self.padding,
+            dilation_rate=self.dilation_rate,
+            data_format="channels_last",
+        )
 
     def call(self, inputs, training=None):
         x = inputs
         if self.data_format == "channels_first":
             x = ops.transpose(x, (0, 2, 3, 1))
-        factored = self.implementation_used == "factored" and not (
-            training and self.implementation == "auto" and not self._train_factored
-        )
-        if factored:
-            y = self._factored(x)
+        dtype = self.compute_dtype
+        base = ops.cast(self.base_kernel, dtype)
+        coefficients = self._coefficients(dtype)
+        scale = None if self.scale_weight is None else ops.cast(self.scale_weight, dtype)
+        bias = None if self.bias is None else ops.cast(self.bias, dtype)
+        if not self._runs_factored(training):
+            kernel = self._materialize(base, coefficients, scale)
+            y = ops.conv(x, kernel, **self._conv_kwargs())
+            if bias is not None:
+                y = y + bias
         else:
-            y = ops.conv(
-                x,
-                self.materialized_kernel(self.compute_dtype),
-                strides=self.strides,
-                padding=self.padding,
-                dilation_rate=self.dilation_rate,
-                data_format="channels_last",
-            )
-        if self.bias is not None:
-            y = y + ops.cast(self.bias, y.dtype)
+            extras = [base] + [t for t in (coefficients, scale, bias) if t is not None]
+            if training and factored_lib.supports_dense_gradient():
+                kernel = self._materialize(base, coefficients, scale)
+                y = factored_lib.dense_gradient(
+                    self._factored_forward, x, kernel, extras, self._conv_kwargs(),
+                    bias=bias is not None,
+                )
+            else:
+                y = self._factored_forward(x, *extras)
         if self.data_format == "channels_first":
             y = ops.transpose(y, (0, 3, 1, 2))
         if self.activation is not None:
             y = self.activation(y)
         return y
 
-    # ------------------------------------------------------------------
-    # Factored execution
+    def _runs_factored(self, training):
+        """Whether this call runs the factored path (see `choose_implementation`)."""
+        if self.implementation_used != "factored":
+            return False
+        if self.implementation == "factored":
+            return True
+        return not training and _compat.compiled_by_xla()
 
-    def _factored(self, x):
-        kh, kw = self.kernel_size
+    def _factored_forward(self, x, base, *extras):
+        """The factored path on channels-last `x`.
+
+        `extras` are, in this order and where the layer has them, the
+        coefficients of the learned operators, the scale and the bias (cast
+        to the compute dtype).
+        """
+        extras = list(extras)
+        coefficients = extras.pop(0) if self._coefficient_kind() is not None else None
+        scale = extras.pop(0) if self.scale_weight is not None else None
+        bias = extras.pop(0) if self.bias is not None else None
         h, w = x.shape[1], x.shape[2]
         if h is None or w is None:
             raise ValueError(
@@ -636,48 +932,26 @@ class TransformConv2D(keras.layers.Layer):
         padded = any(pad_h + pad_w)
         if padded and pad_input:
             x = ops.pad(x, ((0, 0), pad_h, pad_w, (0, 0)))
-        products = self._products(x)
+        products = factored_lib.products(x, base, self.depth_groups)
         if padded and not pad_input:
             products = ops.pad(products, ((0, 0), pad_h, pad_w, (0, 0)))
-
-        (sh, sw), (dh, dw) = self.strides, self.dilation_rate
-        windows = [
-            products[
-                :,
-                i * dh : i * dh + (oh - 1) * sh + 1 : sh,
-                j * dw : j * dw + (ow - 1) * sw + 1 : sw,
-                :,
-            ]
-            for i in range(kh)
-            for j in range(kw)
-        ]
-        plan = self._factored_plan
-        if plan.num_slices() <= _MAX_SLICES:
-            out = _segment_sums(windows, plan)
-        else:
-            out = _gathered_sums(windows, self._factored_index)
-        if out is None:  # every tap of every filter zeroed (shifts of a 1x1 kernel)
-            out = ops.zeros(ops.shape(products)[:1] + (oh, ow, self.filters), products.dtype)
-        elif plan.output_index is not None:
+        windows = factored_lib.shifted_windows(
+            products, self.kernel_size, self.strides, self.dilation_rate, (oh, ow)
+        )
+        plan, kind = self._factored_plan, self._coefficient_kind()
+        taps = len(windows)
+        if factored_lib.slice_terms(plan, kind, taps) <= factored_lib.MAX_SLICE_TERMS:
+            if plan.output_index is None:  # one output per position: scale and bias inside
+                return factored_lib.segment_sums(windows, plan, coefficients, kind, scale, bias)
+            out = factored_lib.segment_sums(windows, plan, coefficients, kind)
             out = ops.take(out, plan.output_index, axis=-1)
-        if self.scale_weight is not None:
-            out = out * ops.cast(self.scale_weight, out.dtype)
+        else:
+            out = factored_lib.gathered_sums(windows, self._factored_index, coefficients, kind)
+        if scale is not None:
+            out = out * scale
+        if bias is not None:
+            out = out + bias
         return out
-
-    def _products(self, x):
-        """`P = x @ B` per depth group, channels laid out (group, tap, base)."""
-        kh, kw = self.kernel_size
-        taps, g, n = kh * kw, self.depth_groups, self.base_filters
-        channels = self.base_kernel.shape[2]
-        cg = channels // g
-        base = ops.cast(self.base_kernel, self.compute_dtype)
-        base = ops.reshape(base, (taps, g, cg, n))
-        base = ops.reshape(ops.transpose(base, (1, 2, 0, 3)), (g, cg, taps * n))
-        if g == 1:
-            return ops.matmul(x, base[0])
-        batch_shape = tuple(ops.shape(x)[:-1])
-        products = ops.einsum("bhwgc,gcm->bhwgm", ops.reshape(x, batch_shape + (g, cg)), base)
-        return ops.reshape(products, batch_shape + (g * taps * n,))
 
     def get_config(self):
         config = super().get_config()
@@ -695,6 +969,11 @@ class TransformConv2D(keras.layers.Layer):
                 "base_filters": self._base_filters_arg,
                 "base_ratio": self._base_ratio_arg,
                 "transforms": list(self.transforms),
+                "transform_family": self.transform_family,
+                "templates": (
+                    None if self._templates_arg is None
+                    else np.asarray(self._templates_arg).tolist()
+                ),
                 "assignment": assignment,
                 "scale": self.scale,
                 "depth_groups": self.depth_groups,
@@ -707,112 +986,18 @@ class TransformConv2D(keras.layers.Layer):
                 "kernel_regularizer": keras.regularizers.serialize(self.kernel_regularizer),
                 "bias_regularizer": keras.regularizers.serialize(self.bias_regularizer),
                 "scale_regularizer": keras.regularizers.serialize(self.scale_regularizer),
+                "transform_regularizer": keras.regularizers.serialize(
+                    self.transform_regularizer
+                ),
                 "activity_regularizer": keras.regularizers.serialize(
                     self.activity_regularizer
                 ),
                 "kernel_constraint": keras.constraints.serialize(self.kernel_constraint),
                 "bias_constraint": keras.constraints.serialize(self.bias_constraint),
                 "scale_constraint": keras.constraints.serialize(self.scale_constraint),
+                "transform_constraint": keras.constraints.serialize(
+                    self.transform_constraint
+                ),
             }
         )
         return config
-
-
-class _SegmentPlan:
-    """How the factored path lays out its outputs.
-
-    Outputs are deduplicated and reordered so that runs of them (*segments*)
-    read, at every tap and depth group, a contiguous range of product
-    channels: a segment's sum is then `kh * kw * depth_groups` slices added
-    together, which XLA fuses into one loop. With the default assignment
-    every transform block is one segment and no reordering is needed.
-
-    Attributes:
-        segments: list of `(entries, width)`; `entries[(u, k)]` is the first
-            product channel of the segment at tap `u`, group `k` (absent when
-            that tap is zero for the whole segment).
-        output_index: int array mapping each output to its position in the
-            concatenated segments, or None when that is the identity.
-    """
-
-    def __init__(self, segments, output_index):
-        self.segments = segments
-        self.output_index = output_index
-
-    def num_slices(self):
-        return sum(len(entries) for entries, _ in self.segments)
-
-
-def _plan_segments(index):
-    """Plans the factored additions for `index` `(taps, groups, filters)`."""
-    taps, groups, filters = index.shape
-    columns = index.reshape(taps * groups, filters).T  # one row per output
-    unique, inverse = np.unique(columns, axis=0, return_inverse=True)
-    inverse = inverse.reshape(-1)
-
-    def signature(row):
-        valid = row >= 0
-        lead = int(row[valid][0]) if valid.any() else 0
-        return tuple(np.where(valid, row - lead, -1).tolist()), lead
-
-    # Group rows by signature (in order of first use, so the default
-    # assignment keeps its order), then by leading channel.
-    first_use = {}
-    for o in range(filters):
-        first_use.setdefault(signature(unique[inverse[o]])[0], o)
-
-    def key(r):
-        sig, lead = signature(unique[r])
-        return first_use[sig], lead
-
-    keyed = sorted(range(len(unique)), key=key)
-    segments, position = [], np.empty(len(unique), np.int64)
-    previous = None
-    for slot, r in enumerate(keyed):
-        sig, lead = signature(unique[r])
-        if previous is not None and previous == (sig, lead - 1) and sig != (-1,) * len(sig):
-            segments[-1][1] += 1
-        else:
-            entries = {
-                divmod(col, groups): int(unique[r][col])
-                for col in range(taps * groups)
-                if unique[r][col] >= 0
-            }
-            segments.append([entries, 1])
-        previous = (sig, lead)
-        position[r] = slot
-    output_index = position[inverse]
-    if np.array_equal(output_index, np.arange(filters)):
-        output_index = None
-    return _SegmentPlan([tuple(seg) for seg in segments], output_index)
-
-
-def _segment_sums(windows, plan):
-    """Concatenated per-segment sums of shifted, sliced product windows."""
-    if all(not entries for entries, _ in plan.segments):
-        return None
-    parts = []
-    for entries, width in plan.segments:
-        total = None
-        for (u, _), start in entries.items():
-            term = windows[u][..., start : start + width]
-            total = term if total is None else total + term
-        if total is None:
-            total = ops.zeros(ops.shape(windows[0])[:-1] + (width,), windows[0].dtype)
-        parts.append(total)
-    return parts[0] if len(parts) == 1 else ops.concatenate(parts, axis=-1)
-
-
-def _gathered_sums(windows, index):
-    """Sum over taps and groups of `window[..., index[u, k]]` (-1 reads zero)."""
-    total = None
-    for u, window in enumerate(windows):
-        for k in range(index.shape[1]):
-            idx = index[u, k]
-            if (idx < 0).all():
-                continue
-            term = ops.take(window, np.maximum(idx, 0), axis=-1)
-            if (idx < 0).any():
-                term = term * ops.cast((idx >= 0).astype("float32"), term.dtype)
-            total = term if total is None else total + term
-    return total

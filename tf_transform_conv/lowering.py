@@ -14,9 +14,13 @@ the XNNPACK delegate runs as two nodes:
 2. a grouped `kh x kw` convolution of `P` with one group per
    `(depth group, base)`: group `(k, b)` reads that base's `kh * kw` product
    channels and writes one channel per output filter built from base `b`
-   (in depth group `k`), whose kernel holds the filter's scale at tap `u` on
-   the product channel of the base tap that its transform moves to `u`, and
-   zero elsewhere. A one-tap shift's empty taps are zero.
+   (in depth group `k`), whose kernel holds, at tap `u` on the product
+   channel of base tap `s`, the filter's scale times `S_o[u, s]`, the entry
+   of its tap operator (`tf_transform_conv.families`). For the discrete
+   family that is the scale where the transform moves tap `s` to `u` and
+   zero elsewhere (a one-tap shift's empty taps are zero); a learned family
+   stores its operator's nonzero entries (one per tap for the scalar
+   family, up to four for rotations and affine maps).
 
 The second convolution's outputs are grouped by base; the layer's filter
 order is restored by a reshape and transpose when it is the default
@@ -174,11 +178,18 @@ def grouped_plan(layer):
     output_index = (np.arange(g)[:, None] * n + assignment[..., 0]) * slots + slot
 
     spread = np.zeros((taps, taps, g * n * slots), np.float32)  # (u, s, out)
-    for k in range(g):
-        for o in range(f):
-            sources = src[assignment[k, o, 1]]  # base tap landing on each tap u
-            for u in np.flatnonzero(sources >= 0):
-                spread[u, sources[u], output_index[k, o]] = scale[o]
+    if layer.transform_family == "discrete":
+        for k in range(g):
+            for o in range(f):
+                sources = src[assignment[k, o, 1]]  # base tap landing on each tap u
+                for u in np.flatnonzero(sources >= 0):
+                    spread[u, sources[u], output_index[k, o]] = scale[o]
+    else:
+        # Output o reads base tap s through tap u with weight scale[o] * S_o[u, s].
+        operators = np.asarray(keras.ops.convert_to_numpy(layer.transform_operators()))
+        spread[:, :, output_index.reshape(-1)] = np.transpose(
+            (operators * scale[None, :, None, None]).reshape(g * f, taps, taps), (1, 2, 0)
+        )
     spread_kernel = spread.reshape(kh, kw, taps, g * n * slots)
 
     spread_bias = None

@@ -1,4 +1,4 @@
-"""Training as generalised pruning (DESIGN.md section 5).
+"""Training as generalised pruning.
 
 `prune_model` wraps chosen `Conv2D` layers in `TransformPruning`. During
 training, `UpdateTransformPruningStep` advances a step counter and asks each
@@ -25,6 +25,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from tf_transform_conv import families as families_lib
 from tf_transform_conv import transforms as transforms_lib
 from tf_transform_conv.assignment import CRITERIA
 from tf_transform_conv.assignment import fit_assignment
@@ -129,6 +130,12 @@ class TransformPruning(keras.layers.Wrapper):
             `"l1"`.
         depth_groups: input channel groups with their own assignment.
         scale: whether reconstructed filters carry a trainable scale.
+        transform_family: `"discrete"` (default) or a learned family
+            (`"scalar"`, `"rotation"`, `"affine"`, `"general"`,
+            `tf_transform_conv.families`): each reconstructed filter is then
+            `scale * L(phi) @ T(base)` with trainable parameters `phi`, which
+            start, at the pruning step that replaces the filter, at their
+            least-squares fit to it.
         **kwargs: base layer arguments.
     """
 
@@ -140,6 +147,7 @@ class TransformPruning(keras.layers.Wrapper):
         criterion="reconstruction",
         depth_groups=1,
         scale=True,
+        transform_family="discrete",
         **kwargs,
     ):
         kwargs.setdefault("name", f"transform_pruning_{layer.name}")
@@ -172,6 +180,7 @@ class TransformPruning(keras.layers.Wrapper):
         self.criterion = criterion
         self.depth_groups = int(depth_groups)
         self.scale = bool(scale)
+        self.transform_family = families_lib.check_family(transform_family)
         self.step_callback_attached = False
         self.pruning_history = []  # (step, sparsity, kept, layer_error) per pruning step
 
@@ -209,6 +218,16 @@ class TransformPruning(keras.layers.Wrapper):
             name="scale", shape=(filters,), initializer="ones",
             trainable=self.scale, dtype=self.layer.kernel.dtype,
         )
+        self.transform_params = None
+        if self.transform_family != "discrete":
+            identity = families_lib.identity_params(self.transform_family, (kh, kw))
+            self.transform_params = self.add_weight(
+                name="transform", shape=(self.depth_groups, filters, len(identity)),
+                initializer=keras.initializers.Constant(
+                    np.tile(identity, (self.depth_groups, filters, 1))
+                ),
+                trainable=True, dtype=self.layer.kernel.dtype,
+            )
 
     # -- the effective kernel ---------------------------------------------
 
@@ -230,6 +249,14 @@ class TransformPruning(keras.layers.Wrapper):
         rows = (src * g + group) * filters + assignment[None, ..., 0]
         rows = ops.where(src >= 0, rows, taps * g * filters)
         rebuilt = ops.take(table, rows, axis=0)  # (taps, g, F, cg)
+        if self.transform_params is not None:
+            work = "float64" if dtype == "float64" else "float32"
+            coefficients = families_lib.coefficients(
+                self.transform_family, ops.cast(self.transform_params, work), (kh, kw)
+            )
+            rebuilt = families_lib.apply_coefficients(
+                rebuilt, ops.cast(coefficients, dtype), self.transform_family
+            )
         rebuilt = ops.reshape(ops.transpose(rebuilt, (0, 1, 3, 2)), kernel.shape)
         rebuilt = rebuilt * ops.cast(self.filter_scale, dtype)
         return ops.where(ops.convert_to_tensor(self.reconstructed), rebuilt, kernel)
@@ -298,6 +325,7 @@ class TransformPruning(keras.layers.Wrapper):
             scale=self.scale,
             criterion=self.criterion,
             candidates=current,
+            transform_family=self.transform_family,
         )
         bases = np.asarray(fit.bases)
         table = np.asarray(fit.assignment).copy()
@@ -306,6 +334,8 @@ class TransformPruning(keras.layers.Wrapper):
         mask[bases] = False
         self.assignment_table.assign(table.astype("int32"))
         self.filter_scale.assign(np.where(mask, fit.scale, 1.0).astype("float32"))
+        if self.transform_params is not None:
+            self.transform_params.assign(np.asarray(fit.transform_params, "float32"))
         self.reconstructed.assign(mask)
         self.pruning_history.append(
             {"step": step, "sparsity": sparsity, "kept": int(n), "error": float(fit.layer_error)}
@@ -329,6 +359,10 @@ class TransformPruning(keras.layers.Wrapper):
         # Kept filters: their own base under identity, scale 1.
         table[:, bases, 0] = np.arange(len(bases))
         table[:, bases, 1] = self._identity
+        templates = np.broadcast_to(~np.asarray(self.reconstructed), table.shape[:2])
+        weights = None
+        if self.transform_params is not None:
+            weights = np.asarray(self.transform_params)[~templates]
         return transform_conv_from_conv2d(
             conv,
             np.asarray(conv.kernel)[..., bases],
@@ -339,6 +373,9 @@ class TransformPruning(keras.layers.Wrapper):
             np.where(np.asarray(self.reconstructed), np.asarray(self.filter_scale), 1.0)
             if self.scale
             else None,
+            self.transform_family,
+            templates,
+            weights,
         )
 
     def get_config(self):
@@ -350,6 +387,7 @@ class TransformPruning(keras.layers.Wrapper):
                 "criterion": self.criterion,
                 "depth_groups": self.depth_groups,
                 "scale": self.scale,
+                "transform_family": self.transform_family,
             }
         )
         return config
@@ -476,6 +514,7 @@ def prune_model(
     depth_groups=1,
     scale=True,
     layers=None,
+    transform_family="discrete",
 ):
     """Wraps chosen `Conv2D` layers of a Sequential or Functional model in `TransformPruning`.
 
@@ -484,7 +523,8 @@ def prune_model(
         schedule: the pruning schedule (tfmot `PolynomialDecay`,
             `ConstantSparsity`, or any `schedule(step) -> (should_prune,
             sparsity)`).
-        transforms, criterion, depth_groups, scale: as `TransformPruning`.
+        transforms, criterion, depth_groups, scale, transform_family: as
+            `TransformPruning`.
         layers: which layers: None (every `Conv2D` with `groups=1` and a
             kernel larger than 1x1), a list of names, a layer class, or a
             predicate `layer -> bool`.
@@ -513,7 +553,7 @@ def prune_model(
         inner.set_weights(layer.get_weights())
         wrapper = TransformPruning(
             inner, schedule, transforms=transforms, criterion=criterion,
-            depth_groups=depth_groups, scale=scale,
+            depth_groups=depth_groups, scale=scale, transform_family=transform_family,
         )
         return wrapper, None
 

@@ -9,7 +9,7 @@ base tap that lands on tap `u`, or `-1` where the transform writes a zero.
 That one representation serves the layer's two execution paths, the
 composition of transforms, the fitting of assignments and the tests.
 
-The definitions (see `DESIGN.md`, section 2) are numpy operations on axes
+The definitions are numpy operations on axes
 `(0, 1)`; the tables are obtained by applying exactly those operations to a
 grid of tap indices, so the two can never disagree.
 """
@@ -91,7 +91,8 @@ def _check_name(name):
         )
 
 
-def _standardize_kernel_size(kernel_size):
+def standardize_kernel_size(kernel_size):
+    """`(kh, kw)` from an int or a pair of positive ints; a ValueError otherwise."""
     if isinstance(kernel_size, int):
         kernel_size = (kernel_size, kernel_size)
     kernel_size = tuple(int(k) for k in kernel_size)
@@ -140,7 +141,7 @@ def resolve_transforms(transforms, kernel_size=None):
             f"Expected distinct transform names. Received transforms={list(names)}."
         )
     if kernel_size is not None:
-        kh, kw = _standardize_kernel_size(kernel_size)
+        kh, kw = standardize_kernel_size(kernel_size)
         if kh != kw:
             square_only = [n for n in names if _DEFINITIONS[n][1]]
             if square_only:
@@ -156,7 +157,7 @@ def resolve_transforms(transforms, kernel_size=None):
 def apply_transform(kernel, name):
     """Applies transform `name` to a numpy kernel on its axes (0, 1).
 
-    This is the definition of `DESIGN.md` section 2, written directly with
+    This is the definition of each transform, written directly with
     numpy: vacated taps of a shift become zero.
     """
     _check_name(name)
@@ -178,7 +179,7 @@ def tap_table(name, kernel_size):
         row-major index of the base tap that lands on tap `u`, or -1 where
         the transformed kernel is zero.
     """
-    kh, kw = _standardize_kernel_size(kernel_size)
+    kh, kw = standardize_kernel_size(kernel_size)
     resolve_transforms((name,), (kh, kw))
     grid = np.arange(kh * kw, dtype=np.int32).reshape(kh, kw)
     return np.ascontiguousarray(_DEFINITIONS[name][0](grid, -1)).reshape(-1)
@@ -216,7 +217,7 @@ def compose(first, second, kernel_size):
     permutations gives a partial permutation: a tap is zero if either step
     zeroes it.
     """
-    kh, kw = _standardize_kernel_size(kernel_size)
+    kh, kw = standardize_kernel_size(kernel_size)
     tables = []
     for t in (first, second):
         if isinstance(t, str):
@@ -237,7 +238,7 @@ def compose(first, second, kernel_size):
 
 def name_of(table, kernel_size, transforms="all"):
     """The name of the transform in `transforms` whose tap table is `table`, or None."""
-    kh, kw = _standardize_kernel_size(kernel_size)
+    kh, kw = standardize_kernel_size(kernel_size)
     table = np.asarray(table)
     for name in resolve_transforms(transforms):
         if _DEFINITIONS[name][1] and kh != kw:
