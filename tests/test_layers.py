@@ -104,7 +104,7 @@ def full_params(layer):
     identity = families.identity_params(layer.transform_family, layer.kernel_size)
     params = np.tile(identity.astype(np.float64), layer.templates.shape + (1,))
     if layer.transform is not None:
-        params[~layer.templates] = np.asarray(layer.transform, np.float64)
+        params[~layer.templates] = np.asarray(layer.transform, np.float64).T
     return params
 
 
@@ -440,12 +440,12 @@ def test_gradients_match_central_differences(family, implementation, training):
                 moved[name] = values[name].copy()
                 moved[name].reshape(-1)[flat] += sign * step
                 ops_ = operators
-                if name == "transform":
-                    row = flat // values[name].shape[1]
-                    g, o = pair_of_row[row]
+                if name == "transform":  # (parameters, transformed filters)
+                    column = flat % values[name].shape[1]
+                    g, o = pair_of_row[column]
                     ops_ = operators.copy()
                     ops_[g, o] = reference.learned_operator(
-                        family, moved[name][row], layer.kernel_size)
+                        family, moved[name][:, column], layer.kernel_size)
                 results.append(loss(moved, ops_))
             numeric.reshape(-1)[flat] = (results[0] - results[1]) / (2 * step)
         assert_close(np.asarray(tf.convert_to_tensor(grad)), numeric, rtol=1e-6,
@@ -636,7 +636,7 @@ def test_runs_and_matches_on_jax_backend():
             identity = families.identity_params(layer.transform_family, layer.kernel_size)
             params = np.tile(identity.astype(np.float64), layer.templates.shape + (1,))
             if layer.transform is not None:
-                params[~layer.templates] = np.asarray(layer.transform)
+                params[~layer.templates] = np.asarray(layer.transform).T
             return params
         for impl in ("materialized", "factored"):
             for family in families.FAMILIES:
@@ -720,8 +720,8 @@ def test_bad_inputs_raise_clear_errors():
 def test_default_assignment_needs_no_output_permutation():
     layer = TransformConv2D(16, 3, transforms="d4", depth_groups=2)
     layer.build((None, 8, 8, 4))
-    assert layer._factored_plan.output_index is None
-    assert len(layer._factored_plan.segments) == 8  # one per transform block
+    assert layer._tables.plan.output_index is None
+    assert len(layer._tables.plan.segments) == 8  # one per transform block
 
 
 
@@ -755,7 +755,7 @@ def test_templates_are_each_bases_first_identity_output():
     np.testing.assert_array_equal(layer.templates[0], [True, False, False, True, False, False])
     assert layer.num_transformed == 4
     layer.build((None, 5, 5, 3))
-    assert tuple(layer.transform.shape) == (4, 9)
+    assert tuple(layer.transform.shape) == (9, 4)
     assert layer.count_params() == 3 * 3 * 3 * 2 + 6 + 4 * 9  # bases, bias, multipliers
 
 
@@ -764,7 +764,7 @@ def test_default_layout_learns_every_output_but_the_bases():
                             depth_groups=2)
     np.testing.assert_array_equal(layer.templates, np.arange(16)[None].repeat(2, 0) < 4)
     layer.build((None, 8, 8, 4))
-    assert tuple(layer.transform.shape) == (2 * 12, 2)
+    assert tuple(layer.transform.shape) == (2, 2 * 12)
 
 
 def test_learned_default_assignment_may_repeat_the_transforms():

@@ -237,7 +237,7 @@ def transform_conv_from_conv2d(
     if conv.use_bias:
         weights.append(np.asarray(conv.bias))
     if learned and len(transform_weights):
-        weights.append(np.asarray(transform_weights, "float32"))
+        weights.append(np.asarray(transform_weights, "float32").T)  # the layer's (p, transformed)
     return layer, weights
 
 

@@ -189,15 +189,14 @@ def segment_sums(windows, plan, coefficients=None, kind=None, scale=None, bias=N
     Args:
         windows: the shifted views of `P`, one per tap.
         plan: a `SegmentPlan`.
-        coefficients: None for the discrete family; for `kind="diagonal"`
-            a `(groups, filters, taps)` tensor of per-tap multipliers; for
-            `kind="dense"` a `(groups, filters, taps, taps)` tensor `L`.
+        coefficients: None for the discrete family; filters last, so each
+            term multiplies by a contiguous vector: for `kind="diagonal"` the
+            per-tap multipliers `(groups, taps, filters)`, for
+            `kind="dense"` the operators `L` as `(groups, taps_u, taps_w,
+            filters)` (`families.coefficients`).
         scale, bias: optional `(filters,)` tensors.
     """
     taps = len(windows)
-    if coefficients is not None:
-        # Filters last, so each term multiplies by a contiguous vector.
-        coefficients = ops.moveaxis(coefficients, 1, -1)
     parts = []
     for segment in plan.segments:
         width = segment.width
@@ -242,7 +241,10 @@ def _segment_coefficients(coefficients, segment):
 
 
 def gathered_sums(windows, index, coefficients=None, kind=None):
-    """Sum over taps and groups of `window[..., index[w, k]]` (-1 reads zero), in filter order."""
+    """Sum over taps and groups of `window[..., index[w, k]]` (-1 reads zero), in filter order.
+
+    `coefficients` as `segment_sums` takes them (filters last).
+    """
     taps, groups, filters = index.shape
     total = ops.zeros(ops.shape(windows[0])[:-1] + (filters,), windows[0].dtype)
     for w in range(taps):
@@ -257,9 +259,9 @@ def gathered_sums(windows, index, coefficients=None, kind=None):
             for u in reads:
                 term = ops.take(windows[u], np.maximum(idx, 0), axis=-1)
                 if kind == "diagonal":
-                    term = term * coefficients[k, :, w]
+                    term = term * coefficients[k, w]
                 elif kind == "dense":
-                    term = term * coefficients[k, :, u, w]
+                    term = term * coefficients[k, u, w]
                 if mask is not None:
                     term = term * ops.cast(mask, term.dtype)
                 total = total + term

@@ -502,29 +502,32 @@ def coefficient_kind(family):
 
 
 def coefficients(family, params, kernel_size):
-    """keras.ops: the family's operators as the engines use them.
+    """keras.ops: the family's operators as the engines use them, filters last.
 
-    None for the discrete family; the multipliers `params` themselves
-    `(..., taps)` for the scalar family (`L = diag(params)`); the operators
-    `L` `(..., taps, taps)` otherwise.
+    For parameters `(g, f, p)` (depth groups, filters): None for the
+    discrete family; the multipliers `(g, taps, f)` for the scalar family
+    (`L = diag(params)`); the operators `L` as `(g, taps_u, taps_w, f)`
+    otherwise. Filters last, so each term of the factored sums multiplies a
+    slice of outputs by a contiguous vector.
     """
     kind = coefficient_kind(family)
     if kind is None:
         return None
-    if kind == "diagonal":
-        return params
-    return operators(family, params, kernel_size)
+    if kind == "dense":
+        params = operators(family, params, kernel_size)
+    return ops.moveaxis(params, 1, -1)
 
 
 def apply_coefficients(moved, coefficients_, family):
     """keras.ops: `L @` each discretely moved filter, tap-major `(taps, g, f, c)`.
 
-    `moved[w, k, o]` is tap `w` of `T_t(B[..., b(o)])` in group `k`; returns
-    the taps of `L_{k,o} @ T_t(B)`, the same layout.
+    `moved[w, k, o]` is tap `w` of `T_t(B[..., b(o)])` in group `k`;
+    `coefficients_` as `coefficients` returns them. Returns the taps of
+    `L_{k,o} @ T_t(B)`, the same layout.
     """
     kind = coefficient_kind(family)
     if kind is None:
         return moved
     if kind == "diagonal":
-        return moved * ops.transpose(coefficients_, (2, 0, 1))[..., None]
-    return ops.einsum("gfuw,wgfc->ugfc", coefficients_, moved)
+        return moved * ops.transpose(coefficients_, (1, 0, 2))[..., None]
+    return ops.einsum("guwf,wgfc->ugfc", coefficients_, moved)

@@ -8,7 +8,10 @@ from keras import ops
 from tf_transform_conv import _compat
 from tf_transform_conv import factored as factored_lib
 from tf_transform_conv import families as families_lib
+from tf_transform_conv import layout as layout_lib
 from tf_transform_conv import transforms as transforms_lib
+from tf_transform_conv.layout import default_assignment  # noqa: F401  (public name)
+from tf_transform_conv.layout import template_outputs  # noqa: F401  (public name)
 
 IMPLEMENTATIONS = ("auto", "materialized", "factored")
 
@@ -30,7 +33,7 @@ IMPLEMENTATIONS = ("auto", "materialized", "factored")
 # forward pass saved too little to pay for building the kernel as well).
 AUTO_MAX_PRODUCT_FRACTION = 0.25
 AUTO_MIN_GROUP_CHANNELS = 16
-AUTO_MIN_DENSE_OPERATOR_CHANNELS = 64
+AUTO_MIN_DENSE_OPERATOR_CHANNELS = 128
 AUTO_MAX_PRODUCT_BYTES = 1 << 20
 # The factored path pads the input before the products (no bounds checks in
 # the additions) unless that grows the products by more than this factor; then
@@ -69,50 +72,6 @@ def _standardize_data_format(data_format):
             f"data_format={data_format!r}."
         )
     return data_format.lower()
-
-
-def default_assignment(filters, base_filters, num_transforms, depth_groups=1):
-    """The default assignment: output `o` is base `o % n` under transform `(o // n) % T`.
-
-    With `filters == base_filters * num_transforms` (what the discrete
-    family needs), block `j` of outputs holds every base under transform
-    `j`. A learned family may repeat the blocks (`filters` any multiple of
-    `base_filters`): each repeat learns its own transforms.
-
-    Returns:
-        An int32 array `(depth_groups, filters, 2)` of `(base, transform)`.
-    """
-    if filters % base_filters:
-        raise ValueError(
-            "The default assignment needs filters to be a multiple of "
-            f"base_filters. Received filters={filters} and base_filters={base_filters}."
-        )
-    o = np.arange(filters)
-    table = np.stack([o % base_filters, (o // base_filters) % num_transforms], axis=-1)
-    return np.broadcast_to(table, (depth_groups, filters, 2)).astype(np.int32)
-
-
-def template_outputs(assignment, identity):
-    """`(depth_groups, filters)` bool: which outputs are their base's template.
-
-    In each depth group, the first output that takes base `b` under the
-    `identity` transform (its index in the layer's transforms, or None) is
-    `b`'s *template*: it is the base itself and learns no transform. Every
-    other output is a transformed filter.
-    """
-    assignment = np.asarray(assignment)
-    groups, filters, _ = assignment.shape
-    mask = np.zeros((groups, filters), bool)
-    if identity is None:
-        return mask
-    for k in range(groups):
-        seen = set()
-        for o in range(filters):
-            b, t = (int(v) for v in assignment[k, o])
-            if t == identity and b not in seen:
-                seen.add(b)
-                mask[k, o] = True
-    return mask
 
 
 @keras.saving.register_keras_serializable(package="tf_transform_conv")
@@ -234,8 +193,8 @@ class TransformConv2D(keras.layers.Layer):
     (3, 3, 3, 8)
     >>> learned = TransformConv2D(8, 3, base_filters=2, transform_family="scalar")
     >>> _ = learned(np.zeros((1, 5, 5, 3), "float32"))
-    >>> tuple(learned.transform.shape)  # 6 transformed filters, 9 multipliers each
-    (6, 9)
+    >>> tuple(learned.transform.shape)  # 9 multipliers for each of 6 transformed filters
+    (9, 6)
     """
 
     def __init__(
@@ -328,10 +287,17 @@ class TransformConv2D(keras.layers.Layer):
         self._base_filters_arg = base_filters
         self._base_ratio_arg = base_ratio
         self._assignment_arg = assignment
-        self.base_filters = self._resolve_base_filters(base_filters, base_ratio, assignment)
-        self._assignment = self._resolve_assignment(assignment)
+        self.base_filters = layout_lib.resolve_base_filters(
+            self.filters, self.transforms, base_filters, base_ratio, assignment
+        )
+        self._assignment = layout_lib.resolve_assignment(
+            assignment, self.filters, self.base_filters, self.transforms, self.depth_groups,
+            self.transform_family,
+        )
         self._templates_arg = templates
-        self._templates = self._resolve_templates(templates)
+        self._templates = layout_lib.resolve_templates(
+            templates, self._assignment, self.transforms, self.transform_family
+        )
         self.scale = bool(scale)
         self.activation = keras.activations.get(activation)
         self.use_bias = bool(use_bias)
@@ -352,140 +318,6 @@ class TransformConv2D(keras.layers.Layer):
 
     # ------------------------------------------------------------------
     # Argument resolution
-
-    def _resolve_base_filters(self, base_filters, base_ratio, assignment):
-        if base_filters is not None and base_ratio is not None:
-            raise ValueError(
-                "Pass either `base_filters` or `base_ratio`, not both. Received "
-                f"base_filters={base_filters} and base_ratio={base_ratio}."
-            )
-        if base_ratio is not None:
-            if (
-                isinstance(base_ratio, bool)
-                or not isinstance(base_ratio, (int, float, np.floating, np.integer))
-                or not 0 < base_ratio <= 1
-            ):
-                raise ValueError(
-                    "Invalid value for argument `base_ratio`. Expected a number "
-                    f"in (0, 1]. Received base_ratio={base_ratio!r}."
-                )
-            exact = self.filters * float(base_ratio)
-            base_filters = int(round(exact))
-            if base_filters < 1 or abs(exact - base_filters) > 1e-6:
-                raise ValueError(
-                    f"`base_ratio` * `filters` must be a whole number of base "
-                    f"filters. Received base_ratio={base_ratio} with "
-                    f"filters={self.filters} (= {exact:g} bases); pass "
-                    f"base_filters= instead."
-                )
-        elif base_filters is None:
-            if assignment is not None:
-                raise ValueError(
-                    "An explicit `assignment` needs the number of base filters: "
-                    "pass `base_filters` or `base_ratio`."
-                )
-            num = len(self.transforms)
-            if self.filters % num:
-                raise ValueError(
-                    f"The default assignment needs `filters` divisible by "
-                    f"len(transforms). Received filters={self.filters} and "
-                    f"{num} transforms {list(self.transforms)}; pass "
-                    f"base_filters and an explicit assignment, or other "
-                    f"transforms."
-                )
-            return self.filters // num
-        if (
-            isinstance(base_filters, bool)
-            or not isinstance(base_filters, (int, np.integer))
-            or not 1 <= base_filters <= self.filters
-        ):
-            raise ValueError(
-                "Invalid value for argument `base_filters`. Expected an int in "
-                f"[1, filters={self.filters}]. Received "
-                f"base_filters={base_filters!r}."
-            )
-        return int(base_filters)
-
-    def _resolve_assignment(self, assignment):
-        g, f, n, t = (
-            self.depth_groups,
-            self.filters,
-            self.base_filters,
-            len(self.transforms),
-        )
-        if assignment is None:
-            if self.transform_family == "discrete" and f != n * t:
-                raise ValueError(
-                    "The default assignment needs filters == base_filters * "
-                    f"len(transforms). Received filters={f}, base_filters={n} "
-                    f"and {t} transforms {list(self.transforms)} (= {n * t}). "
-                    "Choose base_filters=filters/len(transforms), other "
-                    "transforms, or pass an explicit assignment."
-                )
-            if f % n:
-                raise ValueError(
-                    "The default assignment needs filters to be a multiple of "
-                    f"base_filters. Received filters={f} and base_filters={n}; "
-                    "pass an explicit assignment."
-                )
-            return default_assignment(f, n, t, g)
-        table = np.asarray(assignment)
-        if table.dtype.kind not in "iu" and table.size:
-            raise ValueError(
-                "Expected `assignment` to hold integers (base, transform) per "
-                f"output. Received an array of dtype {table.dtype}."
-            )
-        if table.shape == (f, 2):
-            table = np.broadcast_to(table, (g, f, 2))
-        if table.shape != (g, f, 2):
-            raise ValueError(
-                f"Expected `assignment` of shape (filters, 2) = ({f}, 2) or "
-                f"(depth_groups, filters, 2) = ({g}, {f}, 2). Received shape "
-                f"{table.shape}."
-            )
-        bases, trans = table[..., 0], table[..., 1]
-        if bases.min() < 0 or bases.max() >= n:
-            raise ValueError(
-                f"`assignment` base indices must lie in [0, base_filters={n}). "
-                f"Received indices in [{bases.min()}, {bases.max()}]."
-            )
-        if trans.min() < 0 or trans.max() >= t:
-            raise ValueError(
-                f"`assignment` transform indices must lie in [0, {t}) for "
-                f"transforms {list(self.transforms)}. Received indices in "
-                f"[{trans.min()}, {trans.max()}]."
-            )
-        return table.astype(np.int32)
-
-    def _resolve_templates(self, templates):
-        g, f = self.depth_groups, self.filters
-        if self.transform_family == "discrete":
-            if templates is not None:
-                raise ValueError(
-                    "`templates` applies to the learned transform families; the "
-                    "discrete family learns no transform. Received "
-                    f"transform_family='discrete' with templates={templates!r}."
-                )
-            return np.ones((g, f), bool)
-        if templates is None:
-            identity = (
-                self.transforms.index("identity") if "identity" in self.transforms else None
-            )
-            return template_outputs(self._assignment, identity)
-        mask = np.asarray(templates)
-        if mask.dtype != bool:
-            raise ValueError(
-                "Expected `templates` to be booleans, one per output (or per "
-                f"depth group and output). Received an array of dtype {mask.dtype}."
-            )
-        if mask.shape == (f,):
-            mask = np.broadcast_to(mask, (g, f))
-        if mask.shape != (g, f):
-            raise ValueError(
-                f"Expected `templates` of shape (filters,) = ({f},) or "
-                f"(depth_groups, filters) = ({g}, {f}). Received shape {mask.shape}."
-            )
-        return mask.copy()
 
     @property
     def assignment(self):
@@ -571,18 +403,23 @@ class TransformConv2D(keras.layers.Layer):
         self.transform = None
         if self.num_transformed:
             identity = families_lib.identity_params(self.transform_family, self.kernel_size)
+            # Parameters-major: one column per transformed filter, so the
+            # scalar multipliers of consecutive filters are contiguous.
             self.transform = self.add_weight(
                 name="transform",
-                shape=(self.num_transformed, len(identity)),
+                shape=(len(identity), self.num_transformed),
                 initializer=keras.initializers.Constant(
-                    np.tile(identity, (self.num_transformed, 1))
+                    np.tile(identity[:, None], (1, self.num_transformed))
                 ),
                 regularizer=self.transform_regularizer,
                 constraint=self.transform_constraint,
                 trainable=True,
                 dtype=self.dtype,
             )
-        self._build_tables()
+        self._tables = layout_lib.index_tables(
+            self._assignment, self.transforms, self.kernel_size, self.base_filters,
+            self._templates, merge_identical=self.transform_family == "discrete",
+        )
         self.implementation_used, self.implementation_reason = (
             self.choose_implementation(tuple(input_shape))
         )
@@ -602,32 +439,6 @@ class TransformConv2D(keras.layers.Layer):
                 f"with padding='valid'. Received input_shape={input_shape}; use "
                 "padding='same' or a larger input."
             )
-
-    def _build_tables(self):
-        """Static index tables for both execution paths."""
-        kh, kw = self.kernel_size
-        taps, g, n = kh * kw, self.depth_groups, self.base_filters
-        src = transforms_lib.tap_tables(self.transforms, self.kernel_size)  # (T, taps)
-        bases, trans = self._assignment[..., 0], self._assignment[..., 1]  # (g, f)
-        self._tap_sources = src[trans]  # (g, f, taps): base tap landing on tap w
-        src_of = np.transpose(self._tap_sources, (2, 0, 1))  # (taps, g, f)
-        group = np.arange(g).reshape(1, g, 1)
-        # Rows of the (taps, g, n) base table, in that order; `taps*g*n` is
-        # the appended zero row.
-        rows = (src_of * g + group) * n + bases[None]
-        self._materialize_index = np.where(src_of >= 0, rows, taps * g * n).astype(
-            np.int32
-        )
-        # Channels of the factored product P, laid out (group, tap, base).
-        chans = (group * taps + src_of) * n + bases[None]
-        self._factored_index = np.where(src_of >= 0, chans, -1).astype(np.int32)
-        self._factored_plan = factored_lib.plan_segments(
-            self._factored_index,
-            merge_identical=self.transform_family == "discrete",
-        )
-        # Row of each (group, filter) in [identity; transform]: 0 for templates.
-        learned = (~self._templates).reshape(-1)
-        self._param_rows = np.where(learned, np.cumsum(learned), 0).astype(np.int32)
 
     def cost(self, input_shape):
         """Multiply-adds of both paths for one sample of `input_shape` (no batch).
@@ -780,30 +591,58 @@ class TransformConv2D(keras.layers.Layer):
         """`(depth_groups, filters, p)`: every output's family parameters.
 
         Templates hold the identity parameters; the transformed filters the
-        rows of `transform`. None for the discrete family.
+        columns of `transform`. None for the discrete family.
         """
         self._check_built("transform_parameters()")
         if self.transform_family == "discrete":
             return None
-        dtype = dtype or self.variable_dtype
+        params = self._params_major(dtype or self.variable_dtype)  # (p, g, f)
+        return ops.transpose(params, (1, 2, 0))
+
+    def _params_major(self, dtype):
+        """`(p, depth_groups, filters)`: `transform_parameters`, parameters first.
+
+        Built from runs of consecutive filters (identity columns for the
+        templates, slices of `transform` for the others) where the templates
+        allow few runs, else by one gather; either way consecutive filters
+        stay contiguous, which the factored sums need to run at speed (XLA
+        kept a gathered-then-transposed table filters-first inside the sums,
+        1.4-1.7x slower).
+        """
         identity = families_lib.identity_params(self.transform_family, self.kernel_size)
-        table = ops.cast(identity[None], dtype)
-        if self.transform is not None:
-            table = ops.concatenate([table, ops.cast(self.transform, dtype)], axis=0)
-        params = ops.take(table, self._param_rows, axis=0)
-        return ops.reshape(params, (self.depth_groups, self.filters, len(identity)))
+        variable = None if self.transform is None else ops.cast(self.transform, dtype)
+        p, g, f = len(identity), self.depth_groups, self.filters
+        runs = self._tables.param_runs
+        if runs is not None:
+            pieces = []
+            for start, stop, column in runs:
+                if column is None:
+                    pieces.append(ops.cast(np.tile(identity[:, None], (1, stop - start)), dtype))
+                else:
+                    pieces.append(variable[:, column:column + stop - start])
+            params = pieces[0] if len(pieces) == 1 else ops.concatenate(pieces, axis=1)
+        else:
+            table = ops.cast(identity[:, None], dtype)
+            if variable is not None:
+                table = ops.concatenate([table, variable], axis=1)
+            params = ops.take(table, self._tables.param_rows, axis=1)
+        return ops.reshape(params, (p, g, f))
 
     def _coefficients(self, dtype):
-        """The learned part of every operator, as the sums and the kernel use it.
+        """The learned part of every operator, as both paths use it (filters last).
 
-        None (discrete); the multipliers `(g, f, taps)` (scalar); or the
-        operators `L` `(g, f, taps, taps)` (rotation, affine, general).
-        Computed in float32 at least (the sampling weights need the
-        precision; float64 for a float64 layer), then cast to `dtype`.
+        None (discrete); the multipliers `(g, taps, f)` (scalar); or the
+        operators `L` as `(g, taps, taps, f)` (rotation, affine, general)
+        (`families.coefficients`). Computed in float32 at least (the
+        sampling weights need the precision; float64 for a float64 layer),
+        then cast to `dtype`.
         """
         if self.transform_family == "discrete":
             return None
-        params = self.transform_parameters("float64" if dtype == "float64" else "float32")
+        work = "float64" if dtype == "float64" else "float32"
+        if self.transform_family == "scalar":  # the multipliers, as stored
+            return ops.cast(ops.transpose(self._params_major(work), (1, 0, 2)), dtype)
+        params = self.transform_parameters(work)
         return ops.cast(
             families_lib.coefficients(self.transform_family, params, self.kernel_size), dtype
         )
@@ -819,15 +658,13 @@ class TransformConv2D(keras.layers.Layer):
         kh, kw = self.kernel_size
         taps = kh * kw
         permutation = np.zeros((self.depth_groups, self.filters, taps, taps), np.float32)
-        g, o, u = np.nonzero(self._tap_sources >= 0)
-        permutation[g, o, u, self._tap_sources[g, o, u]] = 1.0
-        coefficients = self._coefficients("float32")
-        kind = self._coefficient_kind()
-        if kind is None:
+        g, o, u = np.nonzero(self._tables.tap_sources >= 0)
+        permutation[g, o, u, self._tables.tap_sources[g, o, u]] = 1.0
+        params = self.transform_parameters("float32")
+        if params is None:
             return ops.convert_to_tensor(permutation)
-        if kind == "diagonal":
-            return coefficients[..., None] * permutation
-        return ops.matmul(coefficients, permutation)
+        operators = families_lib.operators(self.transform_family, params, self.kernel_size)
+        return ops.matmul(operators, permutation)
 
     def materialized_kernel(self, dtype=None):
         """The equivalent `Conv2D` kernel `(kh, kw, c_in, filters)`.
@@ -852,7 +689,7 @@ class TransformConv2D(keras.layers.Layer):
         table = ops.reshape(base, (taps, g, cg, n))
         table = ops.reshape(ops.transpose(table, (0, 1, 3, 2)), (taps * g * n, cg))
         table = ops.concatenate([table, ops.zeros((1, cg), dtype)], axis=0)
-        kernel = ops.take(table, self._materialize_index, axis=0)  # (taps, g, f, cg)
+        kernel = ops.take(table, self._tables.materialize, axis=0)  # (taps, g, f, cg)
         kernel = families_lib.apply_coefficients(kernel, coefficients, self.transform_family)
         kernel = ops.transpose(kernel, (0, 1, 3, 2))
         kernel = ops.reshape(kernel, (kh, kw, channels, self.filters))
@@ -918,6 +755,7 @@ class TransformConv2D(keras.layers.Layer):
         """
         extras = list(extras)
         coefficients = extras.pop(0) if self._coefficient_kind() is not None else None
+
         scale = extras.pop(0) if self.scale_weight is not None else None
         bias = extras.pop(0) if self.bias is not None else None
         h, w = x.shape[1], x.shape[2]
@@ -938,7 +776,7 @@ class TransformConv2D(keras.layers.Layer):
         windows = factored_lib.shifted_windows(
             products, self.kernel_size, self.strides, self.dilation_rate, (oh, ow)
         )
-        plan, kind = self._factored_plan, self._coefficient_kind()
+        plan, kind = self._tables.plan, self._coefficient_kind()
         taps = len(windows)
         if factored_lib.slice_terms(plan, kind, taps) <= factored_lib.MAX_SLICE_TERMS:
             if plan.output_index is None:  # one output per position: scale and bias inside
@@ -946,7 +784,7 @@ class TransformConv2D(keras.layers.Layer):
             out = factored_lib.segment_sums(windows, plan, coefficients, kind)
             out = ops.take(out, plan.output_index, axis=-1)
         else:
-            out = factored_lib.gathered_sums(windows, self._factored_index, coefficients, kind)
+            out = factored_lib.gathered_sums(windows, self._tables.factored, coefficients, kind)
         if scale is not None:
             out = out * scale
         if bias is not None:
