@@ -582,6 +582,7 @@ def main(argv=None):
                     "AUTO_MAX_PRODUCT_FRACTION",
                     "AUTO_MIN_GROUP_CHANNELS",
                     "AUTO_MIN_DENSE_OPERATOR_CHANNELS",
+                    "AUTO_MIN_TRAINING_GROUP_CHANNELS",
                     "AUTO_MAX_PRODUCT_BYTES",
                 )
             },

@@ -18,6 +18,10 @@ float32 files are written with `export.export_tflite`:
               CONV_2D spreading the products (`tf_transform_conv.lowering`)
     slices    lowering="slices": the Keras factored path, a product then
               strided slices and additions
+    scalar    the same layer with `transform_family="scalar"` (the same bases,
+              scale and bias; per-tap multipliers 1 + 0.1 normal), written
+              with lowering="grouped": its spread kernel holds scale times
+              multiplier where the discrete one holds the scale
 
 Each file is checked against the TransformConv2D model with
 `export.verify_tflite(..., rtol=1e-4)` on 2 random samples.
@@ -29,6 +33,9 @@ counts) are interleaved: after a warm-up and an untimed round, each round
 times a loop of calls per interpreter, the order rotating from round to
 round; a row reports the median over the rounds of the time per call, and
 ratios form / dense measured in the same run.
+
+Target: the scalar family's grouped file within 1.1x the discrete grouped
+file's latency, and within 1.1x its bytes plus the multipliers' 4 bytes each.
 
 Writes JSON (benchmark, command, timestamp, machine with the load average,
 versions, config, complete, rows, wall_s) atomically, and a PNG beside it of
@@ -82,8 +89,9 @@ SHAPES = (
 QUICK_SHAPES = ("32x32x16", "8x8x64")
 QUICK_RATIO = "1/4"
 STRIDE_CHOICES = (1, 2)
-FORMS = ("dense", "grouped", "slices")
-LOWERED = ("grouped", "slices")
+FORMS = ("dense", "grouped", "slices", "scalar")
+LOWERED = ("grouped", "slices", "scalar")
+SCALAR_MAX = 1.1  # the scalar family's grouped file against the discrete one
 THREADS = (1, 2)
 KERNEL = 3
 VERIFY_SAMPLES = 2
@@ -173,7 +181,8 @@ def row_label(row):
 
 
 def make_models(shape, stride, ratio, seed):
-    """The TransformConv2D model with random weights, and its dense Conv2D twin."""
+    """The TransformConv2D model with random weights, its dense Conv2D twin and
+    its scalar-family twin (same weights, random multipliers)."""
     h, w, c = common.shape_dims(shape)
     k = common.ratio_denominator(ratio)
     rng = np.random.default_rng(seed)
@@ -197,7 +206,17 @@ def make_models(shape, stride, ratio, seed):
         keras.ops.convert_to_numpy(layer.materialized_kernel()),
         keras.ops.convert_to_numpy(layer.bias),
     ])
-    return layer, model, dense
+
+    scalar_inputs = keras.Input((h, w, c))
+    scalar_layer = TransformConv2D(
+        c, KERNEL, base_filters=c // k, transforms=DEFAULT_TRANSFORMS[k],
+        padding="same", strides=stride, scale=True, use_bias=True,
+        transform_family="scalar", name="transform_conv",
+    )
+    scalar = keras.Model(scalar_inputs, scalar_layer(scalar_inputs), name="scalar")
+    multipliers = 1.0 + 0.1 * rng.normal(size=scalar_layer.transform.shape)
+    scalar_layer.set_weights(layer.get_weights() + [multipliers.astype("float32")])
+    return layer, model, dense, scalar
 
 
 def output_hw(shape, stride):
@@ -243,7 +262,8 @@ def build_row(shape, stride, ratio, folder, args):
     keras.backend.clear_session()
     h, w, c = common.shape_dims(shape)
     k = common.ratio_denominator(ratio)
-    layer, model, dense = make_models(shape, stride, ratio, args.seed)
+    layer, model, dense, scalar = make_models(shape, stride, ratio, args.seed)
+    models = {"dense": model, "grouped": model, "slices": model, "scalar": scalar}
     samples = np.random.default_rng(args.seed + 1).normal(
         size=(VERIFY_SAMPLES, h, w, c)).astype("float32")
     stem = f"{shape}_s{stride}_r{ratio.replace('/', '-')}"
@@ -261,7 +281,9 @@ def build_row(shape, stride, ratio, folder, args):
         # What export_tflite(lowering="auto") writes for this layer, and why.
         "auto_lowering": list(lowering_choice(layer)),
         "params": {"dense": int(model_cost(dense).params),
-                   "transformed": int(model_cost(model).params)},
+                   "transformed": int(model_cost(model).params),
+                   "scalar": int(model_cost(scalar).params)},
+        "multipliers": int(np.prod(scalar.get_layer("transform_conv").transform.shape)),
         "macs": {"dense": dense_macs(shape, stride), "grouped": gmacs["total"],
                  "grouped_products": gmacs["products"], "grouped_spread": gmacs["spread"]},
         "bytes": {}, "param_bytes": {}, "num_ops": {}, "op_counts": {}, "lowerings": {},
@@ -273,15 +295,17 @@ def build_row(shape, stride, ratio, folder, args):
         if form == "dense":
             result = export_tflite(dense, path)
         else:
-            result = export_tflite(model, path, lowering=form)
+            lowering = "grouped" if form == "scalar" else form
+            result = export_tflite(models[form], path, lowering=lowering)
         row["export_s"][form] = round(time.perf_counter() - start, 2)
         row["bytes"][form] = result.bytes
         row["param_bytes"][form] = result.param_bytes
         row["num_ops"][form] = result.num_ops
         row["op_counts"][form] = result.op_counts
         row["lowerings"][form] = result.lowerings
-        # Every file against the TransformConv2D model: the dense one also checks the twin.
-        row["max_rel_diff"][form], row["verified"][form] = verify(result.path, model, samples)
+        # Every file against its TransformConv2D model: the dense one also checks the twin.
+        row["max_rel_diff"][form], row["verified"][form] = verify(
+            result.path, models[form], samples)
         row.setdefault("_paths", {})[form] = result.path
     return row
 
@@ -322,6 +346,28 @@ def add_ratios(row):
         for form in LOWERED
     }
     row["vs_dense"]["grouped"]["macs"] = row["macs"]["grouped"] / row["macs"]["dense"]
+    row["scalar_vs_grouped"] = {
+        **{f"ms_{t}t": row["ms"]["scalar"][f"{t}t"] / row["ms"]["grouped"][f"{t}t"]
+           for t in THREADS},
+        "bytes": row["bytes"]["scalar"] / (row["bytes"]["grouped"] + 4 * row["multipliers"]),
+    }
+
+
+def scalar_target(rows):
+    """The scalar family's grouped file against the discrete one: PASS/MISS and the worst."""
+    if not rows:
+        return None
+    worst_ms = max(rows, key=lambda r: r["scalar_vs_grouped"]["ms_1t"])
+    worst_bytes = max(rows, key=lambda r: r["scalar_vs_grouped"]["bytes"])
+    ms = worst_ms["scalar_vs_grouped"]["ms_1t"]
+    size = worst_bytes["scalar_vs_grouped"]["bytes"]
+    return {
+        "rule": f"scalar grouped file <= {SCALAR_MAX}x the discrete grouped file's 1-thread "
+                f"latency and <= {SCALAR_MAX}x its bytes + 4 per multiplier",
+        "status": "PASS" if ms <= SCALAR_MAX and size <= SCALAR_MAX else "MISS",
+        "worst_ms_ratio": ms, "where_ms": row_label(worst_ms),
+        "worst_bytes_ratio": size, "where_bytes": row_label(worst_bytes),
+    }
 
 
 # ----------------------------------------------------------------------
@@ -347,6 +393,8 @@ COLUMNS = (
     ("grp ops", 7, lambda r: str(r["num_ops"]["grouped"])),
     ("slc ops", 7, lambda r: str(r["num_ops"]["slices"])),
     ("grp/d MACs", 10, _ratio("grouped", "macs")),
+    ("scl/grp 1t", 10, lambda r: f"{r['scalar_vs_grouped']['ms_1t']:.3f}"),
+    ("scl/grp B", 9, lambda r: f"{r['scalar_vs_grouped']['bytes']:.3f}"),
     ("auto", 7, lambda r: r["auto_lowering"][0]),
 )
 LEGEND = """\
@@ -355,8 +403,10 @@ One 3x3 "same" layer, C in = C out filters, batch 1, float32 files in LiteRT
 grp/d, slc/d: the grouped / slices lowering over the dense file, same run, for
 latency with 1 (1t) and 2 (2t) threads and file bytes (B). ops: operators in
 the file. grp/d MACs: the grouped form's multiply-adds (1x1 products at the
-input resolution + the 3x3 grouped spread) over the dense layer's. auto: the
-form export_tflite(lowering="auto") picks. Medians over rounds."""
+input resolution + the 3x3 grouped spread) over the dense layer's. scl/grp:
+the scalar family's grouped file over the discrete one, 1-thread latency and
+bytes (against the discrete file's bytes + 4 per multiplier). auto: the form
+export_tflite(lowering="auto") picks. Medians over rounds."""
 
 
 def plot(rows, args, path):
@@ -368,7 +418,7 @@ def plot(rows, args, path):
 
     fig, axes = plt.subplots(1, len(args.ratios), figsize=(max(7.0, 4.2 * len(args.ratios) + 1.5), 4.2),
                              squeeze=False, sharey=True)
-    styles = {"grouped": ("o", "-"), "slices": ("s", "--")}
+    styles = {"grouped": ("o", "-"), "slices": ("s", "--"), "scalar": ("^", ":")}
     top = 1.2
     for ax, ratio in zip(axes[0], args.ratios):
         for stride in args.strides:
@@ -428,6 +478,7 @@ def main(argv=None):
                 "dense": "export_tflite(dense_model, path)",
                 "grouped": "export_tflite(model, path, lowering='grouped')",
                 "slices": "export_tflite(model, path, lowering='slices')",
+                "scalar": "export_tflite(scalar_model, path, lowering='grouped')",
             },
             "weights": "numpy default_rng(seed): base kernel normal(0, sqrt(2 / (9 C))), "
                        "scale 1 + 0.1 normal, bias 0.1 normal",
@@ -441,7 +492,7 @@ def main(argv=None):
             "litert": "ai_edge_litert Interpreter(model_path, num_threads=k), default "
                       "delegates, float32 file, batch 1",
             "litert_threads": list(THREADS),
-            "statistic": "median over rounds of (loop time / calls); the 3 files x 2 "
+            "statistic": "median over rounds of (loop time / calls); the 4 files x 2 "
                          "thread counts of one shape and ratio interleaved",
             "delegate_nodes": "DELEGATE nodes in the 1-thread interpreter after the "
                               "default delegation: XNNPACK partitions",
@@ -478,6 +529,7 @@ def main(argv=None):
                     payload["rows"].append(row)
                     common.write_json(args.out, payload)  # partial results survive
 
+    payload["scalar_target"] = scalar_target(payload["rows"])
     payload["complete"] = True
     payload["machine"]["load_average_end"] = list(os.getloadavg())
     payload["wall_s"] = round(time.perf_counter() - started, 1)
@@ -504,8 +556,13 @@ def main(argv=None):
                       "operators run outside the delegate)")
         for form in LOWERED:
             got = set(row["lowerings"][form].values())
-            if got != {form}:
+            if got != {"grouped" if form == "scalar" else form}:
                 print(f"WARNING: {row_label(row)} {form}: the file was written as {got}")
+    target = payload["scalar_target"]
+    if target:
+        print(f"\n{target['rule']}: {target['status']} (worst latency "
+              f"{target['worst_ms_ratio']:.3f}, {target['where_ms']}; worst bytes "
+              f"{target['worst_bytes_ratio']:.3f}, {target['where_bytes']})")
     print(f"\nload average at the end {' '.join(f'{v:.2f}' for v in os.getloadavg())}; "
           f"{payload['wall_s']:.0f} s in all")
     print(f"wrote {args.out} and {png}")

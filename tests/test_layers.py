@@ -323,38 +323,62 @@ def test_auto_choice_and_reason(kwargs, input_shape, expected, failing):
         assert failing in layer.implementation_reason
     else:
         assert "NOT" not in layer.implementation_reason
-        assert "factored for inference" in layer.implementation_reason
+        assert "factored under XLA (inference and training)" in layer.implementation_reason or (
+            "factored for inference under XLA" in layer.implementation_reason)
 
 
-def test_auto_runs_factored_only_for_inference_under_xla(monkeypatch):
-    """Measured: without XLA the factored path's slices run as separate ops
-    (1.1-7x slower than the convolution), and training steps gain nothing."""
-    layer = TransformConv2D(64, 3, transforms="d4", padding="same")
-    x = np.zeros((1, 8, 8, 64), "float32")
-    layer.build(x.shape)
-    assert layer.implementation_used == "factored"
-    assert "factored for inference under XLA" in layer.implementation_reason
+def _runs_factored(layer, monkeypatch):
+    """A probe: `probe(fn)` says whether calling `fn` ran the layer's factored path."""
     ran = []
     original = layer._factored_forward
     monkeypatch.setattr(layer, "_factored_forward", lambda *a: ran.append(1) or original(*a))
 
-    def runs_factored(fn):
+    def probe(fn):
         ran.clear()
         fn()
         return bool(ran)
 
-    assert not runs_factored(lambda: layer(x))  # eager: no XLA
-    assert not runs_factored(lambda: tf.function(lambda v: layer(v))(x))  # graph, no XLA
-    assert runs_factored(lambda: tf.function(lambda v: layer(v), jit_compile=True)(x))
-    assert not runs_factored(
-        lambda: tf.function(lambda v: layer(v, training=True), jit_compile=True)(x)
-    )
-    forced = TransformConv2D(64, 3, transforms="d4", padding="same", implementation="factored")
-    forced.build(x.shape)
-    original_forced = forced._factored_forward
-    monkeypatch.setattr(forced, "_factored_forward",
-                        lambda *a: ran.append(1) or original_forced(*a))
-    assert runs_factored(lambda: forced(x, training=True))  # requested: always
+    return probe
+
+
+def test_auto_runs_factored_only_under_xla(monkeypatch):
+    """Measured: without XLA the factored path's slices run as separate ops
+    (1.1-7x slower than the convolution); training steps run it only for wide
+    groups whose outputs need no reordering."""
+    x = np.zeros((1, 8, 8, 32), "float32")
+    narrow = TransformConv2D(32, 3, transforms="d4", padding="same")
+    narrow.build(x.shape)
+    assert narrow.implementation_used == "factored"
+    assert "training (< 64 channels per group)" in narrow.implementation_reason
+    runs = _runs_factored(narrow, monkeypatch)
+    assert not runs(lambda: narrow(x))  # eager: no XLA
+    assert not runs(lambda: tf.function(lambda v: narrow(v))(x))  # graph, no XLA
+    assert runs(lambda: tf.function(lambda v: narrow(v), jit_compile=True)(x))
+    assert not runs(lambda: tf.function(lambda v: narrow(v, training=True), jit_compile=True)(x))
+
+    x = np.zeros((1, 8, 8, 64), "float32")
+    wide = TransformConv2D(64, 3, transforms="d4", padding="same")
+    wide.build(x.shape)
+    assert "factored under XLA (inference and training)" in wide.implementation_reason
+    runs = _runs_factored(wide, monkeypatch)
+    assert runs(lambda: tf.function(lambda v: wide(v, training=True), jit_compile=True)(x))
+    assert not runs(lambda: tf.function(lambda v: wide(v, training=True))(x))
+
+    rng = np.random.default_rng(0)
+    scattered = TransformConv2D(
+        64, 3, base_filters=8, transforms="d4", padding="same",
+        assignment=np.stack([rng.integers(0, 8, 64), rng.integers(0, 8, 64)], -1).tolist())
+    scattered.build(x.shape)
+    assert "training (outputs reordered)" in scattered.implementation_reason
+    runs = _runs_factored(scattered, monkeypatch)
+    assert runs(lambda: tf.function(lambda v: scattered(v), jit_compile=True)(x))
+    assert not runs(
+        lambda: tf.function(lambda v: scattered(v, training=True), jit_compile=True)(x))
+
+    forced = TransformConv2D(32, 3, transforms="d4", padding="same", implementation="factored")
+    forced.build((1, 8, 8, 32))
+    assert _runs_factored(forced, monkeypatch)(
+        lambda: forced(np.zeros((1, 8, 8, 32), "float32"), training=True))  # requested
 
 
 def test_factored_training_differentiates_the_dense_convolution():
@@ -835,3 +859,16 @@ def test_valid_padding_on_a_too_small_input_is_an_error_at_build():
     for channels in (3, 32):
         with pytest.raises(ValueError, match=r"Computed output size would be zero or negative"):
             TransformConv2D(8, 5, transforms="rotations")(np.zeros((1, 4, 4, channels), "float32"))
+
+
+def test_factored_training_without_xla_warns_once():
+    layer = TransformConv2D(8, 3, transforms="rotations", padding="same", implementation="factored")
+    x = np.zeros((1, 6, 6, 4), "float32")
+    with pytest.warns(UserWarning, match=r"implementation='factored' without XLA.*jit_compile=True"):
+        layer(x, training=True)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layer(x, training=True)  # once per layer
+        layer(x)  # inference: no warning

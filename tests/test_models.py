@@ -253,11 +253,21 @@ def test_factory_depth_groups_fall_back_where_channels_do_not_divide():
         ({"depth_groups": 2}, r"depth_groups=2 only apply to TransformConv2D"),
         ({"base_ratio": 1 / 4, "depth_groups": 0}, r"Received depth_groups=0"),
         ({"base_ratio": 1 / 4, "implementation": "fast"}, r"Received implementation='fast'"),
+        ({"transform_family": "scalar"}, r"transform_family='scalar' only apply to TransformConv2D"),
+        ({"base_ratio": 1 / 4, "transform_family": "spin"}, r"transform_family='spin'"),
     ],
 )
 def test_factory_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
         conv_factory(**kwargs)
+
+
+def test_factory_builds_a_learned_family():
+    factory = conv_factory(base_ratio=1 / 4, transform_family="scalar")
+    layer = factory(64, 3, name="t")
+    assert layer.transform_family == "scalar" and layer.num_transformed == 48
+    assert "transform_family='scalar'" in repr(factory)
+    assert type(factory(64, 1)).__name__ == "Conv2D"
 
 
 def test_factory_filters_not_divisible_by_transforms():

@@ -133,28 +133,43 @@ def format_rows(rows):
 
 
 def plot_rows(rows, path):
-    """Error against sparsity per layer: one line per transform set, random dashed."""
+    """Error against sparsity per layer: one line per transform set, random dashed.
+
+    Two rows of panels: the discrete presets (with `identity`, scaled copies,
+    as the reference), and the learned families (with `identity` and `d4`).
+    The single-transform sets are in the table and the JSON, not the plot.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     layers = list(dict.fromkeys(r.layer for r in rows))
-    fig, axes = plt.subplots(1, len(layers), figsize=(5 * len(layers), 4), squeeze=False)
-    for ax, layer in zip(axes[0], layers):
-        ax.set_prop_cycle(color=plt.cm.tab20.colors)
-        mine = [r for r in rows if r.layer == layer]
-        for label in dict.fromkeys(r.transforms for r in mine):
-            line = sorted((r for r in mine if r.transforms == label), key=lambda r: r.sparsity)
-            xs = [r.sparsity for r in line]
-            (handle,) = ax.plot(xs, [r.error for r in line], marker="o", label=label)
-            ax.plot(xs, [r.random_error for r in line], linestyle="--",
-                    color=handle.get_color(), alpha=0.5)
-        ax.set_title(f"{layer} (dashed: random filters)")
-        ax.set_xlabel("sparsity (fraction of filters reconstructed)")
-        ax.set_ylabel("relative reconstruction error")
-        ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="upper left")
+    labels = list(dict.fromkeys(r.transforms for r in rows))
+    presets = [l for l in labels if l == "identity" or l in transforms_lib.PRESETS]
+    learned = [l for l in labels if l not in presets and l not in transforms_lib.TRANSFORM_NAMES]
+    panels = [("discrete presets", presets)]
+    if learned:
+        panels.append(("learned families", ["identity", "d4"] + learned))
+    fig, axes = plt.subplots(len(panels), len(layers), figsize=(5 * len(layers), 4 * len(panels)),
+                             squeeze=False)
+    colors = dict(zip(dict.fromkeys(presets + learned), plt.cm.tab20.colors * 2))
+    for row_index, (title, wanted) in enumerate(panels):
+        for ax, layer in zip(axes[row_index], layers):
+            mine = [r for r in rows if r.layer == layer]
+            for label in wanted:
+                line = sorted((r for r in mine if r.transforms == label), key=lambda r: r.sparsity)
+                if not line:
+                    continue
+                xs = [r.sparsity for r in line]
+                ax.plot(xs, [r.error for r in line], marker="o", label=label, color=colors[label])
+                ax.plot(xs, [r.random_error for r in line], linestyle="--",
+                        color=colors[label], alpha=0.5)
+            ax.set_title(f"{layer}, {title} (dashed: random filters)", fontsize="medium")
+            ax.set_xlabel("sparsity (fraction of filters reconstructed)")
+            ax.set_ylabel("relative reconstruction error")
+            ax.grid(alpha=0.3)
+        axes[row_index][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -161,19 +161,16 @@ def products(x, base, depth_groups):
     return ops.reshape(out, batch_shape + (g * taps * n,))
 
 
-def shifted_windows(tensor, kernel_size, strides, dilation_rate, output_size):
-    """The `kh * kw` views of `tensor` that output tap `u` reads, row-major."""
+def shifted_window(tensor, u, kernel_size, strides, dilation_rate, output_size):
+    """The view of `tensor` that output tap `u` (row-major) reads."""
     (kh, kw), (sh, sw), (dh, dw) = kernel_size, strides, dilation_rate
     oh, ow = output_size
-    return [
-        tensor[
-            :,
-            i * dh : i * dh + (oh - 1) * sh + 1 : sh,
-            j * dw : j * dw + (ow - 1) * sw + 1 : sw,
-            :,
-        ]
-        for i in range(kh)
-        for j in range(kw)
+    i, j = divmod(u, kw)
+    return tensor[
+        :,
+        i * dh : i * dh + (oh - 1) * sh + 1 : sh,
+        j * dw : j * dw + (ow - 1) * sw + 1 : sw,
+        :,
     ]
 
 
@@ -240,13 +237,26 @@ def _segment_coefficients(coefficients, segment):
     return [ops.take(coefficients[k], segment.outputs, axis=-1) for k in range(groups)]
 
 
-def gathered_sums(windows, index, coefficients=None, kind=None):
-    """Sum over taps and groups of `window[..., index[w, k]]` (-1 reads zero), in filter order.
+def gathered_sums(products, window, index, coefficients=None, kind=None):
+    """Sum over taps and groups of `window(P, w)[..., index[w, k]]` (-1 reads zero), in filter order.
 
-    `coefficients` as `segment_sums` takes them (filters last).
+    The fallback for assignments too scattered for contiguous segments: one
+    channel gather per (tap, group). For the dense kind, each gathered tensor
+    is weighted into one accumulator per output tap `u` before any shift
+    (`R_u = sum_w L[:, u, w] * P[index[w]]`, then `sum_u window(R_u, u)`):
+    `kh*kw * groups` gathers instead of `(kh*kw)**2 * groups`, which
+    compiled for minutes and took gigabytes.
+
+    Args:
+        products: the (padded) product tensor `P`.
+        window: `window(tensor, u)`, the view of `tensor` that output tap `u`
+            reads.
+        index: int array `(taps, groups, filters)`.
+        coefficients, kind: as `segment_sums` takes them (filters last).
     """
     taps, groups, filters = index.shape
-    total = ops.zeros(ops.shape(windows[0])[:-1] + (filters,), windows[0].dtype)
+    total = None
+    accumulators = [None] * taps
     for w in range(taps):
         for k in range(groups):
             idx = index[w, k]
@@ -255,16 +265,26 @@ def gathered_sums(windows, index, coefficients=None, kind=None):
             mask = None
             if (idx < 0).any():
                 mask = (idx >= 0).astype("float32")
-            reads = [w] if kind != "dense" else range(taps)
-            for u in reads:
-                term = ops.take(windows[u], np.maximum(idx, 0), axis=-1)
-                if kind == "diagonal":
-                    term = term * coefficients[k, w]
-                elif kind == "dense":
-                    term = term * coefficients[k, u, w]
+            if kind == "dense":
+                term = ops.take(products, np.maximum(idx, 0), axis=-1)
                 if mask is not None:
                     term = term * ops.cast(mask, term.dtype)
-                total = total + term
+                for u in range(taps):
+                    part = term * coefficients[k, u, w]
+                    accumulators[u] = part if accumulators[u] is None else accumulators[u] + part
+                continue
+            term = ops.take(window(products, w), np.maximum(idx, 0), axis=-1)
+            if kind == "diagonal":
+                term = term * coefficients[k, w]
+            if mask is not None:
+                term = term * ops.cast(mask, term.dtype)
+            total = term if total is None else total + term
+    for u, accumulator in enumerate(accumulators):
+        if accumulator is not None:
+            term = window(accumulator, u)
+            total = term if total is None else total + term
+    if total is None:  # every tap zeroed
+        total = ops.zeros(ops.shape(window(products, 0))[:-1] + (filters,), products.dtype)
     return total
 
 

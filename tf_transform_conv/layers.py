@@ -1,6 +1,8 @@
 """`TransformConv2D`: a convolution whose filters are spatial transforms of a few bases."""
 
 
+import warnings
+
 import keras
 import numpy as np
 from keras import ops
@@ -28,12 +30,16 @@ IMPLEMENTATIONS = ("auto", "materialized", "factored")
 # `AUTO_MIN_DENSE_OPERATOR_CHANNELS` channels per group. Without XLA (Keras's
 # default on CPU) the factored path's slices and additions run as separate
 # operations and measured 1.1-7x slower than the materialised convolution, so
-# `auto` runs materialised there; training steps run materialised too (the
-# factored path's backward pass is the dense convolution's anyway, and its
-# forward pass saved too little to pay for building the kernel as well).
+# `auto` runs materialised there. Training steps (whose factored backward pass
+# is the dense convolution's, `factored.dense_gradient`) run factored under
+# XLA from `AUTO_MIN_TRAINING_GROUP_CHANNELS` channels per group when the
+# outputs need no reordering (0.77-0.97x the materialised step measured;
+# below 64 channels, and for the scattered assignments of converted models,
+# slower).
 AUTO_MAX_PRODUCT_FRACTION = 0.25
 AUTO_MIN_GROUP_CHANNELS = 16
 AUTO_MIN_DENSE_OPERATOR_CHANNELS = 128
+AUTO_MIN_TRAINING_GROUP_CHANNELS = 64
 AUTO_MAX_PRODUCT_BYTES = 1 << 20
 # The factored path pads the input before the products (no bounds checks in
 # the additions) unless that grows the products by more than this factor; then
@@ -315,6 +321,8 @@ class TransformConv2D(keras.layers.Layer):
         self.input_spec = keras.layers.InputSpec(ndim=4)
         self.implementation_used = None
         self.implementation_reason = None
+        self._train_factored = False
+        self._warned_unfused = False
 
     # ------------------------------------------------------------------
     # Argument resolution
@@ -504,9 +512,10 @@ class TransformConv2D(keras.layers.Layer):
 
         With `"auto"`, a layer whose shapes favour the factored path runs it
         for inference under XLA (`compile(jit_compile=True)`,
-        `tf.function(jit_compile=True)`, the JAX backend) and the
-        materialised path otherwise and for training steps; see the README
-        for the measurements.
+        `tf.function(jit_compile=True)`, the JAX backend), and for training
+        steps under XLA too when its depth groups are wide and its outputs
+        need no reordering; otherwise, and always without XLA, the
+        materialised path. See the README for the measurements.
 
         Returns:
             `(implementation, reason)`: `"factored"` when the factored path is
@@ -538,18 +547,41 @@ class TransformConv2D(keras.layers.Layer):
              f"products {product_bytes / 2**20:.2f} MiB per image "
              f"(<= {AUTO_MAX_PRODUCT_BYTES / 2**20:g})"),
         ]
+        tables = getattr(self, "_tables", None)
+        ordered = tables is not None and tables.plan.output_index is None
         if self._coefficient_kind() == "dense":
             checks.append((
                 group_channels >= AUTO_MIN_DENSE_OPERATOR_CHANNELS,
                 f"{self.transform_family} operators with {group_channels} channels per "
                 f"group (>= {AUTO_MIN_DENSE_OPERATOR_CHANNELS})",
             ))
+            # Scattered outputs take the gathered sums, (kh*kw)**2 terms each:
+            # measured 5-9x the dense model's training step.
+            checks.append((
+                ordered or tables is None,
+                f"{self.transform_family} operators on "
+                + ("contiguous outputs" if ordered or tables is None else "scattered outputs"),
+            ))
         choice = "factored" if all(ok for ok, _ in checks) else "materialized"
-        where = (
-            "factored for inference under XLA, materialized without XLA and for training"
-            if choice == "factored"
-            else "materialized"
+        # Training steps too, under XLA, where the factored forward saves more
+        # than building the kernel for the dense gradient costs: wide groups
+        # whose outputs need no final reordering (an assignment fitted by
+        # conversion or pruning scatters them, and then measured slower).
+        self._train_factored = (
+            choice == "factored"
+            and group_channels >= AUTO_MIN_TRAINING_GROUP_CHANNELS
+            and ordered
         )
+        if choice == "materialized":
+            where = "materialized"
+        elif self._train_factored:
+            where = "factored under XLA (inference and training), materialized without XLA"
+        else:
+            why = (f"< {AUTO_MIN_TRAINING_GROUP_CHANNELS} channels per group" if ordered
+                   or group_channels < AUTO_MIN_TRAINING_GROUP_CHANNELS
+                   else "outputs reordered")
+            where = (f"factored for inference under XLA; materialized without XLA and for "
+                     f"training ({why})")
         reason = "; ".join(("" if ok else "NOT ") + text for ok, text in checks)
         return choice, f"{reason}: {where}"
 
@@ -743,8 +775,19 @@ class TransformConv2D(keras.layers.Layer):
         if self.implementation_used != "factored":
             return False
         if self.implementation == "factored":
+            if training and not self._warned_unfused and not _compat.compiled_by_xla():
+                self._warned_unfused = True
+                warnings.warn(
+                    f"TransformConv2D '{self.name}' trains with implementation='factored' "
+                    "without XLA: each shifted slice and addition runs as its own "
+                    "operation, measured 2-8x slower than the materialised path and, for "
+                    "the rotation, affine and general families, 3.5x the dense model's "
+                    "memory. Compile with jit_compile=True, or use "
+                    "implementation='auto' (materialised without XLA).",
+                    stacklevel=3,
+                )
             return True
-        return not training and _compat.compiled_by_xla()
+        return _compat.compiled_by_xla() and (not training or self._train_factored)
 
     def _factored_forward(self, x, base, *extras):
         """The factored path on channels-last `x`.
@@ -773,18 +816,23 @@ class TransformConv2D(keras.layers.Layer):
         products = factored_lib.products(x, base, self.depth_groups)
         if padded and not pad_input:
             products = ops.pad(products, ((0, 0), pad_h, pad_w, (0, 0)))
-        windows = factored_lib.shifted_windows(
-            products, self.kernel_size, self.strides, self.dilation_rate, (oh, ow)
-        )
+        def window(tensor, u):
+            return factored_lib.shifted_window(
+                tensor, u, self.kernel_size, self.strides, self.dilation_rate, (oh, ow)
+            )
+
         plan, kind = self._tables.plan, self._coefficient_kind()
-        taps = len(windows)
+        taps = self.kernel_size[0] * self.kernel_size[1]
         if factored_lib.slice_terms(plan, kind, taps) <= factored_lib.MAX_SLICE_TERMS:
+            windows = [window(products, u) for u in range(taps)]
             if plan.output_index is None:  # one output per position: scale and bias inside
                 return factored_lib.segment_sums(windows, plan, coefficients, kind, scale, bias)
             out = factored_lib.segment_sums(windows, plan, coefficients, kind)
             out = ops.take(out, plan.output_index, axis=-1)
         else:
-            out = factored_lib.gathered_sums(windows, self._tables.factored, coefficients, kind)
+            out = factored_lib.gathered_sums(
+                products, window, self._tables.factored, coefficients, kind
+            )
         if scale is not None:
             out = out * scale
         if bias is not None:

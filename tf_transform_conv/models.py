@@ -55,6 +55,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from tf_transform_conv import families as families_lib
 from tf_transform_conv import transforms as transforms_lib
 from tf_transform_conv.convert import shape_skip_reason
 from tf_transform_conv.layers import IMPLEMENTATIONS, TransformConv2D
@@ -107,7 +108,9 @@ class ConvFactory:
         depth_groups=1,
         scale=False,
         implementation="auto",
+        transform_family="discrete",
     ):
+        families_lib.check_family(transform_family)
         if transforms is not None:
             transforms = transforms_lib.resolve_transforms(transforms)
         if base_ratio is not None:
@@ -147,6 +150,7 @@ class ConvFactory:
                 "depth_groups": (depth_groups, 1),
                 "scale": (scale, False),
                 "implementation": (implementation, "auto"),
+                "transform_family": (transform_family, "discrete"),
             }
             given = [f"{k}={v!r}" for k, (v, default) in extras.items() if v != default]
             if given:
@@ -166,6 +170,7 @@ class ConvFactory:
         self.depth_groups = int(depth_groups)
         self.scale = bool(scale)
         self.implementation = implementation
+        self.transform_family = transform_family
 
     @property
     def transformed(self):
@@ -218,6 +223,7 @@ class ConvFactory:
             depth_groups=depth_groups,
             scale=self.scale,
             implementation=self.implementation,
+            transform_family=self.transform_family,
             **common,
             **kwargs,
         )
@@ -228,12 +234,14 @@ class ConvFactory:
         return (
             f"conv_factory(base_ratio={self.base_ratio:g}, "
             f"transforms={list(self.transforms)}, depth_groups={self.depth_groups}, "
-            f"scale={self.scale}, implementation={self.implementation!r})"
+            f"scale={self.scale}, implementation={self.implementation!r}, "
+            f"transform_family={self.transform_family!r})"
         )
 
 
 def conv_factory(
-    base_ratio=None, transforms=None, depth_groups=1, scale=False, implementation="auto"
+    base_ratio=None, transforms=None, depth_groups=1, scale=False, implementation="auto",
+    transform_family="discrete",
 ):
     """A conv factory: plain `Conv2D`, or `TransformConv2D` at a base ratio.
 
@@ -262,6 +270,8 @@ def conv_factory(
             `in_channels` it does not divide gets 1). Defaults to `1`.
         scale: bool, a trainable scale per output filter. Defaults to `False`.
         implementation: `"auto"` (default), `"materialized"` or `"factored"`.
+        transform_family: `"discrete"` (default), `"scalar"`, `"rotation"`,
+            `"affine"` or `"general"` (`tf_transform_conv.families`).
 
     Returns:
         A `ConvFactory`, called as `factory(filters, kernel_size, strides=1,
@@ -292,6 +302,7 @@ def conv_factory(
         depth_groups=depth_groups,
         scale=scale,
         implementation=implementation,
+        transform_family=transform_family,
     )
 
 
