@@ -294,6 +294,107 @@ def slice_terms(plan, kind, taps):
 
 
 # ----------------------------------------------------------------------------
+# Geometry and the whole forward pass
+
+# The factored path pads the input before the products (no bounds checks in
+# the additions) unless that grows the products by more than this factor; then
+# it pads the products instead.
+MAX_INPUT_PAD_GROWTH = 1.25
+
+
+class Geometry:
+    """A layer's convolution geometry: kernel, strides, dilation, padding (channels last)."""
+
+    def __init__(self, kernel_size, strides, dilation_rate, padding):
+        self.kernel_size = tuple(kernel_size)
+        self.strides = tuple(strides)
+        self.dilation_rate = tuple(dilation_rate)
+        self.padding = padding
+
+    def output_size(self, h, w):
+        """`(oh, ow)` as `Conv2D` computes them (None stays None)."""
+        out = []
+        for size, k, s, d in zip((h, w), self.kernel_size, self.strides, self.dilation_rate):
+            if size is None:
+                out.append(None)
+            elif self.padding == "same":
+                out.append(-(-size // s))
+            else:
+                out.append((size - (k - 1) * d - 1) // s + 1)
+        return tuple(out)
+
+    def padding_plan(self, h, w):
+        """`((top, bottom), (left, right))`, and whether to pad the input (else the products)."""
+        if self.padding == "valid":
+            return ((0, 0), (0, 0)), False
+        oh, ow = self.output_size(h, w)
+        pads = []
+        for size, out, k, s, d in zip(
+            (h, w), (oh, ow), self.kernel_size, self.strides, self.dilation_rate
+        ):
+            total = max((out - 1) * s + (k - 1) * d + 1 - size, 0)
+            pads.append((total // 2, total - total // 2))
+        growth = (h + sum(pads[0])) * (w + sum(pads[1])) / (h * w)
+        return tuple(pads), growth <= MAX_INPUT_PAD_GROWTH
+
+    def window(self, tensor, u, output_size):
+        """The view of `tensor` that output tap `u` reads."""
+        return shifted_window(
+            tensor, u, self.kernel_size, self.strides, self.dilation_rate, output_size
+        )
+
+
+def forward(x, base, tables, geometry, depth_groups, coefficients=None, kind=None,
+            scale=None, bias=None):
+    """The whole factored path on channels-last `x`: pad, products, sums.
+
+    Args:
+        x: `(batch, h, w, c_in)` with static `h` and `w`.
+        base: `(kh, kw, c_in, n)` base kernel, compute dtype.
+        tables: the layer's `layout.IndexTables` (`plan`, `factored`).
+        geometry: a `Geometry`.
+        depth_groups: int.
+        coefficients, kind: the learned operators, as `segment_sums` takes
+            them, or None.
+        scale, bias: optional `(filters,)` tensors.
+    """
+    h, w = x.shape[1], x.shape[2]
+    if h is None or w is None:
+        raise ValueError(
+            "The factored implementation needs static spatial dimensions; "
+            f"received inputs of shape {x.shape}. Use "
+            "implementation='materialized' for inputs of unknown size."
+        )
+    out_size = geometry.output_size(h, w)
+    (pad_h, pad_w), pad_input = geometry.padding_plan(h, w)
+    padded = any(pad_h + pad_w)
+    if padded and pad_input:
+        x = ops.pad(x, ((0, 0), pad_h, pad_w, (0, 0)))
+    p = products(x, base, depth_groups)
+    if padded and not pad_input:
+        p = ops.pad(p, ((0, 0), pad_h, pad_w, (0, 0)))
+
+    def window(tensor, u):
+        return geometry.window(tensor, u, out_size)
+
+    plan = tables.plan
+    taps = geometry.kernel_size[0] * geometry.kernel_size[1]
+    if slice_terms(plan, kind, taps) <= MAX_SLICE_TERMS:
+        windows = [window(p, u) for u in range(taps)]
+        if plan.output_index is None:  # one output per position: scale and bias inside
+            return segment_sums(windows, plan, coefficients, kind, scale, bias)
+        out = segment_sums(windows, plan, coefficients, kind)
+        out = ops.take(out, plan.output_index, axis=-1)
+    else:
+        out = gathered_sums(p, window, tables.factored, coefficients, kind)
+    if scale is not None:
+        out = out * scale
+    if bias is not None:
+        out = out + bias
+    return out
+
+
+# ----------------------------------------------------------------------------
 # Training: the dense convolution's gradient
 
 

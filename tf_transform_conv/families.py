@@ -531,3 +531,25 @@ def apply_coefficients(moved, coefficients_, family):
     if kind == "diagonal":
         return moved * ops.transpose(coefficients_, (1, 0, 2))[..., None]
     return ops.einsum("guwf,wgfc->ugfc", coefficients_, moved)
+
+
+def materialize(base, index, coefficients_, family, scale, filters, depth_groups):
+    """keras.ops: the equivalent `Conv2D` kernel `(kh, kw, c_in, filters)`.
+
+    One gather of the base taps through the discrete transforms (`index`,
+    `layout.IndexTables.materialize`: rows of the `(taps * g * n + 1, c/g)`
+    table of base taps, the last row zero), then the learned operators
+    (`apply_coefficients`) and the per-output scale.
+    """
+    kh, kw, channels, n = base.shape
+    taps, g = kh * kw, depth_groups
+    cg = channels // g
+    table = ops.reshape(base, (taps, g, cg, n))
+    table = ops.reshape(ops.transpose(table, (0, 1, 3, 2)), (taps * g * n, cg))
+    table = ops.concatenate([table, ops.zeros((1, cg), base.dtype)], axis=0)
+    kernel = ops.take(table, index, axis=0)  # (taps, g, f, cg)
+    kernel = apply_coefficients(kernel, coefficients_, family)
+    kernel = ops.reshape(ops.transpose(kernel, (0, 1, 3, 2)), (kh, kw, channels, filters))
+    if scale is not None:
+        kernel = kernel * scale
+    return kernel

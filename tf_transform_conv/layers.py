@@ -41,10 +41,6 @@ AUTO_MIN_GROUP_CHANNELS = 16
 AUTO_MIN_DENSE_OPERATOR_CHANNELS = 128
 AUTO_MIN_TRAINING_GROUP_CHANNELS = 64
 AUTO_MAX_PRODUCT_BYTES = 1 << 20
-# The factored path pads the input before the products (no bounds checks in
-# the additions) unless that grows the products by more than this factor; then
-# it pads the products instead.
-_MAX_INPUT_PAD_GROWTH = 1.25
 
 
 def _standardize_pair(value, name):
@@ -263,6 +259,9 @@ class TransformConv2D(keras.layers.Layer):
             )
         self.padding = padding.lower()
         self.data_format = _standardize_data_format(data_format)
+        self._geometry = factored_lib.Geometry(
+            self.kernel_size, self.strides, self.dilation_rate, self.padding
+        )
         self.transforms = transforms_lib.resolve_transforms(
             transforms, self.kernel_size
         )
@@ -478,7 +477,7 @@ class TransformConv2D(keras.layers.Layer):
             )
         oh, ow = self._output_spatial(h, w)
         taps = self.kernel_size[0] * self.kernel_size[1]
-        (pad_h, pad_w), pad_input = self._factored_padding(h, w)
+        (pad_h, pad_w), pad_input = self._geometry.padding_plan(h, w)
         if pad_input:
             h, w = h + sum(pad_h), w + sum(pad_w)
         kept = int((transforms_lib.tap_tables(self.transforms, self.kernel_size)[
@@ -492,20 +491,6 @@ class TransformConv2D(keras.layers.Layer):
             "factored_adds": terms if kind is None else 0,
             "transform_macs": 0 if kind is None else terms * (taps if kind == "dense" else 1),
         }
-
-    def _factored_padding(self, h, w):
-        """`((top, bottom), (left, right))` and whether to pad the input (else the products)."""
-        if self.padding == "valid":
-            return ((0, 0), (0, 0)), False
-        oh, ow = self._output_spatial(h, w)
-        pads = []
-        for size, out, k, s, d in zip(
-            (h, w), (oh, ow), self.kernel_size, self.strides, self.dilation_rate
-        ):
-            total = max((out - 1) * s + (k - 1) * d + 1 - size, 0)
-            pads.append((total // 2, total - total // 2))
-        growth = (h + sum(pads[0])) * (w + sum(pads[1])) / (h * w)
-        return tuple(pads), growth <= _MAX_INPUT_PAD_GROWTH
 
     def choose_implementation(self, input_shape):
         """The path `"auto"` runs for `input_shape` (with batch), and why.
@@ -586,15 +571,7 @@ class TransformConv2D(keras.layers.Layer):
         return choice, f"{reason}: {where}"
 
     def _output_spatial(self, h, w):
-        out = []
-        for size, k, s, d in zip((h, w), self.kernel_size, self.strides, self.dilation_rate):
-            if size is None:
-                out.append(None)
-            elif self.padding == "same":
-                out.append(-(-size // s))
-            else:
-                out.append((size - (k - 1) * d - 1) // s + 1)
-        return tuple(out)
+        return self._geometry.output_size(h, w)
 
     def compute_output_shape(self, input_shape):
         if self.data_format == "channels_last":
@@ -713,21 +690,10 @@ class TransformConv2D(keras.layers.Layer):
         )
 
     def _materialize(self, base, coefficients, scale):
-        kh, kw = self.kernel_size
-        taps, g, n = kh * kw, self.depth_groups, self.base_filters
-        channels = base.shape[2]
-        cg = channels // g
-        dtype = base.dtype
-        table = ops.reshape(base, (taps, g, cg, n))
-        table = ops.reshape(ops.transpose(table, (0, 1, 3, 2)), (taps * g * n, cg))
-        table = ops.concatenate([table, ops.zeros((1, cg), dtype)], axis=0)
-        kernel = ops.take(table, self._tables.materialize, axis=0)  # (taps, g, f, cg)
-        kernel = families_lib.apply_coefficients(kernel, coefficients, self.transform_family)
-        kernel = ops.transpose(kernel, (0, 1, 3, 2))
-        kernel = ops.reshape(kernel, (kh, kw, channels, self.filters))
-        if scale is not None:
-            kernel = kernel * scale
-        return kernel
+        return families_lib.materialize(
+            base, self._tables.materialize, coefficients, self.transform_family, scale,
+            self.filters, self.depth_groups,
+        )
 
     # ------------------------------------------------------------------
     # Execution
@@ -790,54 +756,21 @@ class TransformConv2D(keras.layers.Layer):
         return _compat.compiled_by_xla() and (not training or self._train_factored)
 
     def _factored_forward(self, x, base, *extras):
-        """The factored path on channels-last `x`.
+        """The factored path on channels-last `x` (`factored.forward`).
 
         `extras` are, in this order and where the layer has them, the
         coefficients of the learned operators, the scale and the bias (cast
         to the compute dtype).
         """
         extras = list(extras)
-        coefficients = extras.pop(0) if self._coefficient_kind() is not None else None
-
-        scale = extras.pop(0) if self.scale_weight is not None else None
-        bias = extras.pop(0) if self.bias is not None else None
-        h, w = x.shape[1], x.shape[2]
-        if h is None or w is None:
-            raise ValueError(
-                "The factored implementation needs static spatial dimensions; "
-                f"received inputs of shape {x.shape}. Use "
-                "implementation='materialized' for inputs of unknown size."
-            )
-        oh, ow = self._output_spatial(h, w)
-        (pad_h, pad_w), pad_input = self._factored_padding(h, w)
-        padded = any(pad_h + pad_w)
-        if padded and pad_input:
-            x = ops.pad(x, ((0, 0), pad_h, pad_w, (0, 0)))
-        products = factored_lib.products(x, base, self.depth_groups)
-        if padded and not pad_input:
-            products = ops.pad(products, ((0, 0), pad_h, pad_w, (0, 0)))
-        def window(tensor, u):
-            return factored_lib.shifted_window(
-                tensor, u, self.kernel_size, self.strides, self.dilation_rate, (oh, ow)
-            )
-
-        plan, kind = self._tables.plan, self._coefficient_kind()
-        taps = self.kernel_size[0] * self.kernel_size[1]
-        if factored_lib.slice_terms(plan, kind, taps) <= factored_lib.MAX_SLICE_TERMS:
-            windows = [window(products, u) for u in range(taps)]
-            if plan.output_index is None:  # one output per position: scale and bias inside
-                return factored_lib.segment_sums(windows, plan, coefficients, kind, scale, bias)
-            out = factored_lib.segment_sums(windows, plan, coefficients, kind)
-            out = ops.take(out, plan.output_index, axis=-1)
-        else:
-            out = factored_lib.gathered_sums(
-                products, window, self._tables.factored, coefficients, kind
-            )
-        if scale is not None:
-            out = out * scale
-        if bias is not None:
-            out = out + bias
-        return out
+        kind = self._coefficient_kind()
+        return factored_lib.forward(
+            x, base, self._tables, self._geometry, self.depth_groups,
+            coefficients=extras.pop(0) if kind is not None else None,
+            kind=kind,
+            scale=extras.pop(0) if self.scale_weight is not None else None,
+            bias=extras.pop(0) if self.bias is not None else None,
+        )
 
     def get_config(self):
         config = super().get_config()
