@@ -27,6 +27,16 @@ continues where it stopped. TensorBoard logs, a CSV log and `results.json`
     python examples/train.py --preset cifar10 --mode prune --init-from runs/r20/ckpt/last.keras
     python examples/train.py --preset imagenet --data-dir /data/tfds --strategy mirrored
     python examples/train.py --dataset digits --epochs 5       # offline, no download
+
+The `paper-*` presets are the paper's experiments (Miles and Mikolajczyk,
+"Reconstructing Pruned Filters using Cheap Spatial Transformations"): global
+magnitude (or Taylor) pruning with a linear schedule, the `n mod M`
+assignment, the scalar family, two depth groups and a minimum number of bases
+per layer. The README lists each with its command and the published number.
+
+    python examples/train.py --preset paper-resnet56 --final-sparsity 0.7
+    python examples/train.py --preset paper-vgg16 --final-sparsity 0.8
+    python examples/train.py --preset paper-resnet50 --data-dir /data/tfds
 """
 
 import argparse
@@ -71,9 +81,49 @@ PRESETS = {
         weight_decay=1e-4, label_smoothing=0.1,
     ),
 }
+# The paper's recipe. What the paper states: templates chosen by one global
+# saliency threshold (magnitude; first-order Taylor for VGG) raised linearly
+# over the first 40 epochs, `n mod M` assignment, the scalar family, 2 groups,
+# at least 8 templates per layer on CIFAR-10 and 32 on ImageNet, 300 epochs,
+# SGD with step decay and crop / flip / rotation on CIFAR-10, AdamW with the
+# rate decayed every 25 epochs and MixUp 0.1 / CutMix 1.0 on ImageNet. What
+# it does not state, and is chosen here: the rates, milestones, decay factors
+# and weight decays below, a 15-degree rotation, one pruning step per epoch.
+# `--final-sparsity` defaults to the middle of the paper's three results.
+_PAPER = dict(
+    mode="prune", epochs=300, prune_begin=0.0, prune_end=40 / 300, prune_power=1.0,
+    prune_every_epoch=True, depth_groups=2, allocation="global", assign="modulo",
+    transform_family="scalar", scale=False, warmup_epochs=0, label_smoothing=0.0,
+)
+_PAPER_CIFAR = dict(
+    _PAPER, dataset="cifar10", image_size=32, batch_size=128, optimizer="sgd", lr=0.1,
+    schedule="step", lr_steps=[0.5, 0.75], weight_decay=5e-4, rotation=15.0, min_bases=8,
+)
+PRESETS.update({
+    "paper-resnet56": dict(_PAPER_CIFAR, model="resnet56", criterion="magnitude",
+                           final_sparsity=0.7),
+    "paper-vgg16": dict(_PAPER_CIFAR, model="vgg16_cifar", criterion="taylor",
+                        final_sparsity=0.8),
+    "paper-resnet50": dict(
+        _PAPER, dataset="imagenet2012", model="resnet50", image_size=224, batch_size=256,
+        optimizer="adamw", lr=5e-4, schedule="linear-steps",
+        lr_steps=[k * 25 / 300 for k in range(1, 12)], weight_decay=0.05, mixup=0.1,
+        cutmix=1.0, min_bases=32, criterion="magnitude", subtract_mean=True,
+        final_sparsity=0.4,
+    ),
+})
+# Flags whose default is not None, and so cannot tell "not given" apart:
+# their defaults live here and presets may override them.
+DEFAULTS = dict(
+    mode="dense", optimizer="sgd", transform_family="discrete", criterion="reconstruction",
+    allocation="per_layer", assign="fit", min_bases=1, subtract_mean=False,
+    final_sparsity=0.75, prune_begin=0.0, prune_end=0.5, prune_power=3.0,
+    prune_every_epoch=False, depth_groups=1, rotation=0.0, mixup=0.0, cutmix=0.0,
+)
 DATASETS = ("cifar10", "imagenet2012", "digits", "synthetic")
 MODES = ("dense", "transform", "prune", "convert")
 NUM_CLASSES = {"cifar10": 10, "imagenet2012": 1000, "digits": 10}
+FAMILIES = ("discrete", "scalar", "rotation", "affine", "general")
 # Per-channel statistics of the training images (RGB, in [0, 1]).
 MEAN_STD = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
@@ -101,7 +151,8 @@ def parse_args(argv=None):
     add = parser.add_argument
     # What to train.
     add("--preset", choices=sorted(PRESETS), default="cifar10",
-        help="dataset, model and schedule defaults (cifar10); flags override them")
+        help="dataset, model and schedule defaults (cifar10); paper-*: the paper's "
+        "experiments; flags override them")
     add("--dataset", choices=DATASETS, help="the data (the preset's)")
     add("--data-dir", type=pathlib.Path, default=None,
         help="tensorflow_datasets folder (tfds default: ~/tensorflow_datasets)")
@@ -109,23 +160,48 @@ def parse_args(argv=None):
         help="images of --dataset synthetic, 1/4 more for the test split (256)")
     add("--image-size", type=int, help="input height and width (the preset's: 32 or 224)")
     add("--model", help="a name of tf_transform_conv.models.MODELS (the preset's)")
-    add("--mode", choices=MODES, default="dense", help="how the model is made (dense)")
+    add("--mode", choices=MODES, help="how the model is made (dense; paper-*: prune)")
     add("--base-ratio", type=float, default=0.25,
         help="transform/convert: fraction of filters learned as bases (0.25)")
     add("--transforms", default=None,
         help="transform: a preset or comma-separated names (default for the ratio); "
         "prune/convert: the candidates (d4)")
-    add("--depth-groups", type=int, default=1, help="TransformConv2D depth groups (1)")
+    add("--depth-groups", type=int, help="TransformConv2D depth groups (1; paper-*: 2)")
+    add("--transform-family", choices=FAMILIES,
+        help="transforms of the rebuilt filters: discrete, or a learned family "
+        "(discrete; paper-*: scalar)")
     add("--scale", action=argparse.BooleanOptionalAction, default=None,
         help="a trainable scale per filter (off for transform, on for prune/convert)")
-    add("--final-sparsity", type=float, default=0.75,
+    add("--final-sparsity", type=float,
         help="prune: final fraction of filters rebuilt as transforms (0.75)")
-    add("--prune-begin", type=float, default=0.0,
+    add("--prune-begin", type=float,
         help="prune: start of the schedule, as a fraction of training (0.0)")
-    add("--prune-end", type=float, default=0.5,
-        help="prune: end of the schedule, as a fraction of training (0.5)")
+    add("--prune-end", type=float,
+        help="prune: end of the schedule, as a fraction of training (0.5; paper-*: 40/300)")
+    add("--prune-power", type=float,
+        help="prune: exponent of tfmot's PolynomialDecay (3; paper-*: 1, linear)")
     add("--prune-frequency", type=int, default=0,
         help="prune: steps between pruning steps (0: about 20 over the schedule)")
+    add("--prune-every-epoch", action=argparse.BooleanOptionalAction,
+        help="prune: one pruning step per epoch, overriding --prune-frequency "
+        "(off; paper-*: on)")
+    add("--criterion", choices=("reconstruction", "l1", "magnitude", "taylor"),
+        help="prune/convert: which filters stay bases (reconstruction; paper-*: "
+        "magnitude, taylor for vgg16)")
+    add("--allocation", choices=("per_layer", "global"),
+        help="prune/convert: each layer to the sparsity, or one global ranking "
+        "(per_layer; paper-*: global)")
+    add("--min-bases", type=int,
+        help="prune/convert: fewest bases a layer keeps (1; paper-*: 8, 32 on ImageNet)")
+    add("--assign", choices=("fit", "modulo"),
+        help="prune/convert: a rebuilt filter's base: the best one, or o mod n "
+        "(fit; paper-*: modulo)")
+    add("--subtract-mean", action=argparse.BooleanOptionalAction,
+        help="global allocation ranks saliency minus the layer's mean "
+        "(off; paper-resnet50: on)")
+    add("--recalibrate-batches", type=int, default=0,
+        help="prune/convert: re-estimate batch-norm statistics from this many "
+        "training batches after each pruning step or the conversion (0: off)")
     add("--init-from", type=pathlib.Path, default=None,
         help="a dense .keras checkpoint to start prune/convert (or any mode) from")
     # Distillation.
@@ -138,16 +214,25 @@ def parse_args(argv=None):
     add("--batch-size", type=int, help="global batch size (the preset's)")
     add("--steps-per-epoch", type=int, default=None,
         help="training steps per epoch (training images // batch size)")
-    add("--lr", type=float, help="peak learning rate of SGD with Nesterov momentum "
-        "(the preset's, scaled by batch/256 for imagenet)")
+    add("--optimizer", choices=("sgd", "adamw"),
+        help="SGD with Nesterov momentum, or AdamW (sgd; paper-resnet50: adamw)")
+    add("--lr", type=float, help="peak learning rate (the preset's, scaled by batch/256 "
+        "for imagenet, batch/512 for paper-resnet50)")
     add("--momentum", type=float, default=0.9, help="SGD momentum (0.9)")
-    add("--schedule", choices=("cosine", "step"), help="learning-rate decay (the preset's)")
-    add("--lr-steps", type=float, nargs="+", help="step: where the rate drops 10x, "
-        "as fractions of training (the preset's)")
+    add("--schedule", choices=("cosine", "step", "linear-steps"),
+        help="learning-rate decay (the preset's)")
+    add("--lr-steps", type=float, nargs="+", help="fractions of training where the rate "
+        "drops: 10x (step), or to (1 - fraction) x peak (linear-steps) (the preset's)")
     add("--warmup-epochs", type=float, help="linear warm-up epochs (the preset's)")
     add("--weight-decay", type=float, help="decoupled weight decay of the optimizer, "
         "not applied to biases and BatchNorm (the preset's)")
     add("--label-smoothing", type=float, help="label smoothing (the preset's)")
+    add("--rotation", type=float,
+        help="random rotation of training images, in degrees either way (0; "
+        "paper CIFAR presets: 15)")
+    add("--mixup", type=float, help="MixUp alpha (0: off; paper-resnet50: 0.1)")
+    add("--cutmix", type=float, help="CutMix alpha (0: off; paper-resnet50: 1.0); with "
+        "--mixup, each batch gets one of the two at random")
     add("--jit-compile", action=argparse.BooleanOptionalAction, default=True,
         help="compile the training step with XLA (on)")
     add("--mixed-precision", choices=("off", "mixed_float16", "mixed_bfloat16"),
@@ -171,13 +256,15 @@ def parse_args(argv=None):
         help="Keras verbosity: 0 silent, 1 progress bars, 2 a line per epoch (1)")
     args = parser.parse_args(argv)
 
-    for key, value in PRESETS[args.preset].items():
+    for key, value in {**DEFAULTS, **PRESETS[args.preset]}.items():
         if getattr(args, key) is None and key != "lr":
             setattr(args, key, value)
     if args.lr is None:
         args.lr = PRESETS[args.preset]["lr"]
         if args.preset == "imagenet":
             args.lr *= args.batch_size / 256
+        elif args.preset == "paper-resnet50":
+            args.lr *= args.batch_size / 512
     if args.scale is None:
         args.scale = args.mode in ("prune", "convert")
     if args.run_dir is None:
@@ -189,6 +276,12 @@ def parse_args(argv=None):
                         f"{args.batch_size})")
     if args.steps_per_epoch is not None and args.steps_per_epoch < 1:
         problems.append(f"--steps-per-epoch must be >= 1 (got {args.steps_per_epoch})")
+    if args.min_bases < 1 or args.recalibrate_batches < 0:
+        problems.append(f"--min-bases must be >= 1 and --recalibrate-batches >= 0 (got "
+                        f"{args.min_bases}, {args.recalibrate_batches})")
+    if args.rotation < 0 or args.mixup < 0 or args.cutmix < 0:
+        problems.append(f"--rotation, --mixup and --cutmix must be >= 0 (got "
+                        f"{args.rotation}, {args.mixup}, {args.cutmix})")
     if not 0 <= args.final_sparsity < 1:
         problems.append(f"--final-sparsity must be in [0, 1) (got {args.final_sparsity})")
     if not 0 <= args.prune_begin <= args.prune_end <= 1:
@@ -432,6 +525,8 @@ def make_datasets(args, num_classes):
     def finish(x, y):
         return normalize(x, mean_std), tf.one_hot(y, num_classes)
 
+    batch_augment = make_batch_augment(args)
+
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     train = train.shuffle(min(num_train, 50_000), seed=args.seed).repeat()
@@ -439,13 +534,53 @@ def make_datasets(args, num_classes):
         train = train.map(train_map, num_parallel_calls=autotune)
     # Full batches only: one batch shape, so XLA compiles the step once.
     train = (train.map(finish, num_parallel_calls=autotune)
-             .batch(args.batch_size, drop_remainder=True).prefetch(autotune)
-             .with_options(options))
+             .batch(args.batch_size, drop_remainder=True))
+    if batch_augment is not None:
+        train = train.map(batch_augment, num_parallel_calls=autotune)
+    train = train.prefetch(autotune).with_options(options)
     if test_map is not None:
         test = test.map(test_map, num_parallel_calls=autotune)
     test = (test.map(finish, num_parallel_calls=autotune)
             .batch(args.batch_size).prefetch(autotune).with_options(options))
     return train, test, num_train, num_test
+
+
+def make_batch_augment(args):
+    """`(images, one-hot labels) -> same` for whole batches, from Keras's augmentation layers.
+
+    A random rotation of each image (`--rotation` degrees either way, the
+    corners filled by reflection), then MixUp or CutMix (`--mixup`,
+    `--cutmix`: their alpha); with both, each batch takes one of them with
+    equal probability, as DeiT's recipe does. None when nothing is on.
+    """
+    seed = args.seed
+    rotate = mix = cut = None
+    if args.rotation:
+        rotate = keras.layers.RandomRotation(args.rotation / 360.0, fill_mode="reflect",
+                                             seed=seed)
+    if args.mixup:
+        mix = keras.layers.MixUp(alpha=args.mixup, seed=seed + 1)
+    if args.cutmix:
+        cut = keras.layers.CutMix(factor=args.cutmix, seed=seed + 2)
+    if rotate is None and mix is None and cut is None:
+        return None
+
+    def apply(layer, images, labels):
+        out = layer({"images": images, "labels": labels})
+        return out["images"], out["labels"]
+
+    def augment(images, labels):
+        if rotate is not None:
+            images = rotate(images, training=True)
+        if mix is not None and cut is not None:
+            return tf.cond(tf.random.uniform(()) < 0.5,
+                           lambda: apply(mix, images, labels),
+                           lambda: apply(cut, images, labels))
+        if mix is not None or cut is not None:
+            return apply(mix or cut, images, labels)
+        return images, labels
+
+    return augment
 
 
 # ----------------------------------------------------------------------------
@@ -496,14 +631,23 @@ def model_conv(args):
     if args.mode != "transform":
         return conv_factory()
     return conv_factory(base_ratio=args.base_ratio, transforms=args.transforms,
-                        depth_groups=args.depth_groups, scale=args.scale)
+                        depth_groups=args.depth_groups, scale=args.scale,
+                        transform_family=args.transform_family)
+
+
+def selection(args):
+    """The template-selection arguments `prune_model` and `transform_model` share."""
+    return dict(criterion=args.criterion, allocation=args.allocation,
+                min_bases=args.min_bases, assign=args.assign,
+                subtract_mean=args.subtract_mean, transform_family=args.transform_family,
+                depth_groups=args.depth_groups, scale=args.scale)
 
 
 def load_keras(path):
     return keras.saving.load_model(path, compile=False)
 
 
-def make_model(args, num_classes, total_steps, run_dir, chief=True):
+def make_model(args, num_classes, steps_per_epoch, run_dir, train=None, chief=True):
     """The model to train (wrapped for pruning, converted, ...) and a note of how.
 
     Only the chief writes `converted.keras`; other workers compute the same
@@ -523,28 +667,35 @@ def make_model(args, num_classes, total_steps, run_dir, chief=True):
             warnings.warn("--mode convert without --init-from converts a freshly "
                           "initialised dense model; pass a trained dense checkpoint.")
     transforms = args.transforms or "d4"
+    total_steps = args.epochs * steps_per_epoch
     if args.mode == "prune":
         import tensorflow_model_optimization as tfmot  # only here: it switches tf.keras
 
         begin = int(args.prune_begin * (total_steps - 1))
         end = max(begin, int(args.prune_end * (total_steps - 1)))
-        frequency = args.prune_frequency or max(1, (end - begin) // 20)
+        if args.prune_every_epoch:
+            frequency = steps_per_epoch
+        else:
+            frequency = args.prune_frequency or max(1, (end - begin) // 20)
         end = begin + (end - begin) // frequency * frequency  # the last step prunes
+        if end == begin:  # a schedule shorter than one pruning interval: prune once
+            end, frequency = begin + 1, 1
         schedule = tfmot.sparsity.keras.PolynomialDecay(
             initial_sparsity=0.0, final_sparsity=args.final_sparsity,
-            begin_step=begin, end_step=max(end, begin + 1) if end == begin else end,
-            frequency=frequency,
+            begin_step=begin, end_step=end, power=args.prune_power, frequency=frequency,
         )
-        model = prune_model(model, schedule, transforms=transforms,
-                            depth_groups=args.depth_groups, scale=args.scale)
-        origin += f"; pruned at steps {begin}..{end} every {frequency}"
+        model = prune_model(model, schedule, transforms=transforms, **selection(args))
+        origin += (f"; pruned at steps {begin}..{end} every {frequency} "
+                   f"({args.criterion}, {args.allocation}, {args.assign})")
     elif args.mode == "convert":
         converted = run_dir / "converted.keras"
         if converted.is_file():  # a restarted run: the same assignment as before
             model = load_keras(converted)
         else:
-            model, _ = transform_model(model, base_ratio=args.base_ratio, transforms=transforms,
-                                       depth_groups=args.depth_groups, scale=args.scale)
+            model, _ = transform_model(
+                model, base_ratio=args.base_ratio, transforms=transforms,
+                recalibrate=train if args.recalibrate_batches else None,
+                recalibrate_batches=max(1, args.recalibrate_batches), **selection(args))
             if chief:
                 model.save(converted)
         origin += f"; converted to base ratio {args.base_ratio}"
@@ -557,7 +708,13 @@ def make_model(args, num_classes, total_steps, run_dir, chief=True):
 
 @keras.saving.register_keras_serializable(package="train")
 class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
-    """Linear warm-up to `peak`, then a cosine to 0 or 10x drops at `boundaries` (steps)."""
+    """Linear warm-up to `peak`, then a decay.
+
+    `kind` is `"cosine"` (to 0 at `total_steps`), `"step"` (10x drops at
+    `boundaries`, in steps) or `"linear-steps"` (at each boundary `b` the rate
+    becomes `peak * (1 - b / total_steps)`: a staircase under the line from
+    `peak` to 0).
+    """
 
     def __init__(self, peak, total_steps, warmup_steps=0, kind="cosine", boundaries=()):
         self.peak = float(peak)
@@ -574,9 +731,13 @@ class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
             span = float(max(1, self.total_steps - self.warmup_steps))
             progress = keras.ops.clip((step - self.warmup_steps) / span, 0.0, 1.0)
             decayed = 0.5 * self.peak * (1.0 + keras.ops.cos(math.pi * progress))
-        else:
+        elif self.kind == "step":
             drops = sum(keras.ops.cast(step >= b, "float32") for b in self.boundaries)
             decayed = self.peak * keras.ops.power(0.1, drops)
+        else:
+            passed = sum(keras.ops.cast(step >= b, "float32") * (b - a) for a, b in
+                         zip([0, *self.boundaries], self.boundaries))
+            decayed = self.peak * (1.0 - passed / float(max(1, self.total_steps)))
         return keras.ops.where(step < self.warmup_steps, warmup, decayed)
 
     def get_config(self):
@@ -591,8 +752,11 @@ def make_optimizer(args, steps_per_epoch):
         args.lr, total, round(args.warmup_epochs * steps_per_epoch), args.schedule,
         [round(f * total) for f in args.lr_steps],
     )
-    optimizer = keras.optimizers.SGD(schedule, momentum=args.momentum, nesterov=True,
-                                     weight_decay=args.weight_decay or None)
+    if args.optimizer == "adamw":
+        optimizer = keras.optimizers.AdamW(schedule, weight_decay=args.weight_decay)
+    else:
+        optimizer = keras.optimizers.SGD(schedule, momentum=args.momentum, nesterov=True,
+                                         weight_decay=args.weight_decay or None)
     if args.weight_decay:
         optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta", "scale"])
     return optimizer
@@ -749,10 +913,9 @@ def run(args, argv):
     keras.utils.set_random_seed(args.seed)
 
     # Data.
-    num_classes = NUM_CLASSES.get(args.dataset, 10 if args.preset == "cifar10" else 1000)
+    num_classes = NUM_CLASSES.get(args.dataset, NUM_CLASSES[PRESETS[args.preset]["dataset"]])
     train, test, num_train, num_test = make_datasets(args, num_classes)
     steps_per_epoch = args.steps_per_epoch or max(1, num_train // args.batch_size)
-    total_steps = args.epochs * steps_per_epoch
     print(f"{args.dataset}: {num_train} train / {num_test} test images, "
           f"{args.image_size}x{args.image_size}x3, {num_classes} classes; "
           f"{args.epochs} epochs x {steps_per_epoch} steps of {args.batch_size} "
@@ -760,7 +923,8 @@ def run(args, argv):
 
     # Model.
     with strategy.scope():
-        model, origin = make_model(args, num_classes, total_steps, run_dir, chief=chief)
+        model, origin = make_model(args, num_classes, steps_per_epoch, run_dir, train,
+                                   chief=chief)
         print(f"model {model.name} ({args.mode}, {origin}): {model.count_params():,} parameters")
         trained = model
         if args.teacher is not None:
@@ -789,7 +953,10 @@ def run(args, argv):
         ]
     callbacks.append(AtomicBackupAndRestore(backup_dir=str(backup_dir)))
     if args.mode == "prune":
-        callbacks.append(UpdateTransformPruningStep())
+        callbacks.append(UpdateTransformPruningStep(
+            saliency_data=train if args.criterion == "taylor" else None,
+            recalibrate_data=train if args.recalibrate_batches else None,
+            recalibrate_batches=max(1, args.recalibrate_batches)))
     if chief:
         callbacks.append(SaveCheckpoint(run_dir / "ckpt", model))
     start = time.perf_counter()

@@ -474,8 +474,16 @@ KERNEL = np.random.default_rng(18).normal(size=(3, 3, 6, 8))
         (dict(base_filters=0), "Expected an int in [1, filters=8]. Received base_filters=0."),
         (dict(base_filters=9), "Expected an int in [1, filters=8]. Received base_filters=9."),
         (dict(base_filters=2.0), "Received base_filters=2.0."),
-        (dict(criterion="magnitude"),
-         "Expected one of ['reconstruction', 'l1']. Received criterion='magnitude'."),
+        (dict(criterion="saliency"),
+         "Expected one of ['reconstruction', 'l1', 'magnitude', 'taylor']. "
+         "Received criterion='saliency'."),
+        (dict(criterion="taylor"), "criterion='taylor' ranks filters by their first-order"),
+        (dict(scores=np.ones(8)), "Received scores with criterion='reconstruction'"),
+        (dict(criterion="taylor", scores=np.ones(7)),
+         "Expected `scores` to be 8 finite values, one per filter. Received an array of "
+         "shape (7,)."),
+        (dict(assign="random"),
+         "Expected one of ['fit', 'modulo']. Received assign='random'."),
         (dict(depth_groups=4),
          "dividing the kernel's input channels c_in=6. Received depth_groups=4."),
         (dict(depth_groups=0), "Received depth_groups=0."),
@@ -511,7 +519,7 @@ def test_module_imports_numpy_only():
             imported.update(alias.name.split(".")[0] for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
             imported.add(node.module.split(".")[0])
-    assert imported <= {"dataclasses", "numpy", "tf_transform_conv"}, imported
+    assert imported <= {"dataclasses", "math", "numpy", "tf_transform_conv"}, imported
 
 
 # ----------------------------------------------------------------------------

@@ -104,6 +104,45 @@ def test_preset_defaults_and_overrides(train):
     assert (args.dataset, args.model, args.scale) == ("cifar10", "resnet20", True)
 
 
+def test_paper_presets_set_the_published_recipe(train):
+    args = train.parse_args(["--preset", "paper-resnet56"])
+    assert (args.mode, args.model, args.epochs, args.optimizer) == ("prune", "resnet56", 300, "sgd")
+    assert (args.criterion, args.allocation, args.assign) == ("magnitude", "global", "modulo")
+    assert (args.transform_family, args.depth_groups, args.min_bases) == ("scalar", 2, 8)
+    assert args.prune_end == pytest.approx(40 / 300) and args.prune_power == 1.0
+    assert args.rotation > 0 and args.prune_every_epoch
+    assert train.parse_args(["--preset", "paper-vgg16"]).criterion == "taylor"
+    args = train.parse_args(["--preset", "paper-resnet50", "--criterion", "taylor",
+                             "--batch-size", "1024"])
+    assert (args.optimizer, args.min_bases, args.mixup, args.cutmix) == ("adamw", 32, 0.1, 1.0)
+    assert args.subtract_mean and args.criterion == "taylor"  # flags win
+    assert args.lr == pytest.approx(1e-3)  # 5e-4 * 1024 / 512
+    # The other presets keep their defaults.
+    args = train.parse_args([])
+    assert (args.mode, args.criterion, args.min_bases, args.transform_family) == \
+        ("dense", "reconstruction", 1, "discrete")
+
+
+def test_linear_steps_schedule(train):
+    linear = train.WarmupSchedule(1.0, 300, 0, "linear-steps", [25 * k for k in range(1, 12)])
+    rates = [float(linear(s)) for s in (0, 24, 25, 150, 299)]
+    assert rates == pytest.approx([1.0, 1.0, 1 - 25 / 300, 0.5, 1 - 275 / 300])
+
+
+def test_batch_augment_rotates_and_mixes(train):
+    import tensorflow as tf
+
+    args = train.parse_args(["--rotation", "15", "--mixup", "0.1", "--cutmix", "1.0"])
+    augment = train.make_batch_augment(args)
+    images = tf.random.uniform((8, 32, 32, 3))
+    labels = tf.one_hot(tf.range(8) % 10, 10)
+    out_images, out_labels = augment(images, labels)
+    assert out_images.shape == images.shape and out_labels.shape == labels.shape
+    np.testing.assert_allclose(np.sum(out_labels, axis=1), 1.0, rtol=1e-5)
+    assert not np.allclose(out_images, images)
+    assert train.make_batch_augment(train.parse_args([])) is None
+
+
 def test_bad_arguments_exit_with_a_message(train, capsys):
     with pytest.raises(SystemExit):
         train.parse_args(["--final-sparsity", "1.5"])
@@ -227,6 +266,33 @@ def test_prune_and_convert_from_dense_checkpoint(train, dense_run, tmp_path, mod
     final = keras.saving.load_model(tmp_path / "final.keras", compile=False)
     kinds = {type(layer).__name__ for layer in final.layers}
     assert "TransformConv2D" in kinds and "TransformPruning" not in kinds
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["paper-resnet56", "paper-vgg16", "paper-resnet50"])
+def test_paper_preset_runs_a_short_epoch(train, tmp_path, preset):
+    """Each paper experiment, as its preset sets it up, on 16 synthetic 32x32 images."""
+    results = train.main(["--preset", preset, "--dataset", "synthetic", "--synthetic-size", "16",
+                          "--image-size", "32", "--epochs", "1", "--steps-per-epoch", "2",
+                          "--no-tflite", "--run-dir", str(tmp_path), *FAST])
+    check_results(tmp_path, 1, "prune")
+    args = train.parse_args(["--preset", preset])
+    import keras
+
+    final = keras.saving.load_model(tmp_path / "final.keras", compile=False)
+    layers = [l for l in final._flatten_layers() if type(l).__name__ == "TransformConv2D"]
+    assert layers and all(l.transform_family == "scalar" for l in layers)
+    stem = layers[0]
+    assert stem.depth_groups == 1  # 3 input channels do not split in 2
+    assert {l.depth_groups for l in layers[1:]} == {2}
+    floors = [min(args.min_bases, l.filters) for l in layers]
+    assert all(l.base_filters >= floor for l, floor in zip(layers, floors))
+    # Pruned once, at step 1, to the final sparsity over all the wrapped filters.
+    from tf_transform_conv.assignment import kept_filters
+
+    target = kept_filters(sum(l.filters for l in layers), float(np.float32(args.final_sparsity)))
+    assert sum(l.base_filters for l in layers) == max(target, sum(floors))
+    assert results["args"]["criterion"] == args.criterion
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@ from tf_transform_conv import convert
 from tf_transform_conv import cost
 from tf_transform_conv import export
 from tf_transform_conv import models
+from tf_transform_conv import recalibrate
 from tf_transform_conv import transforms
 from tf_transform_conv.convert import transform_model
 from tf_transform_conv.cost import model_cost
@@ -14,11 +15,14 @@ from tf_transform_conv.export import verify_tflite
 from tf_transform_conv.layers import TransformConv2D
 from tf_transform_conv.models import build_model
 from tf_transform_conv.models import conv_factory
+from tf_transform_conv.recalibrate import recalibrate_batch_norm
 from tf_transform_conv.pruning import TransformPruning
 from tf_transform_conv.pruning import TransformPruningSummaries
 from tf_transform_conv.pruning import UpdateTransformPruningStep
+from tf_transform_conv.pruning import prune_globally
 from tf_transform_conv.pruning import prune_model
 from tf_transform_conv.pruning import strip_model
+from tf_transform_conv.pruning import taylor_scores
 from tf_transform_conv.pruning import update_pruning_step
 
 __version__ = "0.1.0"
@@ -34,8 +38,12 @@ __all__ = [
     "export_tflite",
     "model_cost",
     "models",
+    "prune_globally",
     "prune_model",
+    "recalibrate",
+    "recalibrate_batch_norm",
     "strip_model",
+    "taylor_scores",
     "transform_model",
     "TransformConv2D",
     "TransformPruning",

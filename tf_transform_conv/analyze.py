@@ -18,7 +18,7 @@ import numpy as np
 
 from tf_transform_conv import transforms as transforms_lib
 from tf_transform_conv.assignment import fit_assignment
-from tf_transform_conv.pruning import kept_filters
+from tf_transform_conv.assignment import kept_filters
 
 DEFAULT_SPARSITIES = (0.25, 0.5, 0.75)
 #: The learned families `analyze_kernel` fits besides the discrete transforms.

@@ -26,6 +26,7 @@ so they differ per transform).
 """
 
 import dataclasses
+import math
 
 import numpy as np
 
@@ -33,7 +34,11 @@ from tf_transform_conv import families as families_lib
 from tf_transform_conv import transforms as transforms_lib
 
 #: The criteria that choose which filters stay bases.
-CRITERIA = ("reconstruction", "l1")
+CRITERIA = ("reconstruction", "l1", "magnitude", "taylor")
+#: How each reconstructed filter gets its base: the best one, or the paper's `o mod n`.
+ASSIGNMENTS = ("fit", "modulo")
+#: How the kept filters are split between layers: each its own rate, or one ranking.
+ALLOCATIONS = ("per_layer", "global")
 
 # The tap Gram blocks are kept in memory only when they fit this budget
 # (bytes); beyond it (large kernels with many filters) the inner products are
@@ -154,6 +159,8 @@ def fit_assignment(
     criterion="reconstruction",
     candidates=None,
     transform_family="discrete",
+    scores=None,
+    assign="fit",
 ):
     """Chooses base filters and a `(base, transform, scale)` for every output of a kernel.
 
@@ -173,6 +180,10 @@ def fit_assignment(
 
     - `"l1"`: the `base_filters` filters of largest L1 norm (Li et al.,
       "Pruning Filters for Efficient ConvNets", ICLR 2017).
+    - `"magnitude"`: the filters of largest L2 norm (the paper's saliency).
+    - `"taylor"`: the filters of largest `scores` (the first-order
+      saliency `|sum(w * dL/dw)|` per filter, accumulated by the caller over
+      batches: `pruning.taylor_scores`).
     - `"reconstruction"`: greedy facility location on the per-group costs:
       start with every filter reconstructed as zero (with `scale=False`,
       where zero is not available, from its worst pairing), repeatedly keep
@@ -207,6 +218,12 @@ def fit_assignment(
             stay bases (at least `base_filters` of them); by default every
             filter. Pruning passes the current bases, since a filter once
             replaced stays replaced.
+        scores: float array `(F,)`, the saliency `criterion="taylor"` ranks
+            by (required there, refused elsewhere).
+        assign: `"fit"` (default): every reconstructed output takes its
+            best kept filter; `"modulo"`: output `o` takes the kept filter
+            `bases[o % base_filters]` (the paper's fixed mapping), with its
+            best transform and scale for that base.
         transform_family: `"discrete"` (default) or a learned family
             (`"scalar"`, `"rotation"`, `"affine"`, `"general"`). The bases
             and each output's `(base, transform)` are chosen as above; then
@@ -245,6 +262,12 @@ def fit_assignment(
         kernel, base_filters, transforms, depth_groups, criterion, candidates
     )
     families_lib.check_family(transform_family)
+    scores = _check_scores(scores, criterion, kernel64.shape[-1])
+    if assign not in ASSIGNMENTS:
+        raise ValueError(
+            "Invalid value for argument `assign`. Expected one of "
+            f"{list(ASSIGNMENTS)}. Received assign={assign!r}."
+        )
     if transform_family != "discrete":
         # Choose the bases and pairings with every discrete transform the
         # family reproduces too (a learned rotation finds quarter turns of a
@@ -252,7 +275,8 @@ def fit_assignment(
         # by the operator, starting from it.
         absorbed = families_lib.absorbed_transforms(transform_family, kernel64.shape[:2])
         extended = names + tuple(t for t in absorbed if t not in names)
-        fit = fit_assignment(kernel64, n, extended, g, scale, criterion, candidates)
+        fit = fit_assignment(kernel64, n, extended, g, scale, criterion, candidates,
+                             scores=scores, assign=assign)
         return _fit_learned(fit, kernel64, transform_family, bool(scale), names)
     kh, kw, c_in, filters = kernel64.shape
     identity = names.index("identity")
@@ -265,11 +289,19 @@ def fit_assignment(
     l1 = np.abs(kernel64).sum(axis=(0, 1, 2))
 
     # The shared-scale refinement (depth_groups > 1) reuses the inner products.
-    keep_grams = scale and g > 1
+    keep_grams = scale and g > 1 and assign == "fit"
     l1_bases = np.sort(cand[np.argsort(-l1[cand], kind="stable")[:n]])
+    ranked = {"l1": l1, "magnitude": np.sqrt(np.sum(kernel64**2, axis=(0, 1, 2))),
+              "taylor": scores}
+    if criterion in ("magnitude", "taylor"):
+        top = np.sort(cand[np.argsort(-ranked[criterion][cand], kind="stable")[:n]])
+        pairs = _pair_costs(wg32, tables, top, scale, keep_grams)
+        return _finish(kernel64, wg, wg32, names, tables, identity, scale, top, *pairs,
+                       assign=assign)
     if criterion == "l1" or n == len(cand):
         pairs = _pair_costs(wg32, tables, l1_bases, scale, keep_grams)
-        return _finish(kernel64, wg, wg32, names, tables, identity, scale, l1_bases, *pairs)
+        return _finish(kernel64, wg, wg32, names, tables, identity, scale, l1_bases, *pairs,
+                       assign=assign)
 
     cost, best, grams = _pair_costs(wg32, tables, cand, scale, keep_grams)
     picks = _swap_bases(cost, _greedy_bases(cost, n))
@@ -280,11 +312,128 @@ def fit_assignment(
             _finish(
                 kernel64, wg, wg32, names, tables, identity, scale, bases,
                 cost[..., columns], best[..., columns],
-                None if grams is None else grams[..., columns],
+                None if grams is None else grams[..., columns], assign=assign,
             )
         )
     greedy, largest = fits
     return largest if largest.errors.sum() < greedy.errors.sum() else greedy
+
+
+def check_selection(allocation, min_bases, assign, subtract_mean):
+    """Raises a ValueError naming the first invalid template-selection argument."""
+    if allocation not in ALLOCATIONS:
+        raise ValueError(
+            "Invalid value for argument `allocation`. Expected one of "
+            f"{list(ALLOCATIONS)}. Received allocation={allocation!r}."
+        )
+    if isinstance(min_bases, bool) or not isinstance(min_bases, (int, np.integer)) \
+            or min_bases < 1:
+        raise ValueError(
+            "Invalid value for argument `min_bases`. Expected an int >= 1. "
+            f"Received min_bases={min_bases!r}."
+        )
+    if assign not in ASSIGNMENTS:
+        raise ValueError(
+            "Invalid value for argument `assign`. Expected one of "
+            f"{list(ASSIGNMENTS)}. Received assign={assign!r}."
+        )
+    if not isinstance(subtract_mean, (bool, np.bool_)):
+        raise ValueError(
+            "Invalid value for argument `subtract_mean`. Expected True or False. "
+            f"Received subtract_mean={subtract_mean!r}."
+        )
+
+
+def kept_filters(filters, sparsity):
+    """The number of bases kept at `sparsity`: `filters - floor(s * filters + 1/2)`, at least 1."""
+    return max(1, filters - int(math.floor(sparsity * filters + 0.5)))
+
+
+def filter_saliency(kernel, criterion, scores=None, subtract_mean=False, kept=None):
+    """Each filter's saliency (higher stays) for a global ranking.
+
+    The L2 norm for `"magnitude"` (the paper's saliency) and for
+    `"reconstruction"` (which has no per-filter score of its own), the L1
+    norm for `"l1"`, and `scores` for `"taylor"`.
+
+    Args:
+        kernel: `(kh, kw, c_in, F)` array.
+        criterion: one of `CRITERIA`.
+        scores: `(F,)` saliencies, for `"taylor"`.
+        subtract_mean: subtract the mean over the `kept` filters (the
+            paper's v1 for ResNet-50, which keeps layers' rates alike).
+        kept: indices of the filters still kept (default: all).
+
+    Returns:
+        A float64 array `(F,)`.
+    """
+    kernel = np.asarray(kernel, np.float64)
+    if criterion not in CRITERIA:
+        raise ValueError(
+            f"Invalid value for argument `criterion`. Expected one of {list(CRITERIA)}. "
+            f"Received criterion={criterion!r}."
+        )
+    if criterion == "taylor":
+        values = _check_scores(scores, criterion, kernel.shape[-1])
+    elif criterion == "l1":
+        values = np.abs(kernel).sum(axis=(0, 1, 2))
+    else:
+        values = np.sqrt((kernel**2).sum(axis=(0, 1, 2)))
+    if subtract_mean:
+        values = values - values[slice(None) if kept is None else kept].mean()
+    return values
+
+
+def allocate_globally(saliencies, target, minimum=1):
+    """How many filters each layer keeps under one global ranking.
+
+    The paper's allocation: every currently kept filter of every layer is
+    ranked by its saliency, one threshold for all, so that `target` filters
+    stay in all; each layer keeps at least `minimum` (or all it has, if
+    fewer) and never more than it keeps now.
+
+    Args:
+        saliencies: list of float arrays, one per layer, a saliency per
+            filter the layer keeps now (higher is more important).
+        target: int, the filters to keep over all layers.
+        minimum: int >= 1, the fewest a layer keeps, or one such int per
+            layer.
+
+    Returns:
+        A list of ints, one per layer: `min(minimum, len(s)) <= n <= len(s)`,
+        summing to `target` when the bounds allow it (else to the nearest
+        bound).
+
+    Example:
+
+    >>> allocate_globally([np.array([5.0, 1.0, 0.5]), np.array([4.0, 3.0])], 3)
+    [1, 2]
+    >>> allocate_globally([np.array([5.0, 1.0, 0.5]), np.array([4.0, 3.0])], 3, minimum=2)
+    [2, 2]
+    """
+    arrays = [np.asarray(v, np.float64).reshape(-1) for v in saliencies]
+    minima = list(minimum) if isinstance(minimum, (list, tuple)) else [minimum] * len(arrays)
+    if len(minima) != len(arrays) or any(
+        isinstance(m, bool) or not isinstance(m, (int, np.integer)) or m < 1 for m in minima
+    ):
+        raise ValueError(
+            "Invalid value for argument `minimum`. Expected an int >= 1 or one per "
+            f"layer ({len(arrays)}). Received minimum={minimum!r}."
+        )
+    floors = [min(int(m), len(a)) for m, a in zip(minima, arrays)]
+    counts = list(floors)
+    spare = int(target) - sum(floors)
+    if spare <= 0:
+        return counts
+    # Beyond each layer's forced top `floor`, the rest compete globally.
+    rest = []
+    for layer, (values, floor) in enumerate(zip(arrays, floors)):
+        order = np.argsort(-values, kind="stable")
+        rest += [(-float(values[i]), layer, rank) for rank, i in enumerate(order[floor:])]
+    rest.sort()
+    for _, layer, _ in rest[:spare]:
+        counts[layer] += 1
+    return counts
 
 
 def reconstruction_error(kernel, fit):
@@ -391,6 +540,28 @@ def _validate(kernel, base_filters, transforms, depth_groups, criterion, candida
             )
         cand = np.sort(cand)
     return kernel, int(base_filters), names, int(depth_groups), cand
+
+
+def _check_scores(scores, criterion, filters):
+    if criterion != "taylor":
+        if scores is not None:
+            raise ValueError(
+                "`scores` are the saliency criterion='taylor' ranks by. Received "
+                f"scores with criterion={criterion!r}."
+            )
+        return None
+    if scores is None:
+        raise ValueError(
+            "criterion='taylor' ranks filters by their first-order saliency: pass "
+            "scores=, one per filter (pruning.taylor_scores accumulates them)."
+        )
+    scores = np.asarray(scores, np.float64)
+    if scores.shape != (filters,) or not np.isfinite(scores).all():
+        raise ValueError(
+            f"Expected `scores` to be {filters} finite values, one per filter. "
+            f"Received an array of shape {scores.shape}."
+        )
+    return scores
 
 
 # ----------------------------------------------------------------------
@@ -665,7 +836,8 @@ def _refine_shared_scale(wg32, tables, bases, base_of, trans_of, grams=None):
     return choice % n, choice // n
 
 
-def _finish(kernel, wg, wg32, names, tables, identity, scale, bases, cost, best, grams):
+def _finish(kernel, wg, wg32, names, tables, identity, scale, bases, cost, best, grams,
+            assign="fit"):
     """The `AssignmentFit` for kept filters `bases` (sorted original indices).
 
     Each (group, output) takes its least-cost (kept base, transform) from
@@ -677,11 +849,14 @@ def _finish(kernel, wg, wg32, names, tables, identity, scale, bases, cost, best,
     """
     filters, g, n = kernel.shape[-1], wg.shape[0], len(bases)
     group = np.arange(g)[:, None]
-    base_of = np.argmin(cost, axis=-1)  # (g, F) index into bases
+    if assign == "modulo":  # the paper's fixed mapping: output o -> kept filter o mod n
+        base_of = np.broadcast_to(np.arange(filters) % n, (g, filters)).copy()
+    else:
+        base_of = np.argmin(cost, axis=-1)  # (g, F) index into bases
     trans_of = np.take_along_axis(best, base_of[..., None], axis=-1)[..., 0]
     base_of[:, bases] = np.arange(n)
     trans_of[:, bases] = identity
-    if scale and g > 1:
+    if scale and g > 1 and assign == "fit":
         base_of, trans_of = _refine_shared_scale(wg32, tables, bases, base_of, trans_of, grams)
     assignment = np.stack([base_of, trans_of], axis=-1).astype(np.int32)
 

@@ -14,9 +14,14 @@ import numpy as np
 
 from tf_transform_conv import families as families_lib
 from tf_transform_conv import transforms as transforms_lib
+from tf_transform_conv.assignment import allocate_globally
+from tf_transform_conv.assignment import check_selection
+from tf_transform_conv.assignment import filter_saliency
 from tf_transform_conv.assignment import fit_assignment
+from tf_transform_conv.assignment import kept_filters
 from tf_transform_conv.cost import parameter_formula
 from tf_transform_conv.layers import TransformConv2D
+from tf_transform_conv.recalibrate import recalibrate_batch_norm
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,6 +162,12 @@ def shape_skip_reason(kernel_size, groups, transforms):
     return ""
 
 
+def layer_depth_groups(layer, depth_groups):
+    """`depth_groups`, or 1 where it does not divide the layer's input channels (an RGB stem)."""
+    channels = layer.kernel.shape[2]
+    return depth_groups if channels % depth_groups == 0 else 1
+
+
 def rewrite_model(model, replace):
     """Clones `model` (nested models included), every layer keeping its weights.
 
@@ -251,6 +262,12 @@ def transform_model(
     scale=True,
     layers=None,
     transform_family="discrete",
+    allocation="per_layer",
+    min_bases=1,
+    assign="fit",
+    subtract_mean=False,
+    recalibrate=None,
+    recalibrate_batches=20,
 ):
     """Rewrites the chosen `Conv2D`s of a model as fitted `TransformConv2D`s.
 
@@ -267,8 +284,12 @@ def transform_model(
         sparsity: the fraction of filters to reconstruct:
             `n = filters - floor(sparsity * filters + 1/2)`, at least 1.
         transforms: preset or names; must include `"identity"`.
-        criterion: `"reconstruction"` or `"l1"`, as `fit_assignment`.
-        depth_groups: input channel groups with their own assignment.
+        criterion: `"reconstruction"`, `"l1"` or `"magnitude"`, as
+            `fit_assignment` (`"taylor"` needs gradients during training:
+            `prune_model`).
+        depth_groups: input channel groups with their own assignment; a
+            layer whose input channels it does not divide (an RGB stem)
+            gets 1, as `conv_factory` does.
         scale: whether reconstructed filters carry a scale.
         layers: None (every eligible convolution), names, a class, or a
             predicate `layer -> bool`.
@@ -276,6 +297,22 @@ def transform_model(
             (`"scalar"`, `"rotation"`, `"affine"`, `"general"`): each
             reconstructed filter's operator starts at its least-squares fit
             to the filter it replaces (`fit_assignment`).
+        allocation: `"per_layer"` (default): every chosen layer keeps its
+            own `n`; `"global"`: the chosen layers keep `n` filters in all
+            (`n` from `sparsity` or `base_ratio` over their total), split by
+            one ranking of their saliencies (`assignment.filter_saliency`:
+            the L2 norm, or L1 for `"l1"`), at least `min_bases` each.
+        min_bases: int >= 1, the fewest bases a layer keeps. Defaults to 1.
+        assign: `"fit"` (default) or `"modulo"` (the paper's `o mod n`), as
+            `fit_assignment`.
+        subtract_mean: rank filters by their saliency minus their layer's
+            mean in the global allocation. Defaults to False.
+        recalibrate: optional training inputs (arrays, `(x, y)`, a dataset
+            or batches): the converted model's batch-norm statistics are
+            then re-estimated from `recalibrate_batches` batches of them
+            (`recalibrate_batch_norm`), since reconstructed filters shift
+            their layers' outputs.
+        recalibrate_batches: int >= 1. Defaults to 20.
 
     Returns:
         `(new_model, report)`: the report lists a `LayerReport` per
@@ -294,8 +331,6 @@ def transform_model(
     >>> type(new.get_layer("conv")).__name__, report[0].base_filters
     ('TransformConv2D', 4)
     """
-    from tf_transform_conv.pruning import kept_filters
-
     check_graph_model(model, "transform_model")
     if (base_ratio is None) == (sparsity is None):
         raise ValueError(
@@ -308,6 +343,13 @@ def transform_model(
         )
     if sparsity is not None and not 0 <= sparsity < 1:
         raise ValueError(f"Expected sparsity in [0, 1). Received sparsity={sparsity}.")
+    if criterion == "taylor":
+        raise ValueError(
+            "criterion='taylor' ranks filters by gradients on data, which a one-shot "
+            "conversion does not take: use prune_model(..., criterion='taylor') with "
+            "UpdateTransformPruningStep(saliency_data=...), or 'magnitude'."
+        )
+    check_selection(allocation, min_bases, assign, subtract_mean)
     families_lib.check_family(transform_family)
     names = transforms_lib.resolve_transforms(transforms)
     if "identity" not in names:
@@ -320,8 +362,24 @@ def transform_model(
 
     def bases_for(filters):
         if sparsity is not None:
-            return kept_filters(filters, sparsity)
-        return max(1, int(round(base_ratio * filters)))
+            n = kept_filters(filters, sparsity)
+        else:
+            n = max(1, int(round(base_ratio * filters)))
+        return min(max(n, min_bases), filters)
+
+    if allocation == "global":
+        convs = [l for l in model._flatten_layers(include_self=False, recursive=True)
+                 if l.name in chosen]
+        total = sum(l.filters for l in convs)
+        counts = allocate_globally(
+            [filter_saliency(np.asarray(l.kernel), criterion, subtract_mean=subtract_mean)
+             for l in convs],
+            bases_for(total) if sparsity is not None else max(1, round(base_ratio * total)),
+            min_bases,
+        )
+        allotted = {l.name: n for l, n in zip(convs, counts)}
+    else:
+        allotted = {}
 
     def replace(layer):
         if not isinstance(layer, _CONVOLUTIONS):
@@ -338,12 +396,13 @@ def transform_model(
         kernel = np.asarray(layer.kernel)
         fit = fit_assignment(
             kernel,
-            bases_for(layer.filters),
+            allotted.get(layer.name) or bases_for(layer.filters),
             transforms=names,
-            depth_groups=depth_groups,
+            depth_groups=layer_depth_groups(layer, depth_groups),
             scale=scale,
             criterion=criterion,
             transform_family=transform_family,
+            assign=assign,
         )
         new, weights = transform_conv_from_conv2d(
             layer, fit.base_kernel, fit.assignment, fit.transforms,
@@ -362,6 +421,8 @@ def transform_model(
         return new, weights
 
     new_model = rewrite_model(model, replace)
+    if recalibrate is not None:
+        recalibrate_batch_norm(new_model, recalibrate, recalibrate_batches)
     ordered = [
         report[layer.name]
         for layer in model._flatten_layers(include_self=False, recursive=True)

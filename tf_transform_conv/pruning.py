@@ -19,7 +19,7 @@ accepted as they are and rebuilt lazily when a saved model is loaded.
 """
 
 import importlib
-import math
+import json
 
 import keras
 import numpy as np
@@ -28,22 +28,23 @@ from keras import ops
 from tf_transform_conv import families as families_lib
 from tf_transform_conv import transforms as transforms_lib
 from tf_transform_conv.assignment import CRITERIA
+from tf_transform_conv.assignment import check_selection
+from tf_transform_conv.assignment import allocate_globally
+from tf_transform_conv.assignment import filter_saliency
 from tf_transform_conv.assignment import fit_assignment
+from tf_transform_conv.assignment import kept_filters
 from tf_transform_conv.convert import check_graph_model
+from tf_transform_conv.convert import layer_depth_groups
 from tf_transform_conv.convert import rewrite_model
 from tf_transform_conv.convert import select_layers
 from tf_transform_conv.convert import skip_reason
 from tf_transform_conv.convert import transform_conv_from_conv2d
+from tf_transform_conv.recalibrate import recalibrate_batch_norm
 
 _TFMOT_SCHEDULES = ("PolynomialDecay", "ConstantSparsity")
 _TFMOT_SCHEDULE_MODULE = (
     "tensorflow_model_optimization.python.core.sparsity.keras.pruning_schedule"
 )
-
-
-def kept_filters(filters, sparsity):
-    """The number of bases kept at `sparsity`: `filters - floor(s * filters + 1/2)`, at least 1."""
-    return max(1, filters - int(math.floor(sparsity * filters + 0.5)))
 
 
 # ----------------------------------------------------------------------------
@@ -107,6 +108,13 @@ def _check_wrappable(layer, transforms):
         )
 
 
+_TAYLOR_NEEDS_DATA = (
+    "Layer '{name}' ranks filters by their first-order (Taylor) saliency, which "
+    "needs gradients on data: pass UpdateTransformPruningStep(saliency_data=...) "
+    "(or scores= to update_pruning_step in a custom loop)."
+)
+
+
 @keras.saving.register_keras_serializable(package="tf_transform_conv")
 class TransformPruning(keras.layers.Wrapper):
     """Trains a `Conv2D` toward a `TransformConv2D` under a pruning schedule.
@@ -126,8 +134,12 @@ class TransformPruning(keras.layers.Wrapper):
             they are.
         transforms: preset or names (must contain `"identity"`). Defaults to
             `"d4"`.
-        criterion: which filters stay bases: `"reconstruction"` (default) or
-            `"l1"`.
+        criterion: which filters stay bases: `"reconstruction"` (default:
+            the set that rebuilds the rest best), `"l1"` or `"magnitude"`
+            (the largest L1 or L2 norms; the paper's saliency is the L2
+            norm), or `"taylor"` (the first-order saliency `|sum(w * dL/dw)|`
+            of each filter, which `UpdateTransformPruningStep(saliency_data=...)`
+            accumulates over a few batches at each pruning step).
         depth_groups: input channel groups with their own assignment.
         scale: whether reconstructed filters carry a trainable scale.
         transform_family: `"discrete"` (default) or a learned family
@@ -136,6 +148,20 @@ class TransformPruning(keras.layers.Wrapper):
             `scale * L(phi) @ T(base)` with trainable parameters `phi`, which
             start, at the pruning step that replaces the filter, at their
             least-squares fit to it.
+        allocation: `"per_layer"` (default): this layer reaches the
+            schedule's sparsity itself; `"global"`: one ranking over every
+            global wrapper of the model (by the criterion's saliency; the L2
+            norm for `"reconstruction"`) reaches the schedule's sparsity
+            overall, each layer keeping at least `min_bases` and never more
+            than it keeps (`assignment.allocate_globally`).
+        min_bases: int >= 1, the fewest bases a layer keeps (the paper: 8 on
+            CIFAR, 32 on ImageNet). Defaults to 1.
+        assign: `"fit"` (default): each replaced filter takes the kept filter
+            that rebuilds it best; `"modulo"`: replaced filter `o` takes kept
+            filter `o mod n` (the paper), with its best transform and scale.
+        subtract_mean: for global allocation, rank `||W_o|| - mean(||W||)`
+            per layer instead of the norm (the paper's v1, which keeps the
+            layers' rates uniform). Defaults to False.
         **kwargs: base layer arguments.
     """
 
@@ -148,6 +174,10 @@ class TransformPruning(keras.layers.Wrapper):
         depth_groups=1,
         scale=True,
         transform_family="discrete",
+        allocation="per_layer",
+        min_bases=1,
+        assign="fit",
+        subtract_mean=False,
         **kwargs,
     ):
         kwargs.setdefault("name", f"transform_pruning_{layer.name}")
@@ -181,6 +211,11 @@ class TransformPruning(keras.layers.Wrapper):
         self.depth_groups = int(depth_groups)
         self.scale = bool(scale)
         self.transform_family = families_lib.check_family(transform_family)
+        check_selection(allocation, min_bases, assign, subtract_mean)
+        self.allocation = allocation
+        self.min_bases = int(min_bases)
+        self.assign = assign
+        self.subtract_mean = bool(subtract_mean)
         self.step_callback_attached = False
         self.pruning_history = []  # (step, sparsity, kept, layer_error) per pruning step
 
@@ -304,19 +339,39 @@ class TransformPruning(keras.layers.Wrapper):
         """Indices of the filters kept as bases."""
         return np.flatnonzero(~np.asarray(self.reconstructed))
 
-    def update(self, step):
-        """Runs the schedule at `step`; prunes when it says so. Returns whether it pruned."""
-        self.pruning_step.assign(step)
+    def update(self, step, scores=None):
+        """Runs the schedule at `step`; prunes when it says so. Returns whether it pruned.
+
+        A global wrapper only records the step: `update_pruning_step` prunes
+        all of a model's global wrappers together.
+        """
         should_prune, sparsity = _evaluate_schedule(self.schedule, step)
-        if should_prune:
-            self.prune_to(sparsity, step)
+        if should_prune and self.allocation == "per_layer":
+            self.prune_to(sparsity, step, scores=scores)
+        self.pruning_step.assign(step)  # after pruning: a failed step is not skipped
         return should_prune
 
-    def prune_to(self, sparsity, step=None):
-        """Keeps `kept_filters(filters, sparsity)` bases (never more than now) and refits."""
+    def saliency(self, scores=None):
+        """The saliency of each filter (higher stays), as the criterion ranks them.
+
+        The L2 norm (`"magnitude"` and `"reconstruction"`, whose global
+        allocation ranks by it), the L1 norm (`"l1"`), or `scores`
+        (`"taylor"`); minus the layer's mean over its kept filters with
+        `subtract_mean`.
+        """
+        if self.criterion == "taylor" and scores is None:
+            raise ValueError(_TAYLOR_NEEDS_DATA.format(name=self.name))
+        kernel = keras.ops.convert_to_numpy(self.effective_kernel())
+        return filter_saliency(kernel, self.criterion, scores, self.subtract_mean, self.kept)
+
+    def prune_to(self, sparsity=None, step=None, scores=None, count=None):
+        """Keeps `kept_filters(filters, sparsity)` (or `count`) bases, never more than now, and refits."""
         filters = self.layer.filters
         current = self.kept
-        n = min(kept_filters(filters, sparsity), len(current))
+        wanted = count if count is not None else kept_filters(filters, sparsity)
+        n = min(max(wanted, min(self.min_bases, filters)), len(current))
+        if self.criterion == "taylor" and scores is None:
+            raise ValueError(_TAYLOR_NEEDS_DATA.format(name=self.name))
         fit = fit_assignment(
             np.asarray(self.effective_kernel()),
             n,
@@ -326,7 +381,11 @@ class TransformPruning(keras.layers.Wrapper):
             criterion=self.criterion,
             candidates=current,
             transform_family=self.transform_family,
+            scores=scores if self.criterion == "taylor" else None,
+            assign=self.assign,
         )
+        if sparsity is None:
+            sparsity = 1.0 - n / filters
         bases = np.asarray(fit.bases)
         table = np.asarray(fit.assignment).copy()
         table[..., 0] = bases[table[..., 0]]
@@ -388,6 +447,10 @@ class TransformPruning(keras.layers.Wrapper):
                 "depth_groups": self.depth_groups,
                 "scale": self.scale,
                 "transform_family": self.transform_family,
+                "allocation": self.allocation,
+                "min_bases": self.min_bases,
+                "assign": self.assign,
+                "subtract_mean": self.subtract_mean,
             }
         )
         return config
@@ -405,18 +468,154 @@ def _wrappers(model):
     return found
 
 
-def update_pruning_step(model, step):
+def update_pruning_step(model, step, scores=None):
     """Advances every wrapper of `model` to `step` (for custom training loops).
+
+    Per-layer wrappers prune themselves when their schedule says so; the
+    global ones (`allocation="global"`) prune together, under the schedule
+    of the first of them (they must share one), to one ranking over all of
+    them (`prune_globally`).
+
+    Args:
+        model: a model holding `TransformPruning` wrappers.
+        step: int, the training step.
+        scores: optional dict from wrapper names to per-filter saliencies,
+            for wrappers with `criterion="taylor"` (`taylor_scores`).
 
     Returns:
         The names of the wrappers that pruned at this step.
     """
+    return _update(_wrappers(model), step, scores or {})
+
+
+def _update(wrappers, step, scores):
     pruned = []
-    for wrapper in _wrappers(model):
+    for wrapper in wrappers:
         wrapper.step_callback_attached = True
-        if wrapper.update(step):
+        if wrapper.allocation == "per_layer" and wrapper.update(step, scores.get(wrapper.name)):
             pruned.append(wrapper.name)
+    together = [w for w in wrappers if w.allocation == "global"]
+    if together:
+        should_prune, sparsity = _global_schedule(together, step)
+        if should_prune:
+            prune_globally(together, sparsity, step, scores)
+            pruned += [w.name for w in together]
+        for wrapper in together:
+            wrapper.pruning_step.assign(step)
     return pruned
+
+
+def _global_schedule(wrappers, step):
+    first = wrappers[0]
+    configs = {json.dumps(serialize_schedule(w.schedule), sort_keys=True, default=str)
+               if _saveable(w.schedule) else id(w.schedule) for w in wrappers}
+    if len(configs) > 1:
+        raise ValueError(
+            "Wrappers with allocation='global' prune together and need one schedule; "
+            f"{[w.name for w in wrappers]} have different ones. Pass the same schedule "
+            "to every wrapper (prune_model does)."
+        )
+    return _evaluate_schedule(first.schedule, step)
+
+
+def _saveable(schedule):
+    try:
+        serialize_schedule(schedule)
+    except ValueError:
+        return False
+    return True
+
+
+def prune_globally(wrappers, sparsity, step=None, scores=None):
+    """Prunes `wrappers` together to `sparsity` over all their filters.
+
+    Keeps `kept_filters(total, sparsity)` filters over all the wrappers,
+    split by one ranking of their saliencies (`TransformPruning.saliency`)
+    with each wrapper keeping at least its `min_bases` and never more than
+    it keeps now (`assignment.allocate_globally`); then each wrapper refits
+    to its count with its own criterion.
+
+    Returns:
+        The kept count per wrapper.
+    """
+    scores = scores or {}
+    total = sum(w.layer.filters for w in wrappers)
+    target = kept_filters(total, sparsity)
+    saliencies = [w.saliency(scores.get(w.name))[w.kept] for w in wrappers]
+    counts = allocate_globally(saliencies, target, [w.min_bases for w in wrappers])
+    for wrapper, count in zip(wrappers, counts):
+        wrapper.prune_to(step=step, scores=scores.get(wrapper.name), count=count)
+    return counts
+
+
+def taylor_scores(model, data, num_batches=4, batch_size=32):
+    """The first-order saliency of every wrapped filter: `|sum(w * dL/dw)|`, averaged over batches.
+
+    For each `TransformPruning` wrapper, the gradient of the model's
+    compiled loss (`model.compute_loss`) with respect to the wrapped kernel,
+    times the kernel, summed over each filter's entries (Molchanov et al.,
+    "Importance Estimation for Neural Network Pruning", CVPR 2019), on
+    `num_batches` batches of labelled data, the model in inference mode. A
+    kept filter's gradient includes what reaches it through the filters
+    rebuilt from it. TensorFlow backend.
+
+    Args:
+        model: a compiled model holding wrappers.
+        data: `(x, y)` arrays (split into `batch_size` batches), a
+            `tf.data.Dataset` or an iterable of `(x, y)` batches.
+        num_batches: int >= 1. Defaults to 4.
+        batch_size: int, for array data.
+
+    Returns:
+        A dict from wrapper names to float arrays `(filters,)`.
+
+    Raises:
+        ValueError: on another backend, for an uncompiled model, or data
+            without labels.
+    """
+    if keras.backend.backend() != "tensorflow":
+        raise ValueError(
+            "taylor_scores() takes gradients with TensorFlow; on the "
+            f"{keras.backend.backend()} backend use criterion='magnitude'."
+        )
+    if getattr(model, "compiled", False) is False and getattr(model, "loss", None) is None:
+        raise ValueError(
+            "taylor_scores() differentiates the model's compiled loss: compile the "
+            "model first."
+        )
+    import tensorflow as tf
+
+    wrappers = _wrappers(model)
+    kernels = [w.layer.kernel for w in wrappers]
+    totals = [np.zeros(w.layer.filters) for w in wrappers]
+    seen = 0
+    for x, y in _labelled_batches(data, num_batches, batch_size):
+        with tf.GradientTape() as tape:
+            prediction = model(x, training=False)
+            loss = model.compute_loss(x=x, y=y, y_pred=prediction, training=False)
+        for total, kernel, grad in zip(totals, kernels, tape.gradient(loss, kernels)):
+            total += np.abs(np.sum(np.asarray(kernel) * np.asarray(grad), axis=(0, 1, 2)))
+        seen += 1
+    if not seen:
+        raise ValueError("taylor_scores: `data` yielded no batch.")
+    return {w.name: total / seen for w, total in zip(wrappers, totals)}
+
+
+def _labelled_batches(data, count, batch_size):
+    if isinstance(data, tuple) and len(data) == 2 and hasattr(data[0], "shape"):
+        x, y = (np.asarray(a) for a in data)
+        for start in range(0, min(len(x), count * batch_size), batch_size):
+            yield x[start:start + batch_size], y[start:start + batch_size]
+        return
+    for index, batch in enumerate(data):
+        if index >= count:
+            return
+        if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+            raise ValueError(
+                "taylor_scores needs labelled batches (x, y); the data yielded "
+                f"{type(batch).__name__}."
+            )
+        yield batch[0], batch[1]
 
 
 class UpdateTransformPruningStep(keras.callbacks.Callback):
@@ -424,7 +623,34 @@ class UpdateTransformPruningStep(keras.callbacks.Callback):
 
     The step continues from the wrappers' saved `pruning_step`, so a resumed
     run picks up where it stopped.
+
+    Args:
+        saliency_data: labelled data (`(x, y)` arrays, a dataset, or batches)
+            for wrappers with `criterion="taylor"`: at each pruning step their
+            saliencies are accumulated over `saliency_batches` batches of it
+            (`taylor_scores`). Required when a wrapper needs it.
+        saliency_batches: int, defaults to 4.
+        recalibrate_data: optional training inputs: after each pruning step
+            the batch-norm statistics are re-estimated from
+            `recalibrate_batches` batches of them
+            (`recalibrate.recalibrate_batch_norm`).
+        recalibrate_batches: int, defaults to 20.
     """
+
+    def __init__(self, saliency_data=None, saliency_batches=4, recalibrate_data=None,
+                 recalibrate_batches=20):
+        super().__init__()
+        for name, value in (("saliency_batches", saliency_batches),
+                            ("recalibrate_batches", recalibrate_batches)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(
+                    f"Invalid value for argument `{name}`. Expected a positive int. "
+                    f"Received {name}={value!r}."
+                )
+        self.saliency_data = saliency_data
+        self.saliency_batches = int(saliency_batches)
+        self.recalibrate_data = recalibrate_data
+        self.recalibrate_batches = int(recalibrate_batches)
 
     def on_train_begin(self, logs=None):
         self._wrappers = _wrappers(self.model)
@@ -433,14 +659,26 @@ class UpdateTransformPruningStep(keras.callbacks.Callback):
                 "UpdateTransformPruningStep found no TransformPruning layer in "
                 "the model; wrap it with tf_transform_conv.prune_model first."
             )
+        taylor = [w.name for w in self._wrappers if w.criterion == "taylor"]
+        if taylor and self.saliency_data is None:
+            raise ValueError(
+                f"Wrappers {taylor} rank filters by their Taylor saliency: pass "
+                "UpdateTransformPruningStep(saliency_data=(x, y)) (a few batches of "
+                "training data)."
+            )
         for wrapper in self._wrappers:
             wrapper.step_callback_attached = True
         self.step = max(int(np.asarray(w.pruning_step)) for w in self._wrappers)
 
     def on_train_batch_begin(self, batch, logs=None):
         self.step += 1
-        for wrapper in self._wrappers:
-            wrapper.update(self.step)
+        scores = {}
+        if any(w.criterion == "taylor" and _evaluate_schedule(w.schedule, self.step)[0]
+               for w in self._wrappers):
+            scores = taylor_scores(self.model, self.saliency_data, self.saliency_batches)
+        pruned = _update(self._wrappers, self.step, scores)
+        if pruned and self.recalibrate_data is not None:
+            recalibrate_batch_norm(self.model, self.recalibrate_data, self.recalibrate_batches)
 
     def on_train_end(self, logs=None):
         for wrapper in self._wrappers:
@@ -515,6 +753,10 @@ def prune_model(
     scale=True,
     layers=None,
     transform_family="discrete",
+    allocation="per_layer",
+    min_bases=1,
+    assign="fit",
+    subtract_mean=False,
 ):
     """Wraps chosen `Conv2D` layers of a Sequential or Functional model in `TransformPruning`.
 
@@ -523,8 +765,12 @@ def prune_model(
         schedule: the pruning schedule (tfmot `PolynomialDecay`,
             `ConstantSparsity`, or any `schedule(step) -> (should_prune,
             sparsity)`).
-        transforms, criterion, depth_groups, scale, transform_family: as
-            `TransformPruning`.
+        transforms, criterion, depth_groups, scale, transform_family,
+        allocation, min_bases, assign, subtract_mean: as `TransformPruning`
+            (every wrapper gets the same values, except `depth_groups`,
+            which is 1 for a layer whose input channels it does not divide,
+            as `conv_factory` does; with `allocation="global"` the wrapped
+            layers are pruned together, to one ranking).
         layers: which layers: None (every `Conv2D` with `groups=1` and a
             kernel larger than 1x1), a list of names, a layer class, or a
             predicate `layer -> bool`.
@@ -538,6 +784,7 @@ def prune_model(
             eligible layer.
     """
     check_graph_model(model, "prune_model")
+    check_selection(allocation, min_bases, assign, subtract_mean)
     chosen = select_layers(model, layers, lambda l: not skip_reason(l, transforms))
 
     def replace(layer):
@@ -553,7 +800,9 @@ def prune_model(
         inner.set_weights(layer.get_weights())
         wrapper = TransformPruning(
             inner, schedule, transforms=transforms, criterion=criterion,
-            depth_groups=depth_groups, scale=scale, transform_family=transform_family,
+            depth_groups=layer_depth_groups(layer, depth_groups), scale=scale,
+            transform_family=transform_family, allocation=allocation, min_bases=min_bases, assign=assign,
+            subtract_mean=subtract_mean,
         )
         return wrapper, None
 
