@@ -141,3 +141,67 @@ def test_keras_applications_convert_run_and_save(builder, tmp_path):
     compact.save(path)
     loaded = keras.saving.load_model(path, safe_mode=True)
     np.testing.assert_allclose(loaded(x), compact(x), rtol=1e-5, atol=1e-6)
+
+
+def test_bad_option_types_are_named():
+    model = nested_model()
+    for kwargs, message in [
+        (dict(scale="yes"), r"`scale`\. Expected True or False\. Received scale='yes'\."),
+        (dict(depth_groups=0), r"`depth_groups`\. Expected a strictly positive int\. Received depth_groups=0\."),
+        (dict(transforms="bogus"), r"Unknown transform 'bogus'"),
+        (dict(layers=5), r"`layers`\. Expected None .*Received layers=5\."),
+        (dict(criterion="random"), r"Received criterion='random'"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            tc.transform_model(model, sparsity=0.5, **kwargs)
+    with pytest.raises(ValueError, match=r"Expected sparsity in \[0, 1\)\. Received sparsity='0\.5'\."):
+        tc.transform_model(model, sparsity="0.5")
+    with pytest.raises(ValueError, match=r"Expected base_ratio in \(0, 1\]\. Received base_ratio=True\."):
+        tc.transform_model(model, base_ratio=True)
+
+
+def test_depth_groups_that_do_not_divide_the_stem_give_it_one_group(x):
+    """An RGB stem gets one depth group, the rest the requested two."""
+    model = nested_model()
+    new, report = tc.transform_model(model, sparsity=0.0, depth_groups=2)
+    assert new.get_layer("stem").depth_groups == 1
+    assert new.get_layer("shared").depth_groups == 2
+    assert new.get_layer("block").get_layer("inner").depth_groups == 2
+    assert_close(new(x), model(x), 1e-5)
+    stem = model.get_layer("stem")
+    fit = tc.assignment.fit_assignment(np.asarray(stem.kernel), 4, transforms="d4", depth_groups=1)
+    fitted, _ = tc.transform_model(model, sparsity=0.5, depth_groups=2, layers=["stem"])
+    assert_close(fitted.get_layer("stem").materialized_kernel(), fit.reconstruct(), 1e-6)
+
+
+def _unbuilt_sequential():
+    return keras.Sequential([keras.layers.Conv2D(8, 3)])
+
+
+VERBS = {
+    "prune_model": lambda model: tc.prune_model(model, lambda step: (True, 0.5)),
+    "transform_model": lambda model: tc.transform_model(model, sparsity=0.5),
+    "strip_model": lambda model: tc.strip_model(model),
+}
+
+
+@pytest.mark.parametrize("verb", sorted(VERBS))
+def test_model_verbs_need_a_built_keras_model(verb, tmp_path):
+    run = VERBS[verb]
+    for path in ("m.keras", tmp_path / "m.keras"):
+        with pytest.raises(ValueError, match=(
+                rf"{verb} needs a built keras.Model \(Sequential or Functional\)\. Received the "
+                rf"path model='.*m\.keras': load the model first, model = "
+                rf"keras\.saving\.load_model\('.*m\.keras'\)")):
+            run(path)
+    with pytest.raises(ValueError, match=rf"{verb} needs a built keras.Model.*type Conv2D: a layer; put it in a model"):
+        run(keras.layers.Conv2D(8, 3))
+    with pytest.raises(ValueError, match=rf"{verb} needs a built keras.Model.*type dict\."):
+        run({})
+    with pytest.raises(ValueError, match=(
+            rf"{verb} needs a built model, and Sequential '.*' is not built.*"
+            r"keras\.Input\(\(rows, cols, channels\)\).*model\.build\(\(None, rows, cols, channels\)\)")):
+        run(_unbuilt_sequential())
+    built = _unbuilt_sequential()
+    built.build((None, 8, 8, 3))  # built without an Input: accepted
+    run(built)

@@ -8,6 +8,7 @@ import keras
 import numpy as np
 import pytest
 
+import reference
 from tf_transform_conv import TransformConv2D
 from tf_transform_conv.cost import (
     LayerCost,
@@ -488,3 +489,166 @@ def test_empty_model_cost():
     lines = []
     cost.summary(print_fn=lines.append)
     assert "Total MACs: 0" in "\n".join(lines)
+
+
+# ----------------------------------------------------------------------
+# SeparableConv2D and Conv2DTranspose, against direct references that
+# count their products as they compute the layer
+
+
+def _separable_reference(x, depthwise, pointwise, bias, strides, padding):
+    """Depthwise (one channel at a time) then pointwise, in float64; and the multiply-adds done."""
+    kh, kw, channels, mult = depthwise.shape
+    stage, macs = [], 0
+    for c in range(channels):  # Keras orders the depthwise outputs c * mult + m
+        for m in range(mult):
+            y = reference.conv2d(x[..., c:c + 1], depthwise[:, :, c:c + 1, m:m + 1],
+                                 strides=strides, padding=padding)[..., 0]
+            stage.append(y)
+            macs += y[0].size * kh * kw  # one sample: kh * kw products per value
+    stage = np.stack(stage, axis=-1)
+    out = stage @ pointwise[0, 0] + bias
+    macs += stage[0, ..., 0].size * stage.shape[-1] * pointwise.shape[-1]
+    return out, macs
+
+
+def _transpose_reference(x, kernel, bias, strides):
+    """A 'valid' transposed convolution by scattering each input value through every tap."""
+    kh, kw, filters, channels = kernel.shape
+    _, h, w, _ = x.shape
+    sh, sw = strides
+    out = np.zeros((x.shape[0], (h - 1) * sh + kh, (w - 1) * sw + kw, filters))
+    macs = 0
+    for i in range(h):
+        for j in range(w):
+            for u in range(kh):
+                for v in range(kw):
+                    out[:, i * sh + u, j * sw + v] += x[:, i, j].astype(np.float64) @ kernel[u, v].T
+                    macs += channels * filters  # one sample
+    return out + bias, macs
+
+
+@pytest.mark.parametrize("strides, padding", [(1, "same"), (2, "valid")])
+def test_separable_conv2d_counts_depthwise_and_pointwise(strides, padding):
+    rng = np.random.default_rng(0)
+    layer = keras.layers.SeparableConv2D(6, 3, depth_multiplier=2, strides=strides, padding=padding)
+    x = rng.normal(size=(2, 9, 9, 4)).astype("float32")
+    layer.build(x.shape)
+    for v in layer.weights:
+        v.assign(rng.normal(size=v.shape).astype("float32"))
+    y = np.asarray(layer(x))
+    depthwise, pointwise, bias = (np.asarray(v, np.float64) for v in layer.weights)
+    expected, macs = _separable_reference(x, depthwise, pointwise, bias, (strides, strides), padding)
+    np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-4)
+    cost = layer_cost(layer, (9, 9, 4))
+    assert cost.macs == cost.dense_macs == macs
+    oh = 9 if padding == "same" else 4  # (9 - 3) // 2 + 1
+    assert cost.macs == oh * oh * (3 * 3 * 4 * 2 + 4 * 2 * 6)
+    assert cost.params == 3 * 3 * 4 * 2 + 4 * 2 * 6 + 6 == layer.count_params()
+    assert cost.output_shape == (oh, oh, 6) and cost.macs_counted
+    unbuilt = keras.layers.SeparableConv2D(6, 3, depth_multiplier=2, strides=strides, padding=padding)
+    assert layer_cost(unbuilt, (9, 9, 4)) == dataclasses.replace(cost, name=unbuilt.name)
+
+
+@pytest.mark.parametrize("strides", [1, 2])
+def test_conv2d_transpose_counts_every_input_value_times_every_tap(strides):
+    rng = np.random.default_rng(1)
+    layer = keras.layers.Conv2DTranspose(5, 3, strides=strides, padding="valid")
+    x = rng.normal(size=(2, 4, 4, 3)).astype("float32")
+    layer.build(x.shape)
+    for v in layer.weights:
+        v.assign(rng.normal(size=v.shape).astype("float32"))
+    kernel, bias = (np.asarray(v, np.float64) for v in layer.weights)
+    expected, macs = _transpose_reference(x, kernel, bias, (strides, strides))
+    np.testing.assert_allclose(np.asarray(layer(x)), expected, rtol=1e-4, atol=1e-4)
+    cost = layer_cost(layer, (4, 4, 3))
+    assert cost.macs == cost.dense_macs == macs == 4 * 4 * 3 * 3 * 3 * 5
+    assert cost.output_shape == expected.shape[1:]
+    assert cost.params == 3 * 3 * 3 * 5 + 5 == layer.count_params()
+    same = layer_cost(keras.layers.Conv2DTranspose(5, 3, strides=2, padding="same"), (4, 4, 3))
+    assert same.output_shape == (8, 8, 5) and same.macs == 4 * 4 * 3 * 3 * 3 * 5
+
+
+# ----------------------------------------------------------------------
+# A model still being pruned
+
+
+@pytest.mark.parametrize(
+    "family, scale, depth_groups",
+    [("discrete", True, 1), ("discrete", False, 2), ("scalar", True, 2)],
+)
+def test_pruning_wrapper_costs_what_it_computes(family, scale, depth_groups):
+    """The wrapped convolution with its effective kernel: dense multiply-adds;
+    trainable parameters only, not the pruning state."""
+    import tf_transform_conv as tc
+    from tf_transform_conv import pruning
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((8, 8, 4)), keras.layers.Conv2D(16, 3, padding="same", name="c")])
+    options = dict(transform_family=family, scale=scale, depth_groups=depth_groups)
+    wrapped = tc.prune_model(model, lambda step: (True, 0.5), **options)
+    tc.update_pruning_step(wrapped, 0)
+    wrapper = wrapped.layers[0]
+    x = np.random.default_rng(0).normal(size=(2, 8, 8, 4)).astype("float32")
+    expected = reference.conv2d(x, np.asarray(wrapper.effective_kernel(), np.float64),
+                                np.asarray(wrapper.layer.bias), padding="same")
+    np.testing.assert_allclose(np.asarray(wrapped(x)), expected, rtol=1e-4, atol=1e-4)
+
+    cost = model_cost(wrapped)
+    (entry,) = cost.layers
+    assert entry.class_name == "TransformPruning" and entry.macs_counted
+    assert entry.macs == entry.dense_macs == 8 * 8 * 3 * 3 * 4 * 16 == model_cost(model).macs
+    transform = depth_groups * 16 * 9 if family == "scalar" else 0  # 9 multipliers per filter
+    assert entry.transform_params == transform
+    assert entry.params == 3 * 3 * 4 * 16 + 16 + (16 if scale else 0) + transform
+    assert entry.params == sum(int(np.prod(v.shape)) for v in wrapper.trainable_weights)
+    assert wrapper.count_params() > entry.params  # step, mask and assignment table left out
+    unbuilt = pruning.TransformPruning(keras.layers.Conv2D(16, 3, padding="same", name="u"),
+                                       lambda step: (True, 0.5), **options)
+    assert layer_cost(unbuilt, (8, 8, 4)) == dataclasses.replace(entry, name=unbuilt.name)
+
+
+# ----------------------------------------------------------------------
+# Layers without a formula
+
+
+class _Doubling(keras.layers.Layer):
+    def call(self, x):
+        return x * 2.0
+
+
+class _MyBatchNorm(keras.layers.BatchNormalization):
+    pass
+
+
+def test_layers_without_a_formula_are_marked_not_counted():
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(4, 3, name="conv")(inputs)
+    x = _MyBatchNorm(name="bn")(x)
+    x = keras.layers.Reshape((36, 4), name="reshape")(x)
+    x = keras.layers.Conv1D(5, 3, name="conv1d")(x)
+    y = keras.layers.Dense(5, name="dense")(x)
+    x = keras.layers.Dot(axes=2, name="dot")([x, y])
+    x = _Doubling(name="doubling")(x)
+    x = keras.layers.GlobalAveragePooling1D(name="pool")(x)
+    cost = model_cost(keras.Model(inputs, x))
+    counted = {layer.name: layer.macs_counted for layer in cost.layers}
+    assert counted == {"conv": True, "bn": True, "reshape": True, "conv1d": False,
+                       "dense": True, "dot": False, "doubling": False, "pool": True}
+    assert cost.uncounted == [layer.name for layer in cost.layers if not counted[layer.name]]
+    assert sorted(cost.uncounted) == ["conv1d", "dot", "doubling"]
+    assert all(layer.macs == layer.dense_macs == 0 for layer in cost.layers if not layer.macs_counted)
+    assert cost.macs == 6 * 6 * 3 * 3 * 3 * 4 + 34 * 5 * 5  # conv and dense only
+    assert cost.params == (3 * 3 * 3 * 4 + 4) + 4 * 4 + (3 * 4 * 5 + 5) + (5 * 5 + 5)
+    lines = []
+    cost.summary(print_fn=lines.append)
+    text = "\n".join(lines)
+    assert sum("not counted" in line for line in lines) == 4  # three rows and the note
+    listed = ", ".join(f"{layer.name} ({layer.class_name})"
+                       for layer in cost.layers if not layer.macs_counted)
+    assert "Conv1D" in listed and "_Doubling" in listed
+    assert f"MACs not counted (no formula; left out of the totals): {listed}" in text
+    data = cost.to_dict()
+    assert data["uncounted"] == cost.uncounted
+    assert [layer["macs_counted"] for layer in data["layers"]] == [
+        counted[layer.name] for layer in cost.layers]

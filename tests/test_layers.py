@@ -722,6 +722,18 @@ def test_runs_and_matches_on_jax_backend():
         (dict(filters=8, kernel_size=3, depth_groups=0), r"depth_groups.*strictly positive"),
         (dict(filters=8, kernel_size=3, data_format="NHWC"), r"data_format.*'channels_last' or 'channels_first'"),
         (dict(filters=8, kernel_size=0), r"kernel_size.*strictly positive"),
+        (dict(filters=True, kernel_size=3), r"`filters`\. Expected a strictly positive int\. Received filters=True\."),
+        (dict(filters=8.0, kernel_size=3), r"`filters`\. Expected a strictly positive int\. Received filters=8\.0\."),
+        (dict(filters=8, kernel_size="3"),
+         r"`kernel_size`\. Expected a strictly positive int or a tuple of 2 strictly positive ints "
+         r"\(not a string\)\. Received kernel_size='3'\."),
+        (dict(filters=8, kernel_size="33"), r"\(not a string\)\. Received kernel_size='33'\."),
+        (dict(filters=8, kernel_size=3.0), r"tuple of 2 strictly positive ints\. Received kernel_size=3\.0\."),
+        (dict(filters=8, kernel_size=(3, 3, 3)), r"Received kernel_size=\(3, 3, 3\)\."),
+        (dict(filters=8, kernel_size=True), r"Received kernel_size=True\."),
+        (dict(filters=8, kernel_size=3, strides="2"), r"`strides`.*\(not a string\)\. Received strides='2'\."),
+        (dict(filters=8, kernel_size=3, scale="yes"), r"`scale`\. Expected True or False\. Received scale='yes'\."),
+        (dict(filters=8, kernel_size=3, use_bias=1), r"`use_bias`\. Expected True or False\. Received use_bias=1\."),
     ],
 )
 def test_bad_arguments_raise_clear_errors(kwargs, message):
@@ -731,7 +743,8 @@ def test_bad_arguments_raise_clear_errors(kwargs, message):
 
 def test_bad_inputs_raise_clear_errors():
     layer = TransformConv2D(8, 3, depth_groups=4)
-    with pytest.raises(ValueError, match=r"input channels \(6\) must be divisible by depth_groups=4"):
+    with pytest.raises(ValueError, match=r"input channels \(6\) must be divisible by depth_groups=4 "
+                                         r"in layer 'transform_conv2d.*'"):
         layer.build((None, 8, 8, 6))
     with pytest.raises(ValueError, match=r"expected ndim=4"):
         TransformConv2D(8, 3)(np.zeros((2, 8, 8), "float32"))
@@ -859,6 +872,57 @@ def test_valid_padding_on_a_too_small_input_is_an_error_at_build():
     for channels in (3, 32):
         with pytest.raises(ValueError, match=r"Computed output size would be zero or negative"):
             TransformConv2D(8, 5, transforms="rotations")(np.zeros((1, 4, 4, channels), "float32"))
+
+
+OUTPUT_SIZE_CASES = [
+    # (input size, kernel, strides, dilation, padding): Conv2D decides whether it is an error.
+    (4, 5, 1, 1, "valid"), (5, 5, 1, 1, "valid"), (3, 5, 2, 1, "valid"), (5, 5, 3, 1, "valid"),
+    (2, 3, 2, 1, "valid"), (4, 3, 1, 2, "valid"), (5, 3, 1, 2, "valid"), (6, 3, 1, 3, "valid"),
+    (7, 3, 1, 3, "valid"), (1, 3, 1, 1, "same"), (2, 5, 3, 1, "same"), (3, 5, 1, 2, "same"),
+]
+
+
+@pytest.mark.parametrize("size, kernel, strides, dilation, padding", OUTPUT_SIZE_CASES)
+@pytest.mark.parametrize("channels", [3, 32])
+def test_output_size_check_matches_conv2d(size, kernel, strides, dilation, padding, channels):
+    """compute_output_shape and build raise exactly where Conv2D does, else give its shape."""
+    shape = (None, size, size, channels)
+    args = dict(strides=strides, dilation_rate=dilation, padding=padding)
+    try:
+        expected = keras.layers.Conv2D(8, kernel, **args).compute_output_shape(shape)
+    except ValueError as error:
+        assert "Computed output size would be zero or negative" in str(error)
+        expected = None
+    layer = TransformConv2D(8, kernel, transforms="rotations", **args)
+    if expected is None:
+        message = (r"Computed output size would be zero or negative for layer 'transform_conv2d.*': "
+                   rf"output \(-?\d+, -?\d+\) from the input's spatial size \({size}, {size}\) .*"
+                   rf"strides=\({strides}, {strides}\), dilation_rate=\({dilation}, {dilation}\) and "
+                   rf"padding='{padding}'")
+        with pytest.raises(ValueError, match=message):
+            layer.compute_output_shape(shape)
+        with pytest.raises(ValueError, match=message):
+            layer.build(shape)
+        with pytest.raises(ValueError, match=message):
+            keras.Sequential([keras.Input(shape[1:]), TransformConv2D(8, kernel, transforms="rotations", **args)])
+    else:
+        assert tuple(layer.compute_output_shape(shape)) == tuple(expected)
+        y = layer(np.zeros((1,) + shape[1:], "float32"))
+        assert tuple(y.shape) == (1,) + tuple(expected)[1:]
+
+
+@pytest.mark.parametrize("implementation", ["materialized", "factored"])
+@pytest.mark.parametrize("channels", [3, 32])
+def test_too_small_input_after_a_build_for_any_size_raises_when_called(implementation, channels):
+    """Built for an unknown spatial size, the layer checks the size it is called on."""
+    layer = TransformConv2D(32, 5, base_filters=8, implementation=implementation)
+    model = keras.Sequential([keras.Input((None, None, channels)), layer])
+    assert tuple(model(np.zeros((1, 5, 5, channels), "float32")).shape) == (1, 1, 1, 32)
+    with pytest.raises(ValueError, match=r"Computed output size would be zero or negative.*"
+                                         r"spatial size \(3, 3\)"):
+        model(np.zeros((1, 3, 3, channels), "float32"))
+    with pytest.raises(ValueError, match=r"Computed output size would be zero or negative"):
+        layer(np.zeros((1, 3, 4, channels), "float32"))
 
 
 def test_factored_training_without_xla_warns_once():

@@ -197,6 +197,24 @@ def test_wrapped_and_stripped_models_save_and_load_safely(tmp_path, data):
     assert (tmp_path / "stripped.keras").stat().st_size < (tmp_path / "wrapped.keras").stat().st_size
 
 
+def test_strip_model_of_a_model_compiled_with_an_unregistered_loss(data):
+    """The stripped model keeps its outputs; it is left uncompiled, with a warning."""
+    wrapped = tc.prune_model(small_model(), tfmot.sparsity.keras.ConstantSparsity(0.5, 0))
+
+    def custom_loss(y_true, y_pred):  # not registered: its config cannot be rebuilt
+        return keras.ops.mean(keras.ops.square(y_pred))
+
+    wrapped.compile(optimizer="sgd", loss=custom_loss)
+    wrapped.fit(*data, batch_size=8, epochs=1, verbose=0,
+                callbacks=[tc.UpdateTransformPruningStep()])
+    with pytest.warns(UserWarning, match="not compiled: its compile settings could not"):
+        stripped = tc.strip_model(wrapped)
+    assert not stripped.compiled and wrapped.compiled
+    np.testing.assert_allclose(stripped(data[0]), wrapped(data[0]), rtol=1e-5, atol=1e-6)
+    wrapped.compile(optimizer="sgd", loss="mse")
+    assert tc.strip_model(wrapped).compiled  # registered settings carry over
+
+
 def test_resumed_training_continues_the_step(data, tmp_path):
     schedule = tfmot.sparsity.keras.PolynomialDecay(0.0, 0.75, begin_step=0, end_step=7, frequency=2)
     wrapped = tc.prune_model(small_model(), schedule)
@@ -309,3 +327,163 @@ def test_wrapper_rejects_what_it_cannot_rebuild():
         pruning.TransformPruning(keras.layers.Conv2D(4, 1, name="pw"), lambda s: (False, 0.0))
     with pytest.raises(ValueError, match=r"criterion.*'reconstruction', 'l1'.*'random'"):
         pruning.TransformPruning(keras.layers.Conv2D(4, 3), lambda s: (False, 0.0), criterion="random")
+
+
+# ----------------------------------------------------------------------------
+# Arguments checked before anything is wrapped
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(transforms="bogus"), r"Unknown transform 'bogus'\. Valid transform names are .*'rot90'.*valid presets are .*'d4'"),
+        (dict(transforms=["rot90", "rot180"]), r"must include 'identity'"),
+        (dict(criterion="random"), r"`criterion`\. Expected one of \['reconstruction', 'l1', 'magnitude', 'taylor'\]\. Received criterion='random'"),
+        (dict(depth_groups=0), r"`depth_groups`\. Expected a strictly positive int\. Received depth_groups=0\."),
+        (dict(depth_groups=True), r"`depth_groups`\. Expected a strictly positive int\. Received depth_groups=True\."),
+        (dict(depth_groups=2.0), r"Received depth_groups=2\.0\."),
+        (dict(scale="yes"), r"`scale`\. Expected True or False\. Received scale='yes'\."),
+        (dict(transform_family="spin"), r"`transform_family`\. Expected one of .*'scalar'.*Received transform_family='spin'"),
+        (dict(min_bases=True), r"`min_bases`\. Expected an int >= 1\. Received min_bases=True\."),
+        (dict(layers=5), r"`layers`\. Expected None .* a layer name or a list of names, a layer class .* or a predicate .*Received layers=5\."),
+        (dict(layers=["conv_a", 3]), r"Received layers=\['conv_a', 3\]\."),
+    ],
+)
+def test_prune_model_checks_every_argument_before_wrapping(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        tc.prune_model(small_model(), lambda step: (True, 0.5), **kwargs)
+
+
+def test_prune_model_that_would_wrap_nothing_says_why():
+    inputs = keras.Input((8, 8, 4))
+    x = keras.layers.DepthwiseConv2D(3, name="dw")(inputs)
+    x = keras.layers.Conv2D(8, 1, name="pw")(x)
+    x = keras.layers.Conv2D(8, 3, groups=2, name="grouped")(x)
+    model = keras.Model(inputs, x)
+    with pytest.raises(ValueError, match=r"wrapped no layer.*'dw': 'depthwise.*'pw': '1x1 kernel.*'grouped': 'grouped"):
+        tc.prune_model(model, lambda step: (True, 0.5))
+    with pytest.raises(ValueError, match=r"It has no Conv2D layer"):
+        tc.prune_model(keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)]), lambda step: (True, 0.5))
+    schedule = tfmot.sparsity.keras.ConstantSparsity(0.5, 0)  # a wrapped model is cloned by its config
+    wrapped = tc.prune_model(small_model(), schedule)
+    with pytest.raises(ValueError, match=r"'conv_a': 'already wrapped'.*'pointwise': '1x1 kernel"):
+        tc.prune_model(wrapped, schedule)
+    with pytest.raises(ValueError, match=r"'conv_a': 'not chosen by `layers`'"):
+        tc.prune_model(small_model(), lambda step: (True, 0.5), layers=lambda layer: False)
+
+
+# ----------------------------------------------------------------------------
+# Schedules: callables, checked at their first evaluation
+
+
+class MethodOnlySchedule:
+    """What the README once suggested: a `schedule` method, not callable."""
+
+    def schedule(self, step):
+        return True, 0.5
+
+
+def test_schedule_that_is_not_callable_says_what_is_expected():
+    with pytest.raises(ValueError, match=(
+            r"`schedule`\. Expected a callable schedule\(step\) -> \(should_prune, sparsity\).*"
+            r"__call__\(self, step\).*MethodOnlySchedule has a `schedule` method but no `__call__`")):
+        tc.prune_model(small_model(), MethodOnlySchedule())
+    with pytest.raises(ValueError, match=r"Expected a callable.*Received schedule=0\.5\.$"):
+        pruning.TransformPruning(keras.layers.Conv2D(4, 3), 0.5)
+
+
+def test_tfmot_pruning_schedule_subclass_is_a_schedule(data):
+    """tfmot users write schedules as PruningSchedule subclasses: callables returning tensors."""
+
+    class PruneOnceAt(tfmot.sparsity.keras.PruningSchedule):
+        def __init__(self, step, sparsity):
+            self.step, self.sparsity = step, sparsity
+
+        def __call__(self, step):
+            return tf.equal(step, self.step), tf.constant(self.sparsity, tf.float32)
+
+        def get_config(self):
+            return {"class_name": "PruneOnceAt", "config": {"step": self.step, "sparsity": self.sparsity}}
+
+    wrapped = tc.prune_model(small_model(), PruneOnceAt(2, 0.75))
+    compile_fit(wrapped, data)  # steps 0..3
+    for wrapper in wrappers(wrapped):
+        assert [h["step"] for h in wrapper.pruning_history] == [2]
+        assert len(wrapper.kept) == pruning.kept_filters(16, 0.75) == 4
+
+
+@pytest.mark.parametrize(
+    "returned, shown",
+    [(0.5, r"0\.5"), ((0.5,), r"\(0\.5,\)"), ((1, 0.5), r"\(1, 0\.5\)"), ((True, "0.5"), r"\(True, '0\.5'\)"),
+     ((True, 0.5, 2), r"\(True, 0\.5, 2\)"), (None, "None")],
+    ids=["float", "one", "int_flag", "string_sparsity", "triple", "none"],
+)
+def test_schedule_returning_something_else_is_a_clear_error_at_the_first_step(data, returned, shown):
+    wrapped = tc.prune_model(small_model(), lambda step: returned)
+    expected = (rf"returned {shown} at step 0; expected a pair "
+                r"\(should_prune: bool, sparsity: float in \[0, 1\)\)")
+    with pytest.raises(ValueError, match=expected):
+        tc.update_pruning_step(wrapped, 0)
+    with pytest.raises(ValueError, match=expected):
+        compile_fit(wrapped, data)
+
+
+# ----------------------------------------------------------------------------
+# depth_groups per layer; stripping what strip_model cannot rewrite
+
+
+def rgb_model(seed=0):
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential([
+        keras.Input((8, 8, 3)),
+        keras.layers.Conv2D(8, 3, padding="same", name="stem"),
+        keras.layers.Conv2D(8, 3, padding="same", name="body"),
+    ])
+
+
+def test_depth_groups_that_do_not_divide_the_stem_give_it_one_group():
+    model = rgb_model()
+    x = np.random.default_rng(0).normal(size=(2, 8, 8, 3)).astype("float32")
+    wrapped = tc.prune_model(model, lambda step: (True, 0.5), depth_groups=2)
+    groups = {w.layer.name: w.depth_groups for w in wrappers(wrapped)}
+    assert groups == {"stem": 1, "body": 2}
+    tc.update_pruning_step(wrapped, 0)
+    stripped = tc.strip_model(wrapped)
+    assert [stripped.get_layer(n).depth_groups for n in ("stem", "body")] == [1, 2]
+    assert_close(stripped(x), wrapped(x), 1e-5)
+
+
+def test_a_wrapper_whose_depth_groups_do_not_divide_its_channels_names_the_layer():
+    conv = keras.layers.Conv2D(8, 3, name="rgb_stem")
+    wrapper = pruning.TransformPruning(conv, lambda step: (True, 0.5), depth_groups=2)
+    with pytest.raises(ValueError, match=r"input channels \(3\) of layer 'rgb_stem' must be divisible by depth_groups=2"):
+        wrapper(np.zeros((1, 8, 8, 3), "float32"))
+
+
+def test_strip_model_of_a_subclassed_model_says_how_and_the_advice_works():
+    class Net(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.conv = pruning.TransformPruning(
+                keras.layers.Conv2D(8, 3, padding="same", name="c"), lambda step: (True, 0.5),
+                transforms="d4", depth_groups=2)
+
+        def call(self, x):
+            return self.conv(x)
+
+    net = Net()
+    x = np.random.default_rng(0).normal(size=(2, 6, 6, 4)).astype("float32")
+    net(x)
+    tc.update_pruning_step(net, 0)
+    with pytest.raises(ValueError, match=(
+            r"strip_model rewrites Sequential and Functional models; Net is a subclassed model\. "
+            r"To strip the wrappers .* `layer, weights = wrapper\.to_transform_conv\(\)`.*"
+            r"`layer\.set_weights\(weights\)`\. Wrappers here: \['transform_pruning_c'\]")):
+        tc.strip_model(net)
+    # What the message and to_transform_conv's docstring say to do:
+    layer, weights = net.conv.to_transform_conv()
+    assert isinstance(layer, TransformConv2D) and not layer.built and layer.name == "c"
+    layer.build(x.shape)
+    layer.set_weights(weights)
+    assert layer.base_filters == 4
+    assert_close(layer(x), net(x), 1e-5)

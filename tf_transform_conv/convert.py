@@ -8,12 +8,15 @@ fine-tune.
 """
 
 import dataclasses
+import os
+import warnings
 
 import keras
 import numpy as np
 
 from tf_transform_conv import families as families_lib
 from tf_transform_conv import transforms as transforms_lib
+from tf_transform_conv.assignment import CRITERIA
 from tf_transform_conv.assignment import allocate_globally
 from tf_transform_conv.assignment import check_selection
 from tf_transform_conv.assignment import filter_saliency
@@ -21,6 +24,8 @@ from tf_transform_conv.assignment import fit_assignment
 from tf_transform_conv.assignment import kept_filters
 from tf_transform_conv.cost import parameter_formula
 from tf_transform_conv.layers import TransformConv2D
+from tf_transform_conv.layers import check_bool
+from tf_transform_conv.layers import check_positive_int
 from tf_transform_conv.recalibrate import recalibrate_batch_norm
 
 
@@ -77,21 +82,91 @@ def _is_graph_model(model):
     return isinstance(model, (keras.Sequential, Functional))
 
 
-def check_graph_model(model, verb):
-    """Raises a ValueError naming what to do when `model` is subclassed."""
-    if _is_graph_model(model):
-        return
-    convs = [
-        layer.name
-        for layer in model._flatten_layers(include_self=False, recursive=True)
-        if isinstance(layer, keras.layers.Conv2D)
-    ]
-    raise ValueError(
-        f"{verb} rewrites Sequential and Functional models; "
-        f"{type(model).__name__} is a subclassed model. Replace or wrap its "
-        "Conv2D layers in its own code instead (TransformConv2D, or "
-        f"TransformPruning(layer, schedule)): candidates here are {convs}."
-    )
+def check_graph_model(model, verb, subclassed_advice=None):
+    """Raises a ValueError saying what `verb` needs, unless `model` is a built graph model.
+
+    A graph model is a Sequential or Functional one: subclassed models have
+    no graph to rewrite.
+
+    Args:
+        model: what the caller was given.
+        verb: the caller's name, for the messages.
+        subclassed_advice: optional `model -> str`, what to do instead with
+            a subclassed model; by default, to replace or wrap its `Conv2D`
+            layers in its own code.
+    """
+    if isinstance(model, (str, os.PathLike)):
+        path = os.fspath(model)
+        raise ValueError(
+            f"{verb} needs a built keras.Model (Sequential or Functional). Received "
+            f"the path model={path!r}: load the model first, "
+            f"model = keras.saving.load_model({path!r})."
+        )
+    if not isinstance(model, keras.Model):
+        hint = (
+            ": a layer; put it in a model, keras.Sequential([keras.Input(shape), layer])"
+            if isinstance(model, keras.layers.Layer) else ""
+        )
+        raise ValueError(
+            f"{verb} needs a built keras.Model (Sequential or Functional). Received "
+            f"an object of type {type(model).__name__}{hint}."
+        )
+    if not _is_graph_model(model):
+        if subclassed_advice is not None:
+            advice = subclassed_advice(model)
+        else:
+            convs = [
+                layer.name
+                for layer in model._flatten_layers(include_self=False, recursive=True)
+                if isinstance(layer, keras.layers.Conv2D)
+            ]
+            advice = (
+                "Replace or wrap its Conv2D layers in its own code instead "
+                "(TransformConv2D, or TransformPruning(layer, schedule)): candidates "
+                f"here are {convs}."
+            )
+        raise ValueError(
+            f"{verb} rewrites Sequential and Functional models; "
+            f"{type(model).__name__} is a subclassed model. {advice}"
+        )
+    if not model.built:
+        raise ValueError(
+            f"{verb} needs a built model, and {type(model).__name__} '{model.name}' is "
+            "not built: its input shape is unknown. Give it an input, "
+            "keras.Sequential([keras.Input((rows, cols, channels)), ...]), or call "
+            "model.build((None, rows, cols, channels)) first."
+        )
+
+
+def check_transforms(transforms, kernel_size=None):
+    """The names of `transforms`; they must include `"identity"` (a kept filter is its own base)."""
+    names = transforms_lib.resolve_transforms(transforms, kernel_size)
+    if "identity" not in names:
+        raise ValueError(
+            "`transforms` must include 'identity' (a kept filter is its own "
+            f"base). Received transforms={list(names)}."
+        )
+    return names
+
+
+def check_options(transforms, criterion, depth_groups, scale, transform_family,
+                  allocation, min_bases, assign, subtract_mean):
+    """Raises a ValueError naming the first invalid option of `transform_model` / `prune_model`.
+
+    Returns:
+        The transform names.
+    """
+    names = check_transforms(transforms)
+    if criterion not in CRITERIA:
+        raise ValueError(
+            "Invalid value for argument `criterion`. Expected one of "
+            f"{list(CRITERIA)}. Received criterion={criterion!r}."
+        )
+    check_positive_int(depth_groups, "depth_groups")
+    check_bool(scale, "scale")
+    families_lib.check_family(transform_family)
+    check_selection(allocation, min_bases, assign, subtract_mean)
+    return names
 
 
 def select_layers(model, layers, eligible):
@@ -106,28 +181,37 @@ def select_layers(model, layers, eligible):
         for layer in model._flatten_layers(include_self=False, recursive=True)
         if eligible(layer)
     ]
+    classes = isinstance(layers, type) or (
+        isinstance(layers, tuple) and layers and all(isinstance(t, type) for t in layers)
+    )
+    names = [layers] if isinstance(layers, str) else layers
+    if not (
+        layers is None or classes or callable(layers)
+        or (isinstance(names, (list, tuple, set)) and all(isinstance(n, str) for n in names))
+    ):
+        raise ValueError(
+            "Invalid value for argument `layers`. Expected None (every eligible "
+            "layer), a layer name or a list of names, a layer class (or a tuple "
+            f"of classes) or a predicate `layer -> bool`. Received layers={layers!r}."
+        )
     if layers is None:
         return {layer.name for layer in candidates}
-    if isinstance(layers, type) or (
-        isinstance(layers, tuple) and layers and all(isinstance(t, type) for t in layers)
-    ):
+    if classes:
         return {layer.name for layer in candidates if isinstance(layer, layers)}
     if callable(layers):
         return {layer.name for layer in candidates if layers(layer)}
-    if isinstance(layers, str):
-        layers = [layers]
-    names = {layer.name for layer in candidates}
-    missing = [name for name in layers if name not in names]
+    eligible_names = {layer.name for layer in candidates}
+    missing = [name for name in names if name not in eligible_names]
     if missing:
         raise ValueError(
             f"No eligible layer is named {missing}. Eligible layers are "
-            f"{sorted(names)}."
+            f"{sorted(eligible_names)}."
         )
-    return set(layers)
+    return set(names)
 
 
 # The convolutions a report lists, converted or not.
-_CONVOLUTIONS = (
+CONVOLUTIONS = (
     keras.layers.Conv2D,
     keras.layers.DepthwiseConv2D,
     keras.layers.SeparableConv2D,
@@ -162,6 +246,12 @@ def shape_skip_reason(kernel_size, groups, transforms):
     return ""
 
 
+def _is_number(value):
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
+        value, (bool, np.bool_)
+    )
+
+
 def layer_depth_groups(layer, depth_groups):
     """`depth_groups`, or 1 where it does not divide the layer's input channels (an RGB stem)."""
     channels = layer.kernel.shape[2]
@@ -189,10 +279,28 @@ def rewrite_model(model, replace):
             weights[id(new)] = new_weights
         return new
 
-    clone = keras.models.clone_model(model, clone_function=clone_function, recursive=True)
+    # Keras recompiles a clone from the compile config, which fails on a
+    # loss or metric that is not registered for serialisation: clone the
+    # layers uncompiled, then carry the compile settings over where they can be.
+    compiled = getattr(model, "compiled", False)
+    try:
+        model.compiled = False
+        clone = keras.models.clone_model(model, clone_function=clone_function, recursive=True)
+    finally:
+        model.compiled = compiled
     for layer in clone._flatten_layers(include_self=False, recursive=True):
         if id(layer) in weights:
             layer.set_weights(weights[id(layer)])
+    if compiled:
+        try:
+            clone.compile_from_config(model.get_compile_config())
+        except (TypeError, ValueError) as error:
+            warnings.warn(
+                f"The rewritten model is not compiled: its compile settings could not "
+                f"be rebuilt ({type(error).__name__}: {str(error).splitlines()[0]}). "
+                "Compile it before fit() or evaluate().",
+                stacklevel=3,
+            )
     return clone
 
 
@@ -319,8 +427,11 @@ def transform_model(
         convolution of the model, converted or skipped.
 
     Raises:
-        ValueError: for both or neither of `base_ratio` / `sparsity`, values
-            out of range, a subclassed model or a name matching no layer.
+        ValueError: for both or neither of `base_ratio` / `sparsity`, any
+            argument of the wrong type or out of range (each message names
+            it and what is allowed), something other than a built
+            Sequential or Functional model (a path: load it with
+            `keras.saving.load_model` first) or a name matching no layer.
 
     Example:
 
@@ -332,30 +443,24 @@ def transform_model(
     ('TransformConv2D', 4)
     """
     check_graph_model(model, "transform_model")
+    names = check_options(transforms, criterion, depth_groups, scale, transform_family,
+                          allocation, min_bases, assign, subtract_mean)
     if (base_ratio is None) == (sparsity is None):
         raise ValueError(
             "Pass exactly one of `base_ratio` or `sparsity`. Received "
             f"base_ratio={base_ratio}, sparsity={sparsity}."
         )
-    if base_ratio is not None and not 0 < base_ratio <= 1:
+    if base_ratio is not None and not (_is_number(base_ratio) and 0 < base_ratio <= 1):
         raise ValueError(
-            f"Expected base_ratio in (0, 1]. Received base_ratio={base_ratio}."
+            f"Expected base_ratio in (0, 1]. Received base_ratio={base_ratio!r}."
         )
-    if sparsity is not None and not 0 <= sparsity < 1:
-        raise ValueError(f"Expected sparsity in [0, 1). Received sparsity={sparsity}.")
+    if sparsity is not None and not (_is_number(sparsity) and 0 <= sparsity < 1):
+        raise ValueError(f"Expected sparsity in [0, 1). Received sparsity={sparsity!r}.")
     if criterion == "taylor":
         raise ValueError(
             "criterion='taylor' ranks filters by gradients on data, which a one-shot "
             "conversion does not take: use prune_model(..., criterion='taylor') with "
             "UpdateTransformPruningStep(saliency_data=...), or 'magnitude'."
-        )
-    check_selection(allocation, min_bases, assign, subtract_mean)
-    families_lib.check_family(transform_family)
-    names = transforms_lib.resolve_transforms(transforms)
-    if "identity" not in names:
-        raise ValueError(
-            "`transforms` must include 'identity' (a kept filter is its own "
-            f"base). Received transforms={list(names)}."
         )
     chosen = select_layers(model, layers, lambda l: not skip_reason(l, transforms))
     report = {}
@@ -382,7 +487,7 @@ def transform_model(
         allotted = {}
 
     def replace(layer):
-        if not isinstance(layer, _CONVOLUTIONS):
+        if not isinstance(layer, CONVOLUTIONS):
             return None
         before = layer.count_params()
         reason = skip_reason(layer, transforms)

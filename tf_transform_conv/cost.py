@@ -9,6 +9,12 @@ multiply-adds are counted:
   `H' * W' * kh * kw * (c_in / groups) * filters`.
 - `keras.layers.DepthwiseConv2D`:
   `H' * W' * kh * kw * c_in * depth_multiplier`.
+- `keras.layers.SeparableConv2D`, its depthwise then its pointwise stage:
+  `H' * W' * c_in * depth_multiplier * (kh * kw + filters)`.
+- `keras.layers.Conv2DTranspose`: every input value times every kernel tap,
+  `H * W * kh * kw * c_in * filters` over the input `H * W` (the products a
+  transposed convolution scatters; with `padding="same"` those landing in
+  the cropped border included).
 - `keras.layers.Dense`, on inputs of any rank `(..., c_in)`:
   `prod(...) * c_in * units`.
 - `TransformConv2D`, both execution paths: the materialised path costs
@@ -22,9 +28,24 @@ multiply-adds are counted:
   affine, general), counted in `macs` and reported as `transform_macs`.
   Learned transform parameters are counted in `params` and reported as
   `transform_params`.
+- `TransformPruning` (a convolution being pruned, `tf_transform_conv.pruning`)
+  as what it computes: the wrapped `Conv2D` with its current effective
+  kernel, so the dense convolution's multiply-adds. Its parameters are the
+  trainable ones: the wrapped layer's kernel (every filter, replaced ones
+  included: they are still variables until `strip_model` drops them) and
+  bias, the filter scales when `scale=True`, and a learned family's
+  transform parameters (`transform_params`); the pruning state (step,
+  mask, assignment table) is not counted.
 
-Every other layer counts `layer.count_params()` parameters and no
-multiply-adds.
+Every other layer counts `layer.count_params()` parameters. Its multiply-adds
+are 0 when its work is not multiply-adds by the convention above:
+activations, dropout and noise, normalisation, pooling, reshaping, merging
+(except `Dot`), preprocessing, input and masking layers, and embedding
+lookups. Any other layer (`Conv1D`, `Conv3D`, recurrent, attention, `Dot`,
+`EinsumDense`, wrappers, `Lambda` and custom layers) has multiply-adds this
+module does not count: it reports `macs_counted=False` (its `macs` of 0 is
+not a count and is left out of every total), `ModelCost.uncounted` lists
+it, and `summary()` marks it.
 """
 
 import dataclasses
@@ -70,6 +91,9 @@ class LayerCost:
             layers).
         transform_macs: int, the learned family's second-stage
             multiply-adds when the layer runs factored (included in `macs`).
+        macs_counted: bool, False for a layer whose multiply-adds this
+            module has no formula for (see the module docstring): its
+            `macs` and `dense_macs` are then 0 and not a count.
     """
 
     name: str
@@ -82,6 +106,7 @@ class LayerCost:
     implementation: str = None
     transform_params: int = 0
     transform_macs: int = 0
+    macs_counted: bool = True
 
     def to_dict(self):
         """A JSON-serialisable dict of the fields (shapes as lists)."""
@@ -109,8 +134,13 @@ class ModelCost:
 
     @property
     def macs(self):
-        """Total multiply-adds of the paths the layers actually run."""
+        """Total multiply-adds of the paths the layers actually run (counted layers only)."""
         return sum(layer.macs for layer in self.layers)
+
+    @property
+    def uncounted(self):
+        """The names of the layer calls whose multiply-adds are not counted."""
+        return [layer.name for layer in self.layers if not layer.macs_counted]
 
     @property
     def adds(self):
@@ -142,6 +172,7 @@ class ModelCost:
             "dense_macs": self.dense_macs,
             "transform_params": self.transform_params,
             "transform_macs": self.transform_macs,
+            "uncounted": self.uncounted,
             "layers": [layer.to_dict() for layer in self.layers],
         }
 
@@ -158,7 +189,7 @@ class ModelCost:
                 f"{layer.name} ({layer.class_name})",
                 str(_shape_to_tuple_str(layer.output_shape)),
                 f"{layer.params:,}",
-                f"{layer.macs:,}",
+                f"{layer.macs:,}" if layer.macs_counted else "not counted",
                 f"{layer.adds:,}",
                 layer.implementation or "",
             )
@@ -193,6 +224,11 @@ class ModelCost:
         print_fn(f"Total MACs as dense Conv2D: {self.dense_macs:,}")
         if self.dense_macs:
             print_fn(f"MACs / dense MACs: {self.macs / self.dense_macs:.1%}")
+        uncounted = [f"{layer.name} ({layer.class_name})"
+                     for layer in self.layers if not layer.macs_counted]
+        if uncounted:
+            print_fn(f"MACs not counted (no formula; left out of the totals): "
+                     f"{', '.join(uncounted)}")
         print_fn("=" * rule)
 
 
@@ -252,8 +288,9 @@ def layer_cost(layer, input_shape):
     See the module docstring for the layers whose multiply-adds are counted
     and the formulas; every other layer counts `layer.count_params()`
     parameters and no multiply-adds. A built layer reports its actual
-    parameter count; an unbuilt `Conv2D`, `DepthwiseConv2D`, `Dense` or
-    `TransformConv2D` gets it from its configuration and `input_shape`.
+    parameter count; an unbuilt `Conv2D`, `DepthwiseConv2D`,
+    `SeparableConv2D`, `Conv2DTranspose`, `Dense`, `TransformConv2D` or
+    `TransformPruning` gets it from its configuration and `input_shape`.
 
     Args:
         layer: a Keras layer.
@@ -350,14 +387,24 @@ def _layer_cost(layer, input_shape, output_shape, count_params):
     """The `LayerCost` of `layer` on `input_shape` giving `output_shape`."""
     name, class_name = layer.name, type(layer).__name__
     implementation, adds, transform_params, transform_macs = None, 0, 0, 0
+    counted = True
     if isinstance(layer, TransformConv2D):
         (params, macs, adds, dense, implementation, transform_params,
          transform_macs) = _transform_conv_cost(layer, input_shape)
+    elif _is_pruning_wrapper(layer):
+        params, macs, transform_params = _pruning_cost(layer, input_shape, output_shape)
+        dense = macs
     elif isinstance(layer, keras.layers.Conv2D):
         params, macs = _conv2d_cost(layer, input_shape, output_shape)
         dense = macs
     elif isinstance(layer, keras.layers.DepthwiseConv2D):
         params, macs = _depthwise_cost(layer, input_shape, output_shape)
+        dense = macs
+    elif isinstance(layer, keras.layers.SeparableConv2D):
+        params, macs = _separable_cost(layer, input_shape, output_shape)
+        dense = macs
+    elif isinstance(layer, keras.layers.Conv2DTranspose):
+        params, macs = _transpose_cost(layer, input_shape)
         dense = macs
     elif isinstance(layer, keras.layers.Dense):
         params, macs = _dense_cost(layer, input_shape)
@@ -370,6 +417,7 @@ def _layer_cost(layer, input_shape, output_shape, count_params):
                 "call build(input_shape)) first."
             )
         params, macs, dense = layer.count_params(), 0, 0
+        counted = _no_macs_by_convention(layer)
     return LayerCost(
         name=name,
         class_name=class_name,
@@ -381,6 +429,7 @@ def _layer_cost(layer, input_shape, output_shape, count_params):
         implementation=implementation,
         transform_params=int(transform_params) if count_params else 0,
         transform_macs=int(transform_macs),
+        macs_counted=counted,
     )
 
 
@@ -411,6 +460,80 @@ def _depthwise_cost(layer, input_shape, output_shape):
     params = kh * kw * c * mult + (c * mult if layer.use_bias else 0)
     macs = oh * ow * kh * kw * c * mult
     return _built_params(layer, params), macs
+
+
+def _separable_cost(layer, input_shape, output_shape):
+    c = _image_dims(layer, input_shape)[2]
+    oh, ow, _ = _image_dims(layer, output_shape, what="output")
+    kh, kw = layer.kernel_size
+    mult, filters = layer.depth_multiplier, layer.filters
+    if layer.built:
+        _check_built_channels(layer, c, 2, input_shape, layer.depthwise_kernel)
+    depthwise = kh * kw * c * mult
+    pointwise = c * mult * filters
+    params = depthwise + pointwise + (filters if layer.use_bias else 0)
+    return _built_params(layer, params), oh * ow * (depthwise + pointwise)
+
+
+def _transpose_cost(layer, input_shape):
+    h, w, c = _image_dims(layer, input_shape)
+    kh, kw = layer.kernel_size
+    _check_built_channels(layer, c, 3, input_shape)  # kernel (kh, kw, filters, c_in)
+    params = kh * kw * c * layer.filters + (layer.filters if layer.use_bias else 0)
+    return _built_params(layer, params), h * w * kh * kw * c * layer.filters
+
+
+def _is_pruning_wrapper(layer):
+    from tf_transform_conv.pruning import TransformPruning  # pruning imports this module
+
+    return isinstance(layer, TransformPruning)
+
+
+def _pruning_cost(wrapper, input_shape, output_shape):
+    """A `TransformPruning`: its wrapped convolution's multiply-adds; trainable parameters only."""
+    conv = wrapper.layer
+    conv_params, macs = _conv2d_cost(conv, input_shape, output_shape)
+    filters = conv.filters
+    transform = 0
+    if wrapper.transform_family != "discrete":
+        transform = wrapper.depth_groups * filters * families_lib.num_params(
+            wrapper.transform_family, conv.kernel_size
+        )
+    params = conv_params + (filters if wrapper.scale else 0) + transform
+    return params, macs, transform
+
+
+# Keras's own layer packages whose work is not multiply-adds by this module's
+# convention (the module docstring), with the core layers of the same kind
+# and the exceptions inside those packages.
+_NO_MACS_PACKAGES = (
+    "activations", "regularization", "normalization", "pooling", "reshaping",
+    "merging", "preprocessing",
+)
+_NO_MACS_CORE = (
+    keras.layers.InputLayer, keras.layers.Identity, keras.layers.Masking,
+    keras.layers.Embedding,
+)
+_MACS_ANYWAY = tuple(
+    cls for cls in (
+        getattr(keras.layers, name, None)
+        for name in ("Dot", "ReversibleEmbedding", "STFTSpectrogram", "MelSpectrogram")
+    )
+    if cls is not None
+)
+
+
+def _no_macs_by_convention(layer):
+    """Whether `layer` (one without a formula) does no multiply-adds by convention."""
+    if isinstance(layer, _MACS_ANYWAY + (keras.layers.Wrapper,)):
+        return False
+    if isinstance(layer, _NO_MACS_CORE):
+        return True
+    for cls in type(layer).__mro__:  # the first Keras class it derives from
+        parts = cls.__module__.split(".")
+        if parts[:3] == ["keras", "src", "layers"] and len(parts) > 3:
+            return parts[3] in _NO_MACS_PACKAGES
+    return False
 
 
 def _dense_cost(layer, input_shape):
@@ -496,8 +619,12 @@ def _image_dims(layer, shape, what="input"):
 
 def _check_input_rank(layer, input_shape):
     """Raises early for a supported layer given a shape of the wrong rank."""
-    if isinstance(
-        layer, (TransformConv2D, keras.layers.Conv2D, keras.layers.DepthwiseConv2D)
+    if _is_pruning_wrapper(layer):
+        _image_dims(layer.layer, input_shape)
+    elif isinstance(
+        layer,
+        (TransformConv2D, keras.layers.Conv2D, keras.layers.DepthwiseConv2D,
+         keras.layers.SeparableConv2D, keras.layers.Conv2DTranspose),
     ):
         _image_dims(layer, input_shape)
     elif isinstance(layer, keras.layers.Dense):
@@ -513,11 +640,12 @@ def _require_known(layer, dims, shape, what="input"):
         )
 
 
-def _check_built_channels(layer, channels, axis, input_shape):
+def _check_built_channels(layer, channels, axis, input_shape, kernel=None):
     """A built layer's kernel must match the input channels it is costed on."""
     if not layer.built:
         return
-    kernel = layer.base_kernel if isinstance(layer, TransformConv2D) else layer.kernel
+    if kernel is None:
+        kernel = layer.base_kernel if isinstance(layer, TransformConv2D) else layer.kernel
     built = tuple(kernel.shape)[axis]
     if built != channels:
         raise ValueError(

@@ -43,22 +43,46 @@ AUTO_MIN_TRAINING_GROUP_CHANNELS = 64
 AUTO_MAX_PRODUCT_BYTES = 1 << 20
 
 
-def _standardize_pair(value, name):
-    if isinstance(value, (int, np.integer)):
-        value = (int(value), int(value))
-    try:
-        value = tuple(int(v) for v in value)
-    except (TypeError, ValueError):
+def is_int(value):
+    """Whether `value` is a Python or numpy integer (a bool is not)."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def check_positive_int(value, name):
+    """`value` as an int; a ValueError naming `name` unless it is an int >= 1 (not a bool)."""
+    if not is_int(value) or value < 1:
         raise ValueError(
-            f"Expected `{name}` to be an int or a pair of ints. "
-            f"Received {name}={value!r}."
-        ) from None
-    if len(value) != 2 or min(value) < 1:
-        raise ValueError(
-            f"Expected `{name}` to be a strictly positive int or a pair of "
-            f"strictly positive ints. Received {name}={value!r}."
+            f"Invalid value for argument `{name}`. Expected a strictly positive "
+            f"int. Received {name}={value!r}."
         )
-    return value
+    return int(value)
+
+
+def check_bool(value, name):
+    """`value` as a bool; a ValueError naming `name` unless it is True or False."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(
+            f"Invalid value for argument `{name}`. Expected True or False. "
+            f"Received {name}={value!r}."
+        )
+    return bool(value)
+
+
+def _standardize_pair(value, name):
+    """`(a, b)` from an int or a tuple/list of two ints, all strictly positive."""
+    pair = (value, value) if is_int(value) else value
+    if (
+        not isinstance(pair, (tuple, list))
+        or len(pair) != 2
+        or not all(is_int(v) and v >= 1 for v in pair)
+    ):
+        raise ValueError(
+            f"Invalid value for argument `{name}`. Expected a strictly positive "
+            f"int or a tuple of 2 strictly positive ints"
+            f"{' (not a string)' if isinstance(value, str) else ''}. Received "
+            f"{name}={value!r}."
+        )
+    return tuple(int(v) for v in pair)
 
 
 def _standardize_data_format(data_format):
@@ -121,8 +145,9 @@ class TransformConv2D(keras.layers.Layer):
       `implementation_used` and `implementation_reason` say which and why.
 
     Args:
-        filters: int, the number of output filters.
-        kernel_size: int or pair of ints, the kernel's height and width.
+        filters: int >= 1 (not a bool), the number of output filters.
+        kernel_size: int or tuple of 2 ints (not a string), the kernel's
+            height and width, each >= 1.
         strides: int or pair of ints. Defaults to `1`.
         padding: `"valid"` or `"same"` (case-insensitive), as in `Conv2D`.
         data_format: `"channels_last"` (default) or `"channels_first"`.
@@ -179,9 +204,12 @@ class TransformConv2D(keras.layers.Layer):
 
     Raises:
         ValueError: for arguments out of range or inconsistent with each
-            other, and for inputs that are not 4D, whose channels do not
-            divide into `depth_groups`, or that are smaller than the kernel
-            with `"valid"` padding.
+            other (`scale` and `use_bias` must be bools), and for inputs
+            that are not 4D, whose channels do not divide into
+            `depth_groups`, or whose static spatial size gives an output
+            size <= 0 (an input smaller than the dilated kernel with
+            `"valid"` padding), at build, in `compute_output_shape` and when
+            called, as `Conv2D`.
 
     Example:
 
@@ -233,16 +261,7 @@ class TransformConv2D(keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(activity_regularizer=activity_regularizer, **kwargs)
-        if (
-            isinstance(filters, bool)
-            or not isinstance(filters, (int, np.integer))
-            or filters < 1
-        ):
-            raise ValueError(
-                "Invalid value for argument `filters`. Expected a strictly "
-                f"positive int. Received filters={filters!r}."
-            )
-        self.filters = int(filters)
+        self.filters = check_positive_int(filters, "filters")
         self.kernel_size = _standardize_pair(kernel_size, "kernel_size")
         self.strides = _standardize_pair(strides, "strides")
         self.dilation_rate = _standardize_pair(dilation_rate, "dilation_rate")
@@ -266,16 +285,7 @@ class TransformConv2D(keras.layers.Layer):
             transforms, self.kernel_size
         )
         self.transform_family = families_lib.check_family(transform_family)
-        if (
-            isinstance(depth_groups, bool)
-            or not isinstance(depth_groups, (int, np.integer))
-            or depth_groups < 1
-        ):
-            raise ValueError(
-                "Invalid value for argument `depth_groups`. Expected a "
-                f"strictly positive int. Received depth_groups={depth_groups!r}."
-            )
-        self.depth_groups = int(depth_groups)
+        self.depth_groups = check_positive_int(depth_groups, "depth_groups")
         if implementation not in IMPLEMENTATIONS:
             raise ValueError(
                 "Invalid value for argument `implementation`. Expected one of "
@@ -283,12 +293,6 @@ class TransformConv2D(keras.layers.Layer):
                 f"implementation={implementation!r}."
             )
         self.implementation = implementation
-        for name, value in (("scale", scale), ("use_bias", use_bias)):
-            if not isinstance(value, (bool, np.bool_)):
-                raise ValueError(
-                    f"Invalid value for argument `{name}`. Expected True or "
-                    f"False. Received {name}={value!r}."
-                )
         self._base_filters_arg = base_filters
         self._base_ratio_arg = base_ratio
         self._assignment_arg = assignment
@@ -303,9 +307,9 @@ class TransformConv2D(keras.layers.Layer):
         self._templates = layout_lib.resolve_templates(
             templates, self._assignment, self.transforms, self.transform_family
         )
-        self.scale = bool(scale)
+        self.scale = check_bool(scale, "scale")
         self.activation = keras.activations.get(activation)
-        self.use_bias = bool(use_bias)
+        self.use_bias = check_bool(use_bias, "use_bias")
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.bias_initializer = keras.initializers.get(bias_initializer)
         self.scale_initializer = keras.initializers.get(scale_initializer)
@@ -370,8 +374,8 @@ class TransformConv2D(keras.layers.Layer):
         if channels % self.depth_groups:
             raise ValueError(
                 f"The input channels ({channels}) must be divisible by "
-                f"depth_groups={self.depth_groups}. Received "
-                f"input_shape={input_shape}."
+                f"depth_groups={self.depth_groups} in layer '{self.name}'. "
+                f"Received input_shape={input_shape}."
             )
         self._check_output_size(input_shape)
         self.input_spec = keras.layers.InputSpec(ndim=4, axes={channel_axis: channels})
@@ -432,19 +436,23 @@ class TransformConv2D(keras.layers.Layer):
         )
 
     def _check_output_size(self, input_shape):
-        """Raises, as `Conv2D` does, when `"valid"` padding leaves no output."""
+        """Raises, as `Conv2D` does, when the static spatial size leaves no output."""
+        if len(input_shape) != 4:
+            return  # the rank is checked where the shape is used
         if self.data_format == "channels_last":
             h, w = input_shape[1], input_shape[2]
         else:
             h, w = input_shape[2], input_shape[3]
         out = self._output_spatial(h, w)
         if any(size is not None and size <= 0 for size in out):
+            dilated = tuple((k - 1) * d + 1 for k, d in zip(self.kernel_size, self.dilation_rate))
             raise ValueError(
-                "Computed output size would be zero or negative: the input's "
-                f"spatial size {(h, w)} is smaller than the dilated kernel "
-                f"{tuple((k - 1) * d + 1 for k, d in zip(self.kernel_size, self.dilation_rate))} "
-                f"with padding='valid'. Received input_shape={input_shape}; use "
-                "padding='same' or a larger input."
+                f"Computed output size would be zero or negative for layer '{self.name}': "
+                f"output {out} from the input's spatial size {(h, w)} with "
+                f"kernel_size={self.kernel_size} (dilated to {dilated}), "
+                f"strides={self.strides}, dilation_rate={self.dilation_rate} and "
+                f"padding='{self.padding}'. Received input_shape={tuple(input_shape)}; "
+                "use padding='same' or a larger input."
             )
 
     def cost(self, input_shape):
@@ -574,6 +582,7 @@ class TransformConv2D(keras.layers.Layer):
         return self._geometry.output_size(h, w)
 
     def compute_output_shape(self, input_shape):
+        self._check_output_size(input_shape)
         if self.data_format == "channels_last":
             batch, h, w, _ = input_shape
             oh, ow = self._output_spatial(h, w)
@@ -707,6 +716,8 @@ class TransformConv2D(keras.layers.Layer):
         )
 
     def call(self, inputs, training=None):
+        # Built for an unknown spatial size: check the size it runs on.
+        self._check_output_size(tuple(inputs.shape))
         x = inputs
         if self.data_format == "channels_first":
             x = ops.transpose(x, (0, 2, 3, 1))

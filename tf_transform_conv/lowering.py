@@ -41,16 +41,17 @@ second convolution, where `M` is the most filters any base builds
 dense cost: small for wide layers, not for 16-channel ones.
 
 `GroupedTransformConv2D` is built from a `TransformConv2D` by `from_layer`,
-for export only: it runs TensorFlow ops directly (`tf.nn.conv2d`, which
-TFLite converts to grouped `CONV_2D`), holds its kernels as constants and is
-not meant for training. Called in TensorFlow it computes the layer's output
-(tested eagerly and under XLA), but slowly on CPU: keep the Keras layer for
-anything but conversion.
+for export only: it is written with `keras.ops` (a grouped `ops.conv`, which
+TFLite converts to a grouped `CONV_2D` from either backend's export), holds
+its kernels as constants and is not meant for training. Called directly it
+computes the layer's output (tested eagerly and under XLA), but slowly on
+CPU: keep the Keras layer for anything but conversion.
 """
 
 import numpy as np
 
 import keras
+from keras import ops
 
 from tf_transform_conv import transforms as transforms_lib
 
@@ -209,7 +210,7 @@ def grouped_plan(layer):
 
 
 class GroupedTransformConv2D(keras.layers.Layer):
-    """A `TransformConv2D` in the grouped form, for TFLite export (TensorFlow only).
+    """A `TransformConv2D` in the grouped form, for TFLite export (`keras.ops`: any backend).
 
     Build it with `GroupedTransformConv2D.from_layer(layer)`: it holds the
     layer's configuration and its `GroupedPlan` as constants. See the module
@@ -275,23 +276,24 @@ class GroupedTransformConv2D(keras.layers.Layer):
         return (b, self.filters, oh, ow)
 
     def call(self, inputs):
-        import tensorflow as tf
-
         plan = self.plan
         dtype = inputs.dtype
         x = inputs
         if self.data_format == "channels_first":
-            x = tf.transpose(x, (0, 2, 3, 1))
-        products = tf.nn.conv2d(x, tf.constant(plan.product_kernel, dtype), 1, "VALID")
-        y = tf.nn.conv2d(
+            x = ops.transpose(x, (0, 2, 3, 1))
+        products = ops.conv(x, ops.convert_to_tensor(plan.product_kernel, dtype), 1, "valid",
+                            data_format="channels_last")
+        # One group per base: the kernel's input depth is the group's width.
+        y = ops.conv(
             products,
-            tf.constant(plan.spread_kernel, dtype),
+            ops.convert_to_tensor(plan.spread_kernel, dtype),
             strides=self.strides,
-            padding=self.padding.upper(),
-            dilations=self.dilation_rate,
+            padding=self.padding,
+            data_format="channels_last",
+            dilation_rate=self.dilation_rate,
         )
         if plan.spread_bias is not None:
-            y = y + tf.constant(plan.spread_bias, dtype)
+            y = y + ops.convert_to_tensor(plan.spread_bias, dtype)
         # An elementwise activation commutes with reordering the channels:
         # applied first, the converter fuses it into the convolution.
         early = self._bias is None and self._elementwise_activation()
@@ -299,9 +301,9 @@ class GroupedTransformConv2D(keras.layers.Layer):
             y = self.activation(y)
         y = self._to_filter_order(y)
         if self._bias is not None:
-            y = y + tf.constant(self._bias, dtype)
+            y = y + ops.convert_to_tensor(self._bias, dtype)
         if self.data_format == "channels_first":
-            y = tf.transpose(y, (0, 3, 1, 2))
+            y = ops.transpose(y, (0, 3, 1, 2))
         if self.activation is not None and not early:
             y = self.activation(y)
         return y
@@ -316,17 +318,15 @@ class GroupedTransformConv2D(keras.layers.Layer):
         return isinstance(name, str) and name in _ELEMENTWISE_ACTIVATIONS
 
     def _to_filter_order(self, y):
-        import tensorflow as tf
-
         plan = self.plan
         if plan.identity:
             return y
         if plan.transpose is not None:
-            batch, h, w = tf.shape(y)[0], y.shape[1], y.shape[2]
-            y = tf.transpose(tf.reshape(y, (batch, h, w) + plan.transpose), (0, 1, 2, 4, 3))
-            return tf.reshape(y, (batch, h, w, self.filters))
+            batch, h, w = ops.shape(y)[0], y.shape[1], y.shape[2]
+            y = ops.transpose(ops.reshape(y, (batch, h, w) + plan.transpose), (0, 1, 2, 4, 3))
+            return ops.reshape(y, (batch, h, w, self.filters))
         total = None
         for index in plan.output_index:
-            term = tf.gather(y, index, axis=-1)
+            term = ops.take(y, ops.convert_to_tensor(index, "int32"), axis=-1)
             total = term if total is None else total + term
         return total

@@ -3,9 +3,9 @@
 `prune_model` wraps chosen `Conv2D` layers in `TransformPruning`. During
 training, `UpdateTransformPruningStep` advances a step counter and asks each
 wrapper's schedule (tfmot's `PolynomialDecay` / `ConstantSparsity`, or any
-object with the contract `schedule(step) -> (should_prune, sparsity)`) whether
-to prune. At a pruning step a wrapper keeps `n = filters - floor(s * filters
-+ 1/2)` filters (at least one) as *bases* and replaces every other filter by
+callable `schedule(step) -> (should_prune, sparsity)`) whether to prune. At a
+pruning step a wrapper keeps `n = filters - floor(s * filters + 1/2)` filters
+(at least one) as *bases* and replaces every other filter by
 the `(base, transform, scale)` that reconstructs it best
 (`tf_transform_conv.assignment.fit_assignment`). Between pruning steps the
 layer convolves with the *effective* kernel: kept filters as they are,
@@ -27,13 +27,14 @@ from keras import ops
 
 from tf_transform_conv import families as families_lib
 from tf_transform_conv import transforms as transforms_lib
-from tf_transform_conv.assignment import CRITERIA
-from tf_transform_conv.assignment import check_selection
 from tf_transform_conv.assignment import allocate_globally
 from tf_transform_conv.assignment import filter_saliency
 from tf_transform_conv.assignment import fit_assignment
 from tf_transform_conv.assignment import kept_filters
+from tf_transform_conv.convert import CONVOLUTIONS
 from tf_transform_conv.convert import check_graph_model
+from tf_transform_conv.convert import check_options
+from tf_transform_conv.convert import check_transforms
 from tf_transform_conv.convert import layer_depth_groups
 from tf_transform_conv.convert import rewrite_model
 from tf_transform_conv.convert import select_layers
@@ -82,16 +83,52 @@ def deserialize_schedule(config):
     return keras.saving.deserialize_keras_object(config["keras"])
 
 
+_SCHEDULE_CONTRACT = (
+    "a callable schedule(step) -> (should_prune, sparsity): tfmot's "
+    "PolynomialDecay or ConstantSparsity, a function, or an object with "
+    "__call__(self, step), as tfmot's PruningSchedule subclasses have"
+)
+
+
+def check_schedule(schedule):
+    """Raises a ValueError unless `schedule` is callable as `schedule(step)`."""
+    if callable(schedule):
+        return
+    hint = ""
+    if callable(getattr(schedule, "schedule", None)):
+        hint = (
+            f" {type(schedule).__name__} has a `schedule` method but no `__call__`: "
+            "name the method `__call__` (or add `__call__ = schedule` to the class)."
+        )
+    raise ValueError(
+        f"Invalid value for argument `schedule`. Expected {_SCHEDULE_CONTRACT}. "
+        f"Received schedule={schedule!r}.{hint}"
+    )
+
+
 def _evaluate_schedule(schedule, step):
-    should_prune, sparsity = schedule(step)
-    should_prune = bool(np.asarray(should_prune))
-    sparsity = float(np.asarray(sparsity))
+    """`(should_prune: bool, sparsity: float)` from `schedule(step)`, checked."""
+    result = schedule(step)
+    should_prune = sparsity = None
+    if isinstance(result, (tuple, list)) and len(result) == 2:
+        should_prune, sparsity = (np.asarray(value) for value in result)
+    if (
+        should_prune is None
+        or should_prune.shape != () or should_prune.dtype != bool
+        or sparsity.shape != () or sparsity.dtype.kind not in "fiu"
+    ):
+        raise ValueError(
+            f"The pruning schedule {schedule!r} returned {result!r} at step {step}; "
+            "expected a pair (should_prune: bool, sparsity: float in [0, 1)), as "
+            "tfmot's schedules return."
+        )
+    sparsity = float(sparsity)
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(
             f"The pruning schedule returned sparsity={sparsity} at step {step}; "
             "expected a value in [0, 1)."
         )
-    return should_prune, sparsity
+    return bool(should_prune), sparsity
 
 
 # ----------------------------------------------------------------------------
@@ -129,9 +166,12 @@ class TransformPruning(keras.layers.Wrapper):
 
     Args:
         layer: the `keras.layers.Conv2D` to wrap (`groups=1`).
-        schedule: a pruning schedule, `schedule(step) -> (should_prune,
-            sparsity)`; tfmot's `PolynomialDecay` and `ConstantSparsity` as
-            they are.
+        schedule: a pruning schedule, a callable `schedule(step) ->
+            (should_prune: bool, sparsity: float in [0, 1))`: tfmot's
+            `PolynomialDecay` and `ConstantSparsity` as they are, a function,
+            or an object with `__call__(self, step)` (as tfmot's
+            `PruningSchedule` subclasses). What it returns is checked at
+            each evaluation.
         transforms: preset or names (must contain `"identity"`). Defaults to
             `"d4"`.
         criterion: which filters stay bases: `"reconstruction"` (default:
@@ -140,8 +180,9 @@ class TransformPruning(keras.layers.Wrapper):
             norm), or `"taylor"` (the first-order saliency `|sum(w * dL/dw)|`
             of each filter, which `UpdateTransformPruningStep(saliency_data=...)`
             accumulates over a few batches at each pruning step).
-        depth_groups: input channel groups with their own assignment.
-        scale: whether reconstructed filters carry a trainable scale.
+        depth_groups: int >= 1, input channel groups with their own
+            assignment; it must divide the layer's input channels.
+        scale: bool, whether reconstructed filters carry a trainable scale.
         transform_family: `"discrete"` (default) or a learned family
             (`"scalar"`, `"rotation"`, `"affine"`, `"general"`,
             `tf_transform_conv.families`): each reconstructed filter is then
@@ -182,36 +223,18 @@ class TransformPruning(keras.layers.Wrapper):
     ):
         kwargs.setdefault("name", f"transform_pruning_{layer.name}")
         super().__init__(layer, **kwargs)
-        _check_wrappable(layer, transforms)
         if isinstance(schedule, dict):
             schedule = deserialize_schedule(schedule)
-        if not callable(schedule):
-            raise ValueError(
-                "Expected `schedule` to be callable as schedule(step) -> "
-                f"(should_prune, sparsity). Received schedule={schedule!r}."
-            )
-        if criterion not in CRITERIA:
-            raise ValueError(
-                f"Invalid value for argument `criterion`. Expected one of "
-                f"{list(CRITERIA)}. Received criterion={criterion!r}."
-            )
-        if not isinstance(depth_groups, (int, np.integer)) or depth_groups < 1:
-            raise ValueError(
-                "Invalid value for argument `depth_groups`. Expected a "
-                f"strictly positive int. Received depth_groups={depth_groups!r}."
-            )
+        check_schedule(schedule)
+        check_options(transforms, criterion, depth_groups, scale, transform_family,
+                      allocation, min_bases, assign, subtract_mean)
+        _check_wrappable(layer, transforms)
         self.schedule = schedule
-        self.transforms = transforms_lib.resolve_transforms(transforms, layer.kernel_size)
-        if "identity" not in self.transforms:
-            raise ValueError(
-                "`transforms` must include 'identity' (a kept filter is its own "
-                f"base). Received transforms={list(self.transforms)}."
-            )
+        self.transforms = check_transforms(transforms, layer.kernel_size)
         self.criterion = criterion
         self.depth_groups = int(depth_groups)
         self.scale = bool(scale)
-        self.transform_family = families_lib.check_family(transform_family)
-        check_selection(allocation, min_bases, assign, subtract_mean)
+        self.transform_family = transform_family
         self.allocation = allocation
         self.min_bases = int(min_bases)
         self.assign = assign
@@ -408,7 +431,17 @@ class TransformPruning(keras.layers.Wrapper):
         return float(np.linalg.norm(w - eff) / norm) if norm else 0.0
 
     def to_transform_conv(self):
-        """The compact `TransformConv2D` computing what this wrapper computes."""
+        """The compact `TransformConv2D` computing what this wrapper computes, and its weights.
+
+        Returns:
+            `(layer, weights)`: an unbuilt `TransformConv2D` (the wrapped
+            layer's name, padding, activation, ...; the kept filters as its
+            bases) and the list of its weights. Build the layer (call it on
+            an input, or `layer.build(input_shape)` with the wrapper's input
+            shape), then `layer.set_weights(weights)`: it then computes what
+            the wrapper computes. `strip_model` does this for every wrapper of
+            a Sequential or Functional model.
+        """
         conv = self.layer
         bases = self.kept
         position = np.full(conv.filters, -1)
@@ -672,13 +705,26 @@ class UpdateTransformPruningStep(keras.callbacks.Callback):
 
     def on_train_batch_begin(self, batch, logs=None):
         self.step += 1
+        due = [w for w in self._wrappers if _evaluate_schedule(w.schedule, self.step)[0]]
+        if keras.backend.backend() == "jax":
+            # JAX's fit keeps the variables outside the model between syncs
+            # (the model's own are emptied): hand them back only to prune, or
+            # to record the step at the last batch of an epoch.
+            last = batch + 1 == (self.params or {}).get("steps")
+            if not (due or last):
+                return
+            self.model.jax_state_sync()
         scores = {}
-        if any(w.criterion == "taylor" and _evaluate_schedule(w.schedule, self.step)[0]
-               for w in self._wrappers):
+        if any(w.criterion == "taylor" for w in due):
             scores = taylor_scores(self.model, self.saliency_data, self.saliency_batches)
         pruned = _update(self._wrappers, self.step, scores)
         if pruned and self.recalibrate_data is not None:
             recalibrate_batch_norm(self.model, self.recalibrate_data, self.recalibrate_batches)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if keras.backend.backend() == "jax":  # the variables are synced here
+            for wrapper in self._wrappers:
+                wrapper.pruning_step.assign(self.step)
 
     def on_train_end(self, logs=None):
         for wrapper in self._wrappers:
@@ -726,6 +772,8 @@ class TransformPruningSummaries(keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch, logs=None):
         if self.update_freq != "epoch" and (batch + 1) % self.update_freq == 0:
+            if keras.backend.backend() == "jax":  # the variables are outside the model
+                self.model.jax_state_sync()
             self._write()
 
     def on_epoch_end(self, epoch, logs=None):
@@ -761,10 +809,11 @@ def prune_model(
     """Wraps chosen `Conv2D` layers of a Sequential or Functional model in `TransformPruning`.
 
     Args:
-        model: a built Sequential or Functional Keras model.
-        schedule: the pruning schedule (tfmot `PolynomialDecay`,
-            `ConstantSparsity`, or any `schedule(step) -> (should_prune,
-            sparsity)`).
+        model: a built Sequential or Functional Keras model (not a path:
+            load it with `keras.saving.load_model` first).
+        schedule: the pruning schedule, a callable `schedule(step) ->
+            (should_prune, sparsity)`: tfmot `PolynomialDecay`,
+            `ConstantSparsity`, a function or an object with `__call__`.
         transforms, criterion, depth_groups, scale, transform_family,
         allocation, min_bases, assign, subtract_mean: as `TransformPruning`
             (every wrapper gets the same values, except `depth_groups`,
@@ -780,12 +829,18 @@ def prune_model(
         `UpdateTransformPruningStep` among the callbacks.
 
     Raises:
-        ValueError: for a subclassed model or a layer name that matches no
-            eligible layer.
+        ValueError: before anything is wrapped, for any invalid argument
+            (the message names it and what is allowed), something other than
+            a built Sequential or Functional model, or a layer name that
+            matches no eligible layer; and when no layer gets wrapped (the
+            message lists the model's convolutions and why each was left).
     """
     check_graph_model(model, "prune_model")
-    check_selection(allocation, min_bases, assign, subtract_mean)
+    check_schedule(schedule)
+    check_options(transforms, criterion, depth_groups, scale, transform_family,
+                  allocation, min_bases, assign, subtract_mean)
     chosen = select_layers(model, layers, lambda l: not skip_reason(l, transforms))
+    wrapped = []
 
     def replace(layer):
         if layer.name not in chosen:
@@ -804,18 +859,50 @@ def prune_model(
             transform_family=transform_family, allocation=allocation, min_bases=min_bases, assign=assign,
             subtract_mean=subtract_mean,
         )
+        wrapped.append(layer.name)
         return wrapper, None
 
-    return rewrite_model(model, replace)
+    new_model = rewrite_model(model, replace)
+    if not wrapped:
+        inside = {id(w.layer) for w in _wrappers(model)}
+        left = {
+            layer.name: "already wrapped" if id(layer) in inside
+            else skip_reason(layer, transforms) or "not chosen by `layers`"
+            for layer in model._flatten_layers(include_self=False, recursive=True)
+            if isinstance(layer, CONVOLUTIONS)
+        }
+        raise ValueError(
+            f"prune_model wrapped no layer of model '{model.name}': it wraps the "
+            "keras.layers.Conv2D layers with groups=1 and a kernel larger than 1x1 "
+            "that `layers` chooses. "
+            + (f"Its convolutions: {left}." if left else "It has no Conv2D layer.")
+        )
+    return new_model
+
+
+def _strip_subclassed_advice(model):
+    found = [w.name for w in _wrappers(model)]
+    return (
+        "To strip the wrappers of a subclassed model, in its own code replace each "
+        "TransformPruning attribute by its compact layer: `layer, weights = "
+        "wrapper.to_transform_conv()`, build the layer (call it on an input, or "
+        "layer.build(input_shape)), then `layer.set_weights(weights)`. Wrappers "
+        f"here: {found}."
+    )
 
 
 def strip_model(model):
     """Replaces every `TransformPruning` wrapper by its compact `TransformConv2D`.
 
+    Args:
+        model: a built Sequential or Functional model. For a subclassed
+            model, replace each wrapper in its own code by the layer of
+            `wrapper.to_transform_conv()` (see there).
+
     Returns:
         A new model whose outputs equal the wrapped model's.
     """
-    check_graph_model(model, "strip_model")
+    check_graph_model(model, "strip_model", subclassed_advice=_strip_subclassed_advice)
 
     def replace(layer):
         if isinstance(layer, TransformPruning):
