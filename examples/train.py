@@ -16,11 +16,20 @@ Any mode can distil from a teacher (`--teacher PATH.keras`): the loss is
 `(1 - w) * CE(y, s) + w * T^2 * KL(softmax(t / T) || softmax(s / T))`.
 
 Runs last: every epoch writes a backup (weights, optimizer state, pruning
-step, epoch counter; `AtomicBackupAndRestore`, written so that a kill never
-leaves it half-written) and the model to
+step, epoch counter, training seconds so far; `AtomicBackupAndRestore`,
+written so that a kill never leaves it half-written) and the model to
 `<run-dir>/ckpt/last.keras`; restarting the same command (or `--resume`)
-continues where it stopped. TensorBoard logs, a CSV log and `results.json`
-(accuracy, parameters, multiply-adds, `.tflite` size) go to the run folder.
+continues where it stopped, on the same data an uninterrupted run would see
+(`training_stream`). Rerunning a finished run is refused, with a pointer to
+`--fresh`, which deletes the run's outputs and starts over; a start that fails
+before its first epoch is saved removes what it created. TensorBoard logs, a
+CSV log and `results.json` (accuracy, parameters, multiply-adds, `.tflite`
+size, and per `TransformConv2D` its bases, transforms, conversion error and
+`.tflite` lowering) go to the run folder.
+
+`--help` and argument errors answer before TensorFlow is imported; its
+start-up log lines are left out unless `TF_CPP_MIN_LOG_LEVEL` is set
+(`quiet_tensorflow_startup`).
 
     python examples/train.py --preset cifar10 --mode dense --run-dir runs/r20
     python examples/train.py --preset cifar10 --mode transform --base-ratio 0.25
@@ -40,6 +49,7 @@ per layer. The README lists each with its command and the published number.
 """
 
 import argparse
+import contextlib
 import csv
 import datetime
 import json
@@ -47,26 +57,13 @@ import math
 import os
 import pathlib
 import platform
+import re
+import secrets
 import shutil
 import sys
 import tempfile
 import time
 import warnings
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-
-from tf_transform_conv import UpdateTransformPruningStep  # noqa: E402
-from tf_transform_conv import build_model  # noqa: E402
-from tf_transform_conv import conv_factory  # noqa: E402
-from tf_transform_conv import export_tflite  # noqa: E402
-from tf_transform_conv import prune_model  # noqa: E402
-from tf_transform_conv import strip_model  # noqa: E402
-from tf_transform_conv import transform_model  # noqa: E402
-from tf_transform_conv.cost import model_cost  # noqa: E402
 
 # Defaults per preset; any flag given on the command line wins.
 PRESETS = {
@@ -146,7 +143,7 @@ CIFAR_OFFLINE = (
 )
 
 
-def parse_args(argv=None):
+def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add = parser.add_argument
     # What to train.
@@ -249,11 +246,30 @@ def parse_args(argv=None):
     add("--resume", action="store_true",
         help="require a backup in --run-dir to continue from (restarting the same "
         "command continues anyway)")
-    add("--fresh", action="store_true", help="delete the run folder's backup and start over")
+    add("--fresh", action="store_true",
+        help="delete the run folder's outputs (backup, checkpoints, logs, results, "
+        "final model) and start over; needed to retrain a finished run")
     add("--tflite", action=argparse.BooleanOptionalAction, default=True,
         help="export the final model with export_tflite and record its size (on)")
     add("--verbose", type=int, choices=(0, 1, 2), default=1,
         help="Keras verbosity: 0 silent, 1 progress bars, 2 a line per epoch (1)")
+    return parser
+
+
+def usage_error(message):
+    """Exits as argparse does for a bad argument: usage, `message`, exit status 2."""
+    build_parser().error(message)
+
+
+def parse_args(argv=None):
+    """The arguments, presets applied, or a usage error; imports no TensorFlow.
+
+    What only the package can decide (the model name, the transforms; see
+    `check_model_flags`) and what needs the files read (`--init-from`,
+    `--teacher`; see `load_model_flag`) is checked in `run`, before the run
+    folder is created.
+    """
+    parser = build_parser()
     args = parser.parse_args(argv)
 
     for key, value in {**DEFAULTS, **PRESETS[args.preset]}.items():
@@ -276,6 +292,11 @@ def parse_args(argv=None):
                         f"{args.batch_size})")
     if args.steps_per_epoch is not None and args.steps_per_epoch < 1:
         problems.append(f"--steps-per-epoch must be >= 1 (got {args.steps_per_epoch})")
+    if args.image_size < 1 or args.synthetic_size < 1 or args.depth_groups < 1:
+        problems.append(f"--image-size, --synthetic-size and --depth-groups must be >= 1 "
+                        f"(got {args.image_size}, {args.synthetic_size}, {args.depth_groups})")
+    if not 0 < args.base_ratio <= 1:
+        problems.append(f"--base-ratio must be in (0, 1] (got {args.base_ratio:g})")
     if args.min_bases < 1 or args.recalibrate_batches < 0:
         problems.append(f"--min-bases must be >= 1 and --recalibrate-batches >= 0 (got "
                         f"{args.min_bases}, {args.recalibrate_batches})")
@@ -301,6 +322,143 @@ def parse_args(argv=None):
     if args.transforms and "," in args.transforms:
         args.transforms = [t.strip() for t in args.transforms.split(",")]
     return args
+
+
+# Lines TensorFlow's libraries print while they load, before absl logging is
+# initialised and so whatever TF_CPP_MIN_LOG_LEVEL says: absl-format info and
+# warning lines ("I0000 00:00:1712.345 123 port.cc:153] oneDNN custom
+# operations are on..."), absl's notice about them and the second line of the
+# CPU-instructions notice.
+STARTUP_NOISE = re.compile(
+    r"[IW]\d{4} \d\d:\d\d:\d+\.\d+ +\d+ \S+:\d+\] "
+    r"|WARNING: All log messages before absl::InitializeLog\(\) is called"
+    r"|To enable the following instructions: "
+)
+
+
+@contextlib.contextmanager
+def quiet_tensorflow_startup():
+    """Imports made under it print none of TensorFlow's start-up log lines.
+
+    Unless `TF_CPP_MIN_LOG_LEVEL` is set (then nothing changes: the user
+    chose what to see), it is set to 3 (TensorFlow's C++ logging: fatal
+    only; a failure still reaches Python as an exception), absl's Python
+    logging is set to errors, and while the block runs the process's stderr
+    (the file descriptor, which C++ writes to) goes to a file: afterwards
+    every line but the `STARTUP_NOISE` ones is written to stderr. On a
+    machine without a GPU this leaves out the CUDA initialisation error too.
+    """
+    if "TF_CPP_MIN_LOG_LEVEL" in os.environ:
+        yield
+        return
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with tempfile.TemporaryFile() as captured:
+            os.dup2(captured.fileno(), 2)
+            try:
+                yield
+            finally:
+                sys.stderr.flush()
+                os.dup2(saved, 2)
+                captured.seek(0)
+                lines = captured.read().decode(errors="replace").splitlines(keepends=True)
+                sys.stderr.write("".join(line for line in lines
+                                         if not STARTUP_NOISE.match(line)))
+                sys.stderr.flush()
+    finally:
+        os.close(saved)
+    import absl.logging
+
+    absl.logging.set_verbosity(absl.logging.ERROR)
+
+
+if __name__ == "__main__":
+    ARGS = parse_args()  # --help and argument errors end here, before TensorFlow loads
+
+with quiet_tensorflow_startup():
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from tf_transform_conv import TransformConv2D
+    from tf_transform_conv import UpdateTransformPruningStep
+    from tf_transform_conv import build_model
+    from tf_transform_conv import conv_factory
+    from tf_transform_conv import export_tflite
+    from tf_transform_conv import prune_model
+    from tf_transform_conv import strip_model
+    from tf_transform_conv import transform_model
+    from tf_transform_conv.cli import load_model_file
+    from tf_transform_conv.cost import model_cost
+    from tf_transform_conv.models import DEFAULT_TRANSFORMS
+    from tf_transform_conv.models import MODELS
+    from tf_transform_conv.transforms import PRESETS as TRANSFORM_PRESETS
+    from tf_transform_conv.transforms import resolve_transforms
+
+
+def check_model_flags(args):
+    """Usage errors the package decides: `--model`, and `--base-ratio` with `--transforms`."""
+    if args.model not in MODELS:
+        usage_error(f"--model {args.model}: no such model; the models are "
+                    f"{', '.join(sorted(MODELS))}")
+    if args.mode != "transform":
+        return
+    ratio = args.base_ratio
+    if args.transforms is None:
+        count = round(1 / ratio)
+        if count not in DEFAULT_TRANSFORMS or not math.isclose(ratio * count, 1.0, rel_tol=1e-6):
+            usage_error(
+                f"--mode transform --base-ratio {ratio:g}: default transforms exist only "
+                f"for --base-ratio {', '.join(f'{1 / n:g}' for n in sorted(DEFAULT_TRANSFORMS))}; "
+                "for another ratio pass --transforms with 1/ratio transforms (comma-separated "
+                f"names, or a preset: {', '.join(TRANSFORM_PRESETS)})")
+    else:
+        given = args.transforms if isinstance(args.transforms, str) else ",".join(args.transforms)
+        try:
+            names = resolve_transforms(args.transforms)
+        except ValueError as error:
+            usage_error(f"--transforms {given}: {error}")
+        if not math.isclose(ratio * len(names), 1.0, rel_tol=1e-6):
+            usage_error(
+                f"--mode transform: --transforms {given} rebuilds {len(names)} "
+                f"filters from each base, so --base-ratio must be 1/{len(names)} = "
+                f"{1 / len(names):g} (got {ratio:g})")
+    try:
+        model_conv(args)
+    except ValueError as error:  # what the flags above do not cover, in the package's words
+        usage_error(f"--mode transform: {error}")
+
+
+def load_model_flag(args, flag, path, num_classes):
+    """The model file of `flag` (`--init-from`, `--teacher`), checked against the data.
+
+    A usage error when it is not a Keras model file, or its input or output
+    does not fit the `--image-size` RGB images and the dataset's classes.
+    """
+    try:
+        model = load_model_file(path)
+    except ValueError as error:
+        usage_error(f"{flag} {error}")
+    if not getattr(model, "inputs", None):  # a subclassed model states no shapes
+        return model
+    wanted = (args.image_size, args.image_size, 3)
+    shapes = [tuple(t.shape[1:]) for t in model.inputs]
+    if len(shapes) != 1 or len(shapes[0]) != 3 or any(
+            d is not None and d != w for d, w in zip(shapes[0], wanted)):
+        hint = ""
+        if len(shapes) == 1 and len(shapes[0]) == 3 and shapes[0][0] == shapes[0][1] \
+                and shapes[0][0] is not None:
+            hint = f"; pass --image-size {shapes[0][0]} to train on its input size"
+        usage_error(f"{flag} {path}: the model takes inputs of shape "
+                    f"{', '.join(str(s) for s in shapes)}, but the data are {wanted} images "
+                    f"(--image-size {args.image_size}, RGB){hint}")
+    outputs = [tuple(t.shape[1:]) for t in model.outputs]
+    if outputs != [(num_classes,)]:
+        usage_error(f"{flag} {path}: the model outputs {', '.join(str(s) for s in outputs)}, "
+                    f"but {args.dataset} has {num_classes} classes")
+    return model
 
 
 # ----------------------------------------------------------------------------
@@ -412,25 +570,33 @@ def normalize(image, mean_std):
     return (image - tf.constant(mean)) / tf.constant(std)
 
 
-def cifar_train_augment(image, size=32):
-    """Pads 4 pixels, crops a random `size` x `size` window, flips left-right at random."""
+def cifar_train_augment(image, seed, size=32):
+    """Pads 4 pixels, crops a random `size` x `size` window, flips left-right at random.
+
+    `seed`: shape (2,) integers; the same seed gives the same crop and flip.
+    """
+    crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
     image = tf.image.resize_with_crop_or_pad(image, size + 8, size + 8)
-    image = tf.image.random_crop(image, (size, size, 3))
-    return tf.image.random_flip_left_right(image)
+    image = tf.image.stateless_random_crop(image, (size, size, 3), seed=crop_seed)
+    return tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
 
 
-def imagenet_train_crop(encoded, size=224):
-    """Random resized crop (area 8-100%, aspect 3/4-4/3) of a JPEG, resized, flipped."""
+def imagenet_train_crop(encoded, seed, size=224):
+    """Random resized crop (area 8-100%, aspect 3/4-4/3) of a JPEG, resized, flipped.
+
+    `seed`: shape (2,) integers; the same seed gives the same crop and flip.
+    """
+    crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
     shape = tf.image.extract_jpeg_shape(encoded)
-    begin, crop, _ = tf.image.sample_distorted_bounding_box(
-        shape, bounding_boxes=tf.zeros((1, 0, 4)), min_object_covered=0.1,
+    begin, crop, _ = tf.image.stateless_sample_distorted_bounding_box(
+        shape, bounding_boxes=tf.zeros((1, 0, 4)), seed=crop_seed, min_object_covered=0.1,
         aspect_ratio_range=(3 / 4, 4 / 3), area_range=(0.08, 1.0),
         max_attempts=10, use_image_if_no_bounding_boxes=True,
     )
     window = tf.stack([begin[0], begin[1], crop[0], crop[1]])
     image = tf.image.decode_and_crop_jpeg(encoded, window, channels=3)
     image = tf.image.resize(image, (size, size), method="bilinear")
-    return tf.image.random_flip_left_right(image)
+    return tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
 
 
 def imagenet_eval_crop(encoded, size=224):
@@ -445,7 +611,16 @@ def imagenet_eval_crop(encoded, size=224):
 
 def load_tfds(args):
     """`(train, test, num_train, num_test)` unbatched `(uint8 image, label)` datasets."""
-    import tensorflow_datasets as tfds
+    try:
+        import tensorflow_datasets as tfds
+    except ModuleNotFoundError as error:
+        if error.name != "tensorflow_datasets":
+            raise
+        raise SystemExit(
+            f"--dataset {args.dataset} reads TensorFlow Datasets, which is not installed: "
+            "pip install tensorflow-datasets (or pip install -e '.[examples]'); offline, "
+            "--dataset digits or --dataset synthetic need neither it nor a download."
+        ) from None
 
     data_dir = None if args.data_dir is None else str(args.data_dir)
     shown = data_dir or os.path.expanduser("~/tensorflow_datasets")
@@ -497,8 +672,64 @@ def synthetic_images(size, count, num_classes, seed):
     return images[:count], images[count:], labels[:count], labels[count:]
 
 
-def make_datasets(args, num_classes):
-    """Batched, augmented, prefetched `(train, test, num_train, num_test)`; one-hot labels."""
+def training_stream(examples, num_train, batch_size, seed, start_batch=0, augment=None,
+                    window=50_000):
+    """The training examples from batch `start_batch` on of one endless, seeded stream.
+
+    The stream is pass after pass over `examples`, cut to whole batches (the
+    last `num_train % batch_size` examples of each pass's order sit that pass
+    out). Pass `p` permutes the examples within consecutive windows of
+    `window` examples (all of them when `num_train <= window`: CIFAR-10,
+    digits, synthetic) in an order that depends only on `(seed, p)`, and
+    `augment(image, element_seed)`, if given, gets a stateless seed made of
+    `(seed, p, index in the pass)`. So the stream is a function of `seed`
+    alone: a run restarted after `e` epochs of `s` steps, started at batch
+    `e * s`, sees exactly the examples, in the same batches and with the same
+    per-image augmentations, as the uninterrupted run did from there.
+    Starting there skips only the examples before it in its pass (before
+    any decoding or augmentation). The next window is read while the current
+    one is served: up to two windows are held in memory (for ImageNet's
+    encoded JPEGs, about 11 GB).
+
+    Returns:
+        An unbatched dataset of `(image, label)`; batch it by `batch_size`.
+    """
+    per_pass = num_train // batch_size * batch_size
+    first_pass, skip = divmod(start_batch * batch_size, per_pass)
+    window = min(num_train, window)
+    fold_in = tf.random.experimental.stateless_fold_in
+
+    def one_pass(p):
+        pass_seed = tf.stack([tf.constant(seed, tf.int64), p])
+
+        def permuted(w, block):
+            count = tf.shape(tf.nest.flatten(block)[0])[0]
+            order = tf.random.experimental.stateless_shuffle(
+                tf.range(count), seed=fold_in(pass_seed, w))
+            return tf.data.Dataset.from_tensor_slices(order).map(
+                lambda j: tf.nest.map_structure(lambda t: t[j], block))
+
+        windows = examples.batch(window).prefetch(1).enumerate()
+        ordered = windows.flat_map(permuted).take(per_pass)
+        return ordered.enumerate().map(
+            lambda i, example: (*example, fold_in(pass_seed, i)))
+
+    stream = tf.data.Dataset.range(first_pass, 2**62).flat_map(one_pass).skip(skip)
+    if augment is None:
+        return stream.map(lambda x, y, _: (x, y))
+    return stream.map(lambda x, y, element_seed: (augment(x, element_seed), y),
+                      num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def make_datasets(args, num_classes, start_epoch=0):
+    """`(train, test, num_train, num_test, steps_per_epoch)`: batched, augmented, prefetched.
+
+    Labels are one-hot. `train` is endless, the batches of `training_stream`
+    from epoch `start_epoch` on (a restart continues the data of the run it
+    continues). Batch-level augmentations (`--rotation`, `--mixup`,
+    `--cutmix`) draw from Keras layers' own random streams, which restart
+    with the process.
+    """
     size, autotune = args.image_size, tf.data.AUTOTUNE
     if args.dataset in ("cifar10", "imagenet2012"):
         train, test, num_train, num_test = load_tfds(args)
@@ -511,16 +742,20 @@ def make_datasets(args, num_classes):
         train = tf.data.Dataset.from_tensor_slices((x_train, y_train))
         test = tf.data.Dataset.from_tensor_slices((x_test, y_test))
         num_train, num_test = len(x_train), len(x_test)
+    if num_train < args.batch_size:
+        usage_error(f"--batch-size {args.batch_size} is larger than the {num_train} "
+                    f"training images of {args.dataset}")
+    steps_per_epoch = args.steps_per_epoch or num_train // args.batch_size
 
     mean_std = MEAN_STD.get(args.dataset)
     if args.dataset == "imagenet2012":
-        train_map = lambda x, y: (imagenet_train_crop(x, size), y)  # noqa: E731
+        augment = lambda x, seed: imagenet_train_crop(x, seed, size)  # noqa: E731
         test_map = lambda x, y: (imagenet_eval_crop(x, size), y)  # noqa: E731
     elif args.dataset == "cifar10":
-        train_map = lambda x, y: (cifar_train_augment(x, size), y)  # noqa: E731
+        augment = lambda x, seed: cifar_train_augment(x, seed, size)  # noqa: E731
         test_map = None
     else:  # digits are not flip-invariant; synthetic has nothing to augment
-        train_map = test_map = None
+        augment = test_map = None
 
     def finish(x, y):
         return normalize(x, mean_std), tf.one_hot(y, num_classes)
@@ -529,9 +764,8 @@ def make_datasets(args, num_classes):
 
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-    train = train.shuffle(min(num_train, 50_000), seed=args.seed).repeat()
-    if train_map is not None:
-        train = train.map(train_map, num_parallel_calls=autotune)
+    train = training_stream(train, num_train, args.batch_size, args.seed,
+                            start_epoch * steps_per_epoch, augment)
     # Full batches only: one batch shape, so XLA compiles the step once.
     train = (train.map(finish, num_parallel_calls=autotune)
              .batch(args.batch_size, drop_remainder=True))
@@ -542,7 +776,7 @@ def make_datasets(args, num_classes):
         test = test.map(test_map, num_parallel_calls=autotune)
     test = (test.map(finish, num_parallel_calls=autotune)
             .batch(args.batch_size).prefetch(autotune).with_options(options))
-    return train, test, num_train, num_test
+    return train, test, num_train, num_test, steps_per_epoch
 
 
 def make_batch_augment(args):
@@ -643,23 +877,25 @@ def selection(args):
                 depth_groups=args.depth_groups, scale=args.scale)
 
 
-def load_keras(path):
-    return keras.saving.load_model(path, compile=False)
+def make_model(args, num_classes, steps_per_epoch, run_dir, train=None, chief=True,
+               init_model=None, resuming=False):
+    """`(model, origin, conversion)`: the model to train (wrapped for pruning, converted, ...).
 
-
-def make_model(args, num_classes, steps_per_epoch, run_dir, train=None, chief=True):
-    """The model to train (wrapped for pruning, converted, ...) and a note of how.
-
-    Only the chief writes `converted.keras`; other workers compute the same
-    conversion (deterministic from the same weights) without writing.
+    `origin` says how it was made; `conversion` is, in convert mode, the
+    report of `transform_model` (a dict per convolution), else None.
+    `init_model`: the `--init-from` model to start from, or None to build
+    `--model` from scratch. A conversion is saved to `converted.keras` and
+    `converted.json`; a run `resuming` from a backup reloads them, as the
+    backup's weights belong to that assignment. Only the chief writes them;
+    other workers compute the same conversion (deterministic from the same
+    weights) without writing.
     """
     input_shape = (args.image_size, args.image_size, 3)
-    if args.init_from is not None and args.mode != "transform":
-        model = load_keras(args.init_from)
+    conversion = None
+    if init_model is not None:
+        model = init_model
         origin = f"weights of {args.init_from}"
     else:
-        if args.init_from is not None:
-            warnings.warn("--init-from is ignored by --mode transform (trained from scratch)")
         model = build_model(args.model, num_classes=num_classes, conv=model_conv(args),
                             input_shape=input_shape)
         origin = "from scratch"
@@ -689,17 +925,21 @@ def make_model(args, num_classes, steps_per_epoch, run_dir, train=None, chief=Tr
                    f"({args.criterion}, {args.allocation}, {args.assign})")
     elif args.mode == "convert":
         converted = run_dir / "converted.keras"
-        if converted.is_file():  # a restarted run: the same assignment as before
-            model = load_keras(converted)
+        report = run_dir / "converted.json"
+        if resuming and converted.is_file():  # the same assignment as before
+            model = load_model_file(converted)
+            conversion = json.loads(report.read_text()) if report.is_file() else None
         else:
-            model, _ = transform_model(
+            model, layers = transform_model(
                 model, base_ratio=args.base_ratio, transforms=transforms,
                 recalibrate=train if args.recalibrate_batches else None,
                 recalibrate_batches=max(1, args.recalibrate_batches), **selection(args))
+            conversion = [layer.to_dict() for layer in layers]
             if chief:
                 model.save(converted)
+                write_json_atomic(report, conversion)
         origin += f"; converted to base ratio {args.base_ratio}"
-    return model, origin
+    return model, origin, conversion
 
 
 # ----------------------------------------------------------------------------
@@ -775,24 +1015,43 @@ def compile_model(model, args, optimizer, num_classes):
     )
 
 
+class TrainClock:
+    """Seconds of training across restarts: those before this process, plus its own."""
+
+    def __init__(self, before=0.0):
+        self.before = float(before)
+        self.started = None
+
+    def start(self):
+        """Starts counting this process's seconds (once; later calls change nothing)."""
+        if self.started is None:
+            self.started = time.perf_counter()
+
+    def seconds(self):
+        running = 0.0 if self.started is None else time.perf_counter() - self.started
+        return self.before + running
+
+
 class SaveCheckpoint(keras.callbacks.Callback):
-    """Saves `model` to `ckpt/last.keras` and `{"epoch": n}` to `ckpt/last.json` each epoch.
+    """Saves `model` to `ckpt/last.keras`, and the epoch and training seconds to `ckpt/last.json`.
 
     The `.keras` file is the model to reuse (`--init-from`, `--teacher`); the
     backup of `AtomicBackupAndRestore` is what a restart continues from.
     """
 
-    def __init__(self, folder, model):
+    def __init__(self, folder, model, clock):
         super().__init__()
         self.folder = folder
         self.target = model
+        self.clock = clock
 
     def on_epoch_end(self, epoch, logs=None):
         self.folder.mkdir(parents=True, exist_ok=True)
         tmp = self.folder / "last.tmp.keras"
         self.target.save(tmp)
         os.replace(tmp, self.folder / "last.keras")
-        write_json_atomic(self.folder / "last.json", {"epoch": epoch + 1})
+        write_json_atomic(self.folder / "last.json",
+                          {"epoch": epoch + 1, "train_seconds": self.clock.seconds()})
 
 
 class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
@@ -805,8 +1064,18 @@ class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
     twice). Here each backup's weights go to a new file named by its epoch,
     then the metadata, naming that file, replaces the old atomically: it is
     the commit point, and a restart always finds a complete, matching pair.
-    Older weight files are deleted after the commit.
+    Older weight files are deleted after the commit. The metadata also
+    records `clock`'s training seconds (a `TrainClock`, started with
+    training if it is not yet), for a restart to count on from.
     """
+
+    def __init__(self, backup_dir, clock=None, **kwargs):
+        super().__init__(backup_dir=backup_dir, **kwargs)
+        self.clock = TrainClock() if clock is None else clock
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        self.clock.start()
 
     def _save_model(self):
         folder = pathlib.Path(self.backup_dir)
@@ -814,28 +1083,32 @@ class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
         name = f"epoch-{self._current_epoch}-batch-{self._last_batch_seen}.weights.h5"
         self.model.save_weights(str(folder / name), overwrite=True)
         write_json_atomic(pathlib.Path(self._training_metadata_path), {
-            "epoch": self._current_epoch, "batch": self._last_batch_seen, "weights": name})
+            "epoch": self._current_epoch, "batch": self._last_batch_seen, "weights": name,
+            "train_seconds": self.clock.seconds()})
         for old in folder.glob("*.weights.h5"):
             if old.name != name:
                 old.unlink()
 
     def _load_model(self):
-        metadata = pathlib.Path(self._training_metadata_path)
-        if not metadata.is_file():
+        backup = read_backup(pathlib.Path(self.backup_dir))
+        if backup is None:
             return
-        backup = json.loads(metadata.read_text())
         if self.model.optimizer is not None and not self.model.optimizer.built:
             self.model.optimizer.build(self.model.trainable_variables)
         self.model.load_weights(str(pathlib.Path(self.backup_dir) / backup["weights"]))
         self.model._initial_epoch = backup["epoch"]
 
 
-def backup_epoch(backup_dir):
-    """The epochs a backup (`AtomicBackupAndRestore`) holds, or None without one."""
+def read_backup(backup_dir):
+    """The metadata of a backup (`AtomicBackupAndRestore`): epoch, weights file,
+    training seconds (0 for a backup written without them); None without one."""
     path = backup_dir / "training_metadata.json"
     if not path.is_file():
         return None
-    return int(json.loads(path.read_text())["epoch"])
+    backup = json.loads(path.read_text())
+    backup["epoch"] = int(backup["epoch"])
+    backup.setdefault("train_seconds", 0.0)
+    return backup
 
 
 def trim_csv(path, epochs_done):
@@ -857,28 +1130,136 @@ def trim_csv(path, epochs_done):
 
 
 def write_json_atomic(path, payload):
-    """Writes `payload` to `path` through a temporary file and a rename."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    """Writes `payload` to `path` through a temporary file and a rename.
+
+    The temporary file is created as `open` creates files (mode 0o666 less
+    the umask), so the result has the mode of the run's other outputs.
+    """
+    tmp = path.with_name(f"{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(payload, f, indent=2, default=str)
             f.write("\n")
         os.replace(tmp, path)
     except BaseException:
-        os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
         raise
 
 
-def tflite_size(model, path):
-    """`(bytes, None)` of the exported file, or `(None, reason)` if export failed."""
+def export_final(model, path):
+    """`(ExportResult, None)` of the exported `.tflite` file, or `(None, reason)` if export failed."""
     try:
-        return int(export_tflite(model, path).bytes), None
+        return export_tflite(model, path), None
     except Exception as error:  # recorded, never fatal: the training is done
         return None, f"{type(error).__name__}: {error}"
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def layer_details(model, conversion=None, lowerings=None):
+    """A dict per `TransformConv2D` of `model`, for `results.json`.
+
+    Its name, filters, bases, transform family and transforms; with
+    `conversion` (the report of `transform_model`, dicts) the layer's
+    reconstruction error at the conversion; with `lowerings` (of an
+    `ExportResult`) how the `.tflite` file writes it.
+    """
+    errors = {row["name"]: row["error"] for row in conversion or ()}
+    details = []
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        if not isinstance(layer, TransformConv2D):
+            continue
+        row = {"name": layer.name, "filters": layer.filters, "base_filters": layer.base_filters,
+               "transform_family": layer.transform_family, "transforms": list(layer.transforms)}
+        if conversion is not None:
+            row["reconstruction_error"] = errors.get(layer.name)
+        if lowerings is not None:
+            row["tflite_lowering"] = lowerings.get(layer.name)
+        details.append(row)
+    return details
+
+
+# ----------------------------------------------------------------------------
+# The run folder
+
+# What a run writes into its folder, besides the backups: what --fresh deletes.
+RUN_OUTPUTS = ("ckpt", "converted.keras", "converted.json", "final.keras", "model.tflite",
+               "results.json", "log.csv", "tensorboard")
+
+
+def remove_path(path):
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def finished_run(run_dir, backup_dir):
+    """Why restarting in `run_dir` would train from scratch over a finished run, or None.
+
+    A run is finished when `results.json` says so. A checkpoint
+    (`ckpt/last.json`) without a backup to continue from is a training that
+    ended (Keras deletes the backup then) but was stopped before writing
+    `results.json`.
+    """
+    results = run_dir / "results.json"
+    if results.is_file():
+        done = json.loads(results.read_text())
+        if done.get("finished"):
+            return (f"{run_dir} holds a finished run ({done.get('mode')}, {done.get('epochs')} "
+                    f"epochs, test accuracy {done.get('test_accuracy', float('nan')):.4f}; "
+                    "see its results.json)")
+    checkpoint = run_dir / "ckpt" / "last.json"
+    if read_backup(backup_dir) is None and checkpoint.is_file():
+        epochs = json.loads(checkpoint.read_text()).get("epoch")
+        return (f"{run_dir} holds a model trained for {epochs} epochs (ckpt/last.keras) "
+                "but no backup to continue from and no finished results.json")
+    return None
+
+
+def start_over(run_dir, backup_dir, chief):
+    """`--fresh`: deletes this worker's backup and, on the chief, the run's outputs."""
+    remove_path(backup_dir)
+    if chief:
+        for name in RUN_OUTPUTS:
+            remove_path(run_dir / name)
+
+
+@contextlib.contextmanager
+def run_folder(run_dir, backup_dir, chief):
+    """Creates `run_dir`; a start that fails before saving an epoch removes what it added.
+
+    The folder is left as this start found it (gone, if it did not exist),
+    so that a later run there does not find, say, a `converted.keras` made
+    with other arguments. Once an epoch is saved (a backup or
+    `ckpt/last.json`) everything stays, for a restart to continue.
+    """
+    found = set(run_dir.iterdir()) if run_dir.is_dir() else None
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        yield
+    except BaseException:
+        saved = read_backup(backup_dir) is not None or (run_dir / "ckpt" / "last.json").is_file()
+        if chief and not saved:
+            for path in run_dir.iterdir():
+                if found is None or path not in found:
+                    remove_path(path)
+            if found is None:
+                run_dir.rmdir()
+        raise
+
+
+# ----------------------------------------------------------------------------
+# The run
+
+
+def main(argv=None, args=None):
+    """Trains as the command line `argv` says; returns the results (None on a non-chief).
+
+    `args`: the arguments already parsed (as the script does, before
+    importing TensorFlow); `argv` is then only recorded in the results.
+    """
+    if args is None:
+        args = parse_args(argv)
     configure_devices(args.cpu_devices)
     previous_policy = keras.config.dtype_policy()
     if args.mixed_precision != "off":
@@ -892,16 +1273,22 @@ def main(argv=None):
 def run(args, argv):
     strategy = make_strategy(args.strategy)
     chief = is_chief(strategy)
+    check_model_flags(args)
     run_dir = args.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
     backup_dir = run_dir / "backup"
     if not chief:  # workers back up apart; only the chief writes the run folder
         backup_dir = run_dir / f"backup-worker-{strategy.cluster_resolver.task_id}"
-    if args.fresh and backup_dir.exists():
-        shutil.rmtree(backup_dir)
-    resumed_at = backup_epoch(backup_dir)
+    if args.fresh:
+        start_over(run_dir, backup_dir, chief)
+    else:
+        finished = finished_run(run_dir, backup_dir)
+        if finished is not None:
+            usage_error(f"{finished}. Rerunning would train from scratch over it: pass "
+                        "--fresh to delete its outputs and start over, or another --run-dir.")
+    backup = read_backup(backup_dir)
+    resumed_at = None if backup is None else backup["epoch"]
     if args.resume and resumed_at is None:
-        raise SystemExit(f"--resume: no backup in {backup_dir} to continue from.")
+        usage_error(f"--resume: no backup in {backup_dir} to continue from")
     if args.jit_compile and strategy.num_replicas_in_sync > 1 and not tf.config.list_logical_devices("GPU"):
         # XLA cannot reach a variable replica on another logical CPU device
         # ("resource located in device CPU:1"); multi-worker CPU runs were not
@@ -914,109 +1301,124 @@ def run(args, argv):
 
     # Data.
     num_classes = NUM_CLASSES.get(args.dataset, NUM_CLASSES[PRESETS[args.preset]["dataset"]])
-    train, test, num_train, num_test = make_datasets(args, num_classes)
-    steps_per_epoch = args.steps_per_epoch or max(1, num_train // args.batch_size)
+    train, test, num_train, num_test, steps_per_epoch = make_datasets(
+        args, num_classes, start_epoch=resumed_at or 0)
     print(f"{args.dataset}: {num_train} train / {num_test} test images, "
           f"{args.image_size}x{args.image_size}x3, {num_classes} classes; "
           f"{args.epochs} epochs x {steps_per_epoch} steps of {args.batch_size} "
           f"on {strategy.num_replicas_in_sync} replica(s)")
 
-    # Model.
+    # The models given as files, checked before anything is written.
+    init_model = teacher = None
     with strategy.scope():
-        model, origin = make_model(args, num_classes, steps_per_epoch, run_dir, train,
-                                   chief=chief)
-        print(f"model {model.name} ({args.mode}, {origin}): {model.count_params():,} parameters")
-        trained = model
+        if args.init_from is not None and args.mode == "transform":
+            warnings.warn("--init-from is ignored by --mode transform (trained from scratch)")
+        elif args.init_from is not None:
+            init_model = load_model_flag(args, "--init-from", args.init_from, num_classes)
         if args.teacher is not None:
-            teacher = load_keras(args.teacher)
-            trained = Distiller(model, teacher, args.kd_temperature, args.kd_weight)
-            trained.build((None, args.image_size, args.image_size, 3))
-            print(f"distilling from {args.teacher} (T={args.kd_temperature}, "
-                  f"w={args.kd_weight})")
-        optimizer = make_optimizer(args, steps_per_epoch)
-        compile_model(trained, args, optimizer, num_classes)
+            teacher = load_model_flag(args, "--teacher", args.teacher, num_classes)
 
-    # Training.
-    if resumed_at is not None:
-        print(f"resuming after epoch {resumed_at} from {backup_dir}")
-    if chief:  # the CSV is the chief's; a non-chief's backup says nothing of it
-        trim_csv(run_dir / "log.csv", resumed_at or 0)
-    # Order matters. At the end of an epoch the CSV row goes first and the
-    # backup after it: a kill in between repeats the row, which `trim_csv`
-    # drops on restart (the other order would lose it). At the start the
-    # backup is restored before the pruning callback reads the pruning step.
-    callbacks = []
-    if chief:
-        callbacks += [
-            keras.callbacks.CSVLogger(str(run_dir / "log.csv"), append=True),
-            keras.callbacks.TensorBoard(str(run_dir / "tensorboard")),
-        ]
-    callbacks.append(AtomicBackupAndRestore(backup_dir=str(backup_dir)))
-    if args.mode == "prune":
-        callbacks.append(UpdateTransformPruningStep(
-            saliency_data=train if args.criterion == "taylor" else None,
-            recalibrate_data=train if args.recalibrate_batches else None,
-            recalibrate_batches=max(1, args.recalibrate_batches)))
-    if chief:
-        callbacks.append(SaveCheckpoint(run_dir / "ckpt", model))
-    start = time.perf_counter()
-    history = trained.fit(
-        train, epochs=args.epochs, steps_per_epoch=steps_per_epoch,
-        validation_data=test, callbacks=callbacks, verbose=args.verbose, shuffle=False,
-    )
-    train_seconds = time.perf_counter() - start
-    epochs_done = history.epoch[-1] + 1 if history.epoch else (resumed_at or 0)
+    with run_folder(run_dir, backup_dir, chief):
+        # Model.
+        with strategy.scope():
+            model, origin, conversion = make_model(
+                args, num_classes, steps_per_epoch, run_dir, train, chief=chief,
+                init_model=init_model, resuming=resumed_at is not None)
+            print(f"model {model.name} ({args.mode}, {origin}): {model.count_params():,} parameters")
+            trained = model
+            if teacher is not None:
+                trained = Distiller(model, teacher, args.kd_temperature, args.kd_weight)
+                trained.build((None, args.image_size, args.image_size, 3))
+                print(f"distilling from {args.teacher} (T={args.kd_temperature}, "
+                      f"w={args.kd_weight})")
+            optimizer = make_optimizer(args, steps_per_epoch)
+            compile_model(trained, args, optimizer, num_classes)
 
-    # Results.
-    with strategy.scope():
-        final = strip_model(model) if args.mode == "prune" else model
-        compile_model(final, args, make_optimizer(args, steps_per_epoch), num_classes)
-    scores = final.evaluate(test, verbose=0, return_dict=True)
-    if not chief:
-        return None
-    final.save(run_dir / "final.keras")
-    cost = model_cost(final)
-    tflite_bytes, tflite_skipped = None, "--no-tflite"
-    if args.tflite:
-        tflite_bytes, tflite_skipped = tflite_size(final, run_dir / "model.tflite")
-    last = {k: float(v[-1]) for k, v in history.history.items()}
-    command = sys.argv if argv is None else [__file__, *argv]
-    results = {
-        "command": " ".join(str(part) for part in command),
-        "args": {k: (str(v) if isinstance(v, pathlib.Path) else v) for k, v in vars(args).items()},
-        "model": final.name,
-        "mode": args.mode,
-        "origin": origin,
-        "dataset": args.dataset,
-        "epochs": epochs_done,
-        "epochs_requested": args.epochs,
-        "resumed_from_epoch": resumed_at,
-        "steps_per_epoch": steps_per_epoch,
-        "optimizer_steps": int(keras.ops.convert_to_numpy(optimizer.iterations)),
-        "test_accuracy": float(scores["accuracy"]),
-        "test_top5": float(scores["top5"]) if "top5" in scores else None,
-        "test_loss": float(scores["loss"]),
-        "last_epoch_logs": last,
-        "params": int(cost.params),
-        "macs": int(cost.macs),
-        "dense_macs": int(cost.dense_macs),
-        "tflite_bytes": tflite_bytes,
-        "tflite_skipped": None if tflite_bytes is not None else tflite_skipped,
-        "train_seconds": train_seconds,
-        "replicas": strategy.num_replicas_in_sync,
-        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count()},
-        "versions": {"python": platform.python_version(), "keras": keras.__version__,
-                     "tensorflow": tf.__version__, "numpy": np.__version__},
-        "finished": epochs_done == args.epochs,
-    }
-    write_json_atomic(run_dir / "results.json", results)
-    top5 = "" if results["test_top5"] is None else f", top-5 {results['test_top5']:.4f}"
-    print(f"\n{final.name} ({args.mode}): test accuracy {results['test_accuracy']:.4f}{top5}, "
-          f"{results['params']:,} parameters, {results['macs']:,} multiply-adds, .tflite "
-          + (f"{tflite_bytes:,} bytes" if tflite_bytes is not None else f"skipped ({tflite_skipped})"))
-    print(f"run folder: {run_dir}")
-    return results
+        # Training.
+        if resumed_at is not None:
+            print(f"resuming after epoch {resumed_at} from {backup_dir}")
+        if chief:  # the CSV is the chief's; a non-chief's backup says nothing of it
+            trim_csv(run_dir / "log.csv", resumed_at or 0)
+        # Order matters. At the end of an epoch the CSV row goes first and the
+        # backup after it: a kill in between repeats the row, which `trim_csv`
+        # drops on restart (the other order would lose it). At the start the
+        # backup is restored before the pruning callback reads the pruning step.
+        clock = TrainClock(before=0.0 if backup is None else backup["train_seconds"])
+        callbacks = []
+        if chief:
+            callbacks += [
+                keras.callbacks.CSVLogger(str(run_dir / "log.csv"), append=True),
+                keras.callbacks.TensorBoard(str(run_dir / "tensorboard")),
+            ]
+        callbacks.append(AtomicBackupAndRestore(backup_dir=str(backup_dir), clock=clock))
+        if args.mode == "prune":
+            callbacks.append(UpdateTransformPruningStep(
+                saliency_data=train if args.criterion == "taylor" else None,
+                recalibrate_data=train if args.recalibrate_batches else None,
+                recalibrate_batches=max(1, args.recalibrate_batches)))
+        if chief:
+            callbacks.append(SaveCheckpoint(run_dir / "ckpt", model, clock))
+        clock.start()
+        history = trained.fit(
+            train, epochs=args.epochs, steps_per_epoch=steps_per_epoch,
+            validation_data=test, callbacks=callbacks, verbose=args.verbose, shuffle=False,
+        )
+        train_seconds = clock.seconds()
+        epochs_done = history.epoch[-1] + 1 if history.epoch else (resumed_at or 0)
+
+        # Results.
+        with strategy.scope():
+            final = strip_model(model) if args.mode == "prune" else model
+            compile_model(final, args, make_optimizer(args, steps_per_epoch), num_classes)
+        scores = final.evaluate(test, verbose=0, return_dict=True)
+        if not chief:
+            return None
+        final.save(run_dir / "final.keras")
+        cost = model_cost(final)
+        exported, tflite_skipped = None, "--no-tflite"
+        if args.tflite:
+            exported, tflite_skipped = export_final(final, run_dir / "model.tflite")
+        tflite_bytes = None if exported is None else int(exported.bytes)
+        last = {k: float(v[-1]) for k, v in history.history.items()}
+        command = sys.argv if argv is None else [__file__, *argv]
+        results = {
+            "command": " ".join(str(part) for part in command),
+            "args": {k: (str(v) if isinstance(v, pathlib.Path) else v) for k, v in vars(args).items()},
+            "model": final.name,
+            "mode": args.mode,
+            "origin": origin,
+            "dataset": args.dataset,
+            "epochs": epochs_done,
+            "epochs_requested": args.epochs,
+            "resumed_from_epoch": resumed_at,
+            "steps_per_epoch": steps_per_epoch,
+            "optimizer_steps": int(keras.ops.convert_to_numpy(optimizer.iterations)),
+            "test_accuracy": float(scores["accuracy"]),
+            "test_top5": float(scores["top5"]) if "top5" in scores else None,
+            "test_loss": float(scores["loss"]),
+            "last_epoch_logs": last,
+            "params": int(cost.params),
+            "macs": int(cost.macs),
+            "dense_macs": int(cost.dense_macs),
+            "tflite_bytes": tflite_bytes,
+            "tflite_skipped": None if exported is not None else tflite_skipped,
+            "layers": layer_details(final, conversion,
+                                    None if exported is None else exported.lowerings),
+            "train_seconds": train_seconds,
+            "replicas": strategy.num_replicas_in_sync,
+            "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count()},
+            "versions": {"python": platform.python_version(), "keras": keras.__version__,
+                         "tensorflow": tf.__version__, "numpy": np.__version__},
+            "finished": epochs_done == args.epochs,
+        }
+        write_json_atomic(run_dir / "results.json", results)
+        top5 = "" if results["test_top5"] is None else f", top-5 {results['test_top5']:.4f}"
+        print(f"\n{final.name} ({args.mode}): test accuracy {results['test_accuracy']:.4f}{top5}, "
+              f"{results['params']:,} parameters, {results['macs']:,} multiply-adds, .tflite "
+              + (f"{tflite_bytes:,} bytes" if tflite_bytes is not None else f"skipped ({tflite_skipped})"))
+        print(f"run folder: {run_dir}")
+        return results
 
 
 if __name__ == "__main__":
-    main()
+    main(args=ARGS)

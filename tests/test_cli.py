@@ -53,3 +53,115 @@ def test_analyze_command_finds_planted_redundancy(tmp_path, capsys):
     assert by_set["scalar"]["error"] > 0.1
     assert by_set["d4+scalar"]["error"] < 1e-6
     assert (tmp_path / "analysis.png").stat().st_size > 1000
+
+
+def test_analyze_without_matplotlib_writes_the_json_and_says_how_to_plot(
+        tmp_path, capsys, monkeypatch):
+    """matplotlib is not a base dependency: no plot, a one-line note, exit status 0."""
+    import sys
+
+    model = keras.Sequential([keras.Input((8, 8, 4)), keras.layers.Conv2D(8, 3, name="c")])
+    model.save(tmp_path / "m.keras")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+    assert cli.main(["analyze", str(tmp_path / "m.keras"), "--out-dir", str(tmp_path),
+                     "--sparsities", "0.5"]) == 0
+    printed = capsys.readouterr().out
+    assert json.loads((tmp_path / "analysis.json").read_text())["rows"]
+    assert not (tmp_path / "analysis.png").exists()
+    note = [line for line in printed.splitlines() if "matplotlib" in line]
+    assert len(note) == 1
+    assert "pip install matplotlib" in note[0] and "tf_transform_conv[examples]" in note[0]
+
+
+def _bad_model_files(folder):
+    """`(path, what the message must say)` for files that are not Keras models."""
+    text_keras = folder / "x.keras"
+    text_keras.write_text("not a model\n")
+    text_h5 = folder / "x.h5"
+    text_h5.write_text("not a model either\n")
+    no_config = folder / "empty.keras"
+    import zipfile
+
+    with zipfile.ZipFile(no_config, "w") as archive:
+        archive.writestr("model.weights.h5", b"")
+    other = folder / "model.txt"
+    other.write_text("x")
+    return [
+        (text_keras, "not a valid .keras file: it is not a zip archive"),
+        (text_h5, "not a valid Keras .h5 file: it is not an HDF5 file"),
+        (no_config, "not a valid .keras file: the archive holds no config.json"),
+        (other, "not a Keras model file: expected a .keras archive"),
+        (folder / "missing.keras", "no such file"),
+    ]
+
+
+@pytest.mark.parametrize("command", ["cost", "analyze", "export"])
+def test_unusable_model_files_are_one_line_usage_errors(tmp_path, capsys, command):
+    for path, reason in _bad_model_files(tmp_path):
+        argv = [command, str(path)] + ([str(tmp_path / "m.tflite")] if command == "export" else [])
+        with pytest.raises(SystemExit) as error:
+            cli.main(argv)
+        assert error.value.code == 2
+        (line,) = capsys.readouterr().err.splitlines()
+        assert line.startswith(f"tfconv {command}: error: {path}: {reason}"), line
+
+
+def test_a_model_keras_cannot_rebuild_is_a_usage_error(tmp_path, capsys):
+    """A well-formed archive whose configuration Keras rejects: one line with Keras's reason."""
+    import zipfile
+
+    path = tmp_path / "odd.keras"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("config.json", json.dumps({"class_name": "NoSuchLayer", "config": {}}))
+    with pytest.raises(SystemExit) as error:
+        cli.main(["cost", str(path)])
+    assert error.value.code == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"tfconv cost: error: {path}: not a valid .keras file: "
+                           "Keras could not load it (")
+
+
+def test_export_int8_without_samples_names_the_flag(tmp_path, capsys):
+    model = keras.Sequential([keras.Input((8, 8, 4)), keras.layers.Conv2D(8, 3)])
+    model.save(tmp_path / "m.keras")
+    with pytest.raises(SystemExit) as error:
+        cli.main(["export", str(tmp_path / "m.keras"), str(tmp_path / "m.tflite"),
+                  "--quantization", "int8"])
+    assert error.value.code == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert "--representative SAMPLES.npy" in line and "--quantization dynamic" in line
+    assert "representative_data" not in line and "quantization=" not in line
+    assert not (tmp_path / "m.tflite").exists()
+    with pytest.raises(SystemExit, match="--representative is used only with --quantization int8"):
+        cli.main(["export", str(tmp_path / "m.keras"), str(tmp_path / "m.tflite"),
+                  "--representative", str(tmp_path / "s.npy")])
+
+
+def test_command_exit_status_for_a_bad_file(tmp_path):
+    """The installed entry point: status 2 and the one-line message, no traceback."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "x.keras").write_text("hello\n")
+    proc = subprocess.run(
+        [sys.executable, "-c", "import sys; from tf_transform_conv.cli import main; "
+         "sys.exit(main())", "cost", str(tmp_path / "x.keras")],
+        capture_output=True, text=True, timeout=300,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"tfconv cost: error: {tmp_path / 'x.keras'}: not a valid .keras file" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_representative_that_is_not_an_array_is_a_usage_error(tmp_path, capsys):
+    model = keras.Sequential([keras.Input((8, 8, 4)), keras.layers.Conv2D(8, 3)])
+    model.save(tmp_path / "m.keras")
+    (tmp_path / "s.npy").write_text("not an array")
+    with pytest.raises(SystemExit) as error:
+        cli.main(["export", str(tmp_path / "m.keras"), str(tmp_path / "m.tflite"),
+                  "--quantization", "int8", "--representative", str(tmp_path / "s.npy")])
+    assert error.value.code == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"tfconv export: error: {tmp_path / 's.npy'}: not a .npy array")

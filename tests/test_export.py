@@ -427,7 +427,7 @@ def test_export_command_int8_with_representative_npy(tmp_path, capsys):
 def test_export_command_errors(tmp_path):
     model = transform_conv_model()
     model.save(tmp_path / "m.keras")
-    with pytest.raises(SystemExit, match="pass representative_data="):
+    with pytest.raises(SystemExit, match="pass --representative"):
         cli.main(["export", str(tmp_path / "m.keras"), str(tmp_path / "m.tflite"),
                   "--quantization", "int8"])
     with pytest.raises(SystemExit, match="no such file"):

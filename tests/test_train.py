@@ -12,6 +12,7 @@ import importlib.util
 import json
 import os
 import pathlib
+import re
 import signal
 import socket
 import subprocess
@@ -31,6 +32,7 @@ def load_train():
     """Imports the script by path: `examples/` is not a package."""
     spec = importlib.util.spec_from_file_location("train_example", SCRIPT)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # AutoGraph looks functions' modules up there
     spec.loader.exec_module(module)
     return module
 
@@ -172,13 +174,20 @@ def test_cifar_offline_says_what_to_download(train, tmp_path, monkeypatch):
     assert str(tmp_path) in str(error.value)
 
 
-def test_augmentations_keep_shapes(train):
+def test_augmentations_keep_shapes_and_follow_their_seed(train):
     import tensorflow as tf
 
     image = tf.cast(tf.random.uniform((32, 32, 3), 0, 255), tf.uint8)
-    assert train.cifar_train_augment(image).shape == (32, 32, 3)
+    crops = [train.cifar_train_augment(image, tf.constant(seed, tf.int64))
+             for seed in ([0, 1], [0, 1], [0, 2], [5, 1])]
+    assert crops[0].shape == (32, 32, 3)
+    np.testing.assert_array_equal(crops[0], crops[1])
+    assert any(not np.array_equal(crops[0], other) for other in crops[2:])
     jpeg = tf.io.encode_jpeg(tf.cast(tf.random.uniform((300, 400, 3), 0, 255), tf.uint8))
-    assert train.imagenet_train_crop(jpeg, 224).shape == (224, 224, 3)
+    seed = tf.constant([3, 4], tf.int64)
+    crop = train.imagenet_train_crop(jpeg, seed, 224)
+    assert crop.shape == (224, 224, 3)
+    np.testing.assert_array_equal(crop, train.imagenet_train_crop(jpeg, seed, 224))
     assert train.imagenet_eval_crop(jpeg, 224).shape == (224, 224, 3)
 
 
@@ -225,6 +234,238 @@ def test_distillation_lowers_kd_loss(train):
 
 
 # ----------------------------------------------------------------------------
+# Fast: what a start checks, and what it leaves behind
+
+
+def run_in_process(args):
+    """Runs the script as `python train.py ARGS` would, in a fresh interpreter.
+
+    Prints whether TensorFlow and Keras were imported and the exit status,
+    as the last line.
+    """
+    code = (
+        "import runpy, sys\n"
+        f"sys.argv = [{str(SCRIPT)!r}, *sys.argv[1:]]\n"
+        "status = 0\n"
+        "try:\n"
+        f"    runpy.run_path({str(SCRIPT)!r}, run_name='__main__')\n"
+        "except SystemExit as exit:\n"
+        "    status = exit.code\n"
+        "print('tensorflow' in sys.modules, 'keras' in sys.modules, status)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                          env=env, timeout=300)
+
+
+@pytest.mark.parametrize("args, status", [
+    (["--help"], 0),
+    (["--final-sparsity", "1.5"], 2),
+    (["--mode", "distill"], 2),
+])
+def test_help_and_argument_errors_do_not_import_tensorflow(args, status):
+    proc = run_in_process(args)
+    assert proc.stdout.splitlines()[-1] == f"False False {status}", proc.stdout + proc.stderr
+    if status:
+        assert "train.py: error:" in proc.stderr
+
+
+def test_startup_prints_no_tensorflow_log_lines(tmp_path):
+    """TensorFlow is imported, devices start, a model is read; no C++ or absl log line shows."""
+    import keras
+
+    keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Conv2D(4, 3)]).save(tmp_path / "m.keras")
+    proc = run_in_process(["--dataset", "synthetic", "--synthetic-size", "16", "--mode", "prune",
+                           "--init-from", str(tmp_path / "m.keras"),
+                           "--run-dir", str(tmp_path / "run"), *FAST])
+    assert proc.stdout.splitlines()[-1] == "True True 2", proc.stdout + proc.stderr
+    assert "the model takes inputs of shape (8, 8, 3)" in proc.stderr
+    lines = (proc.stdout + proc.stderr).splitlines()
+    noise = [line for line in lines if re.match(r"[IWEF]\d{4} ", line) or "absl::" in line]
+    assert not noise, noise
+    assert not (tmp_path / "run").exists()
+
+
+def expect_usage_error(capsys, call):
+    """Runs `call`, which must exit with status 2; returns the error line."""
+    with pytest.raises(SystemExit) as error:
+        call()
+    assert error.value.code == 2
+    return capsys.readouterr().err.splitlines()[-1]
+
+
+def test_unknown_model_and_unusable_base_ratio_are_usage_errors(train, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    message = expect_usage_error(capsys, lambda: train.main(
+        ["--model", "resnet999", "--dataset", "synthetic", "--run-dir", str(run_dir)]))
+    assert "--model resnet999: no such model" in message and "resnet20" in message
+    message = expect_usage_error(capsys, lambda: train.main(
+        ["--mode", "transform", "--base-ratio", "0.3", "--dataset", "synthetic",
+         "--run-dir", str(run_dir)]))
+    assert "--base-ratio 0.3" in message and "pass --transforms" in message
+    assert "`transforms`" not in message
+    message = expect_usage_error(capsys, lambda: train.main(
+        ["--mode", "transform", "--transforms", "d4", "--dataset", "synthetic",
+         "--run-dir", str(run_dir)]))
+    assert "--base-ratio must be 1/8 = 0.125 (got 0.25)" in message
+    message = expect_usage_error(capsys, lambda: train.main(
+        ["--mode", "transform", "--transforms", "rot45", "--dataset", "synthetic",
+         "--run-dir", str(run_dir)]))
+    assert "--transforms rot45: " in message
+    assert not run_dir.exists()
+
+
+def test_unusable_model_files_are_usage_errors(train, tmp_path, capsys):
+    import keras
+
+    (tmp_path / "text.keras").write_text("not a model\n")
+    (tmp_path / "text.h5").write_text("not a model\n")
+    keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Conv2D(4, 3),
+                      keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(10)]
+                     ).save(tmp_path / "small.keras")
+    keras.Sequential([keras.Input((32, 32, 3)), keras.layers.GlobalAveragePooling2D(),
+                      keras.layers.Dense(7)]).save(tmp_path / "seven.keras")
+    run_dir = tmp_path / "run"
+    base = ["--dataset", "synthetic", "--synthetic-size", "16", "--run-dir", str(run_dir), *FAST]
+    cases = [
+        (["--mode", "prune", "--init-from", str(tmp_path / "text.keras")],
+         f"--init-from {tmp_path / 'text.keras'}: not a valid .keras file: it is not a zip"),
+        (["--teacher", str(tmp_path / "text.h5")],
+         f"--teacher {tmp_path / 'text.h5'}: not a valid Keras .h5 file: it is not an HDF5"),
+        (["--mode", "convert", "--init-from", str(tmp_path / "small.keras")],
+         "the model takes inputs of shape (8, 8, 3), but the data are (32, 32, 3) images "
+         "(--image-size 32, RGB); pass --image-size 8"),
+        (["--teacher", str(tmp_path / "seven.keras")],
+         "the model outputs (7,), but synthetic has 10 classes"),
+    ]
+    for args, expected in cases:
+        message = expect_usage_error(capsys, lambda: train.main(base + args))
+        assert expected in message, message
+    assert not run_dir.exists()
+
+
+def test_cifar_without_tensorflow_datasets_says_what_to_install(train, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # as if not installed
+    with pytest.raises(SystemExit) as error:
+        train.main(["--dataset", "cifar10", "--run-dir", str(tmp_path / "run"), *FAST])
+    message = str(error.value)
+    assert len(message.splitlines()) == 1
+    assert "pip install tensorflow-datasets" in message
+    assert "--dataset digits" in message and "--dataset synthetic" in message
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_failed_start_leaves_the_run_folder_as_it_found_it(train, tmp_path, monkeypatch):
+    """A convert run that fails after writing converted.keras: nothing of it is left."""
+    import keras
+
+    keras.Sequential([keras.Input((32, 32, 3)), keras.layers.Conv2D(8, 3, name="c"),
+                      keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(10)]
+                     ).save(tmp_path / "tiny.keras")
+    converted = []
+
+    def failing_compile(*args, **kwargs):
+        converted.extend(p.name for p in tmp_path.rglob("converted.keras"))
+        raise RuntimeError("failed while compiling")
+
+    monkeypatch.setattr(train, "compile_model", failing_compile)
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "notes.txt").write_text("mine")
+    for run_dir in (tmp_path / "new", kept):
+        with pytest.raises(RuntimeError, match="failed while compiling"):
+            train.main(["--dataset", "synthetic", "--synthetic-size", "16", "--mode", "convert",
+                        "--init-from", str(tmp_path / "tiny.keras"), "--run-dir", str(run_dir),
+                        *FAST])
+    assert converted == ["converted.keras", "converted.keras"]  # the failure came after it
+    assert not (tmp_path / "new").exists()
+    assert [p.name for p in kept.iterdir()] == ["notes.txt"]
+
+
+def test_a_finished_run_is_not_retrained(train, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    (run_dir / "ckpt").mkdir(parents=True)
+    results = json.dumps({"finished": True, "mode": "dense", "epochs": 3, "test_accuracy": 0.75})
+    (run_dir / "results.json").write_text(results)
+    command = ["--dataset", "synthetic", "--synthetic-size", "16", "--run-dir", str(run_dir),
+               *FAST]
+    for extra in ([], ["--resume"]):
+        message = expect_usage_error(capsys, lambda: train.main(command + extra))
+        assert f"{run_dir} holds a finished run (dense, 3 epochs, test accuracy 0.7500" in message
+        assert "pass --fresh" in message
+    assert (run_dir / "results.json").read_text() == results
+    # Trained to the end (the backup is gone) but stopped before results.json.
+    (run_dir / "results.json").unlink()
+    (run_dir / "ckpt" / "last.json").write_text('{"epoch": 3}')
+    message = expect_usage_error(capsys, lambda: train.main(command))
+    assert "holds a model trained for 3 epochs" in message and "pass --fresh" in message
+
+
+def test_fresh_deletes_the_run_outputs_only(train, tmp_path):
+    backup = tmp_path / "backup"
+    for name in train.RUN_OUTPUTS:
+        path = tmp_path / name
+        if "." in name:
+            path.write_text("x")
+        else:
+            (path / "inner").mkdir(parents=True)
+    (backup / "x").mkdir(parents=True)
+    (tmp_path / "notes.txt").write_text("mine")
+    train.start_over(tmp_path, backup, chief=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
+def test_json_outputs_get_the_mode_of_other_files(train, tmp_path):
+    """Not 0600 as a bare temporary file: what open() gives under the umask."""
+    import stat
+
+    (tmp_path / "probe").write_text("")
+    train.write_json_atomic(tmp_path / "results.json", {"a": 1})
+    mode = stat.S_IMODE((tmp_path / "results.json").stat().st_mode)
+    assert mode == stat.S_IMODE((tmp_path / "probe").stat().st_mode)
+    assert json.loads((tmp_path / "results.json").read_text()) == {"a": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["probe", "results.json"]
+
+
+def test_a_resumed_stream_continues_the_uninterrupted_one(train, monkeypatch):
+    """Batches from epoch 2 on, started afresh, equal the uninterrupted stream's.
+
+    Epochs of 3 steps over passes of 5 batches start mid-pass; CIFAR-10's
+    random crops and flips (on stand-in images) repeat too.
+    """
+    import tensorflow as tf
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (40, 32, 32, 3), dtype=np.uint8)
+    labels = rng.integers(0, 10, 40)
+
+    def fake_cifar(args):
+        def split(n):
+            return tf.data.Dataset.from_tensor_slices((images[:n], labels[:n]))
+        return split(40), split(8), 40, 8
+
+    monkeypatch.setattr(train, "load_tfds", fake_cifar)
+    args = train.parse_args(["--dataset", "cifar10", "--batch-size", "8", "--steps-per-epoch",
+                             "3", "--seed", "3"])
+
+    def batches(start_epoch, count):
+        data, _, _, _, steps = train.make_datasets(args, 10, start_epoch=start_epoch)
+        assert steps == 3
+        return list(data.take(count).as_numpy_iterator())
+
+    whole = batches(0, 12)
+    resumed = batches(2, 6)
+    for (x, y), (x2, y2) in zip(whole[6:], resumed):
+        np.testing.assert_array_equal(x, x2)
+        np.testing.assert_array_equal(y, y2)
+    # Each pass is a new order of all the images, each batch full.
+    first_pass = np.concatenate([y.argmax(1) for _, y in whole[:5]])
+    second_pass = np.concatenate([y.argmax(1) for _, y in whole[5:10]])
+    assert sorted(first_pass) == sorted(second_pass) == sorted(labels)
+    assert not np.array_equal(first_pass, second_pass)
+
+
+# ----------------------------------------------------------------------------
 # Slow: end to end
 
 
@@ -248,6 +489,18 @@ def test_transform_mode_with_teacher(train, dense_run, tmp_path):
     assert results["tflite_bytes"] > 0
     assert results["params"] < dense["params"] / 2
     assert "kd_loss" in results["last_epoch_logs"]
+    # Per TransformConv2D: its bases and how the .tflite file writes it.
+    import keras
+
+    final = keras.saving.load_model(tmp_path / "final.keras", compile=False)
+    convs = [l for l in final._flatten_layers() if type(l).__name__ == "TransformConv2D"]
+    assert [row["name"] for row in results["layers"]] == [l.name for l in convs]
+    for row, layer in zip(results["layers"], convs):
+        assert (row["filters"], row["base_filters"]) == (layer.filters, layer.base_filters)
+        assert row["base_filters"] * 4 == row["filters"]  # base ratio 0.25
+        assert row["transform_family"] == "discrete" and len(row["transforms"]) == 4
+        assert row["tflite_lowering"] in ("grouped", "slices", "dense")
+        assert "reconstruction_error" not in row
 
 
 @pytest.mark.slow
@@ -266,6 +519,17 @@ def test_prune_and_convert_from_dense_checkpoint(train, dense_run, tmp_path, mod
     final = keras.saving.load_model(tmp_path / "final.keras", compile=False)
     kinds = {type(layer).__name__ for layer in final.layers}
     assert "TransformConv2D" in kinds and "TransformPruning" not in kinds
+    # Per TransformConv2D of the final model; the conversion's fitting error.
+    convs = [l for l in final.layers if type(l).__name__ == "TransformConv2D"]
+    assert [row["name"] for row in results["layers"]] == [l.name for l in convs]
+    for row, layer in zip(results["layers"], convs):
+        assert (row["filters"], row["base_filters"]) == (layer.filters, layer.base_filters)
+        assert row["base_filters"] < row["filters"] and row["transform_family"] == "discrete"
+        assert "tflite_lowering" not in row  # --no-tflite
+        if mode == "convert":
+            assert 0.0 < row["reconstruction_error"] < 1.0
+        else:
+            assert "reconstruction_error" not in row
 
 
 @pytest.mark.slow
@@ -365,11 +629,14 @@ def test_backup_survives_a_kill_while_writing(train, tmp_path):
         return m
 
     saved = model()
-    backup = train.AtomicBackupAndRestore(backup_dir=str(tmp_path))
+    clock = train.TrainClock(before=100.0)  # seconds of earlier processes
+    backup = train.AtomicBackupAndRestore(backup_dir=str(tmp_path), clock=clock)
     backup.set_model(saved)
+    clock.start()
     backup.on_epoch_end(0)  # commits epoch 1
     (tmp_path / "epoch-2-batch-0.weights.h5").write_bytes(b"\x89HDF")  # killed mid-write
-    assert train.backup_epoch(tmp_path) == 1
+    committed = train.read_backup(tmp_path)
+    assert committed["epoch"] == 1 and committed["train_seconds"] >= 100.0
 
     restored = model()
     restore = train.AtomicBackupAndRestore(backup_dir=str(tmp_path))
@@ -380,7 +647,7 @@ def test_backup_survives_a_kill_while_writing(train, tmp_path):
         np.testing.assert_array_equal(a, b)
     backup.on_epoch_end(1)  # the next commit replaces the stray file
     assert sorted(p.name for p in tmp_path.glob("*.weights.h5")) == ["epoch-2-batch-0.weights.h5"]
-    assert train.backup_epoch(tmp_path) == 2
+    assert train.read_backup(tmp_path)["epoch"] == 2
 
 
 @pytest.mark.slow
@@ -412,3 +679,96 @@ def test_killed_run_restarts_where_it_stopped(tmp_path):
     final = keras.saving.load_model(tmp_path / "final.keras", compile=False)
     convs = [layer for layer in final.layers if type(layer).__name__ == "TransformConv2D"]
     assert convs and all(layer.base_filters <= layer.filters // 4 + 1 for layer in convs)
+
+
+class Interrupted(Exception):
+    """Stands for a kill after an epoch's backup and checkpoint were written."""
+
+
+@pytest.mark.slow
+def test_a_resumed_run_trains_on_the_data_of_an_uninterrupted_one(train, tmp_path, monkeypatch):
+    """Interrupted after epoch 1 of 3 and restarted: epochs 2 and 3 get the same batches.
+
+    Also: the training seconds add up across the two processes, the JSON
+    outputs have the mode of the other files, a finished run is not
+    retrained, and --fresh trains it again on the same data.
+    """
+    import stat
+
+    import tensorflow as tf
+
+    seen = []  # per make_datasets call, the batches as fed: image sums and labels
+    make_datasets = train.make_datasets
+
+    def recording(*args, **kwargs):
+        batches = []
+        seen.append(batches)
+        data, *rest = make_datasets(*args, **kwargs)
+
+        def record(x, y):
+            def note(x, y):
+                batches.append(np.concatenate([np.sum(x.numpy(), axis=(1, 2, 3)),
+                                               np.argmax(y.numpy(), axis=1)]))
+                return y
+
+            noted = tf.py_function(note, [x, y], y.dtype)
+            noted.set_shape(y.shape)
+            return x, noted
+
+        return (data.map(record), *rest)
+
+    monkeypatch.setattr(train, "make_datasets", recording)
+    save_checkpoint = train.SaveCheckpoint.on_epoch_end
+    interrupt = {"after": None}
+
+    def maybe_interrupt(self, epoch, logs=None):
+        save_checkpoint(self, epoch, logs)
+        if epoch == interrupt["after"]:
+            raise Interrupted
+
+    monkeypatch.setattr(train.SaveCheckpoint, "on_epoch_end", maybe_interrupt)
+    steps, epochs = 3, 3
+    command = ["--dataset", "synthetic", "--synthetic-size", "40", "--epochs", str(epochs),
+               "--steps-per-epoch", str(steps), "--batch-size", "8", "--no-jit-compile",
+               "--verbose", "0", "--no-tflite", "--seed", "5"]
+    whole = train.main(command + ["--run-dir", str(tmp_path / "whole")])
+    assert whole["resumed_from_epoch"] is None
+
+    run_dir = tmp_path / "resumed"
+    interrupt["after"] = 0
+    with pytest.raises(Interrupted):
+        train.main(command + ["--run-dir", str(run_dir)])
+    first_seconds = json.loads((run_dir / "ckpt" / "last.json").read_text())["train_seconds"]
+    assert first_seconds > 0
+    interrupt["after"] = None
+    results = train.main(command + ["--run-dir", str(run_dir)])
+    assert results["resumed_from_epoch"] == 1
+    check_results(run_dir, epochs, "dense")
+
+    uninterrupted, before_kill, after_restart = seen[0], seen[1], seen[2]
+    assert len(uninterrupted) >= epochs * steps and len(after_restart) >= (epochs - 1) * steps
+    for a, b in zip(uninterrupted[:steps], before_kill[:steps]):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(uninterrupted[steps:epochs * steps], after_restart[:(epochs - 1) * steps]):
+        np.testing.assert_array_equal(a, b)
+
+    # The seconds of both processes: the restart's checkpoints count on from the first's.
+    last_seconds = json.loads((run_dir / "ckpt" / "last.json").read_text())["train_seconds"]
+    assert first_seconds < last_seconds <= results["train_seconds"]
+    # The JSON outputs have the mode of the other outputs (umask-derived, not 0600).
+    other = stat.S_IMODE((run_dir / "final.keras").stat().st_mode)
+    for name in ("results.json", "ckpt/last.json"):
+        assert stat.S_IMODE((run_dir / name).stat().st_mode) == other, name
+
+    # The same command again: refused, the results untouched.
+    finished = (run_dir / "results.json").read_bytes()
+    with pytest.raises(SystemExit) as error:
+        train.main(command + ["--run-dir", str(run_dir)])
+    assert error.value.code == 2
+    assert (run_dir / "results.json").read_bytes() == finished
+    # --fresh starts over: the same data as the uninterrupted run, from epoch 1.
+    again = train.main(command + ["--run-dir", str(run_dir), "--fresh"])
+    assert again["resumed_from_epoch"] is None and again["epochs"] == epochs
+    for a, b in zip(uninterrupted[:epochs * steps], seen[-1][:epochs * steps]):
+        np.testing.assert_array_equal(a, b)
+    assert csv_epochs(run_dir) == list(range(epochs))

@@ -16,6 +16,13 @@ are stored; see `export.lowering_choice`), prints
 its size against the parameter bytes and, for float32 and float16 files,
 checks it against the Keras model on random inputs (see
 `tf_transform_conv.export`).
+
+`analysis.png` needs matplotlib, which the base install leaves out (it is in
+the `examples` extra): without it `analyze` writes the table and the JSON and
+says in one line how to get the plot. A model file that is missing or is not
+a Keras model (`.keras` archive, or legacy `.h5`) is reported in one line,
+naming the path and what is wrong, with exit status 2, as are other
+unusable arguments.
 """
 
 import argparse
@@ -23,22 +30,93 @@ import collections
 import json
 import os
 import sys
+import zipfile
+
+_HDF5_SUFFIXES = (".h5", ".hdf5")
+_PLOT_MISSING = (
+    "analysis.png not written: plotting needs matplotlib, which is not installed "
+    "(pip install matplotlib, or pip install 'tf_transform_conv[examples]')"
+)
 
 
-def _load(path, command):
+class UsageError(SystemExit):
+    """An argument or input file the command cannot use: one line on stderr, exit status 2.
+
+    A `SystemExit` (status 2, as argparse's own errors) whose `str` is the message.
+    """
+
+    def __init__(self, message):
+        super().__init__(2)
+        self.message = message
+
+    def __str__(self):
+        return self.message
+
+
+def load_model_file(path):
+    """Loads a Keras model file (safe mode, uncompiled) or says in one line why not.
+
+    Accepts a `.keras` archive (what `model.save("m.keras")` writes) or a
+    legacy `.h5`/`.hdf5` file. The package's layers are registered first.
+
+    Raises:
+        ValueError: naming `path` and what is wrong with it: missing, a
+            folder, another kind of file, not a zip archive (`.keras`) or
+            not an HDF5 file (`.h5`), an archive without a model
+            configuration, or what Keras raised while rebuilding the model.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise ValueError(f"{path}: no such file")
+    if os.path.isdir(path):
+        raise ValueError(f"{path}: is a folder, not a .keras file")
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix == ".keras":
+        what = "not a valid .keras file"
+        if not zipfile.is_zipfile(path):
+            raise ValueError(
+                f"{path}: {what}: it is not a zip archive (a .keras file is the archive "
+                "that model.save('model.keras') writes)"
+            )
+        with zipfile.ZipFile(path) as archive:
+            if "config.json" not in archive.namelist():
+                raise ValueError(f"{path}: {what}: the archive holds no config.json")
+    elif suffix in _HDF5_SUFFIXES:
+        import h5py
+
+        what = f"not a valid Keras {suffix} file"
+        if not h5py.is_hdf5(path):
+            raise ValueError(f"{path}: {what}: it is not an HDF5 file")
+    else:
+        raise ValueError(
+            f"{path}: not a Keras model file: expected a .keras archive "
+            f"(model.save('model.keras')) or a legacy .h5 file, got "
+            f"{repr(suffix) + ' file' if suffix else 'a name without extension'}"
+        )
     import keras
 
     import tf_transform_conv  # noqa: F401  (registers the package's layers)
 
-    if not os.path.isfile(path):
-        raise SystemExit(f"tfconv {command}: no such file: {path}")
-    return keras.saving.load_model(path, safe_mode=True, compile=False)
+    try:
+        return keras.saving.load_model(path, safe_mode=True, compile=False)
+    except Exception as error:  # any failure to rebuild: reported, not a traceback
+        detail = (str(error).strip().splitlines() or [""])[0]
+        raise ValueError(
+            f"{path}: {what}: Keras could not load it ({type(error).__name__}: {detail})"
+        ) from None
+
+
+def _load(path):
+    try:
+        return load_model_file(path)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
 
 
 def _cost(args):
     from tf_transform_conv.cost import model_cost
 
-    cost = model_cost(_load(args.model, "cost"))
+    cost = model_cost(_load(args.model))
     cost.summary()
     if args.json:
         with open(args.json, "w") as f:
@@ -49,7 +127,7 @@ def _cost(args):
 def _analyze(args):
     from tf_transform_conv import analyze
 
-    model = _load(args.model, "analyze")
+    model = _load(args.model)
     rows = analyze.analyze_model(model, sparsities=args.sparsities, seed=args.seed)
     if not rows:
         raise SystemExit(
@@ -60,8 +138,14 @@ def _analyze(args):
     os.makedirs(args.out_dir, exist_ok=True)
     with open(os.path.join(args.out_dir, "analysis.json"), "w") as f:
         json.dump({"model": args.model, "rows": [r.to_dict() for r in rows]}, f, indent=2)
-    analyze.plot_rows(rows, os.path.join(args.out_dir, "analysis.png"))
-    print(f"wrote {args.out_dir}/analysis.json and analysis.png")
+    try:
+        analyze.plot_rows(rows, os.path.join(args.out_dir, "analysis.png"))
+    except ModuleNotFoundError as error:
+        if error.name != "matplotlib":
+            raise
+        print(f"wrote {args.out_dir}/analysis.json; {_PLOT_MISSING}")
+    else:
+        print(f"wrote {args.out_dir}/analysis.json and analysis.png")
     return 0
 
 
@@ -70,13 +154,31 @@ def _export(args):
 
     from tf_transform_conv import export
 
-    model = _load(args.model, "export")
-    quantization = None if args.quantization == "float32" else args.quantization
+    if args.quantization == "int8" and not args.representative:
+        raise UsageError(
+            "--quantization int8 (full integer) calibrates the activation ranges on "
+            "sample inputs: pass --representative SAMPLES.npy (a few hundred inputs, "
+            "shape (num_samples, *input_shape)), or use --quantization dynamic, which "
+            "needs none"
+        )
+    if args.representative and args.quantization != "int8":
+        raise UsageError(
+            f"--representative is used only with --quantization int8 "
+            f"(got --quantization {args.quantization})"
+        )
     representative = None
     if args.representative:
         if not os.path.isfile(args.representative):
-            raise SystemExit(f"tfconv export: no such file: {args.representative}")
-        representative = np.load(args.representative)
+            raise UsageError(f"{args.representative}: no such file (--representative)")
+        try:
+            representative = np.load(args.representative, allow_pickle=False)
+        except (OSError, ValueError) as error:
+            raise UsageError(
+                f"{args.representative}: not a .npy array of sample inputs "
+                f"(--representative): {(str(error).splitlines() or [''])[0]}"
+            ) from None
+    model = _load(args.model)
+    quantization = None if args.quantization == "float32" else args.quantization
     try:
         result = export.export_tflite(
             model, args.output, quantization=quantization,
@@ -84,7 +186,7 @@ def _export(args):
             lowering=args.lowering,
         )
     except ValueError as e:
-        raise SystemExit(f"tfconv export: {e}") from None
+        raise UsageError(str(e)) from None
     per_param = result.param_bytes // max(result.params, 1)
     print(f"wrote {result.path} ({args.quantization}, batch {result.batch_size})")
     print(f"  file size        {result.bytes:>12,} bytes")
@@ -121,6 +223,16 @@ def _export(args):
     return 0
 
 
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
 def _sparsity(text):
     value = float(text)
     if not 0 <= value < 1:
@@ -143,7 +255,10 @@ def build_parser():
         "analyze", help="how well each Conv2D's filters are rebuilt by each transform"
     )
     analyze.add_argument("model", help="path to a .keras file")
-    analyze.add_argument("--out-dir", default=".", help="where analysis.json/.png go (.)")
+    analyze.add_argument(
+        "--out-dir", default=".",
+        help="where analysis.json and analysis.png go (.); the plot needs matplotlib",
+    )
     analyze.add_argument(
         "--sparsities", type=_sparsity, nargs="+", default=[0.25, 0.5, 0.75],
         help="fractions of filters to reconstruct (0.25 0.5 0.75)",
@@ -163,7 +278,8 @@ def build_parser():
         "--representative", metavar="NPY",
         help="a .npy file of sample inputs (num_samples, *input_shape), for int8",
     )
-    export.add_argument("--batch-size", type=int, default=1, help="the file's batch (1)")
+    export.add_argument("--batch-size", type=_positive_int, default=1,
+                        help="the file's batch (1)")
     export.add_argument(
         "--lowering", choices=["auto", "grouped", "slices", "dense"], default="auto",
         help="how TransformConv2D layers are written: grouped convolutions, "
@@ -171,7 +287,7 @@ def build_parser():
         "compact form, dense only for few-channel stems)",
     )
     export.add_argument(
-        "--verify-samples", type=int, default=8,
+        "--verify-samples", type=_positive_int, default=8,
         help="random inputs for the float check (8)",
     )
     export.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
@@ -181,7 +297,11 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except UsageError as error:
+        print(f"tfconv {args.command}: error: {error}", file=sys.stderr)
+        raise
 
 
 if __name__ == "__main__":
