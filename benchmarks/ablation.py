@@ -1,0 +1,578 @@
+"""Ablation, offline on CPU: does rebuilding pruned filters beat removing or zeroing them?
+
+The task ("cluttered digits") is made here from scikit-learn's handwritten
+digits, so nothing is downloaded: each 20x20 image holds one digit, zoomed
+1.3-1.8x, rotated up to 30 degrees either way and placed at random, over two
+zoomed 4x4 fragments of other digits and Gaussian noise (sigma 0.15). The
+digits of the training and test images come from disjoint halves of the
+1,797 originals. It is hard enough that width matters: the `quarter` row (half
+the filters everywhere, a quarter of the convolution parameters) must trail
+`dense` by at least 5 points.
+
+The network: four 3x3 convolutions (32, 32, 64, 64 filters, no bias), each
+with batch norm and ReLU, max-pools after the second and the fourth, global
+average pooling and a 10-way `Dense`. Every row trains from random
+initialisation for the same epochs on the same images (Adam, cosine decay,
+batch 64, XLA), one seed per run; the pruning rows prune during training,
+linearly (tfmot `PolynomialDecay`, power 1) from 0 to the row's rate over the
+first 40% of the steps, every quarter epoch, as the paper does over its first
+40 of 300 epochs. Rows, at pruning rates 0.7 and 0.9:
+
+    removed         a thinner network (each layer keeps `kept_filters(F, rate)`)
+    zeroed          magnitude filter pruning: the smallest-L2 filters of each
+                    layer are zeroed and kept at zero (no reconstruction)
+    discrete        prune_model, d4 transforms with a scale, our selection
+                    (reconstruction criterion, fitted assignment, per layer)
+    scalar          the paper's scalar family (per-tap multipliers), our selection
+    rotation        learned rotations, our selection
+    affine          learned affine maps, our selection
+    discrete+scalar the scalar family after a d4 transform, our selection
+    paper           the scalar family with the paper's selection: one global
+                    magnitude ranking (at least 2 bases per layer), `o mod n`
+    ... +kd         the same, distilled from the dense model of the seed
+                    (T = 4, weight 0.9 on the distillation term)
+
+and, once: `dense`, and `quarter`. One-shot rows (no training after the
+conversion) take each seed's dense model through `transform_model` (d4 with
+a scale; scalar) and score it as converted, after `recalibrate_batch_norm`
+(20 batches of 64 training images), and after fitting each converted layer
+to the dense layer's outputs on training images (`fit_outputs`: 200 Adam
+steps per layer, then recalibrating again).
+
+Runs go to worker processes (`--workers`, one thread each). Writes JSON
+(machine, versions, command, every run) and a PNG beside it.
+
+Usage:
+    python benchmarks/ablation.py                      # 3 seeds, every row
+    python benchmarks/ablation.py --quick              # 1 seed, a few rows, short
+    python benchmarks/ablation.py --seeds 5 --rows dense removed scalar
+"""
+
+import argparse
+import datetime
+import json
+import os
+import shlex
+import sys
+import tempfile
+import time
+from concurrent import futures
+from pathlib import Path
+
+import numpy as np
+
+import common  # noqa: E402  (benchmarks/common.py, beside this script)
+
+WIDTHS = (32, 32, 64, 64)
+SIZE = 20
+RATES = (0.7, 0.9)
+BATCH = 64
+LEARNING_RATE = 3e-3
+PRUNE_FRACTION = 0.4  # the schedule ends at this fraction of the training steps
+KD_TEMPERATURE, KD_WEIGHT = 4.0, 0.9
+MIN_BASES_PAPER = 2
+RECALIBRATE_BATCHES = 20
+OUTPUT_FIT_STEPS = 200
+
+# Row name -> prune_model options (None: not a prune_model row).
+SELECTION_OURS = dict(criterion="reconstruction", allocation="per_layer", assign="fit")
+SELECTION_PAPER = dict(criterion="magnitude", allocation="global", assign="modulo",
+                       min_bases=MIN_BASES_PAPER)
+PRUNED = {
+    "discrete": dict(transforms="d4", transform_family="discrete", **SELECTION_OURS),
+    "scalar": dict(transforms="identity", transform_family="scalar", **SELECTION_OURS),
+    "rotation": dict(transforms="identity", transform_family="rotation", **SELECTION_OURS),
+    "affine": dict(transforms="identity", transform_family="affine", **SELECTION_OURS),
+    "discrete+scalar": dict(transforms="d4", transform_family="scalar", **SELECTION_OURS),
+    "paper": dict(transforms="identity", transform_family="scalar", **SELECTION_PAPER),
+}
+KD_ROWS = ("removed+kd", "scalar+kd", "paper+kd")
+ROWS = ("dense", "quarter", "removed", "zeroed", *PRUNED, *KD_ROWS)
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "ablation.json"
+QUICK_OUT = DEFAULT_OUT.with_name("ablation_quick.json")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", nargs="+", choices=ROWS, default=None,
+                        help="rows to run (default: all; dense always runs)")
+    parser.add_argument("--rates", nargs="+", type=float, default=list(RATES),
+                        help="pruning rates (0.7 0.9)")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds per row (3)")
+    parser.add_argument("--epochs", type=int, default=3, help="training epochs per run (3)")
+    parser.add_argument("--train-size", type=int, default=12800,
+                        help="training images (12800: 200 steps of 64 per epoch)")
+    parser.add_argument("--test-size", type=int, default=2000, help="test images (2000)")
+    parser.add_argument("--workers", type=int, default=2,
+                        help="worker processes, one thread each (2)")
+    parser.add_argument("--quick", action="store_true",
+                        help="1 seed, 1 epoch, rows dense quarter removed "
+                        "discrete scalar paper; writes ablation_quick.json")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="JSON output (results/ablation.json, or ablation_quick.json)")
+    parser.add_argument("--replot", action="store_true",
+                        help="only redraw the PNG from the JSON of --out")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.seeds, args.epochs, args.train_size = 1, 1, 12800
+        args.rows = args.rows or ["dense", "quarter", "removed", "discrete", "scalar", "paper"]
+    args.rows = list(args.rows or ROWS)
+    if "dense" not in args.rows:
+        args.rows.insert(0, "dense")
+    if args.out is None:
+        args.out = QUICK_OUT if args.quick else DEFAULT_OUT
+    problems = []
+    if args.seeds < 1 or args.epochs < 1 or args.workers < 1:
+        problems.append("--seeds, --epochs and --workers must be >= 1")
+    if args.train_size < BATCH or args.train_size % BATCH:
+        problems.append(f"--train-size must be a positive multiple of {BATCH}")
+    if any(not 0 < r < 1 for r in args.rates):
+        problems.append(f"--rates must be in (0, 1), got {args.rates}")
+    if problems:
+        parser.error("; ".join(problems))
+    return args
+
+
+# ----------------------------------------------------------------------------
+# The task
+
+
+def _corner(patch, rng):
+    """A random top-left corner that keeps `patch` inside the image."""
+    return rng.integers(0, SIZE - patch.shape[0] + 1, 2)
+
+
+def cluttered_digits(count, split, seed=0):
+    """`(images, labels)`: `count` 20x20x1 float32 images of `split` ("train" or "test")."""
+    from scipy import ndimage
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    order = np.random.default_rng(1234).permutation(len(digits.images))
+    chosen = order[:len(order) // 2] if split == "train" else order[len(order) // 2:]
+    sources, targets = digits.images[chosen] / 16.0, digits.target[chosen]
+    rng = np.random.default_rng((seed, 0 if split == "train" else 1))
+    images = np.zeros((count, SIZE, SIZE), np.float32)
+    labels = np.zeros(count, np.int64)
+    for i in range(count):
+        canvas = images[i]
+        for _ in range(2):  # fragments of other digits
+            other = sources[rng.integers(len(sources))]
+            r, c = rng.integers(0, 5, 2)
+            patch = ndimage.zoom(other[r:r + 4, c:c + 4], 1.5, order=1)
+            top, left = _corner(patch, rng)
+            canvas[top:top + patch.shape[0], left:left + patch.shape[1]] += patch
+        k = rng.integers(len(sources))
+        labels[i] = targets[k]
+        digit = ndimage.zoom(sources[k], rng.uniform(1.3, 1.8), order=1)
+        digit = ndimage.rotate(digit, rng.uniform(-30, 30), reshape=False, order=1)
+        top, left = _corner(digit, rng)
+        window = canvas[top:top + digit.shape[0], left:left + digit.shape[1]]
+        np.maximum(window, digit, out=window)
+        canvas += rng.normal(0.0, 0.15, canvas.shape).astype(np.float32)
+    return images[..., None], labels
+
+
+# ----------------------------------------------------------------------------
+# Runs (in worker processes)
+
+
+def _init_worker():
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    import tensorflow as tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(1)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+
+
+def cnn(widths, seed):
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((SIZE, SIZE, 1))
+    x = inputs
+    for index, filters in enumerate(widths):
+        x = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False,
+                                name=f"conv{index}")(x)
+        x = keras.layers.BatchNormalization(momentum=0.9, name=f"bn{index}")(x)
+        x = keras.layers.ReLU()(x)
+        if index in (1, 3):
+            x = keras.layers.MaxPooling2D()(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, keras.layers.Dense(10, name="head")(x))
+
+
+def kd_loss(packed, logits):
+    """`(1 - w) CE(y, s) + w T^2 KL(softmax(t/T) || softmax(s/T))`; `packed` = [one-hot y, t]."""
+    from keras import ops
+
+    labels, teacher = packed[:, :10], packed[:, 10:]
+    t = KD_TEMPERATURE
+    ce = ops.categorical_crossentropy(labels, logits, from_logits=True)
+    p_teacher = ops.softmax(teacher / t)
+    log_student = ops.log_softmax(logits / t)
+    kl = ops.sum(p_teacher * (ops.log(ops.maximum(p_teacher, 1e-12)) - log_student), axis=-1)
+    return ops.mean((1.0 - KD_WEIGHT) * ce + KD_WEIGHT * t * t * kl)
+
+
+class MagnitudeZeroing:
+    """Filter pruning without reconstruction: zeroes the smallest-L2 filters of each layer.
+
+    A kernel constraint holds each layer's mask, so the optimizer keeps
+    zeroed filters at zero inside the compiled step; `update(step)` follows
+    the schedule (a zeroed filter stays zeroed).
+    """
+
+    def __init__(self, model, schedule):
+        import keras
+
+        self.schedule = schedule
+        self.layers = [l for l in model.layers if isinstance(l, keras.layers.Conv2D)]
+        self.masks = []
+        for layer in self.layers:
+            mask = keras.Variable(np.ones(layer.filters, "float32"), trainable=False,
+                                  name=f"{layer.name}_mask")
+            layer.kernel.constraint = lambda w, m=mask: w * m
+            self.masks.append(mask)
+
+    def update(self, step):
+        from tf_transform_conv.assignment import kept_filters
+
+        should, sparsity = self.schedule(step)
+        if not bool(should):
+            return
+        for layer, mask in zip(self.layers, self.masks):
+            alive = np.asarray(mask) > 0
+            norms = np.sqrt((np.asarray(layer.kernel) ** 2).sum(axis=(0, 1, 2)))
+            norms[~alive] = -1.0
+            keep = min(kept_filters(layer.filters, float(sparsity)), int(alive.sum()))
+            new = np.zeros(layer.filters, "float32")
+            new[np.argsort(-norms, kind="stable")[:keep]] = 1.0
+            mask.assign(new)
+            layer.kernel.assign(np.asarray(layer.kernel) * new)
+
+
+def conv_params(model):
+    """Parameters of the convolutions (Conv2D or TransformConv2D) of a model."""
+    return int(sum(l.count_params() for l in model.layers
+                   if type(l).__name__ in ("Conv2D", "TransformConv2D")))
+
+
+def run_one(task):
+    """Trains and scores one (row, rate, seed); returns a result dict."""
+    import keras
+    import tensorflow_model_optimization as tfmot
+
+    import tf_transform_conv as tc
+    from tf_transform_conv.assignment import kept_filters
+
+    row, rate, seed, cfg = task["row"], task["rate"], task["seed"], task["config"]
+    start = time.perf_counter()
+    x, y = cluttered_digits(cfg["train_size"], "train")
+    x_test, y_test = cluttered_digits(cfg["test_size"], "test")
+    steps_per_epoch = cfg["train_size"] // BATCH
+    total = cfg["epochs"] * steps_per_epoch
+    base = row.removesuffix("+kd")
+    widths = WIDTHS
+    if base == "quarter":
+        widths = tuple(w // 2 for w in WIDTHS)
+    elif base == "removed":
+        widths = tuple(kept_filters(w, rate) for w in WIDTHS)
+    model = cnn(widths, seed)
+    dense_params = conv_params(cnn(WIDTHS, seed))
+
+    frequency = max(1, steps_per_epoch // 4)
+    end = max(frequency, int(PRUNE_FRACTION * total) // frequency * frequency)
+    schedule = tfmot.sparsity.keras.PolynomialDecay(0.0, rate or 0.0, 0, end, power=1,
+                                                    frequency=frequency)
+    callbacks, zeroing = [], None
+    if base in PRUNED:
+        model = tc.prune_model(model, schedule, scale=True, **PRUNED[base])
+        callbacks.append(tc.UpdateTransformPruningStep())
+    elif base == "zeroed":
+        zeroing = MagnitudeZeroing(model, schedule)
+
+        callbacks.append(keras.callbacks.LambdaCallback(
+            on_train_batch_begin=lambda batch, logs: zeroing.update(next(steps))))
+        steps = iter(range(total))
+
+    targets, loss = y, keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    if row.endswith("+kd"):
+        teacher = keras.saving.load_model(task["teacher"], compile=False)
+        logits = teacher.predict(x, batch_size=256, verbose=0)
+        targets = np.concatenate([np.eye(10, dtype="float32")[y], logits], axis=1)
+        loss = kd_loss
+    model.compile(
+        optimizer=keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(
+            LEARNING_RATE, total)),
+        loss=loss, jit_compile=True,
+    )
+    model.fit(x, targets, batch_size=BATCH, epochs=cfg["epochs"], verbose=0,
+              shuffle=True, callbacks=callbacks)
+    final = tc.strip_model(model) if base in PRUNED else model
+    accuracy = float(np.mean(np.argmax(final.predict(x_test, batch_size=256, verbose=0), -1)
+                             == y_test))
+    result = dict(row=row, rate=rate, seed=seed, accuracy=accuracy,
+                  conv_params=conv_params(final), dense_conv_params=dense_params,
+                  seconds=time.perf_counter() - start)
+    if zeroing is not None:
+        alive = sum(int(np.asarray(m).sum()) for m in zeroing.masks)
+        result["kept_filters"] = alive
+    if row == "dense":
+        final.save(task["teacher"])
+        result["one_shot"] = one_shot(final, x, x_test, y_test, cfg["rates"])
+    return result
+
+
+def one_shot(dense, x, x_test, y_test, rates):
+    """Accuracy of `transform_model` conversions of `dense`, before any training.
+
+    As converted (each kernel fitted to the dense kernel), after
+    `recalibrate_batch_norm`, and after fitting each converted layer to the
+    dense layer's outputs on data (`fit_outputs`, then recalibrating again).
+    """
+    import tf_transform_conv as tc
+
+    def score(model):
+        predicted = np.argmax(model.predict(x_test, batch_size=256, verbose=0), -1)
+        return float(np.mean(predicted == y_test))
+
+    rows = []
+    for family, transforms in (("discrete", "d4"), ("scalar", "identity")):
+        for rate in rates:
+            converted, _ = tc.transform_model(dense, sparsity=rate, transforms=transforms,
+                                              scale=True, transform_family=family)
+            before = score(converted)
+            tc.recalibrate_batch_norm(converted, x, num_batches=RECALIBRATE_BATCHES,
+                                      batch_size=BATCH)
+            recalibrated = score(converted)
+            fit_outputs(dense, converted, x)
+            tc.recalibrate_batch_norm(converted, x, num_batches=RECALIBRATE_BATCHES,
+                                      batch_size=BATCH)
+            rows.append(dict(family=family, rate=rate, accuracy=before,
+                             recalibrated=recalibrated, output_fit=score(converted)))
+    return rows
+
+
+def fit_outputs(dense, converted, x, steps=OUTPUT_FIT_STEPS, learning_rate=1e-3, seed=0):
+    """Fits each converted layer, in order, to the dense layer's outputs on data.
+
+    For every `TransformConv2D` of `converted`: its input is what the
+    converted network so far computes (inference mode), its target what the
+    dense layer of the same name computes inside the dense network; Adam
+    trains the layer's weights (bases, scales, transform parameters) on the
+    mean squared difference, `steps` batches of `BATCH` training images.
+    Later layers so learn to undo the errors of earlier ones.
+    """
+    import keras
+    import tensorflow as tf
+
+    def fitting_step(layer):
+        source = keras.Model(converted.inputs, layer.input)
+        target = keras.Model(dense.inputs, dense.get_layer(layer.name).output)
+        optimizer = keras.optimizers.Adam(learning_rate)
+        variables = layer.trainable_variables
+        optimizer.build(variables)
+
+        @tf.function(jit_compile=True)
+        def step(batch):
+            inputs, wanted = source(batch, training=False), target(batch, training=False)
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_mean(tf.square(layer(inputs) - wanted))
+            optimizer.apply(tape.gradient(loss, variables), variables)
+            return loss
+
+        return step
+
+    rng = np.random.default_rng(seed)
+    for layer in converted.layers:
+        if type(layer).__name__ == "TransformConv2D":
+            step = fitting_step(layer)
+            for _ in range(steps):
+                step(x[rng.integers(0, len(x), BATCH)])
+
+
+# ----------------------------------------------------------------------------
+# Report
+
+
+def summarize(runs, rates):
+    """`{(row, rate): (mean, std, n, conv_param_fraction)}` over seeds."""
+    groups = {}
+    for run in runs:
+        groups.setdefault((run["row"], run["rate"]), []).append(run)
+    out = {}
+    for key, items in groups.items():
+        acc = np.array([r["accuracy"] for r in items])
+        fraction = np.mean([r["conv_params"] / r["dense_conv_params"] for r in items])
+        out[key] = (float(acc.mean()), float(acc.std(ddof=1)) if len(acc) > 1 else 0.0,
+                    len(acc), float(fraction))
+    return out
+
+
+def report(runs, rows, rates):
+    summary = summarize(runs, rates)
+    lines = [f"{'row':<18}" + "".join(f"{'rate ' + str(r):>26}" for r in rates)]
+    for row in rows:
+        if row in ("dense", "quarter"):
+            mean, std, n, fraction = summary[(row, None)]
+            lines.append(f"{row:<18}{mean:>12.3f} +- {std:.3f} (conv params {fraction:.2f})")
+            continue
+        cells = []
+        for rate in rates:
+            if (row, rate) in summary:
+                mean, std, n, fraction = summary[(row, rate)]
+                cells.append(f"{mean:.3f} +- {std:.3f} [{fraction:.2f}]")
+            else:
+                cells.append("-")
+        lines.append(f"{row:<18}" + "".join(f"{c:>26}" for c in cells))
+    return "\n".join(lines), summary
+
+
+def one_shot_report(runs):
+    rows = [r for run in runs if run["row"] == "dense" for r in run["one_shot"]]
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["family"], r["rate"]), []).append(r)
+    lines = ["one-shot transform_model (no training), mean over seeds:",
+             f"{'family':<10}{'rate':>6}{'as converted':>16}{'BN recalibrated':>18}"
+             f"{'output fit':>12}"]
+    table = []
+    for (family, rate), items in sorted(groups.items()):
+        means = {key: float(np.mean([i[key] for i in items]))
+                 for key in ("accuracy", "recalibrated", "output_fit") if key in items[0]}
+        lines.append(f"{family:<10}{rate:>6}{means['accuracy']:>16.3f}"
+                     f"{means['recalibrated']:>18.3f}{means.get('output_fit', np.nan):>12.3f}")
+        table.append(dict(family=family, rate=rate, seeds=len(items), **means))
+    return "\n".join(lines), table
+
+
+def targets(summary, rates):
+    """The issue's targets, evaluated on the measured means."""
+    checks = {}
+    dense = summary[("dense", None)][0]
+    if ("quarter", None) in summary:
+        checks["dense - quarter >= 5 points"] = (dense - summary[("quarter", None)][0]) * 100
+    high = max(rates)
+    reconstruction = [r for r in (*PRUNED, "scalar+kd", "paper+kd") if (r, high) in summary]
+    baselines = [summary[(b, high)][0] for b in ("zeroed", "removed") if (b, high) in summary]
+    if reconstruction and baselines:
+        margin = min(summary[(r, high)][0] for r in reconstruction) - max(baselines)
+        checks[f"every reconstruction row - best of zeroed/removed at {high} >= 2 points"] = \
+            margin * 100
+    for family in ("rotation", "affine"):
+        for rate in rates:
+            if (family, rate) in summary and ("scalar", rate) in summary:
+                checks[f"{family} - scalar at {rate} >= 0 points"] = \
+                    (summary[(family, rate)][0] - summary[("scalar", rate)][0]) * 100
+    low = min(rates)
+    best = [summary[k][0] for k in summary if k[1] == low]
+    if best:
+        checks[f"dense - best row at {low} <= 1 point"] = (dense - max(best)) * 100
+    return checks
+
+
+def plot(summary, rows, rates, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pruned_rows = [r for r in rows if r not in ("dense", "quarter")]
+    fig, ax = plt.subplots(figsize=(11, 4.8))
+    width = 0.8 / len(rates)
+    for i, rate in enumerate(rates):
+        keys = [(r, rate) for r in pruned_rows]
+        means = [summary[k][0] if k in summary else np.nan for k in keys]
+        stds = [summary[k][1] if k in summary else 0 for k in keys]
+        ax.bar(np.arange(len(pruned_rows)) + (i - (len(rates) - 1) / 2) * width, means, width,
+               yerr=stds, capsize=2, label=f"pruning rate {rate}")
+    dense = summary[("dense", None)][0]
+    ax.axhline(dense, color="k", lw=1, label=f"dense {dense:.3f}")
+    if ("quarter", None) in summary:
+        quarter = summary[("quarter", None)][0]
+        ax.axhline(quarter, color="gray", ls="--", lw=1,
+                   label=f"half width (1/4 conv params) {quarter:.3f}")
+    ax.set_xticks(np.arange(len(pruned_rows)))
+    ax.set_xticklabels(pruned_rows, rotation=30, ha="right")
+    ax.set_ylabel("test accuracy (mean, std over seeds)")
+    lows = [summary[k][0] for k in summary]
+    ax.set_ylim(max(0.0, min(lows) - 0.08), min(1.0, max(lows) + 0.16))
+    ax.set_title("Cluttered digits, 4-conv CNN: pruned filters removed, zeroed or rebuilt")
+    ax.legend(fontsize=8, loc="upper center", ncol=2)
+    fig.tight_layout()
+    common.save_figure(fig, path)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.replot:
+        saved = json.loads(args.out.read_text())
+        rates = saved["config"]["rates"]
+        rows = list(dict.fromkeys(run["row"] for run in saved["runs"]))
+        plot(summarize(saved["runs"], rates), rows, rates, args.out.with_suffix(".png"))
+        print(f"wrote {args.out.with_suffix('.png')}")
+        return
+    config = dict(train_size=args.train_size, test_size=args.test_size, epochs=args.epochs,
+                  rates=args.rates)
+    workdir = Path(tempfile.mkdtemp(prefix="ablation-"))
+    teacher = {seed: str(workdir / f"dense-{seed}.keras") for seed in range(args.seeds)}
+    first = [dict(row="dense", rate=None, seed=s, config=config, teacher=teacher[s])
+             for s in range(args.seeds)]
+    if "quarter" in args.rows:
+        first += [dict(row="quarter", rate=None, seed=s, config=config, teacher=None)
+                  for s in range(args.seeds)]
+    rest = [dict(row=row, rate=rate, seed=s, config=config, teacher=teacher[s])
+            for row in args.rows if row not in ("dense", "quarter")
+            for rate in args.rates for s in range(args.seeds)]
+    started = time.perf_counter()
+    runs = []
+    context = __import__("multiprocessing").get_context("spawn")
+    with futures.ProcessPoolExecutor(args.workers, mp_context=context,
+                                     initializer=_init_worker) as pool:
+        for batch in (first, rest):  # the KD rows need the dense teachers
+            for result in pool.map(run_one, batch):
+                runs.append(result)
+                rate = "" if result["rate"] is None else f" at {result['rate']}"
+                print(f"{result['row']}{rate}, seed {result['seed']}: "
+                      f"{result['accuracy']:.4f} ({result['seconds']:.0f} s)", flush=True)
+    minutes = (time.perf_counter() - started) / 60
+    text, summary = report(runs, args.rows, args.rates)
+    shot_text, shot_table = one_shot_report(runs)
+    checks = targets(summary, args.rates)
+    print("\ntest accuracy, mean +- std over seeds [conv params / dense]:")
+    print(text)
+    print("\n" + shot_text)
+    print("\ntargets (points):")
+    for name, value in checks.items():
+        print(f"  {name}: {value:+.1f}")
+    print(f"\n{len(runs)} runs in {minutes:.1f} min on {args.workers} workers")
+
+    import keras
+    import tensorflow as tf
+
+    payload = {
+        "benchmark": "ablation",
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "command": "python benchmarks/ablation.py " + shlex.join(argv or sys.argv[1:]),
+        "machine": common.machine_info(),
+        "versions": {"tensorflow": tf.__version__, "keras": keras.__version__,
+                     "numpy": np.__version__},
+        "config": {**config, "seeds": args.seeds, "widths": WIDTHS, "batch": BATCH,
+                   "learning_rate": LEARNING_RATE, "prune_fraction": PRUNE_FRACTION,
+                   "kd": [KD_TEMPERATURE, KD_WEIGHT], "min_bases_paper": MIN_BASES_PAPER,
+                   "workers": args.workers},
+        "minutes": minutes,
+        "summary": [dict(row=k[0], rate=k[1], mean=v[0], std=v[1], seeds=v[2],
+                         conv_param_fraction=v[3]) for k, v in summary.items()],
+        "one_shot": shot_table,
+        "targets_points": checks,
+        "runs": runs,
+    }
+    common.write_json(args.out, payload)
+    plot(summary, args.rows, args.rates, args.out.with_suffix(".png"))
+    print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()
