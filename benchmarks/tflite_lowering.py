@@ -23,6 +23,17 @@ float32 files are written with `export.export_tflite`:
               with lowering="grouped": its spread kernel holds scale times
               multiplier where the discrete one holds the scale
 
+With --assignments fitted (besides or instead of "default"), a row's layer
+gets the uneven assignment converted and pruned models get: a random
+He-normal C-filter kernel (seeded) is fitted with
+`assignment.fit_assignment(kernel, C*ratio, transforms="d4")` (the
+`transform_model(..., transforms="d4")` default; criterion
+"reconstruction"), and the layer takes its bases, assignment and scales. One
+base then builds more filters than another, and the grouped form pads every
+base's group to the largest: the row reports that padding (the spread
+convolution's outputs over the filters; 1.0 under the default assignment)
+and the largest group (`slots`).
+
 Each file is checked against the TransformConv2D model with
 `export.verify_tflite(..., rtol=1e-4)` on 2 random samples.
 
@@ -50,6 +61,9 @@ Usage:
     python benchmarks/tflite_lowering.py                  # every shape and ratio, stride 1
     python benchmarks/tflite_lowering.py --quick          # smoke test (2 shapes, ratio 1/4)
     python benchmarks/tflite_lowering.py --shapes 56x56x64 --ratios 1/4 --strides 1 2
+    python benchmarks/tflite_lowering.py --shapes 32x32x16 16x16x64 8x8x128 \
+        --ratios 1/2 1/4 1/8 --assignments default fitted --repeats 3 --loop-ms 30 \
+        --out benchmarks/results/tflite_lowering_fitted.json   # uneven assignments
 """
 
 import argparse
@@ -71,10 +85,12 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import common  # noqa: E402  (benchmarks/common.py, beside this script)
+from tf_transform_conv.assignment import fit_assignment  # noqa: E402
 from tf_transform_conv.cost import model_cost  # noqa: E402
 from tf_transform_conv.export import TFLiteMismatchError  # noqa: E402
 from tf_transform_conv.export import export_tflite, lowering_choice, verify_tflite  # noqa: E402
 from tf_transform_conv.layers import TransformConv2D  # noqa: E402
+from tf_transform_conv.lowering import grouped_plan  # noqa: E402
 from tf_transform_conv.models import DEFAULT_TRANSFORMS  # noqa: E402
 
 SHAPES = (
@@ -89,6 +105,8 @@ SHAPES = (
 QUICK_SHAPES = ("32x32x16", "8x8x64")
 QUICK_RATIO = "1/4"
 STRIDE_CHOICES = (1, 2)
+ASSIGNMENTS = ("default", "fitted")
+FITTED_TRANSFORMS = "d4"  # what transform_model / prune_model fit by default
 FORMS = ("dense", "grouped", "slices", "scalar")
 LOWERED = ("grouped", "slices", "scalar")
 SCALAR_MAX = 1.1  # the scalar family's grouped file against the discrete one
@@ -118,6 +136,12 @@ def parse_args(argv=None):
     parser.add_argument(
         "--strides", nargs="+", type=int, choices=STRIDE_CHOICES, default=[1],
         help="strides of the layer (default 1; '--strides 1 2' adds stride-2 rows)",
+    )
+    parser.add_argument(
+        "--assignments", nargs="+", choices=ASSIGNMENTS, default=["default"],
+        help="'default': the layer's default assignment; 'fitted': the uneven one "
+        "fit_assignment gives on a random kernel (transforms d4), as converted and "
+        "pruned models get (default: default)",
     )
     parser.add_argument(
         "--repeats", type=int, default=None,
@@ -156,6 +180,7 @@ def parse_args(argv=None):
     args.shapes = list(dict.fromkeys(args.shapes))
     args.ratios = sorted(set(args.ratios), key=lambda r: -fractions.Fraction(r))
     args.strides = sorted(set(args.strides))
+    args.assignments = [a for a in ASSIGNMENTS if a in args.assignments]
     if args.repeats is None:
         args.repeats = 3 if args.quick else 7
     if args.loop_ms is None:
@@ -173,30 +198,50 @@ def parse_args(argv=None):
 
 
 def row_label(row):
-    return f"{row['shape']} s{row['stride']} {row['ratio']}"
+    label = f"{row['shape']} s{row['stride']} {row['ratio']}"
+    return label if row["assignment"] == "default" else f"{label} {row['assignment']}"
 
 
 # ----------------------------------------------------------------------
 # Models, files and the static measurements
 
 
-def make_models(shape, stride, ratio, seed):
+def layer_transforms(ratio, assignment):
+    if assignment == "fitted":
+        return FITTED_TRANSFORMS
+    return DEFAULT_TRANSFORMS[common.ratio_denominator(ratio)]
+
+
+def make_models(shape, stride, ratio, seed, assignment="default"):
     """The TransformConv2D model with random weights, its dense Conv2D twin and
     its scalar-family twin (same weights, random multipliers)."""
     h, w, c = common.shape_dims(shape)
     k = common.ratio_denominator(ratio)
     rng = np.random.default_rng(seed)
+    fan_in = KERNEL * KERNEL * c
+    transforms = layer_transforms(ratio, assignment)
+    fit = None
+    extra = {}
+    if assignment == "fitted":
+        kernel = rng.normal(0.0, math.sqrt(2.0 / fan_in), (KERNEL, KERNEL, c, c))
+        fit = fit_assignment(kernel.astype("float32"), c // k, transforms=transforms)
+        transforms = fit.transforms
+        extra = {"assignment": fit.assignment}
     inputs = keras.Input((h, w, c))
     layer = TransformConv2D(
-        c, KERNEL, base_filters=c // k, transforms=DEFAULT_TRANSFORMS[k],
+        c, KERNEL, base_filters=c // k, transforms=transforms,
         padding="same", strides=stride, scale=True, use_bias=True, name="transform_conv",
+        **extra,
     )
     model = keras.Model(inputs, layer(inputs), name="transformed")
-    fan_in = KERNEL * KERNEL * c
-    layer.base_kernel.assign(
-        rng.normal(0.0, math.sqrt(2.0 / fan_in), layer.base_kernel.shape).astype("float32"))
-    layer.scale_weight.assign(
-        (1.0 + 0.1 * rng.normal(size=layer.scale_weight.shape)).astype("float32"))
+    if fit is None:
+        layer.base_kernel.assign(
+            rng.normal(0.0, math.sqrt(2.0 / fan_in), layer.base_kernel.shape).astype("float32"))
+        layer.scale_weight.assign(
+            (1.0 + 0.1 * rng.normal(size=layer.scale_weight.shape)).astype("float32"))
+    else:
+        layer.base_kernel.assign(np.asarray(fit.base_kernel, "float32"))
+        layer.scale_weight.assign(np.asarray(fit.scale, "float32"))
     layer.bias.assign((0.1 * rng.normal(size=layer.bias.shape)).astype("float32"))
 
     dense_inputs = keras.Input((h, w, c))
@@ -209,9 +254,9 @@ def make_models(shape, stride, ratio, seed):
 
     scalar_inputs = keras.Input((h, w, c))
     scalar_layer = TransformConv2D(
-        c, KERNEL, base_filters=c // k, transforms=DEFAULT_TRANSFORMS[k],
+        c, KERNEL, base_filters=c // k, transforms=transforms,
         padding="same", strides=stride, scale=True, use_bias=True,
-        transform_family="scalar", name="transform_conv",
+        transform_family="scalar", name="transform_conv", **extra,
     )
     scalar = keras.Model(scalar_inputs, scalar_layer(scalar_inputs), name="scalar")
     multipliers = 1.0 + 0.1 * rng.normal(size=scalar_layer.transform.shape)
@@ -238,12 +283,14 @@ def dense_macs(shape, stride):
     return ho * wo * KERNEL * KERNEL * c * c
 
 
-def grouped_macs(shape, stride, base_filters):
+def grouped_macs(shape, stride, base_filters, spread_outputs=None):
+    """As above; the spread convolution writes `spread_outputs` channels (C, or
+    more when an uneven assignment pads the groups)."""
     h, w, c = common.shape_dims(shape)
     ho, wo = output_hw(shape, stride)
     taps = KERNEL * KERNEL
     products = h * w * taps * c * base_filters
-    spread = ho * wo * taps * taps * c
+    spread = ho * wo * taps * taps * (c if spread_outputs is None else spread_outputs)
     return {"products": products, "spread": spread, "total": products + spread}
 
 
@@ -257,25 +304,30 @@ def verify(path, model, samples):
         return result.max_rel_diff, False
 
 
-def build_row(shape, stride, ratio, folder, args):
-    """Builds, exports and verifies the three files of one shape, stride and ratio."""
+def build_row(shape, stride, ratio, folder, args, assignment="default"):
+    """Builds, exports and verifies the files of one shape, stride, ratio and assignment."""
     keras.backend.clear_session()
     h, w, c = common.shape_dims(shape)
-    k = common.ratio_denominator(ratio)
-    layer, model, dense, scalar = make_models(shape, stride, ratio, args.seed)
+    layer, model, dense, scalar = make_models(shape, stride, ratio, args.seed, assignment)
+    plan = grouped_plan(layer)
     models = {"dense": model, "grouped": model, "slices": model, "scalar": scalar}
     samples = np.random.default_rng(args.seed + 1).normal(
         size=(VERIFY_SAMPLES, h, w, c)).astype("float32")
-    stem = f"{shape}_s{stride}_r{ratio.replace('/', '-')}"
-    gmacs = grouped_macs(shape, stride, layer.base_filters)
+    stem = f"{shape}_s{stride}_r{ratio.replace('/', '-')}_{assignment}"
+    gmacs = grouped_macs(shape, stride, layer.base_filters, plan.spread_outputs())
+    transforms = layer_transforms(ratio, assignment)
     row = {
         "shape": shape,
         "input_shape": [h, w, c],
         "output_shape": [int(d) for d in model.output_shape[1:]],
         "stride": stride,
         "ratio": ratio,
-        "transforms": DEFAULT_TRANSFORMS[k] if isinstance(DEFAULT_TRANSFORMS[k], str)
-        else list(DEFAULT_TRANSFORMS[k]),
+        "assignment": assignment,
+        # The grouped form's spread outputs over the filters (1.0: no padding)
+        # and the most filters one base builds.
+        "padding": plan.spread_outputs() / layer.filters,
+        "slots": int(plan.slots),
+        "transforms": transforms if isinstance(transforms, str) else list(transforms),
         "base_filters": int(layer.base_filters),
         "keras_implementation": layer.implementation_used,
         # What export_tflite(lowering="auto") writes for this layer, and why.
@@ -383,6 +435,8 @@ COLUMNS = (
     ("shape", 9, lambda r: r["shape"]),
     ("stride", 6, lambda r: str(r["stride"])),
     ("ratio", 5, lambda r: r["ratio"]),
+    ("assign", 7, lambda r: r["assignment"]),
+    ("pad", 4, lambda r: f"{r['padding']:.2f}"),
     ("dense ms", 8, lambda r: f"{r['ms']['dense']['1t']:.3f}"),
     ("grp/d 1t", 8, _ratio("grouped", "ms_1t")),
     ("grp/d 2t", 8, _ratio("grouped", "ms_2t")),
@@ -405,7 +459,9 @@ latency with 1 (1t) and 2 (2t) threads and file bytes (B). ops: operators in
 the file. grp/d MACs: the grouped form's multiply-adds (1x1 products at the
 input resolution + the 3x3 grouped spread) over the dense layer's. scl/grp:
 the scalar family's grouped file over the discrete one, 1-thread latency and
-bytes (against the discrete file's bytes + 4 per multiplier). auto: the form
+bytes (against the discrete file's bytes + 4 per multiplier). assign: the
+layer's assignment (default, or fitted by fit_assignment: uneven); pad: the
+grouped form's spread outputs over the filters. auto: the form
 export_tflite(lowering="auto") picks. Medians over rounds."""
 
 
@@ -423,6 +479,8 @@ def plot(rows, args, path):
     for ax, ratio in zip(axes[0], args.ratios):
         for stride in args.strides:
             subset = [r for r in rows if r["ratio"] == ratio and r["stride"] == stride]
+            labels = [r["shape"] + ("" if r["assignment"] == "default" else " fit")
+                      for r in subset]
             if not subset:
                 continue
             x = np.arange(len(subset))
@@ -434,7 +492,7 @@ def plot(rows, args, path):
                                              else "")
                 ax.plot(x, values, marker=marker, linestyle=line,
                         alpha=1.0 if stride == 1 else 0.6, label=label)
-            ax.set_xticks(x, [r["shape"] for r in subset], rotation=45, ha="right",
+            ax.set_xticks(x, labels, rotation=45, ha="right",
                           fontsize="small")
         ax.axhline(1.0, color="gray", linewidth=1)
         ax.set_title(f"base ratio {ratio}")
@@ -468,6 +526,9 @@ def main(argv=None):
             "shapes": args.shapes,
             "ratios": args.ratios,
             "strides": args.strides,
+            "assignments": args.assignments,
+            "fitted": "fit_assignment(He-normal C-filter kernel, C*ratio, transforms='d4'): "
+                      "the layer takes its bases, assignment and scales",
             "layer": "TransformConv2D(C, 3, base_filters=C*ratio, "
                      "transforms=DEFAULT_TRANSFORMS[1/ratio], padding='same', "
                      "strides=s, scale=True, use_bias=True)",
@@ -517,8 +578,9 @@ def main(argv=None):
         folder.mkdir(parents=True, exist_ok=True)
         for shape in args.shapes:
             for stride in args.strides:
-                for ratio in args.ratios:
-                    row = build_row(shape, stride, ratio, folder, args)
+                for ratio, assignment in [(r, a) for r in args.ratios
+                                          for a in args.assignments]:
+                    row = build_row(shape, stride, ratio, folder, args, assignment)
                     log(f"{row_label(row)}: exported in "
                         f"{sum(row['export_s'].values()):.0f} s ("
                         + ", ".join(f"{f} {row['num_ops'][f]} ops" for f in FORMS)

@@ -123,7 +123,7 @@ def build(config):
                     return tc.TransformConv2D.from_config(layer_config), layer.get_weights()
                 return None
 
-            model = tc.convert.rewrite_model(model, force)
+            model = tc.rewrite.rewrite_model(model, force)
     return model
 
 

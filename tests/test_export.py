@@ -15,6 +15,7 @@ import tf_transform_conv as tc
 from tf_transform_conv import TransformConv2D
 from tf_transform_conv import cli
 from tf_transform_conv import export
+from tf_transform_conv import lowering as lowering_lib
 
 from tflite_util import tensor_shapes
 
@@ -228,6 +229,48 @@ def test_quantized_sizes_and_outputs(size_exports, quantization, rtol):
     assert result.bytes <= 1.10 * result.param_bytes + export.FIXED_OVERHEAD + 16 * 1024, result
     assert result.bytes < results[None].bytes
     export.verify_tflite(result.path, model, inputs_for(model, n=2), rtol=rtol)
+
+
+def converted_uneven_model(seed=1):
+    """Two 3x3 convolutions (He-normal kernels) converted by `transform_model` at
+    1/4 (d4): fitted, uneven assignments, one base building more filters than
+    another (with seed 1 conv_a's largest group is 2.75x the average)."""
+    rng = np.random.default_rng(seed)
+    inputs = keras.Input((8, 8, 64))
+    x = keras.layers.Conv2D(128, 3, padding="same", activation="relu", name="conv_a")(inputs)
+    x = keras.layers.Conv2D(128, 3, padding="same", name="conv_b")(x)
+    model = keras.Model(inputs, x)
+    for name in ("conv_a", "conv_b"):
+        conv = model.get_layer(name)
+        fan_in = 9 * conv.kernel.shape[2]
+        conv.kernel.assign(
+            rng.normal(0, np.sqrt(2 / fan_in), conv.kernel.shape).astype("float32"))
+        conv.bias.assign(rng.normal(0, 0.1, conv.bias.shape).astype("float32"))
+    model, _ = tc.transform_model(model, sparsity=0.75, transforms="d4")
+    return model
+
+
+def test_auto_writes_uneven_assignments_grouped(tmp_path):
+    # A user's report: converted and pruned models exported with "auto" were
+    # 1.6x the size of their grouped export (1,374 operators against 131),
+    # the padded layers having gone to slices.
+    model = converted_uneven_model()
+    layers = [layer for layer in model.layers if isinstance(layer, TransformConv2D)]
+    paddings = [
+        lowering_lib.grouped_plan(layer).spread_outputs() / layer.filters for layer in layers
+    ]
+    assert len(layers) == 2 and max(paddings) > 2.0, paddings  # uneven enough to matter
+    auto = export.export_tflite(model, tmp_path / "auto.tflite")
+    grouped = export.export_tflite(model, tmp_path / "grouped.tflite", lowering="grouped")
+    assert auto.lowerings == {layer.name: "grouped" for layer in layers}
+    for layer in layers:
+        form, reason = export.lowering_choice(layer)
+        assert form == "grouped" and "fitted assignment" in reason, reason
+    assert auto.bytes <= 1.1 * grouped.bytes, (auto.bytes, grouped.bytes)
+    assert auto.num_ops == grouped.num_ops
+    slices = export.export_tflite(model, tmp_path / "slices.tflite", lowering="slices")
+    assert slices.num_ops > 10 * grouped.num_ops and slices.bytes > grouped.bytes
+    export.verify_tflite(auto.path, model, inputs_for(model, 2), rtol=RTOL)
 
 
 # ----------------------------------------------------------------------------

@@ -173,7 +173,9 @@ def test_grouped_is_smaller_and_has_fewer_operators_than_slices(tmp_path):
     assert grouped.bytes <= 4 * (taps * cin * n + f) + 4 * taps * f + 2 * taps * f + 4096
 
 
-def test_auto_falls_back_to_slices_for_a_lopsided_assignment(tmp_path):
+def test_auto_writes_a_lopsided_assignment_grouped(tmp_path):
+    """The padded grouped form is exact and `auto` takes it (measured against
+    slices for fitted assignments: `export.lowering_choice`)."""
     assignment = np.zeros((1, 12, 2), np.int64)
     assignment[0, :, 1] = np.arange(12) % 4
     assignment[0, 10:, 0] = [1, 2]  # base 0 builds 10 filters, bases 1 and 2 one each
@@ -181,16 +183,18 @@ def test_auto_falls_back_to_slices_for_a_lopsided_assignment(tmp_path):
                              padding="same", assignment=assignment.tolist()))
     layer = model.get_layer("tc")
     form, reason = export.lowering_choice(layer)
-    assert form == "slices" and "2.5x the filters" in reason, reason
-    result = export.export_tflite(model, tmp_path / "m.tflite")
-    assert "STRIDED_SLICE" in result.op_counts and "DENSIFY" not in result.op_counts
-    x = np.random.default_rng(1).normal(size=(2, 11, 11, 8)).astype("float32")
-    export.verify_tflite(result.path, model, x, rtol=RTOL)
-    # Asked for, the padded grouped form is still exact: 30 spread outputs for 12 filters.
+    assert form == "grouped" and "padded to 2.50x the filters" in reason, reason
+    # 30 spread outputs for 12 filters.
     assert lowering.grouped_plan(layer).spread_outputs() == 30
-    grouped = export.export_tflite(model, tmp_path / "g.tflite", lowering="grouped")
-    assert grouped.op_counts["DENSIFY"] == 1
-    export.verify_tflite(grouped.path, model, x, rtol=RTOL)
+    x = np.random.default_rng(1).normal(size=(2, 11, 11, 8)).astype("float32")
+    result = export.export_tflite(model, tmp_path / "m.tflite")
+    assert result.lowerings == {"tc": "grouped"}
+    assert result.op_counts["DENSIFY"] == 1 and "STRIDED_SLICE" not in result.op_counts
+    export.verify_tflite(result.path, model, x, rtol=RTOL)
+    # Asked for, slices are exact too.
+    slices = export.export_tflite(model, tmp_path / "s.tflite", lowering="slices")
+    assert "STRIDED_SLICE" in slices.op_counts and "DENSIFY" not in slices.op_counts
+    export.verify_tflite(slices.path, model, x, rtol=RTOL)
 
 
 @pytest.mark.parametrize("channels, expected", [(16, "dense"), (32, "slices")])

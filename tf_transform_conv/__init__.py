@@ -6,6 +6,7 @@ from tf_transform_conv import cost
 from tf_transform_conv import export
 from tf_transform_conv import models
 from tf_transform_conv import recalibrate
+from tf_transform_conv import rewrite
 from tf_transform_conv import transforms
 from tf_transform_conv.convert import transform_model
 from tf_transform_conv.cost import model_cost
@@ -42,6 +43,7 @@ __all__ = [
     "prune_model",
     "recalibrate",
     "recalibrate_batch_norm",
+    "rewrite",
     "strip_model",
     "taylor_scores",
     "transform_model",

@@ -27,3 +27,36 @@ def compiled_by_xla():
         return False
     return bool(control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()))
 
+
+
+def layers_of(model, recursive=True):
+    """The layers of `model`, in order, without `model` itself.
+
+    With `recursive`, the layers of nested models (and of layers holding
+    layers) follow their container, as `Model._flatten_layers` lists them.
+    """
+    return list(model._flatten_layers(include_self=False, recursive=recursive))
+
+
+def is_functional(model):
+    """Whether `model` is a Functional model (what `keras.Model(inputs, outputs)` builds)."""
+    from keras.src.models.functional import Functional
+
+    return isinstance(model, Functional)
+
+
+def keras_layer_package(cls):
+    """The `keras.layers` subpackage that defines `cls` (e.g. "reshaping").
+
+    None for a class that Keras's layers package does not define.
+    """
+    parts = cls.__module__.split(".")
+    if parts[:3] == ["keras", "src", "layers"] and len(parts) > 3:
+        return parts[3]
+    return None
+
+
+def producer_node(tensor):
+    """The graph node that produced a symbolic Keras tensor."""
+    history = tensor._keras_history
+    return history.operation._inbound_nodes[history.node_index]

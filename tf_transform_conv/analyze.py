@@ -16,6 +16,7 @@ import dataclasses
 
 import numpy as np
 
+from tf_transform_conv import _compat
 from tf_transform_conv import transforms as transforms_lib
 from tf_transform_conv.assignment import fit_assignment
 from tf_transform_conv.assignment import kept_filters
@@ -101,7 +102,7 @@ def analyze_model(model, sparsities=DEFAULT_SPARSITIES, seed=0, names=None,
     import keras
 
     rows = []
-    for layer in model._flatten_layers(include_self=False, recursive=True):
+    for layer in _compat.layers_of(model):
         if (
             type(layer) is keras.layers.Conv2D
             and layer.groups == 1

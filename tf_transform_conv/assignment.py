@@ -31,6 +31,9 @@ import math
 import numpy as np
 
 from tf_transform_conv import families as families_lib
+from tf_transform_conv._checks import check_bool
+from tf_transform_conv._checks import check_positive_int
+from tf_transform_conv._checks import is_int
 from tf_transform_conv import transforms as transforms_lib
 
 #: The criteria that choose which filters stay bases.
@@ -326,22 +329,13 @@ def check_selection(allocation, min_bases, assign, subtract_mean):
             "Invalid value for argument `allocation`. Expected one of "
             f"{list(ALLOCATIONS)}. Received allocation={allocation!r}."
         )
-    if isinstance(min_bases, bool) or not isinstance(min_bases, (int, np.integer)) \
-            or min_bases < 1:
-        raise ValueError(
-            "Invalid value for argument `min_bases`. Expected an int >= 1. "
-            f"Received min_bases={min_bases!r}."
-        )
+    check_positive_int(min_bases, "min_bases", expected="an int >= 1")
     if assign not in ASSIGNMENTS:
         raise ValueError(
             "Invalid value for argument `assign`. Expected one of "
             f"{list(ASSIGNMENTS)}. Received assign={assign!r}."
         )
-    if not isinstance(subtract_mean, (bool, np.bool_)):
-        raise ValueError(
-            "Invalid value for argument `subtract_mean`. Expected True or False. "
-            f"Received subtract_mean={subtract_mean!r}."
-        )
+    check_bool(subtract_mean, "subtract_mean")
 
 
 def kept_filters(filters, sparsity):
@@ -414,7 +408,7 @@ def allocate_globally(saliencies, target, minimum=1):
     arrays = [np.asarray(v, np.float64).reshape(-1) for v in saliencies]
     minima = list(minimum) if isinstance(minimum, (list, tuple)) else [minimum] * len(arrays)
     if len(minima) != len(arrays) or any(
-        isinstance(m, bool) or not isinstance(m, (int, np.integer)) or m < 1 for m in minima
+        not is_int(m) or m < 1 for m in minima
     ):
         raise ValueError(
             "Invalid value for argument `minimum`. Expected an int >= 1 or one per "
@@ -482,11 +476,7 @@ def _validate(kernel, base_filters, transforms, depth_groups, criterion, candida
     kh, kw, c_in, filters = kernel.shape
     if min(kernel.shape) < 1:
         raise ValueError(f"Expected a non-empty `kernel`. Received shape {kernel.shape}.")
-    if (
-        isinstance(base_filters, bool)
-        or not isinstance(base_filters, (int, np.integer))
-        or not 1 <= base_filters <= filters
-    ):
+    if not is_int(base_filters) or not 1 <= base_filters <= filters:
         raise ValueError(
             "Invalid value for argument `base_filters`. Expected an int in "
             f"[1, filters={filters}]. Received base_filters={base_filters!r}."
@@ -496,12 +486,7 @@ def _validate(kernel, base_filters, transforms, depth_groups, criterion, candida
             "Invalid value for argument `criterion`. Expected one of "
             f"{list(CRITERIA)}. Received criterion={criterion!r}."
         )
-    if (
-        isinstance(depth_groups, bool)
-        or not isinstance(depth_groups, (int, np.integer))
-        or depth_groups < 1
-        or c_in % depth_groups
-    ):
+    if not is_int(depth_groups) or depth_groups < 1 or c_in % depth_groups:
         raise ValueError(
             "Invalid value for argument `depth_groups`. Expected a positive "
             f"int dividing the kernel's input channels c_in={c_in}. Received "

@@ -53,6 +53,7 @@ import math
 
 import keras
 
+from tf_transform_conv import _compat
 from tf_transform_conv import families as families_lib
 from tf_transform_conv.layers import TransformConv2D
 
@@ -530,9 +531,9 @@ def _no_macs_by_convention(layer):
     if isinstance(layer, _NO_MACS_CORE):
         return True
     for cls in type(layer).__mro__:  # the first Keras class it derives from
-        parts = cls.__module__.split(".")
-        if parts[:3] == ["keras", "src", "layers"] and len(parts) > 3:
-            return parts[3] in _NO_MACS_PACKAGES
+        package = _compat.keras_layer_package(cls)
+        if package is not None:
+            return package in _NO_MACS_PACKAGES
     return False
 
 
@@ -737,12 +738,6 @@ def _pair(value, name):
 # Walking a model's graph
 
 
-def _producer_node(tensor):
-    """The graph node that produced a symbolic tensor."""
-    history = tensor._keras_history
-    return history.operation._inbound_nodes[history.node_index]
-
-
 def _graph_nodes(model):
     """The nodes of a Functional model's graph, inputs first (post-order DFS)."""
     if not model.built:
@@ -764,7 +759,7 @@ def _graph_nodes(model):
     input_ids = {id(t) for t in keras.tree.flatten(inputs)}
     done, order = set(), []
     stack = [
-        (_producer_node(t), False) for t in reversed(keras.tree.flatten(outputs))
+        (_compat.producer_node(t), False) for t in reversed(keras.tree.flatten(outputs))
     ]
     while stack:
         node, expanded = stack.pop()
@@ -778,7 +773,7 @@ def _graph_nodes(model):
         for tensor in reversed(node.input_tensors):
             if id(tensor) in input_ids:
                 continue
-            parent = _producer_node(tensor)
+            parent = _compat.producer_node(tensor)
             if id(parent) not in done:
                 stack.append((parent, False))
     return order

@@ -41,11 +41,13 @@ import tempfile
 import keras
 import numpy as np
 
-from tf_transform_conv.convert import _is_graph_model
-from tf_transform_conv.convert import rewrite_model
+from tf_transform_conv import _compat
 from tf_transform_conv import families as families_lib
 from tf_transform_conv import lowering as lowering_lib
+from tf_transform_conv._checks import check_positive_int
 from tf_transform_conv.layers import TransformConv2D
+from tf_transform_conv.rewrite import is_graph_model
+from tf_transform_conv.rewrite import rewrite_model
 
 __all__ = [
     "ExportResult",
@@ -243,7 +245,7 @@ def _check_no_wrappers(model, verb):
 
     wrappers = [
         layer.name
-        for layer in model._flatten_layers(include_self=False, recursive=True)
+        for layer in _compat.layers_of(model)
         if isinstance(layer, TransformPruning)
     ]
     if wrappers:
@@ -270,7 +272,7 @@ def _check_static_inputs(model, verb):
         kind = (
             f"{type(model).__name__} is a subclassed model, which has no input "
             "signature to export"
-            if model.built and not _is_graph_model(model)
+            if model.built and not is_graph_model(model)
             else "the model is not built"
         )
         raise ValueError(
@@ -292,7 +294,7 @@ def _check_static_inputs(model, verb):
 def _needs_rewrite(model):
     return [
         layer.name
-        for layer in model._flatten_layers(include_self=False, recursive=True)
+        for layer in _compat.layers_of(model)
         if isinstance(layer, TransformConv2D) and layer.implementation_used != "factored"
     ]
 
@@ -303,7 +305,7 @@ def factored_model(model):
     Each `TransformConv2D` that does not already run factored at inference
     is replaced by one with the same configuration except
     `implementation="factored"` and the same weights (a clone made with
-    `tf_transform_conv.convert.rewrite_model`; other layers keep their
+    `tf_transform_conv.rewrite.rewrite_model`; other layers keep their
     weights too). A model with nothing to rewrite is returned as it is.
 
     Args:
@@ -323,7 +325,7 @@ def factored_model(model):
     pending = _needs_rewrite(model)
     if not pending:
         return model
-    if not _is_graph_model(model):
+    if not is_graph_model(model):
         raise ValueError(
             f"{type(model).__name__} is a subclassed model, whose layers cannot be "
             f"rewritten; its TransformConv2D layers {pending} would export their "
@@ -376,10 +378,31 @@ def lowering_choice(layer, lowering="auto"):
     - always for the rotation, affine and general families, whose slices
       would multiply-add every pair of taps (about ten times the
       operators of the discrete family's);
-    - never when the assignment gives one base more than
-      `lowering.MAX_GROUPED_PADDING` times the filters of the average (every
-      base's group is padded to the largest), or the layer's shape rules
-      it out (`lowering.grouped_skip_reason`).
+    - grouped, whatever the padding, for a fitted (uneven or scattered)
+      assignment, as `transform_model` and `strip_model` give: the spread
+      convolution pads every base's group to the largest, which costs
+      `kh*kw * padding` multiply-adds per filter and pixel (`padding`: its
+      outputs over the filters), while the slices form needs a slice and an
+      add per tap and *segment* of filters summed together, and a fitted
+      assignment has many more segments than the default assignment's one
+      per transform (19-25 against 2-8 at 64 channels). Measured
+      (`benchmarks/tflite_lowering.py --assignments default fitted`,
+      `benchmarks/results/tflite_lowering_fitted.json`: the assignments
+      `fit_assignment` gives random 16-128-channel kernels with d4 at
+      ratios 1/2, 1/4 and 1/8, padding 1.25-2.5x): slices took 128-839
+      operators against grouped's 4 and were 1.2-3.2x the grouped file's
+      latency with 1 thread, 2.6-11x with 2, and 1.5-6.2x its bytes (a
+      14x14x256 check at 1/2, padding 2.0: 30 operators, 1.6x). The former
+      limit (slices above 2x padding) left a converted 5-layer CNN
+      (64-128 channels, 1/4) at 1.32x the bytes of its grouped export, with
+      817 operators against 22. So the slices rule above (fewer than 4
+      filters per base from 32 channels) applies only where the slices
+      form has at most one segment per transform and depth group, as under
+      the default assignment. Padding beyond the measured 2.5x is bounded
+      only by the dense rule, which counts the padded multiply-adds
+      (`_dense_instead`);
+    - slices otherwise only when the layer's shape rules the grouped form
+      out (`lowering.grouped_skip_reason`).
 
     Args:
         layer: a built `TransformConv2D`.
@@ -414,18 +437,33 @@ def lowering_choice(layer, lowering="auto"):
             "pair of taps (about ten times the operators)"
         )
     padding = plan.spread_outputs() / (layer.filters * layer.depth_groups)
-    if padding > lowering_lib.MAX_GROUPED_PADDING:
-        return "slices", (
-            f"the assignment's largest base group pads the spread convolution to "
-            f"{padding:.1f}x the filters (limit {lowering_lib.MAX_GROUPED_PADDING:g}x)"
-        )
     channels = layer.base_kernel.shape[2] // layer.depth_groups
+    segments, slices = _slices_plan(layer)
+    # The default assignment's slices: one segment per transform (per depth group).
+    few_segments = segments is not None and (
+        segments <= len(layer.transforms) * layer.depth_groups)
+    if not few_segments:
+        return "grouped", (
+            f"fitted assignment: up to {plan.slots} filters per base (the spread "
+            f"convolution padded to {padding:.2f}x the filters); as slices it would sum "
+            f"{segments if segments is not None else 'many'} segments"
+            + (f" ({slices} shifted slices)" if slices is not None else "")
+        )
     if plan.slots < AUTO_MIN_GROUPED_SLOTS and channels >= AUTO_SLICES_MIN_CHANNELS:
         return "slices", (
             f"{plan.slots} filters per base (< {AUTO_MIN_GROUPED_SLOTS}) with {channels} "
             f"input channels per group (>= {AUTO_SLICES_MIN_CHANNELS}): slices measured faster"
         )
     return "grouped", f"{plan.slots} filters per base, {channels} input channels per group"
+
+
+def _slices_plan(layer):
+    """`(segments, slices)` of the factored (slices) form of `layer`: its runs of
+    filters summed together, and the shifted slices it reads (None, None if unknown)."""
+    plan = getattr(getattr(layer, "_tables", None), "plan", None)
+    if plan is None:
+        return None, None
+    return len(plan.segments), plan.num_slices()
 
 
 def _dense_instead(layer, plan):
@@ -492,12 +530,12 @@ def _deploy(model, lowering):
     _check_static_inputs(model, "deployment_model")
     layers = [
         layer
-        for layer in model._flatten_layers(include_self=False, recursive=True)
+        for layer in _compat.layers_of(model)
         if isinstance(layer, TransformConv2D)
     ]
     if not layers:
         return model, {}
-    if not _is_graph_model(model):
+    if not is_graph_model(model):
         # Raises the subclassed-model error unless every layer already runs factored.
         return factored_model(model), {layer.name: "slices" for layer in layers}
     forms = {}
@@ -549,11 +587,11 @@ def float32_model(model):
     """
     if all(
         layer.compute_dtype == "float32"
-        for layer in model._flatten_layers(include_self=False, recursive=True)
+        for layer in _compat.layers_of(model)
         if not isinstance(layer, keras.layers.InputLayer)
     ):
         return model
-    if not _is_graph_model(model):
+    if not is_graph_model(model):
         raise ValueError(
             f"{type(model).__name__} is a subclassed mixed-precision model, whose "
             "layers cannot be rebuilt in float32 for export. Build it under "
@@ -588,7 +626,7 @@ def _lowering_per_layer(model, lowering):
         return lambda layer: lowering
     names = {
         layer.name
-        for layer in model._flatten_layers(include_self=False, recursive=True)
+        for layer in _compat.layers_of(model)
         if isinstance(layer, TransformConv2D)
     }
     unknown = sorted(set(lowering) - names)
@@ -605,7 +643,7 @@ def _lowering_per_layer(model, lowering):
 def _lowering_values(deployed):
     return sum(
         layer.plan.stored_values()
-        for layer in deployed._flatten_layers(include_self=False, recursive=True)
+        for layer in _compat.layers_of(deployed)
         if isinstance(layer, lowering_lib.GroupedTransformConv2D)
     )
 
@@ -800,12 +838,7 @@ def export_tflite(
             "`representative_data` is used only with quantization='int8'. "
             f"Received quantization={quantization!r}."
         )
-    if not isinstance(batch_size, (int, np.integer)) or isinstance(batch_size, bool) or batch_size < 1:
-        raise ValueError(
-            "Invalid value for argument `batch_size`. Expected a strictly "
-            f"positive int. Received batch_size={batch_size!r}."
-        )
-    batch_size = int(batch_size)
+    batch_size = check_positive_int(batch_size, "batch_size")
     path = _check_writable(path, verb)
     _check_no_wrappers(model, verb)
     _check_static_inputs(model, verb)

@@ -8,6 +8,9 @@ import numpy as np
 from keras import ops
 
 from tf_transform_conv import _compat
+from tf_transform_conv._checks import check_bool
+from tf_transform_conv._checks import check_positive_int
+from tf_transform_conv._checks import is_int
 from tf_transform_conv import factored as factored_lib
 from tf_transform_conv import families as families_lib
 from tf_transform_conv import layout as layout_lib
@@ -41,31 +44,6 @@ AUTO_MIN_GROUP_CHANNELS = 16
 AUTO_MIN_DENSE_OPERATOR_CHANNELS = 128
 AUTO_MIN_TRAINING_GROUP_CHANNELS = 64
 AUTO_MAX_PRODUCT_BYTES = 1 << 20
-
-
-def is_int(value):
-    """Whether `value` is a Python or numpy integer (a bool is not)."""
-    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
-
-
-def check_positive_int(value, name):
-    """`value` as an int; a ValueError naming `name` unless it is an int >= 1 (not a bool)."""
-    if not is_int(value) or value < 1:
-        raise ValueError(
-            f"Invalid value for argument `{name}`. Expected a strictly positive "
-            f"int. Received {name}={value!r}."
-        )
-    return int(value)
-
-
-def check_bool(value, name):
-    """`value` as a bool; a ValueError naming `name` unless it is True or False."""
-    if not isinstance(value, (bool, np.bool_)):
-        raise ValueError(
-            f"Invalid value for argument `{name}`. Expected True or False. "
-            f"Received {name}={value!r}."
-        )
-    return bool(value)
 
 
 def _standardize_pair(value, name):

@@ -19,6 +19,8 @@ import dataclasses
 import numpy as np
 
 from tf_transform_conv import factored as factored_lib
+from tf_transform_conv._checks import is_int
+from tf_transform_conv._checks import is_number
 from tf_transform_conv import transforms as transforms_lib
 
 
@@ -74,11 +76,7 @@ def resolve_base_filters(filters, transforms, base_filters, base_ratio, assignme
             f"base_filters={base_filters} and base_ratio={base_ratio}."
         )
     if base_ratio is not None:
-        if (
-            isinstance(base_ratio, bool)
-            or not isinstance(base_ratio, (int, float, np.floating, np.integer))
-            or not 0 < base_ratio <= 1
-        ):
+        if not is_number(base_ratio) or not 0 < base_ratio <= 1:
             raise ValueError(
                 "Invalid value for argument `base_ratio`. Expected a number "
                 f"in (0, 1]. Received base_ratio={base_ratio!r}."
@@ -108,11 +106,7 @@ def resolve_base_filters(filters, transforms, base_filters, base_ratio, assignme
                 f"transforms."
             )
         return filters // num
-    if (
-        isinstance(base_filters, bool)
-        or not isinstance(base_filters, (int, np.integer))
-        or not 1 <= base_filters <= filters
-    ):
+    if not is_int(base_filters) or not 1 <= base_filters <= filters:
         raise ValueError(
             "Invalid value for argument `base_filters`. Expected an int in "
             f"[1, filters={filters}]. Received "

@@ -60,15 +60,11 @@ __all__ = [
     "GroupedTransformConv2D",
     "grouped_plan",
     "grouped_skip_reason",
-    "MAX_GROUPED_PADDING",
 ]
 
-#: `export_tflite(lowering="auto")` does not write a layer in the grouped
-#: form when its second convolution would compute more than this many times
-#: the layer's filters: the assignment gives one base many more filters than
-#: the others, and every base's group is padded to that count. (The whole
-#: rule: `export.lowering_choice`.)
-MAX_GROUPED_PADDING = 2.0
+# An uneven assignment pads every base's group to the largest (`slots`); which
+# form `export_tflite(lowering="auto")` writes is decided in one place,
+# `export.lowering_choice`, whose docstring gives the measurements.
 
 
 # Keras activations that act on each value alone (not softmax: it mixes the

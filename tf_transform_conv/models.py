@@ -56,9 +56,12 @@ import numpy as np
 from keras import ops
 
 from tf_transform_conv import families as families_lib
+from tf_transform_conv._checks import check_positive_int
+from tf_transform_conv._checks import is_int
+from tf_transform_conv._checks import is_number
 from tf_transform_conv import transforms as transforms_lib
-from tf_transform_conv.convert import shape_skip_reason
 from tf_transform_conv.layers import IMPLEMENTATIONS, TransformConv2D
+from tf_transform_conv.rewrite import shape_skip_reason
 
 __all__ = [
     "MODELS",
@@ -114,9 +117,7 @@ class ConvFactory:
         if transforms is not None:
             transforms = transforms_lib.resolve_transforms(transforms)
         if base_ratio is not None:
-            if isinstance(base_ratio, bool) or not isinstance(
-                base_ratio, (int, float, np.integer, np.floating)
-            ) or not 0 < base_ratio <= 1:
+            if not is_number(base_ratio) or not 0 < base_ratio <= 1:
                 raise ValueError(
                     "Invalid value for argument `base_ratio`. Expected a number "
                     f"in (0, 1] or None. Received base_ratio={base_ratio!r}."
@@ -159,7 +160,7 @@ class ConvFactory:
                     "but base_ratio=None and transforms=None make a dense "
                     "(Conv2D) factory. Pass base_ratio (e.g. 1/4) or transforms."
                 )
-        _check_positive_int(depth_groups, "depth_groups")
+        check_positive_int(depth_groups, "depth_groups")
         if implementation not in IMPLEMENTATIONS:
             raise ValueError(
                 "Invalid value for argument `implementation`. Expected one of "
@@ -357,7 +358,7 @@ class ChannelPad(keras.layers.Layer):
     def __init__(self, padding, data_format=None, **kwargs):
         super().__init__(**kwargs)
         received = padding
-        if isinstance(padding, (int, np.integer)) and not isinstance(padding, bool):
+        if is_int(padding):
             padding = (int(padding), int(padding))
         try:
             padding = tuple(int(p) for p in padding)
@@ -449,14 +450,6 @@ def _check_input_shape(input_shape):
     return shape
 
 
-def _check_positive_int(value, name):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(
-            f"Invalid value for argument `{name}`. Expected a strictly "
-            f"positive int. Received {name}={value!r}."
-        )
-
-
 def _head(x, num_classes):
     x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
     return keras.layers.Dense(num_classes, name="logits")(x)
@@ -526,14 +519,12 @@ def cifar_resnet(depth, num_classes=10, conv=None, input_shape=(32, 32, 3)):
     >>> model.count_params()
     271098
     """
-    if isinstance(depth, bool) or not isinstance(depth, (int, np.integer)) or (
-        depth < 8 or (depth - 2) % 6
-    ):
+    if not is_int(depth) or depth < 8 or (depth - 2) % 6:
         raise ValueError(
             "Invalid value for argument `depth`. Expected 6 n + 2 for n >= 1 "
             f"(e.g. 20, 32, 56, 110). Received depth={depth!r}."
         )
-    _check_positive_int(num_classes, "num_classes")
+    check_positive_int(num_classes, "num_classes")
     conv = _resolve_factory(conv)
     blocks = (depth - 2) // 6
     inputs = keras.Input(_check_input_shape(input_shape), name="image")
@@ -582,7 +573,7 @@ def cifar_vgg16(num_classes=10, conv=None, input_shape=(32, 32, 3)):
     Raises:
         ValueError: for bad `num_classes`, `conv` or `input_shape`.
     """
-    _check_positive_int(num_classes, "num_classes")
+    check_positive_int(num_classes, "num_classes")
     conv = _resolve_factory(conv)
     inputs = keras.Input(_check_input_shape(input_shape), name="image")
     x = inputs
@@ -687,7 +678,7 @@ def imagenet_resnet(depth, num_classes=1000, conv=None, input_shape=(224, 224, 3
             "Invalid value for argument `depth`. Expected one of "
             f"{sorted(IMAGENET_RESNETS)}. Received depth={depth!r}."
         )
-    _check_positive_int(num_classes, "num_classes")
+    check_positive_int(num_classes, "num_classes")
     conv = _resolve_factory(conv)
     kind, blocks = IMAGENET_RESNETS[depth]
     make_block = _imagenet_basic_block if kind == "basic" else _bottleneck_block
@@ -787,14 +778,12 @@ def mobilenet_v2(num_classes=1000, conv=None, alpha=1.0, input_shape=(224, 224, 
         ValueError: for a non-positive `alpha`, or bad `num_classes`, `conv`
             or `input_shape`.
     """
-    if isinstance(alpha, bool) or not isinstance(
-        alpha, (int, float, np.integer, np.floating)
-    ) or alpha <= 0:
+    if not is_number(alpha) or alpha <= 0:
         raise ValueError(
             "Invalid value for argument `alpha`. Expected a strictly positive "
             f"number. Received alpha={alpha!r}."
         )
-    _check_positive_int(num_classes, "num_classes")
+    check_positive_int(num_classes, "num_classes")
     conv = _resolve_factory(conv)
     inputs = keras.Input(_check_input_shape(input_shape), name="image")
     x = _conv(inputs, conv, _make_divisible(32 * alpha), 3, 2, name="stem_conv")

@@ -25,21 +25,23 @@ import keras
 import numpy as np
 from keras import ops
 
+from tf_transform_conv import _compat
 from tf_transform_conv import families as families_lib
+from tf_transform_conv._checks import check_positive_int
 from tf_transform_conv import transforms as transforms_lib
 from tf_transform_conv.assignment import allocate_globally
 from tf_transform_conv.assignment import filter_saliency
 from tf_transform_conv.assignment import fit_assignment
 from tf_transform_conv.assignment import kept_filters
-from tf_transform_conv.convert import CONVOLUTIONS
-from tf_transform_conv.convert import check_graph_model
-from tf_transform_conv.convert import check_options
-from tf_transform_conv.convert import check_transforms
-from tf_transform_conv.convert import layer_depth_groups
-from tf_transform_conv.convert import rewrite_model
-from tf_transform_conv.convert import select_layers
-from tf_transform_conv.convert import skip_reason
 from tf_transform_conv.convert import transform_conv_from_conv2d
+from tf_transform_conv.rewrite import CONVOLUTIONS
+from tf_transform_conv.rewrite import check_graph_model
+from tf_transform_conv.rewrite import check_options
+from tf_transform_conv.rewrite import check_transforms
+from tf_transform_conv.rewrite import layer_depth_groups
+from tf_transform_conv.rewrite import rewrite_model
+from tf_transform_conv.rewrite import select_layers
+from tf_transform_conv.rewrite import skip_reason
 from tf_transform_conv.recalibrate import recalibrate_batch_norm
 
 _TFMOT_SCHEDULES = ("PolynomialDecay", "ConstantSparsity")
@@ -495,7 +497,7 @@ class TransformPruning(keras.layers.Wrapper):
 
 def _wrappers(model):
     found = []
-    for layer in model._flatten_layers(include_self=False, recursive=True):
+    for layer in _compat.layers_of(model):
         if isinstance(layer, TransformPruning):
             found.append(layer)
     return found
@@ -673,17 +675,14 @@ class UpdateTransformPruningStep(keras.callbacks.Callback):
     def __init__(self, saliency_data=None, saliency_batches=4, recalibrate_data=None,
                  recalibrate_batches=20):
         super().__init__()
-        for name, value in (("saliency_batches", saliency_batches),
-                            ("recalibrate_batches", recalibrate_batches)):
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-                raise ValueError(
-                    f"Invalid value for argument `{name}`. Expected a positive int. "
-                    f"Received {name}={value!r}."
-                )
         self.saliency_data = saliency_data
-        self.saliency_batches = int(saliency_batches)
+        self.saliency_batches = check_positive_int(
+            saliency_batches, "saliency_batches", expected="a positive int"
+        )
         self.recalibrate_data = recalibrate_data
-        self.recalibrate_batches = int(recalibrate_batches)
+        self.recalibrate_batches = check_positive_int(
+            recalibrate_batches, "recalibrate_batches", expected="a positive int"
+        )
 
     def on_train_begin(self, logs=None):
         self._wrappers = _wrappers(self.model)
@@ -868,7 +867,7 @@ def prune_model(
         left = {
             layer.name: "already wrapped" if id(layer) in inside
             else skip_reason(layer, transforms) or "not chosen by `layers`"
-            for layer in model._flatten_layers(include_self=False, recursive=True)
+            for layer in _compat.layers_of(model)
             if isinstance(layer, CONVOLUTIONS)
         }
         raise ValueError(

@@ -11,6 +11,9 @@ fine-tuning, at the cost of a few forward passes.
 import numpy as np
 import keras
 
+from tf_transform_conv import _compat
+from tf_transform_conv._checks import check_positive_int
+
 
 def batches(data, count, batch_size=32):
     """The first `count` input batches of `data` (arrays, `(x, y)`, a dataset or batches).
@@ -69,13 +72,8 @@ def recalibrate_batch_norm(model, data, num_batches=20, batch_size=32):
     >>> recalibrate_batch_norm(model, np.ones((8, 4, 4, 1), "float32"), num_batches=2)
     1
     """
-    if isinstance(num_batches, bool) or not isinstance(num_batches, (int, np.integer)) \
-            or num_batches < 1:
-        raise ValueError(
-            "Invalid value for argument `num_batches`. Expected a positive int. "
-            f"Received num_batches={num_batches!r}."
-        )
-    layers = list(model._flatten_layers(include_self=False, recursive=True))
+    check_positive_int(num_batches, "num_batches", expected="a positive int")
+    layers = _compat.layers_of(model)
     norms = [l for l in layers if isinstance(l, keras.layers.BatchNormalization)]
     if not norms:
         return 0
