@@ -29,7 +29,7 @@ size, and per `TransformConv2D` its bases, transforms, conversion error and
 
 `--help` and argument errors answer before TensorFlow is imported; its
 start-up log lines are left out unless `TF_CPP_MIN_LOG_LEVEL` is set
-(`quiet_tensorflow_startup`).
+(`quiet_tensorflow_startup`, from the `tfconv` launcher module).
 
     python examples/train.py --preset cifar10 --mode dense --run-dir runs/r20
     python examples/train.py --preset cifar10 --mode transform --base-ratio 0.25
@@ -57,13 +57,13 @@ import math
 import os
 import pathlib
 import platform
-import re
 import secrets
 import shutil
 import sys
-import tempfile
 import time
 import warnings
+
+from tfconv import quiet_tensorflow_startup  # installed with the package; imports no TensorFlow
 
 # Defaults per preset; any flag given on the command line wins.
 PRESETS = {
@@ -322,56 +322,6 @@ def parse_args(argv=None):
     if args.transforms and "," in args.transforms:
         args.transforms = [t.strip() for t in args.transforms.split(",")]
     return args
-
-
-# Lines TensorFlow's libraries print while they load, before absl logging is
-# initialised and so whatever TF_CPP_MIN_LOG_LEVEL says: absl-format info and
-# warning lines ("I0000 00:00:1712.345 123 port.cc:153] oneDNN custom
-# operations are on..."), absl's notice about them and the second line of the
-# CPU-instructions notice.
-STARTUP_NOISE = re.compile(
-    r"[IW]\d{4} \d\d:\d\d:\d+\.\d+ +\d+ \S+:\d+\] "
-    r"|WARNING: All log messages before absl::InitializeLog\(\) is called"
-    r"|To enable the following instructions: "
-)
-
-
-@contextlib.contextmanager
-def quiet_tensorflow_startup():
-    """Imports made under it print none of TensorFlow's start-up log lines.
-
-    Unless `TF_CPP_MIN_LOG_LEVEL` is set (then nothing changes: the user
-    chose what to see), it is set to 3 (TensorFlow's C++ logging: fatal
-    only; a failure still reaches Python as an exception), absl's Python
-    logging is set to errors, and while the block runs the process's stderr
-    (the file descriptor, which C++ writes to) goes to a file: afterwards
-    every line but the `STARTUP_NOISE` ones is written to stderr. On a
-    machine without a GPU this leaves out the CUDA initialisation error too.
-    """
-    if "TF_CPP_MIN_LOG_LEVEL" in os.environ:
-        yield
-        return
-    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with tempfile.TemporaryFile() as captured:
-            os.dup2(captured.fileno(), 2)
-            try:
-                yield
-            finally:
-                sys.stderr.flush()
-                os.dup2(saved, 2)
-                captured.seek(0)
-                lines = captured.read().decode(errors="replace").splitlines(keepends=True)
-                sys.stderr.write("".join(line for line in lines
-                                         if not STARTUP_NOISE.match(line)))
-                sys.stderr.flush()
-    finally:
-        os.close(saved)
-    import absl.logging
-
-    absl.logging.set_verbosity(absl.logging.ERROR)
 
 
 if __name__ == "__main__":

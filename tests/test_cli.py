@@ -165,3 +165,145 @@ def test_representative_that_is_not_an_array_is_a_usage_error(tmp_path, capsys):
     assert error.value.code == 2
     (line,) = capsys.readouterr().err.splitlines()
     assert line.startswith(f"tfconv export: error: {tmp_path / 's.npy'}: not a .npy array")
+
+
+# ----------------------------------------------------------------------------
+# The `tfconv` launcher: arguments before TensorFlow, a quiet start-up
+
+
+def _tfconv_script():
+    """The installed `tfconv` console script, next to this interpreter."""
+    import pathlib
+    import shutil
+    import sys
+
+    script = pathlib.Path(sys.executable).with_name("tfconv")
+    if not script.exists():
+        found = shutil.which("tfconv")
+        if found is None:
+            pytest.skip("no tfconv console script installed (pip install -e .)")
+        script = pathlib.Path(found)
+    return script
+
+
+def _run_tfconv(args, env=None):
+    """Runs the installed `tfconv` as a user would, TF_CPP_MIN_LOG_LEVEL unset (or `env`)."""
+    import os
+    import subprocess
+
+    environ = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    return subprocess.run([str(_tfconv_script()), *args], capture_output=True, text=True,
+                          env=dict(environ, **(env or {})), timeout=300)
+
+
+def test_installed_tfconv_help_does_not_import_tensorflow():
+    """`tfconv --help` runs the launcher, not the package: TensorFlow is never imported."""
+    proc = _run_tfconv(["--help"], env={"PYTHONPROFILEIMPORTTIME": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "usage: tfconv" in proc.stdout and "cost" in proc.stdout
+    imported = [line for line in proc.stderr.splitlines() if line.startswith("import time:")]
+    assert imported, proc.stderr[-2000:]  # the import log is there to read
+    assert not [line for line in imported if "tensorflow" in line or "keras" in line]
+
+
+@pytest.mark.parametrize("argv, status", [
+    (["--help"], 0),
+    (["cost", "--help"], 0),
+    (["export", "--help"], 0),
+    (["cost"], 2),
+    (["export", "m.keras", "m.tflite", "--batch-size", "0"], 2),
+    (["analyze", "m.keras", "--sparsities", "1.5"], 2),
+])
+def test_launcher_help_and_argument_errors_do_not_import_tensorflow(argv, status):
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, tfconv\n"
+        "try:\n"
+        "    tfconv.main(sys.argv[1:])\n"
+        "except SystemExit as exit:\n"
+        "    print('status', exit.code)\n"
+        "assert 'tensorflow' not in sys.modules and 'keras' not in sys.modules, 'imported'\n"
+        "assert 'tf_transform_conv' not in sys.modules, 'imported the package'\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.splitlines()[-1] == f"status {status}"
+    if status:
+        assert "tfconv" in proc.stderr and "error:" in proc.stderr
+
+
+def _noise(text):
+    """TensorFlow's start-up log lines (absl format, absl's notice, CUDA) in `text`."""
+    import re
+
+    return [line for line in text.splitlines()
+            if re.match(r"[IWEF]\d{4} ", line) or "absl::" in line or "cuda" in line.lower()]
+
+
+def test_installed_tfconv_startup_prints_no_tensorflow_log_lines(tmp_path):
+    """`tfconv cost` loads TensorFlow and a model: only the table; a bad file: one line."""
+    keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Conv2D(4, 3)]).save(tmp_path / "m.keras")
+    proc = _run_tfconv(["cost", str(tmp_path / "m.keras")])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Total params: 112" in proc.stdout
+    assert not _noise(proc.stdout + proc.stderr), proc.stderr[-2000:]
+    assert not proc.stderr.strip(), proc.stderr[-2000:]
+
+    (tmp_path / "x.keras").write_text("hello\n")
+    proc = _run_tfconv(["cost", str(tmp_path / "x.keras")])
+    assert proc.returncode == 2
+    (line,) = proc.stderr.splitlines()
+    assert line.startswith(f"tfconv cost: error: {tmp_path / 'x.keras'}: not a valid .keras file")
+
+
+def test_quiet_startup_filters_only_startup_lines_and_respects_the_users_level(
+        capfd, monkeypatch):
+    import os
+
+    import tfconv
+
+    noise = [
+        "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n",
+        "I0000 00:00:1712345678.123456   12345 port.cc:153] oneDNN custom operations are on.\n",
+        "W0000 00:00:1712345678.123456   12345 cpu_feature_guard.cc:227] This TensorFlow ...\n",
+        "To enable the following instructions: AVX2 FMA, in other operations, rebuild ...\n",
+        "E0000 00:00:1712345678.123456   12345 cuda_platform.cc:52] failed call to cuInit: "
+        "INTERNAL: CUDA error: Failed call to cuInit: UNKNOWN ERROR (303)\n",
+        "E0000 00:00:1712345678.123456   12345 cuda_dnn.cc:8310] Unable to register cuDNN "
+        "factory: Attempting to register factory for plugin cuDNN when one has already "
+        "been registered\n",
+    ]
+    kept = [
+        "a real message\n",
+        "E0000 00:00:1712345678.123456   12345 op_kernel.cc:1830] OP_REQUIRES failed\n",
+    ]
+    monkeypatch.delenv("TF_CPP_MIN_LOG_LEVEL", raising=False)
+    import absl.logging
+
+    verbosity = absl.logging.get_verbosity()
+    try:
+        with tfconv.quiet_tensorflow_startup():
+            os.write(2, "".join(noise + kept).encode())
+    finally:
+        absl.logging.set_verbosity(verbosity)
+    assert capfd.readouterr().err == "".join(kept)
+    assert os.environ["TF_CPP_MIN_LOG_LEVEL"] == "3"
+
+    monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "0")  # the user's choice: everything shows
+    with tfconv.quiet_tensorflow_startup():
+        os.write(2, "".join(noise + kept).encode())
+    assert capfd.readouterr().err == "".join(noise + kept)
+    assert os.environ["TF_CPP_MIN_LOG_LEVEL"] == "0"
+
+
+def test_package_cli_main_still_parses_with_the_launchers_parser(capsys):
+    import tfconv
+
+    assert cli.build_parser is tfconv.build_parser
+    with pytest.raises(SystemExit) as error:
+        cli.main(["--help"])
+    assert error.value.code == 0
+    assert "usage: tfconv" in capsys.readouterr().out

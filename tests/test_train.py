@@ -270,6 +270,14 @@ def test_help_and_argument_errors_do_not_import_tensorflow(args, status):
         assert "train.py: error:" in proc.stderr
 
 
+def test_startup_quieting_is_the_tfconv_launchers(train):
+    """One copy of `quiet_tensorflow_startup`: the `tfconv` launcher's, installed with the package."""
+    import tfconv
+
+    assert train.quiet_tensorflow_startup is tfconv.quiet_tensorflow_startup
+    assert not hasattr(train, "STARTUP_NOISE")
+
+
 def test_startup_prints_no_tensorflow_log_lines(tmp_path):
     """TensorFlow is imported, devices start, a model is read; no C++ or absl log line shows."""
     import keras

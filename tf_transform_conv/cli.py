@@ -1,4 +1,4 @@
-"""The `tfconv` command.
+"""The `tfconv` command's commands (the command line is parsed by the `tfconv` launcher).
 
     tfconv cost MODEL.keras [--json OUT.json]
     tfconv analyze MODEL.keras [--out-dir DIR] [--sparsities 0.25 0.5 0.75]
@@ -25,12 +25,13 @@ naming the path and what is wrong, with exit status 2, as are other
 unusable arguments.
 """
 
-import argparse
 import collections
 import json
 import os
 import sys
 import zipfile
+
+from tfconv import build_parser  # noqa: F401  (the parser, in the launcher)
 
 _HDF5_SUFFIXES = (".h5", ".hdf5")
 _PLOT_MISSING = (
@@ -223,85 +224,29 @@ def _export(args):
     return 0
 
 
-def _positive_int(text):
+COMMANDS = {"cost": _cost, "analyze": _analyze, "export": _export}
+
+
+def run(args):
+    """Runs the command `args` (parsed by `tfconv.build_parser`) names; returns its exit status.
+
+    A `UsageError` is printed as one line, `tfconv COMMAND: error: ...`, and raised.
+    """
     try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
-    return value
-
-
-def _sparsity(text):
-    value = float(text)
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"sparsity must be in [0, 1), got {text}")
-    return value
-
-
-def build_parser():
-    parser = argparse.ArgumentParser(
-        prog="tfconv", description="Tools for compact CNNs built with TransformConv2D."
-    )
-    commands = parser.add_subparsers(dest="command", required=True)
-    cost = commands.add_parser(
-        "cost", help="parameters and multiply-adds of a .keras model, per layer"
-    )
-    cost.add_argument("model", help="path to a .keras file")
-    cost.add_argument("--json", help="also write the figures as JSON to this path")
-    cost.set_defaults(run=_cost)
-    analyze = commands.add_parser(
-        "analyze", help="how well each Conv2D's filters are rebuilt by each transform"
-    )
-    analyze.add_argument("model", help="path to a .keras file")
-    analyze.add_argument(
-        "--out-dir", default=".",
-        help="where analysis.json and analysis.png go (.); the plot needs matplotlib",
-    )
-    analyze.add_argument(
-        "--sparsities", type=_sparsity, nargs="+", default=[0.25, 0.5, 0.75],
-        help="fractions of filters to reconstruct (0.25 0.5 0.75)",
-    )
-    analyze.add_argument("--seed", type=int, default=0, help="seed of the random baseline")
-    analyze.set_defaults(run=_analyze)
-    export = commands.add_parser(
-        "export", help="write a .tflite file holding only the base filters, and check it"
-    )
-    export.add_argument("model", help="path to a .keras file")
-    export.add_argument("output", help="the .tflite file to write")
-    export.add_argument(
-        "--quantization", choices=["float32", "dynamic", "float16", "int8"],
-        default="float32", help="weight/activation types (float32)",
-    )
-    export.add_argument(
-        "--representative", metavar="NPY",
-        help="a .npy file of sample inputs (num_samples, *input_shape), for int8",
-    )
-    export.add_argument("--batch-size", type=_positive_int, default=1,
-                        help="the file's batch (1)")
-    export.add_argument(
-        "--lowering", choices=["auto", "grouped", "slices", "dense"], default="auto",
-        help="how TransformConv2D layers are written: grouped convolutions, "
-        "slices and additions, or the dense kernel (auto: per layer, the fastest "
-        "compact form, dense only for few-channel stems)",
-    )
-    export.add_argument(
-        "--verify-samples", type=_positive_int, default=8,
-        help="random inputs for the float check (8)",
-    )
-    export.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
-    export.set_defaults(run=_export)
-    return parser
-
-
-def main(argv=None):
-    args = build_parser().parse_args(argv)
-    try:
-        return args.run(args)
+        return COMMANDS[args.command](args)
     except UsageError as error:
         print(f"tfconv {args.command}: error: {error}", file=sys.stderr)
         raise
+
+
+def main(argv=None):
+    """`tfconv` in this process, TensorFlow already imported: parses `argv` and runs.
+
+    The `tfconv` command itself is `tfconv.main`, which parses before
+    importing this module (and so TensorFlow) and leaves out TensorFlow's
+    start-up log lines.
+    """
+    return run(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":
