@@ -88,9 +88,9 @@ import common  # noqa: E402  (benchmarks/common.py, beside this script)
 from tf_transform_conv.assignment import fit_assignment  # noqa: E402
 from tf_transform_conv.cost import model_cost  # noqa: E402
 from tf_transform_conv.export import TFLiteMismatchError  # noqa: E402
-from tf_transform_conv.export import export_tflite, lowering_choice, verify_tflite  # noqa: E402
+from tf_transform_conv.export import export_tflite, verify_tflite  # noqa: E402
 from tf_transform_conv.layers import TransformConv2D  # noqa: E402
-from tf_transform_conv.lowering import grouped_plan  # noqa: E402
+from tf_transform_conv.lowering import grouped_plan, lowering_choice  # noqa: E402
 from tf_transform_conv.models import DEFAULT_TRANSFORMS  # noqa: E402
 
 SHAPES = (

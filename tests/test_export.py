@@ -17,6 +17,8 @@ from tf_transform_conv import cli
 from tf_transform_conv import export
 from tf_transform_conv import lowering as lowering_lib
 
+from tflite_util import FIXED_OVERHEAD
+from tflite_util import overhead_allowance
 from tflite_util import tensor_shapes
 
 RTOL = 1e-4
@@ -201,14 +203,14 @@ def test_float_size_is_the_bases_plus_fixed_overhead(size_exports):
     result = results[None]
     assert result.params == 3 * 3 * 64 * 32 + 256 + 3 * 3 * 256 * 32 + 256
     assert_factored(result, model)
-    assert result.bytes <= 1.10 * result.param_bytes + export.FIXED_OVERHEAD, result
+    assert result.bytes <= 1.10 * result.param_bytes + FIXED_OVERHEAD, result
     assert sorted(result.lowerings.values()) == ["grouped", "grouped"], result.lowerings
     assert result.lowering_values == 2 * (9 * 256 + 9 * 32)
-    assert result.overhead_bytes <= export.overhead_allowance(
+    assert result.overhead_bytes <= overhead_allowance(
         result.num_ops, result.lowering_values), result
     # FIXED_OVERHEAD is small against the dense kernel (the test means something) ...
     dense_kernel_bytes = 4 * 3 * 3 * (64 + 256) * 256
-    assert export.FIXED_OVERHEAD < 0.05 * dense_kernel_bytes
+    assert FIXED_OVERHEAD < 0.05 * dense_kernel_bytes
     # ... and exporting the materialised path folds that dense kernel into the file.
     materialized = results["materialized"]
     assert "CONV_2D" in materialized.op_counts
@@ -226,7 +228,7 @@ def test_quantized_sizes_and_outputs(size_exports, quantization, rtol):
     assert result.param_bytes == {"float16": 2, "dynamic": 1, "int8": 1}[quantization] * result.params
     assert_factored(result, model)
     # Per-channel scales and float32/int32 biases add a little to the weights.
-    assert result.bytes <= 1.10 * result.param_bytes + export.FIXED_OVERHEAD + 16 * 1024, result
+    assert result.bytes <= 1.10 * result.param_bytes + FIXED_OVERHEAD + 16 * 1024, result
     assert result.bytes < results[None].bytes
     export.verify_tflite(result.path, model, inputs_for(model, n=2), rtol=rtol)
 
@@ -264,7 +266,7 @@ def test_auto_writes_uneven_assignments_grouped(tmp_path):
     grouped = export.export_tflite(model, tmp_path / "grouped.tflite", lowering="grouped")
     assert auto.lowerings == {layer.name: "grouped" for layer in layers}
     for layer in layers:
-        form, reason = export.lowering_choice(layer)
+        form, reason = lowering_lib.lowering_choice(layer)
         assert form == "grouped" and "fitted assignment" in reason, reason
     assert auto.bytes <= 1.1 * grouped.bytes, (auto.bytes, grouped.bytes)
     assert auto.num_ops == grouped.num_ops
@@ -446,7 +448,7 @@ def test_export_command_prints_size_and_verifies(tmp_path, capsys):
     assert "file size" in printed and "parameter bytes" in printed
     assert f"{4 * model.count_params():,} bytes" in printed
     assert "verify (8 random inputs)" in printed and ": ok" in printed
-    # tc_a (4 input channels) is cheaper dense; see export.lowering_choice.
+    # tc_a (4 input channels) is cheaper dense; see lowering.lowering_choice.
     assert "TransformConv2D  1 dense, 2 grouped" in printed
     assert cli.main(["export", str(tmp_path / "m.keras"), str(out), "--lowering", "slices"]) == 0
     printed = capsys.readouterr().out

@@ -175,14 +175,14 @@ def test_grouped_is_smaller_and_has_fewer_operators_than_slices(tmp_path):
 
 def test_auto_writes_a_lopsided_assignment_grouped(tmp_path):
     """The padded grouped form is exact and `auto` takes it (measured against
-    slices for fitted assignments: `export.lowering_choice`)."""
+    slices for fitted assignments: `lowering.lowering_choice`)."""
     assignment = np.zeros((1, 12, 2), np.int64)
     assignment[0, :, 1] = np.arange(12) % 4
     assignment[0, 10:, 0] = [1, 2]  # base 0 builds 10 filters, bases 1 and 2 one each
     model = layer_model(dict(filters=12, kernel_size=3, base_filters=3, transforms="rotations",
                              padding="same", assignment=assignment.tolist()))
     layer = model.get_layer("tc")
-    form, reason = export.lowering_choice(layer)
+    form, reason = lowering.lowering_choice(layer)
     assert form == "grouped" and "padded to 2.50x the filters" in reason, reason
     # 30 spread outputs for 12 filters.
     assert lowering.grouped_plan(layer).spread_outputs() == 30
@@ -206,12 +206,12 @@ def test_auto_at_two_filters_per_base(channels, expected):
     layer = TransformConv2D(channels, 3, base_ratio=0.5, transforms=["identity", "rot180"],
                             padding="same")
     layer(inputs)
-    form, reason = export.lowering_choice(layer)
+    form, reason = lowering.lowering_choice(layer)
     assert form == expected, reason
-    assert export.lowering_choice(layer, "grouped")[0] == "grouped"
+    assert lowering.lowering_choice(layer, "grouped")[0] == "grouped"
     four = TransformConv2D(channels, 3, base_ratio=0.25, transforms="rotations", padding="same")
     four(inputs)
-    assert export.lowering_choice(four)[0] == "grouped"
+    assert lowering.lowering_choice(four)[0] == "grouped"
 
 
 @pytest.mark.parametrize("ratio, transforms", [(0.5, ["identity", "rot180"]),
@@ -226,9 +226,9 @@ def test_auto_writes_a_three_channel_stem_dense(ratio, transforms, tmp_path):
                         name="body")(x)
     model = keras.Model(inputs, x)
     stem = model.get_layer("stem")
-    form, reason = export.lowering_choice(stem)
+    form, reason = lowering.lowering_choice(stem)
     assert form == "dense" and "multiply-adds" in reason, reason
-    assert export.lowering_choice(model.get_layer("body"))[0] == "grouped"
+    assert lowering.lowering_choice(model.get_layer("body"))[0] == "grouped"
     result = export.export_tflite(model, tmp_path / "m.tflite")
     assert result.lowerings == {"stem": "dense", "body": "grouped"}
     shapes = tensor_shapes(result.path)
@@ -237,7 +237,7 @@ def test_auto_writes_a_three_channel_stem_dense(ratio, transforms, tmp_path):
     x = np.random.default_rng(1).normal(size=(2, 16, 16, 3)).astype("float32")
     export.verify_tflite(result.path, model, x, rtol=RTOL)
     # Asked for, the stem is written grouped all the same.
-    assert export.lowering_choice(stem, "grouped")[0] == "grouped"
+    assert lowering.lowering_choice(stem, "grouped")[0] == "grouped"
 
 
 def test_unknown_lowering_is_an_error(tmp_path):
@@ -305,8 +305,8 @@ def test_auto_writes_dense_operator_families_grouped(family):
                   padding="same")
     discrete = TransformConv2D(**config)
     discrete(inputs)
-    assert export.lowering_choice(discrete)[0] == "slices"
+    assert lowering.lowering_choice(discrete)[0] == "slices"
     learned = TransformConv2D(**config, transform_family=family)
     learned(inputs)
-    form, reason = export.lowering_choice(learned)
+    form, reason = lowering.lowering_choice(learned)
     assert form == "grouped" and "pair of taps" in reason, reason

@@ -1,29 +1,35 @@
-"""Deployment: TFLite and SavedModel export, and the check against the Keras model.
+"""Deployment: the model rewrites, TFLite and SavedModel export, and the check against Keras.
 
 A `TransformConv2D` that runs its *materialised* path gathers the full kernel
 from the bases and then convolves; the TFLite converter constant-folds that
 gather, so the `.tflite` file would hold the full dense kernel and be as large
 as the `Conv2D` model's. Before converting, `export_tflite` therefore rebuilds
-the model (same weights) with every `TransformConv2D` in a compact form
-(`deployment_model`, `lowering_choice`):
+the model (same weights) with every `TransformConv2D` in the form that
+`lowering.lowering_choice` picks (the rule, and the grouped form itself, live
+in `tf_transform_conv.lowering`):
 
 - `"grouped"` (the default where it applies): a 1x1 product convolution with
   the bases, then a grouped convolution that spreads each base's products to
-  the filters built from it (`tf_transform_conv.lowering`). Two CONV_2D
-  operators that the XNNPACK delegate runs; the spread kernel is stored
-  sparse.
+  the filters built from it. Two CONV_2D operators that the XNNPACK delegate
+  runs; the spread kernel is stored sparse.
 - `"slices"`: the Keras factored path, a product then shifted slices and
   additions (about 100 operators per 3x3 layer).
+- `"dense"`: a `Conv2D` holding the materialised kernel, where that is
+  faster and hardly larger (a stem on few channels).
 
-Either way the file stores only the bases.
+The first two store only the bases. This module holds:
 
-- `export_tflite(model, path, quantization=None, ...)`: float32, dynamic-range,
-  float16 or full-integer (int8) `.tflite` file; returns an `ExportResult`.
-- `verify_tflite(path, model, inputs, rtol=1e-4)`: runs the file with the
-  LiteRT interpreter and compares it with `model(inputs)`.
-- `export_saved_model(model, path)`: the same rewrite, then `model.export`.
-- `deployment_model(model, lowering)`: the rewrite itself;
-  `factored_model(model)` the Keras factored rewrite (for SavedModel).
+- the model rewrites: `deployment_model(model, lowering)` returns the model
+  `export_tflite` converts and `{layer name: (form, reason)}`;
+  `factored_model(model)` the Keras factored rewrite (for SavedModel);
+  `float32_model(model)` the float32 twin of a mixed-precision model;
+- conversion: `export_tflite(model, path, quantization=None, ...)` writes a
+  float32, dynamic-range, float16 or full-integer (int8) `.tflite` file and
+  returns an `ExportResult`; `export_saved_model(model, path)` the factored
+  rewrite, then `model.export`;
+- running and checking files with the LiteRT interpreter: `run_tflite`,
+  `verify_tflite(path, model, inputs, rtol=1e-4)` (compares with
+  `model(inputs)`), `tflite_op_counts`.
 
 Conversion goes through a SavedModel (`model.export` with a static input
 signature, then `tf.lite.TFLiteConverter.from_saved_model`). With Keras 3.15
@@ -42,7 +48,6 @@ import keras
 import numpy as np
 
 from tf_transform_conv import _compat
-from tf_transform_conv import families as families_lib
 from tf_transform_conv import lowering as lowering_lib
 from tf_transform_conv._checks import check_positive_int
 from tf_transform_conv.layers import TransformConv2D
@@ -51,14 +56,6 @@ from tf_transform_conv.rewrite import rewrite_model
 
 __all__ = [
     "ExportResult",
-    "FIXED_OVERHEAD",
-    "AUTO_DENSE_MAX_GROWTH",
-    "AUTO_MIN_GROUPED_SLOTS",
-    "AUTO_SLICES_MIN_CHANNELS",
-    "FILE_OVERHEAD_BYTES",
-    "LOWERINGS",
-    "LOWERING_VALUE_BYTES",
-    "OP_OVERHEAD_BYTES",
     "QUANTIZATIONS",
     "TFLiteMismatchError",
     "VerifyResult",
@@ -67,8 +64,6 @@ __all__ = [
     "deployment_model",
     "factored_model",
     "float32_model",
-    "lowering_choice",
-    "overhead_allowance",
     "run_tflite",
     "tflite_op_counts",
     "verify_tflite",
@@ -78,72 +73,6 @@ QUANTIZATIONS = (None, "dynamic", "float16", "int8")
 
 # Bytes per stored parameter, as `export_tflite` counts `param_bytes`.
 _BYTES_PER_PARAM = {None: 4, "float16": 2, "dynamic": 1, "int8": 1}
-
-# What a `.tflite` file holds besides the weights: the flatbuffer's tables,
-# the operators, every tensor's shape, type and name, the small constant
-# index tensors of slices, pads and reshapes, and the constants a lowering
-# adds (the grouped form's spread values with their sparse indices, and the
-# zero biases the converter gives its convolutions). Measured with TF 2.21 by
-# exporting the models named here as float32 (overhead = file bytes minus
-# 4 bytes per parameter; operators counted with `tflite_op_counts`):
-#
-# - FILE_OVERHEAD_BYTES: a model with one operator and 2-5 parameters
-#   (`Input((4,)) -> Dense(1)`, `Input((1, 1, 1)) -> Dense(1)`) exports to
-#   952-988 bytes; rounded up to 1 KiB.
-# - OP_OVERHEAD_BYTES: chains of 1, 2 and 4 factored 3x3 `TransformConv2D`s
-#   written as slices on a 16x16x1 input with one base each (13-257
-#   parameters) have an overhead of 17,836 / 30,968 / 58,128 bytes for
-#   77 / 154 / 308 operators under "rotations", and 23,168 / 41,208 /
-#   78,792 bytes for 109 / 218 / 436 operators under "d4": 170-175 bytes
-#   per operator, rounded up to 192.
-# - LOWERING_VALUE_BYTES: per constant value a lowering adds
-#   (`ExportResult.lowering_values`): 4 bytes for the value and, for the
-#   spread kernels, their sparse index. The size test's model (below) in
-#   the grouped form: 19,844 bytes of overhead for 11 operators and 5,184
-#   lowering values (4,608 spread nonzeros, 576 product-bias zeros), i.e.
-#   3.4 bytes per value once the operators are paid; rounded up to 8.
-# - FIXED_OVERHEAD: the graph of the size test (`tests/test_export.py`: a
-#   16x16 input, then two factored 3x3
-#   `TransformConv2D(256, base_filters=32, transforms="d4")`) written as
-#   slices (218 operators) on one input channel with one base per layer
-#   (97 parameters) exports to 41,596 bytes, 41,208 of them overhead;
-#   rounded up to 48 KiB. It covers graphs up to about 250 slice operators
-#   or a few thousand grouped-form values; for larger ones use
-#   `overhead_allowance(num_ops, lowering_values)`. Against the 2.95 MB of
-#   that model's dense kernel it is 1.7%, so a file holding the materialised
-#   kernel cannot pass `bytes <= 1.10 * param_bytes + FIXED_OVERHEAD`. (The
-#   real size-test export: 390,532 bytes for 370,688 parameter bytes in the
-#   grouped form, 409,220 as slices.) Quantized files spend more per tensor
-#   (scales and zero points): about 40 KB (float16), 47 KB (dynamic) and
-#   55 KB (int8) for the same graph as slices.
-FILE_OVERHEAD_BYTES = 1024
-OP_OVERHEAD_BYTES = 192
-LOWERING_VALUE_BYTES = 8
-FIXED_OVERHEAD = 48 * 1024
-
-
-def overhead_allowance(num_ops, lowering_values=0):
-    """Bytes a `.tflite` file may spend besides its weights.
-
-    `FILE_OVERHEAD_BYTES + OP_OVERHEAD_BYTES * num_ops +
-    LOWERING_VALUE_BYTES * lowering_values`, for a file of `num_ops`
-    operators whose lowering adds `lowering_values` constants
-    (`ExportResult.lowering_values`); see the comment on these constants
-    in the module for how they were measured.
-
-    Example:
-
-    >>> overhead_allowance(218)
-    42880
-    >>> overhead_allowance(11, lowering_values=5184)
-    44608
-    """
-    return (
-        FILE_OVERHEAD_BYTES
-        + OP_OVERHEAD_BYTES * int(num_ops)
-        + LOWERING_VALUE_BYTES * int(lowering_values)
-    )
-
 
 class TFLiteMismatchError(ValueError, AssertionError):
     """The `.tflite` file's outputs differ from the Keras model's by more than the tolerance.
@@ -170,7 +99,7 @@ class ExportResult:
         op_counts: dict, operator name -> count in the file (empty when
             the interpreter could not list them).
         lowerings: dict, `TransformConv2D` name -> `"grouped"` or
-            `"slices"`: how each was written (see `lowering_choice`).
+            `"slices"`: how each was written (see `lowering.lowering_choice`).
         lowering_values: int, constants the lowering adds besides the
             parameters (the grouped form's spread nonzeros and its
             product convolution's zero bias), counted before the
@@ -322,6 +251,11 @@ def factored_model(model):
     """
     _check_no_wrappers(model, "factored_model")
     _check_static_inputs(model, "factored_model")
+    return _factored(model)
+
+
+def _factored(model):
+    """`factored_model` on a checked model."""
     pending = _needs_rewrite(model)
     if not pending:
         return model
@@ -344,165 +278,13 @@ def factored_model(model):
     return rewrite_model(model, replace)
 
 
-LOWERINGS = ("auto", "grouped", "slices", "dense")
-# The `lowering="auto"` rule; see `lowering_choice`.
-AUTO_MIN_GROUPED_SLOTS = 4
-AUTO_SLICES_MIN_CHANNELS = 32
-AUTO_DENSE_MAX_GROWTH = 1.5
-
-
-def lowering_choice(layer, lowering="auto"):
-    """`(form, reason)`: how `export_tflite` writes a built `TransformConv2D`.
-
-    `form` is `"grouped"` (two convolutions; see `tf_transform_conv.lowering`)
-    or `"slices"` (the Keras factored path: a product, then shifted slices
-    and additions), which store only the bases, or `"dense"` (the
-    materialised kernel, as large as the `Conv2D`'s). `lowering="auto"` picks the form
-    measured faster in the LiteRT interpreter
-    (`benchmarks/tflite_lowering.py`, XNNPACK, batch 1; see the README):
-
-    - dense when the dense convolution does no more multiply-adds than the
-      grouped form and its kernel is at most `AUTO_DENSE_MAX_GROWTH` (1.5)
-      times the grouped form's constants in bytes: few input channels, as
-      in a stem (3 channels: the grouped form was 2.2x the dense
-      MobileNetV2 at ratio 1/2, all of it the stem), where the spread
-      convolution alone costs `kh*kw / c_in` of the dense layer;
-
-    - grouped when each base builds at least `AUTO_MIN_GROUPED_SLOTS` (4)
-      filters: its spread convolution then writes groups wide enough for
-      XNNPACK's kernels (at ratio 1/4 grouped was 0.3-1.0x the slices'
-      latency with 1 thread, and smaller);
-    - with fewer (ratio 1/2: 2 per base), grouped only below
-      `AUTO_SLICES_MIN_CHANNELS` (32) input channels per depth group; from
-      32 channels up, 2-wide groups made it 1.0-1.6x the slices' latency;
-    - always for the rotation, affine and general families, whose slices
-      would multiply-add every pair of taps (about ten times the
-      operators of the discrete family's);
-    - grouped, whatever the padding, for a fitted (uneven or scattered)
-      assignment, as `transform_model` and `strip_model` give: the spread
-      convolution pads every base's group to the largest, which costs
-      `kh*kw * padding` multiply-adds per filter and pixel (`padding`: its
-      outputs over the filters), while the slices form needs a slice and an
-      add per tap and *segment* of filters summed together, and a fitted
-      assignment has many more segments than the default assignment's one
-      per transform (19-25 against 2-8 at 64 channels). Measured
-      (`benchmarks/tflite_lowering.py --assignments default fitted`,
-      `benchmarks/results/tflite_lowering_fitted.json`: the assignments
-      `fit_assignment` gives random 16-128-channel kernels with d4 at
-      ratios 1/2, 1/4 and 1/8, padding 1.25-2.5x): slices took 128-839
-      operators against grouped's 4 and were 1.2-3.2x the grouped file's
-      latency with 1 thread, 2.6-11x with 2, and 1.5-6.2x its bytes (a
-      14x14x256 check at 1/2, padding 2.0: 30 operators, 1.6x). The former
-      limit (slices above 2x padding) left a converted 5-layer CNN
-      (64-128 channels, 1/4) at 1.32x the bytes of its grouped export, with
-      817 operators against 22. So the slices rule above (fewer than 4
-      filters per base from 32 channels) applies only where the slices
-      form has at most one segment per transform and depth group, as under
-      the default assignment. Padding beyond the measured 2.5x is bounded
-      only by the dense rule, which counts the padded multiply-adds
-      (`_dense_instead`);
-    - slices otherwise only when the layer's shape rules the grouped form
-      out (`lowering.grouped_skip_reason`).
-
-    Args:
-        layer: a built `TransformConv2D`.
-        lowering: `"auto"`, `"grouped"`, `"slices"` or `"dense"`; the last
-            three are taken as asked (`"grouped"` raises for a layer that
-            cannot take it).
-    """
-    if lowering not in LOWERINGS:
-        raise ValueError(
-            "Invalid value for argument `lowering`. Expected one of "
-            f"{list(LOWERINGS)}. Received lowering={lowering!r}."
-        )
-    if lowering in ("slices", "dense"):
-        return lowering, "requested"
-    reason = lowering_lib.grouped_skip_reason(layer)
-    if reason is not None:
-        if lowering == "grouped":
-            raise ValueError(
-                f"Layer {layer.name!r} cannot be written in the grouped form: {reason}. "
-                "Use lowering='auto' (which falls back to 'slices') or 'slices'."
-            )
-        return "slices", reason
-    if lowering == "grouped":
-        return "grouped", "requested"
-    plan = lowering_lib.grouped_plan(layer)
-    dense = _dense_instead(layer, plan)
-    if dense is not None:
-        return "dense", dense
-    if families_lib.coefficient_kind(layer.transform_family) == "dense":
-        return "grouped", (
-            f"the {layer.transform_family} family as slices would add a multiply-add per "
-            "pair of taps (about ten times the operators)"
-        )
-    padding = plan.spread_outputs() / (layer.filters * layer.depth_groups)
-    channels = layer.base_kernel.shape[2] // layer.depth_groups
-    segments, slices = _slices_plan(layer)
-    # The default assignment's slices: one segment per transform (per depth group).
-    few_segments = segments is not None and (
-        segments <= len(layer.transforms) * layer.depth_groups)
-    if not few_segments:
-        return "grouped", (
-            f"fitted assignment: up to {plan.slots} filters per base (the spread "
-            f"convolution padded to {padding:.2f}x the filters); as slices it would sum "
-            f"{segments if segments is not None else 'many'} segments"
-            + (f" ({slices} shifted slices)" if slices is not None else "")
-        )
-    if plan.slots < AUTO_MIN_GROUPED_SLOTS and channels >= AUTO_SLICES_MIN_CHANNELS:
-        return "slices", (
-            f"{plan.slots} filters per base (< {AUTO_MIN_GROUPED_SLOTS}) with {channels} "
-            f"input channels per group (>= {AUTO_SLICES_MIN_CHANNELS}): slices measured faster"
-        )
-    return "grouped", f"{plan.slots} filters per base, {channels} input channels per group"
-
-
-def _slices_plan(layer):
-    """`(segments, slices)` of the factored (slices) form of `layer`: its runs of
-    filters summed together, and the shifted slices it reads (None, None if unknown)."""
-    plan = getattr(getattr(layer, "_tables", None), "plan", None)
-    if plan is None:
-        return None, None
-    return len(plan.segments), plan.num_slices()
-
-
-def _dense_instead(layer, plan):
-    """Why `"auto"` writes `layer` with its materialised kernel, or None.
-
-    When the dense convolution does no more multiply-adds than the grouped
-    form, and its kernel takes at most `AUTO_DENSE_MAX_GROWTH` times the
-    bytes of the grouped form's constants: a layer with few input channels
-    (a stem), where the grouped form is both slower and hardly smaller.
-    """
-    kh, kw = layer.kernel_size
-    sh, sw = layer.strides
-    taps, channels = kh * kw, layer.base_kernel.shape[2]
-    # Per output pixel; the products are computed at every input pixel, and
-    # each spread output reads `taps` product channels at `kh * kw` taps.
-    dense_macs = taps * channels * layer.filters
-    grouped_macs = (
-        taps * channels * layer.base_filters * sh * sw + taps * taps * plan.spread_outputs()
-    )
-    dense_bytes = 4 * taps * channels * layer.filters
-    grouped_bytes = (
-        4 * taps * channels * layer.base_filters + LOWERING_VALUE_BYTES * plan.stored_values()
-    )
-    if dense_macs <= grouped_macs and dense_bytes <= AUTO_DENSE_MAX_GROWTH * grouped_bytes:
-        return (
-            f"the dense kernel needs {dense_macs / grouped_macs:.2f}x the grouped form's "
-            f"multiply-adds and {dense_bytes / grouped_bytes:.2f}x its bytes "
-            f"(limit {AUTO_DENSE_MAX_GROWTH:g}x)"
-        )
-    return None
-
-
 def deployment_model(model, lowering="auto"):
-    """The model as `export_tflite` converts it: every `TransformConv2D` in a compact form.
+    """The model as `export_tflite` converts it, and the form each `TransformConv2D` took.
 
     Each `TransformConv2D` is replaced by its grouped form
     (`lowering.GroupedTransformConv2D`), its factored Keras path, or a
     `keras.layers.Conv2D` holding its materialised kernel, as
-    `lowering_choice(layer, lowering)` says; other layers keep their
+    `lowering.lowering_choice(layer, lowering)` says; other layers keep their
     weights. The compact forms store only the bases (and the transforms'
     entries). The result is for conversion (the grouped form runs TensorFlow
     ops and holds its kernels as constants), not for training or `.keras`
@@ -516,18 +298,24 @@ def deployment_model(model, lowering="auto"):
             for every layer, or a dict from `TransformConv2D` names to one
             of these (layers not named: `"auto"`).
 
+    Returns:
+        `(deployed, choices)`: the rewritten model, and a dict from each
+        rewritten `TransformConv2D`'s name to `(form, reason)` as decided
+        for it (`form`: `"grouped"`, `"slices"` or `"dense"`).
+
     Raises:
         ValueError: as `factored_model`, for an unknown `lowering` or layer
             name, or for `"grouped"` with a layer that cannot take it.
     """
-    return _deploy(model, lowering)[0]
-
-
-def _deploy(model, lowering):
-    """`(deployed model, {layer name: form})`: `deployment_model` and what it chose."""
-    choices = _lowering_per_layer(model, lowering)
+    requested = _lowering_per_layer(model, lowering)
     _check_no_wrappers(model, "deployment_model")
     _check_static_inputs(model, "deployment_model")
+    return _deploy(model, requested)
+
+
+def _deploy(model, requested):
+    """`deployment_model` on a model already checked (`_check_no_wrappers`,
+    `_check_static_inputs`); `requested`: `layer -> lowering`."""
     layers = [
         layer
         for layer in _compat.layers_of(model)
@@ -537,23 +325,26 @@ def _deploy(model, lowering):
         return model, {}
     if not is_graph_model(model):
         # Raises the subclassed-model error unless every layer already runs factored.
-        return factored_model(model), {layer.name: "slices" for layer in layers}
-    forms = {}
+        return _factored(model), {
+            layer.name: ("slices", "a subclassed model: its layers already run factored")
+            for layer in layers
+        }
+    choices = {}
 
     def replace(layer):
         if not isinstance(layer, TransformConv2D):
             return None
-        form, _ = lowering_choice(layer, choices(layer))
-        forms[layer.name] = form
+        form, reason, plan = lowering_lib.lowering_decision(layer, requested(layer))
+        choices[layer.name] = (form, reason)
         if form == "grouped":
-            return lowering_lib.GroupedTransformConv2D.from_layer(layer), None
+            return lowering_lib.GroupedTransformConv2D.from_layer(layer, plan=plan), None
         if form == "dense":
             return _dense_twin(layer)
         config = layer.get_config()
         config["implementation"] = "factored"
         return TransformConv2D.from_config(config), layer.get_weights()
 
-    return rewrite_model(model, replace), forms
+    return rewrite_model(model, replace), choices
 
 
 def _dense_twin(layer):
@@ -614,10 +405,10 @@ def _lowering_per_layer(model, lowering):
     """`layer -> lowering` for `deployment_model`, after checking `lowering`."""
 
     def check(value, where):
-        if value not in LOWERINGS:
+        if value not in lowering_lib.LOWERINGS:
             raise ValueError(
                 f"Invalid value{where} for argument `lowering`. Expected one of "
-                f"{list(LOWERINGS)} (or a dict from layer names to these). "
+                f"{list(lowering_lib.LOWERINGS)} (or a dict from layer names to these). "
                 f"Received {value!r}."
             )
 
@@ -781,7 +572,7 @@ def export_tflite(
             form (default). False converts the model as it is, for
             comparisons (a materialised layer then stores its dense kernel).
         lowering: how each `TransformConv2D` is written (see
-            `lowering_choice`): `"auto"` (default: per layer, what measured
+            `lowering.lowering_choice`): `"auto"` (default: per layer, what measured
             fastest in LiteRT among the compact forms, or the dense kernel
             for a stem where that is no larger), `"grouped"`, `"slices"`,
             `"dense"` (the materialised kernel), or a dict from layer names
@@ -846,7 +637,9 @@ def export_tflite(
     deployed = float32_model(model)
     lowerings = {}
     if factored:
-        deployed, lowerings = _deploy(deployed, lowering)
+        # `model` was checked above; its float32 twin has the same layers and inputs.
+        deployed, choices = _deploy(deployed, _lowering_per_layer(deployed, lowering))
+        lowerings = {name: form for name, (form, _) in choices.items()}
     dataset = (
         _representative_dataset(model, representative_data, batch_size)
         if quantization == "int8"
