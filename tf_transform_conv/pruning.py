@@ -42,6 +42,7 @@ from tf_transform_conv.rewrite import layer_depth_groups
 from tf_transform_conv.rewrite import rewrite_model
 from tf_transform_conv.rewrite import select_layers
 from tf_transform_conv.rewrite import skip_reason
+from tf_transform_conv.recalibrate import batches
 from tf_transform_conv.recalibrate import recalibrate_batch_norm
 
 _TFMOT_SCHEDULES = ("PolynomialDecay", "ConstantSparsity")
@@ -523,25 +524,39 @@ def update_pruning_step(model, step, scores=None):
     return _update(_wrappers(model), step, scores or {})
 
 
-def _update(wrappers, step, scores):
+def _decisions(wrappers, step):
+    """`(should_prune, sparsity)` per wrapper at `step`, each schedule evaluated once.
+
+    The global wrappers share the first global wrapper's schedule.
+    """
+    together = [w for w in wrappers if w.allocation == "global"]
+    shared = _evaluate_schedule(together[0].schedule, step) if together else None
+    return [shared if w.allocation == "global" else _evaluate_schedule(w.schedule, step)
+            for w in wrappers]
+
+
+def _update(wrappers, step, scores, decisions=None):
+    if decisions is None:
+        decisions = _decisions(wrappers, step)
     pruned = []
-    for wrapper in wrappers:
+    for wrapper, (should_prune, sparsity) in zip(wrappers, decisions):
         wrapper.step_callback_attached = True
-        if wrapper.allocation == "per_layer" and wrapper.update(step, scores.get(wrapper.name)):
+        if should_prune and wrapper.allocation == "per_layer":
+            wrapper.prune_to(sparsity, step, scores=scores.get(wrapper.name))
             pruned.append(wrapper.name)
     together = [w for w in wrappers if w.allocation == "global"]
     if together:
-        should_prune, sparsity = _global_schedule(together, step)
+        should_prune, sparsity = decisions[wrappers.index(together[0])]
         if should_prune:
+            _check_one_schedule(together)
             prune_globally(together, sparsity, step, scores)
             pruned += [w.name for w in together]
-        for wrapper in together:
-            wrapper.pruning_step.assign(step)
+    for wrapper in wrappers:  # after pruning: a failed step is not skipped
+        wrapper.pruning_step.assign(step)
     return pruned
 
 
-def _global_schedule(wrappers, step):
-    first = wrappers[0]
+def _check_one_schedule(wrappers):
     configs = {json.dumps(serialize_schedule(w.schedule), sort_keys=True, default=str)
                if _saveable(w.schedule) else id(w.schedule) for w in wrappers}
     if len(configs) > 1:
@@ -550,7 +565,6 @@ def _global_schedule(wrappers, step):
             f"{[w.name for w in wrappers]} have different ones. Pass the same schedule "
             "to every wrapper (prune_model does)."
         )
-    return _evaluate_schedule(first.schedule, step)
 
 
 def _saveable(schedule):
@@ -624,7 +638,7 @@ def taylor_scores(model, data, num_batches=4, batch_size=32):
     kernels = [w.layer.kernel for w in wrappers]
     totals = [np.zeros(w.layer.filters) for w in wrappers]
     seen = 0
-    for x, y in _labelled_batches(data, num_batches, batch_size):
+    for x, y in batches(data, num_batches, batch_size, labelled=True):
         with tf.GradientTape() as tape:
             prediction = model(x, training=False)
             loss = model.compute_loss(x=x, y=y, y_pred=prediction, training=False)
@@ -634,23 +648,6 @@ def taylor_scores(model, data, num_batches=4, batch_size=32):
     if not seen:
         raise ValueError("taylor_scores: `data` yielded no batch.")
     return {w.name: total / seen for w, total in zip(wrappers, totals)}
-
-
-def _labelled_batches(data, count, batch_size):
-    if isinstance(data, tuple) and len(data) == 2 and hasattr(data[0], "shape"):
-        x, y = (np.asarray(a) for a in data)
-        for start in range(0, min(len(x), count * batch_size), batch_size):
-            yield x[start:start + batch_size], y[start:start + batch_size]
-        return
-    for index, batch in enumerate(data):
-        if index >= count:
-            return
-        if not isinstance(batch, (tuple, list)) or len(batch) < 2:
-            raise ValueError(
-                "taylor_scores needs labelled batches (x, y); the data yielded "
-                f"{type(batch).__name__}."
-            )
-        yield batch[0], batch[1]
 
 
 class UpdateTransformPruningStep(keras.callbacks.Callback):
@@ -704,7 +701,8 @@ class UpdateTransformPruningStep(keras.callbacks.Callback):
 
     def on_train_batch_begin(self, batch, logs=None):
         self.step += 1
-        due = [w for w in self._wrappers if _evaluate_schedule(w.schedule, self.step)[0]]
+        decisions = _decisions(self._wrappers, self.step)
+        due = [w for w, (should_prune, _) in zip(self._wrappers, decisions) if should_prune]
         if keras.backend.backend() == "jax":
             # JAX's fit keeps the variables outside the model between syncs
             # (the model's own are emptied): hand them back only to prune, or
@@ -716,7 +714,7 @@ class UpdateTransformPruningStep(keras.callbacks.Callback):
         scores = {}
         if any(w.criterion == "taylor" for w in due):
             scores = taylor_scores(self.model, self.saliency_data, self.saliency_batches)
-        pruned = _update(self._wrappers, self.step, scores)
+        pruned = _update(self._wrappers, self.step, scores, decisions)
         if pruned and self.recalibrate_data is not None:
             recalibrate_batch_norm(self.model, self.recalibrate_data, self.recalibrate_batches)
 
