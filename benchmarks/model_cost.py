@@ -1,51 +1,58 @@
-"""Whole-model cost of `TransformConv2D` twins against their dense models.
+"""Whole-model cost of `TransformConv2D` twins against their dense models, and where the time goes.
 
-For each model (default: CIFAR ResNet-56, 32x32x3, 10 classes; and
-MobileNetV2, 1000 classes, at a reduced input size set by --mobilenet-size,
-default 96x96x3, to keep the run short on a small CPU) the dense model
-(`conv=None`) and its transformed twins (`conv=conv_factory(base_ratio=r)`,
-default r = 1/2, 1/4, 1/8) are built with random weights
-(`keras.utils.set_random_seed` before each build) and measured:
+For each model (default: CIFAR ResNet-56 at 32x32x3 with 10 classes, and the
+ImageNet ResNet-18 and ResNet-50 at 224x224x3 (--imagenet-size) with 1000;
+MobileNetV2 on request, at --mobilenet-size) the dense model (`conv=None`)
+and its transformed twins (`conv=conv_factory(base_ratio=r)`, default r =
+1/4, 1/8) are built with random weights (`keras.utils.set_random_seed` before
+each build), and the 1/4 twin is also exported with `keep_order=False` (the
+"restored" variant: each grouped layer restores its filter order after its
+second convolution, batch norms stay separate operators; what export wrote
+before the channel-order pass). Measured:
 
-    params, MACs, adds   `cost.model_cost`: parameters, multiply-adds of the
-                         paths the Keras model runs (`implementation="auto"`),
-                         the factored paths' additions, and `dense_macs`
+    params, MACs         `cost.model_cost` of the Keras model
     .keras               size of `model.save(...)`
-    .tflite f32 / int8   size of `export.export_tflite` (default lowering
-                         "auto": every TransformConv2D written in a compact
-                         form, the grouped one where it applies; int8: full
-                         integer, calibrated on a few random samples); each
-                         file's operator counts and lowerings, and its max
-                         relative difference from the Keras model on 2
-                         random samples (`export.verify_tflite`)
-    LiteRT               batch-1 latency of the float32 file with
-                         `ai_edge_litert` `Interpreter(model_path,
-                         num_threads=k)` (default delegates, i.e. XNNPACK),
-                         k = 1 and 2
-    XLA                  batch-32 forward throughput of the Keras model,
-                         `model(x, training=False)` inside
+    .tflite f32/f16/int8 size of `export.export_tflite` (default lowering
+                         "auto"; float16 weights; full integer int8,
+                         calibrated on a few random samples); operator
+                         counts, and each file's max relative difference
+                         from the Keras model on 2 random samples
+                         (`export.verify_tflite`)
+    LiteRT               batch-1 latency with `ai_edge_litert`
+                         `Interpreter(model_path, num_threads=k)` (default
+                         delegates, i.e. XNNPACK): float32 with k = 1 and 2,
+                         float16 and int8 with k = 1
+    layers               (dense and the 1/4 variants) every layer of the graph
+                         the float32 file is converted from
+                         (`export.deployment_model`), each in its own file
+                         with batch-1 inputs of its shapes, timed with 1
+                         thread; their sum against the whole file's time,
+                         and sums per kind of layer
+    XLA                  (CIFAR models; --xla-models) batch-32 forward time of
+                         the Keras model, `model(x, training=False)` inside
                          `tf.function(jit_compile=True)`
 
 The models are built and exported first (in --jobs processes, default 2),
 then timed in this process with nothing else of the benchmark running.
-Timings are interleaved: every variant of one model (dense and each ratio, and
-for LiteRT each thread count) runs once per round, the order rotating from
-round to round; after a warm-up (and an untimed round) each round times a loop
-of calls per variant; a row reports the median over the rounds of the time per
-call. Ratios are transformed / dense of the same model measured in the same
-run.
+Timings are interleaved: every variant of one model (and every file kind and
+thread count) runs once per round, the order rotating from round to round;
+after a warm-up (and an untimed round) each round times a loop of calls per
+variant; a row reports the median over the rounds of the time per call.
+Ratios are twin / dense of the same model measured in the same run.
 
-Targets, at base ratio 1/4 on ResNet-56, printed as PASS/MISS with the values:
-float32 `.tflite` <= 0.3x dense; LiteRT batch-1 latency <= 0.6x dense with 1
-and with 2 threads; XLA batch-32 forward time <= 0.4x dense.
+Targets at base ratio 1/4, printed as PASS/MISS with the values: ResNet-18
+LiteRT 1-thread latency <= 0.6x dense and float32 file <= 0.3x; ResNet-50
+latency <= 0.85x; ResNet-56 latency <= 1.2x; every model's float32 file no
+larger than its restored variant's, and its whole-file time within 1.15x the
+sum of its layers' standalone times; every float32 file within 1e-5 of Keras.
 
 Writes JSON (machine with the load average, versions, command, timestamp,
 config, rows, targets) atomically, and a PNG of the ratios beside it. The
 `.keras` and `.tflite` files go to a temporary folder (or --keep-files DIR).
 
 Usage:
-    python benchmarks/model_cost.py                      # ResNet-56, MobileNetV2 96x96
-    python benchmarks/model_cost.py --quick              # smoke test (ratio 1/4, 64x64)
+    python benchmarks/model_cost.py                      # ResNet-56, -18, -50
+    python benchmarks/model_cost.py --quick              # smoke test (1/4, ResNet-56 only)
     python benchmarks/model_cost.py --models resnet56 --ratios 1/4 --repeats 5
 """
 
@@ -72,31 +79,43 @@ import tensorflow as tf  # noqa: E402
 import common  # noqa: E402  (benchmarks/common.py, beside this script)
 from tf_transform_conv import build_model, conv_factory  # noqa: E402
 from tf_transform_conv.cost import model_cost  # noqa: E402
+from tf_transform_conv import _compat  # noqa: E402
+from tf_transform_conv.export import deployment_model  # noqa: E402
 from tf_transform_conv.export import export_tflite, verify_tflite  # noqa: E402
 from tf_transform_conv.layers import TransformConv2D  # noqa: E402
 
 CIFAR_MODELS = ("resnet20", "resnet32", "resnet56", "resnet110", "vgg16_cifar")
-MODEL_CHOICES = (*CIFAR_MODELS, "mobilenet_v2")
-DEFAULT_MODELS = ("resnet56", "mobilenet_v2")
+IMAGENET_MODELS = ("resnet18", "resnet34", "resnet50")
+MODEL_CHOICES = (*CIFAR_MODELS, *IMAGENET_MODELS, "mobilenet_v2")
+DEFAULT_MODELS = ("resnet56", "resnet18", "resnet50")
 THREADS = (1, 2)
 XLA_BATCH = 32
 VERIFY_SAMPLES = 2
 DENSE = "dense"
+# The same twin exported with keep_order=False: each grouped layer restores
+# its filter order (reshape-transpose or gather) and batch norms stay apart.
+RESTORED = " restored"
+QUANTIZED = ("float16", "int8")
 
 # Float32 files agree with Keras to about 1e-6 of the output scale (export.py).
-FLOAT_MAX_REL_DIFF = 1e-4
+FLOAT_MAX_REL_DIFF = 1e-5
 
-TARGET_MODEL = "resnet56"
 TARGET_RATIO = "1/4"
-# (name, rule, key of row["vs_dense"], limit)
+# (name, model, rule, key of row["vs_dense"] or of the row, limit); at TARGET_RATIO.
 TARGETS = (
-    ("tflite_size", ".tflite float32 file <= 0.3x dense", "tflite_f32_bytes", 0.3),
-    ("litert_1_thread", "LiteRT batch-1 latency, 1 thread <= 0.6x dense",
+    ("resnet18_latency", "resnet18", "LiteRT batch-1 latency, 1 thread <= 0.6x dense",
      "litert_ms_1t", 0.6),
-    ("litert_2_threads", "LiteRT batch-1 latency, 2 threads <= 0.6x dense",
-     "litert_ms_2t", 0.6),
-    ("xla_forward", f"XLA batch-{XLA_BATCH} forward time <= 0.4x dense", "xla_ms", 0.4),
+    ("resnet18_file", "resnet18", ".tflite float32 file <= 0.3x dense",
+     "tflite_f32_bytes", 0.3),
+    ("resnet50_latency", "resnet50", "LiteRT batch-1 latency, 1 thread <= 0.85x dense",
+     "litert_ms_1t", 0.85),
+    ("resnet56_latency", "resnet56", "LiteRT batch-1 latency, 1 thread <= 1.2x dense",
+     "litert_ms_1t", 1.2),
 )
+# Every model at TARGET_RATIO: the file no larger than with keep_order=False
+# (what export wrote before the channel-order pass), and the whole model within
+# 1.15x the sum of its layers' standalone times.
+MAX_WHOLE_OVER_LAYERS = 1.15
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_OUT = RESULTS / "model_cost.json"
@@ -117,6 +136,20 @@ def parse_args(argv=None):
         f"(default all; {TARGET_RATIO} with --quick)",
     )
     parser.add_argument(
+        "--imagenet-size", type=int, default=224,
+        help="input rows = cols of the ImageNet ResNets (default 224)",
+    )
+    parser.add_argument(
+        "--no-breakdown", dest="breakdown", action="store_false",
+        help="skip the per-layer times (each layer of the exported graph as its own "
+        "file, dense and the twin at " + TARGET_RATIO + ")",
+    )
+    parser.add_argument(
+        "--xla-models", nargs="*", default=None,
+        help="models to time under XLA too (default: the CIFAR ones; batch 32 of "
+        "224x224 images is slow on a small CPU)",
+    )
+    parser.add_argument(
         "--mobilenet-size", type=int, default=None,
         help="MobileNetV2 input rows = cols (default 96, 64 with --quick; "
         "the published model uses 224)",
@@ -134,6 +167,14 @@ def parse_args(argv=None):
         "--min-calls", type=int, default=1, help="fewest calls in a timed loop (default 1)"
     )
     parser.add_argument(
+        "--layer-repeats", type=int, default=5,
+        help="timed rounds of the per-layer files (default 5)",
+    )
+    parser.add_argument(
+        "--layer-loop-ms", type=float, default=30.0,
+        help="target duration of one timed loop of a per-layer file (default 30)",
+    )
+    parser.add_argument(
         "--jobs", type=int, default=2,
         help="processes building and exporting the models in parallel before any "
         "timing starts (default 2; 1: in this process)",
@@ -144,8 +185,9 @@ def parse_args(argv=None):
     )
     parser.add_argument(
         "--quick", action="store_true",
-        help="smoke test: ratio 1/4 only (unless --ratios), MobileNetV2 at 64x64, "
-        "3 rounds, short loops",
+        help="smoke test: ratio 1/4 only (unless --ratios), ResNet-56 only (unless "
+        "--models), MobileNetV2 at 64x64, ImageNet ResNets at 64x64, 3 rounds, "
+        "short loops",
     )
     parser.add_argument(
         "--out", type=Path, default=None,
@@ -159,8 +201,12 @@ def parse_args(argv=None):
     )
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     args = parser.parse_args(argv)
+    if args.quick and "--models" not in (argv if argv is not None else sys.argv):
+        args.models = ["resnet56"]
+    if args.quick and "--imagenet-size" not in (argv if argv is not None else sys.argv):
+        args.imagenet_size = 64
     if args.ratios is None:
-        args.ratios = [TARGET_RATIO] if args.quick else list(common.RATIO_CHOICES)
+        args.ratios = [TARGET_RATIO] if args.quick else ["1/4", "1/8"]
     args.ratios = sorted(set(args.ratios), key=lambda r: -fractions.Fraction(r))
     args.models = list(dict.fromkeys(args.models))
     if args.mobilenet_size is None:
@@ -174,6 +220,10 @@ def parse_args(argv=None):
     if min(args.repeats, args.min_calls, args.int8_samples, args.jobs) < 1 or args.loop_ms <= 0:
         parser.error("--repeats, --min-calls, --int8-samples, --jobs and --loop-ms "
                      "must be positive")
+    if args.xla_models is None:
+        args.xla_models = [m for m in args.models if m in CIFAR_MODELS]
+    if args.imagenet_size < 32:
+        parser.error("--imagenet-size must be at least 32 (the ResNets downsample 32x)")
     if args.mobilenet_size < 32:
         parser.error("--mobilenet-size must be at least 32 (MobileNetV2 downsamples 32x)")
     return args
@@ -182,7 +232,24 @@ def parse_args(argv=None):
 def input_shape(name, args):
     if name == "mobilenet_v2":
         return (args.mobilenet_size, args.mobilenet_size, 3)
+    if name in IMAGENET_MODELS:
+        return (args.imagenet_size, args.imagenet_size, 3)
     return (32, 32, 3)
+
+
+def variants(args):
+    """Dense, each ratio, and the target ratio exported with keep_order=False."""
+    extra = [TARGET_RATIO + RESTORED] if TARGET_RATIO in args.ratios else []
+    return [DENSE, *args.ratios, *extra]
+
+
+def split_variant(variant):
+    """`(base ratio or None, keep_order)` of a variant name."""
+    if variant == DENSE:
+        return None, True
+    if variant.endswith(RESTORED):
+        return variant[: -len(RESTORED)], False
+    return variant, True
 
 
 def model_label(name, args):
@@ -211,39 +278,43 @@ def paths_used(model):
 
 
 def measure_files(name, variant, folder, args):
-    """Cost, .keras and .tflite sizes, op counts and the TFLite check of one model.
+    """Cost, .keras and .tflite sizes, op counts and the TFLite checks of one model.
 
     Builds the model itself (from the seed), so it can run in a worker process.
     """
-    model = make_model(name, None if variant == DENSE else variant, args)
+    ratio, keep_order = split_variant(variant)
+    model = make_model(name, ratio, args)
     shape = input_shape(name, args)
     rng = np.random.default_rng(args.seed)
     samples = rng.normal(size=(max(args.int8_samples, VERIFY_SAMPLES),) + shape)
     samples = samples.astype("float32")
-    stem = f"{name}_{'dense' if variant == DENSE else 'r' + variant.replace('/', '-')}"
+    stem = f"{name}_{'dense' if ratio is None else 'r' + ratio.replace('/', '-')}"
+    stem += "" if keep_order else "_restored"
 
     cost = model_cost(model)
     keras_path = folder / f"{stem}.keras"
     model.save(keras_path)
 
-    start = time.perf_counter()
-    f32 = export_tflite(model, folder / f"{stem}_f32.tflite")
-    f32_s = time.perf_counter() - start
-    check = verify_tflite(f32.path, model, samples[:VERIFY_SAMPLES], rtol=float("inf"))
-
-    start = time.perf_counter()
-    int8 = export_tflite(model, folder / f"{stem}_int8.tflite", quantization="int8",
-                         representative_data=samples[: args.int8_samples])
-    int8_s = time.perf_counter() - start
-    int8_check = verify_tflite(int8.path, model, samples[:VERIFY_SAMPLES], rtol=float("inf"))
-
-    return {
+    files, checks, export_s = {}, {}, {}
+    for quantization in (None, *QUANTIZED):
+        key = quantization or "f32"
+        start = time.perf_counter()
+        kwargs = {"representative_data": samples[: args.int8_samples]} \
+            if quantization == "int8" else {}
+        files[key] = export_tflite(model, folder / f"{stem}_{key}.tflite",
+                                   quantization=quantization, keep_order=keep_order, **kwargs)
+        export_s[key] = round(time.perf_counter() - start, 2)
+        checks[key] = verify_tflite(files[key].path, model, samples[:VERIFY_SAMPLES],
+                                    rtol=float("inf"))
+    f32 = files["f32"]
+    row = {
         "model": name,
         "label": model_label(name, args),
         "input_shape": list(shape),
         "num_classes": int(model.output_shape[-1]),
         "variant": variant,
-        "base_ratio": None if variant == DENSE else variant,
+        "base_ratio": ratio,
+        "keep_order": keep_order,
         "keras_model_name": model.name,
         "paths": paths_used(model),
         "params": int(cost.params),
@@ -257,16 +328,114 @@ def measure_files(name, variant, folder, args):
         "tflite_f32_num_ops": f32.num_ops,
         "tflite_f32_op_counts": f32.op_counts,
         "tflite_lowerings": dict(collections.Counter(f32.lowerings.values())),
-        "tflite_f32_max_rel_diff": check.max_rel_diff,
-        "tflite_f32_max_abs_diff": check.max_abs_diff,
-        "keras_output_scale": check.output_scale,
-        "tflite_int8_bytes": int8.bytes,
-        "tflite_int8_num_ops": int8.num_ops,
-        "tflite_int8_op_counts": int8.op_counts,
-        "tflite_int8_max_rel_diff": int8_check.max_rel_diff,
-        "export_s": {"f32": round(f32_s, 2), "int8": round(int8_s, 2)},
-        "_tflite_f32_path": f32.path,
+        "keras_output_scale": checks["f32"].output_scale,
+        "export_s": export_s,
+        "_paths": {key: result.path for key, result in files.items()},
     }
+    for key, result in files.items():
+        row[f"tflite_{key}_bytes"] = result.bytes
+        row[f"tflite_{key}_num_ops"] = result.num_ops
+        row[f"tflite_{key}_max_rel_diff"] = checks[key].max_rel_diff
+        row[f"tflite_{key}_max_abs_diff"] = checks[key].max_abs_diff
+    row["tflite_int8_op_counts"] = files["int8"].op_counts
+    if args.breakdown and (ratio is None or ratio == TARGET_RATIO):
+        row["_layer_files"] = layer_files(model, keep_order, folder / f"{stem}_layers")
+    return row
+
+
+# ----------------------------------------------------------------------
+# Per-layer breakdown
+
+
+def layer_kind(layer):
+    """The row of the breakdown table a layer of the exported graph belongs to."""
+    kind = type(layer).__name__
+    if kind == "GroupedTransformConv2D":
+        return "TransformConv2D (grouped)"
+    if kind == "TransformConv2D":
+        return "TransformConv2D (slices)"
+    if kind == "Conv2D":
+        return "Conv2D 1x1" if tuple(layer.kernel_size) == (1, 1) else "Conv2D kxk"
+    if kind in ("BatchNormalization",):
+        return "BatchNormalization"
+    if kind in ("ReLU", "Activation"):
+        return "activation"
+    if kind in ("Add",):
+        return "Add"
+    if kind in ("ZeroPadding2D", "ChannelPad"):
+        return "padding"
+    if "Pooling" in kind:
+        return "pooling"
+    if kind == "Dense":
+        return "Dense"
+    return kind
+
+
+def layer_key(layer, node):
+    """What a layer's standalone time depends on: equal keys, one file."""
+    shapes = tuple(tuple(t.shape[1:]) for t in node.input_tensors)
+    if type(layer).__name__ == "GroupedTransformConv2D":
+        plan = layer.plan
+        config = (layer.filters, layer.kernel_size, layer.strides, layer.padding,
+                  layer.dilation_rate, str(layer.activation), plan.product_kernel.shape,
+                  plan.spread_kernel.shape, plan.spread_bias is not None, plan.identity,
+                  plan.transpose, plan.output_index.shape, layer._bias is not None)
+    else:
+        config = {k: v for k, v in layer.get_config().items() if k != "name"}
+        config = repr(sorted(config.items()))
+    weights = tuple(tuple(w.shape) for w in layer.weights)
+    return repr((type(layer).__name__, shapes, config, weights))
+
+
+def layer_files(model, keep_order, folder):
+    """Each layer of the graph `export_tflite` converts, as its own float32 file.
+
+    Returns a list of `{name, kind, key}` in graph order and writes one file
+    per distinct key, `folder/<index>.tflite` (its path under `files`).
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    deployed, _ = deployment_model(model, keep_order=keep_order)
+    graph = deployed._functional if isinstance(deployed, keras.Sequential) else deployed
+    entries, files = [], {}
+    for node in _compat.graph_nodes(graph):
+        layer = node.operation
+        key = layer_key(layer, node)
+        entries.append({"name": layer.name, "kind": layer_kind(layer), "key": key})
+        if key in files:
+            continue
+        inputs = [keras.Input(batch_shape=(1,) + tuple(t.shape[1:]), dtype=t.dtype)
+                  for t in node.input_tensors]
+        local = {id(t): x for t, x in zip(node.input_tensors, inputs)}
+        call_args, call_kwargs = node.arguments.fill_in(local)
+        standalone = keras.Model(inputs, layer(*call_args, **call_kwargs))
+        path = folder / f"{len(files)}.tflite"
+        with tempfile.TemporaryDirectory(prefix="layer-") as tmp:
+            standalone.export(tmp, verbose=False)
+            path.write_bytes(tf.lite.TFLiteConverter.from_saved_model(tmp).convert())
+        files[key] = str(path)
+    return {"layers": entries, "files": files}
+
+
+def time_layers(row, args):
+    """Standalone 1-thread latency of each distinct layer file; per-layer and per-kind sums."""
+    spec = row.pop("_layer_files")
+    timers = {
+        key: common.Timer(common.litert_runner(path, 1, args.seed), args.layer_loop_ms / 1e3,
+                          args.min_calls, warmup=3)
+        for key, path in spec["files"].items()
+    }
+    common.run_rounds(timers.values(), args.layer_repeats)
+    layers = []
+    for entry in spec["layers"]:
+        layers.append({"name": entry["name"], "kind": entry["kind"],
+                       "ms": timers[entry["key"]].median_ms})
+    by_kind = collections.defaultdict(float)
+    for entry in layers:
+        by_kind[entry["kind"]] += entry["ms"]
+    row["layers"] = layers
+    row["layers_by_kind_ms"] = dict(by_kind)
+    row["layers_sum_ms"] = float(sum(e["ms"] for e in layers))
+    row["distinct_layer_files"] = len(timers)
 
 
 # ----------------------------------------------------------------------
@@ -291,23 +460,33 @@ def xla_runner(model, x):
     return run
 
 
+LITERT_TIMINGS = (("f32", 1), ("f32", 2), ("float16", 1), ("int8", 1))
+
+
+def litert_key(quantization, threads):
+    return f"litert_ms_{threads}t" if quantization == "f32" else f"litert_{quantization}_ms_1t"
+
+
 def time_litert(rows, args):
-    """Interleaved batch-1 latency of every row's float32 file, per thread count."""
+    """Interleaved batch-1 latency of every row's files: float32 with 1 and 2
+    threads, float16 and int8 with 1."""
     timers = {}
     for row in rows:
-        for threads in THREADS:
-            runner = common.litert_runner(row["_tflite_f32_path"], threads, args.seed)
-            row.setdefault("litert_delegate_nodes", common.delegated_ops(runner.interpreter))
-            timers[(row["variant"], threads)] = common.Timer(
+        for quantization, threads in LITERT_TIMINGS:
+            runner = common.litert_runner(row["_paths"][quantization], threads, args.seed)
+            if quantization == "f32":
+                row.setdefault("litert_delegate_nodes",
+                               common.delegated_ops(runner.interpreter))
+            timers[(row["variant"], quantization, threads)] = common.Timer(
                 runner, args.loop_ms / 1e3, args.min_calls, warmup=5)
     common.run_rounds(timers.values(), args.repeats)
     for row in rows:
-        for threads in THREADS:
-            timer = timers[(row["variant"], threads)]
-            row[f"litert_ms_{threads}t"] = timer.median_ms
-            row.setdefault("calls_per_loop", {})[f"litert_{threads}t"] = timer.calls
-            row.setdefault("samples_ms", {})[f"litert_{threads}t"] = [
-                1e3 * s for s in timer.samples]
+        for quantization, threads in LITERT_TIMINGS:
+            timer = timers[(row["variant"], quantization, threads)]
+            key = litert_key(quantization, threads)
+            row[key] = timer.median_ms
+            row.setdefault("calls_per_loop", {})[key] = timer.calls
+            row.setdefault("samples_ms", {})[key] = [1e3 * s for s in timer.samples]
 
 
 def time_xla(rows, models, args):
@@ -330,7 +509,8 @@ def time_xla(rows, models, args):
 
 RATIO_KEYS = (
     "params", "macs", "macs_plus_adds", "keras_bytes", "tflite_f32_bytes",
-    "tflite_int8_bytes", "tflite_f32_num_ops", "litert_ms_1t", "litert_ms_2t", "xla_ms",
+    "tflite_float16_bytes", "tflite_int8_bytes", "tflite_f32_num_ops", "litert_ms_1t",
+    "litert_ms_2t", "litert_float16_ms_1t", "litert_int8_ms_1t", "xla_ms",
 )
 
 
@@ -340,7 +520,10 @@ def add_ratios(rows):
         row["macs_plus_adds"] = row["macs"] + row["adds"]
     dense = next(r for r in rows if r["variant"] == DENSE)
     for row in rows:
-        row["vs_dense"] = {k: row[k] / dense[k] for k in RATIO_KEYS}
+        row["vs_dense"] = {k: row[k] / dense[k] for k in RATIO_KEYS
+                           if row.get(k) is not None and dense.get(k)}
+        if "layers_sum_ms" in row:
+            row["whole_over_layers"] = row["litert_ms_1t"] / row["layers_sum_ms"]
 
 
 def measure_all_files(folder, args, log):
@@ -349,14 +532,15 @@ def measure_all_files(folder, args, log):
     Returns {(model, variant): row}. The most expensive exports (the
     transformed ResNets: thousands of operators) are started first.
     """
-    jobs = [(name, variant) for name in args.models for variant in (DENSE, *args.ratios)]
-    jobs.sort(key=lambda job: (job[1] == DENSE, job[0] == "mobilenet_v2"))
+    jobs = [(name, variant) for name in args.models for variant in variants(args)]
+    jobs.sort(key=lambda job: (job[1] == DENSE, job[0] in CIFAR_MODELS))
     results = {}
 
     def done(job, row):
         results[job] = row
         log(f"  {row['label']} {job[1]}: built and exported; float32 in "
             f"{row['export_s']['f32']:.0f} s ({row['tflite_f32_num_ops']} ops), "
+            f"float16 in {row['export_s']['float16']:.0f} s, "
             f"int8 in {row['export_s']['int8']:.0f} s")
 
     if args.jobs == 1:
@@ -373,15 +557,25 @@ def measure_all_files(folder, args, log):
 
 def time_model(name, rows, args, log):
     """Times every variant of one model (rows from `measure_files`), adds ratios."""
-    models = {row["variant"]: make_model(name, row["base_ratio"], args) for row in rows}
-    log(f"  {model_label(name, args)}: timing LiteRT (batch 1, threads "
-        f"{' and '.join(map(str, THREADS))}), {args.repeats} rounds")
+    log(f"  {model_label(name, args)}: timing LiteRT (batch 1; float32 with "
+        f"{' and '.join(map(str, THREADS))} threads, float16 and int8 with 1), "
+        f"{args.repeats} rounds")
     time_litert(rows, args)
-    log(f"  {model_label(name, args)}: timing XLA (batch {XLA_BATCH}), {args.repeats} rounds")
-    time_xla(rows, models, args)
+    for row in rows:
+        if "_layer_files" in row:
+            log(f"  {model_label(name, args)} {row['variant']}: timing "
+                f"{len(row['_layer_files']['files'])} distinct layers standalone, "
+                f"{args.layer_repeats} rounds")
+            time_layers(row, args)
+    if name in args.xla_models:
+        models = {row["variant"]: make_model(name, row["base_ratio"], args)
+                  for row in rows if row["keep_order"]}
+        log(f"  {model_label(name, args)}: timing XLA (batch {XLA_BATCH}), "
+            f"{args.repeats} rounds")
+        time_xla([row for row in rows if row["keep_order"]], models, args)
     add_ratios(rows)
     for row in rows:
-        del row["_tflite_f32_path"]
+        del row["_paths"]
 
 
 # ----------------------------------------------------------------------
@@ -389,28 +583,61 @@ def time_model(name, rows, args, log):
 
 
 def check_targets(rows):
-    row = next((r for r in rows if r["model"] == TARGET_MODEL
-                and r["base_ratio"] == TARGET_RATIO), None)
+    """The issue's targets at TARGET_RATIO, plus the file and whole-vs-layers
+    checks for every model measured there."""
+    def find(model, variant):
+        return next((r for r in rows if r["model"] == model and r["variant"] == variant), None)
+
     results = []
-    for name, rule, key, limit in TARGETS:
-        result = {"target": name, "rule": f"{rule} ({TARGET_MODEL}, ratio {TARGET_RATIO})",
-                  "limit": limit, "key": key, "status": None, "value": None}
+    for name, model, rule, key, limit in TARGETS:
+        row = find(model, TARGET_RATIO)
+        result = {"target": name, "rule": f"{rule} ({model}, ratio {TARGET_RATIO})",
+                  "limit": limit, "status": None, "value": None}
         if row is not None:
-            dense = next(r for r in rows if r["model"] == TARGET_MODEL and r["variant"] == DENSE)
             value = row["vs_dense"][key]
             result.update(status="PASS" if value <= limit else "MISS", value=value,
-                          transformed=row[key], dense=dense[key])
+                          detail=f"{row[key]:,.2f} vs {find(model, DENSE)[key]:,.2f}")
         results.append(result)
+    for model in dict.fromkeys(r["model"] for r in rows):
+        row, restored = find(model, TARGET_RATIO), find(model, TARGET_RATIO + RESTORED)
+        if row is None:
+            continue
+        if restored is not None:
+            value = row["tflite_f32_bytes"] / restored["tflite_f32_bytes"]
+            results.append({
+                "target": f"{model}_file_not_larger",
+                "rule": f".tflite float32 file no larger than with keep_order=False "
+                        f"({model}, ratio {TARGET_RATIO})",
+                "limit": 1.0, "value": value, "status": "PASS" if value <= 1.0 else "MISS",
+                "detail": f"{row['tflite_f32_bytes']:,} vs {restored['tflite_f32_bytes']:,} "
+                          "bytes"})
+        if "whole_over_layers" in row:
+            value = row["whole_over_layers"]
+            results.append({
+                "target": f"{model}_whole_over_layers",
+                "rule": f"whole model <= {MAX_WHOLE_OVER_LAYERS}x the sum of its layers "
+                        f"standalone, 1 thread ({model}, ratio {TARGET_RATIO})",
+                "limit": MAX_WHOLE_OVER_LAYERS, "value": value,
+                "status": "PASS" if value <= MAX_WHOLE_OVER_LAYERS else "MISS",
+                "detail": f"{row['litert_ms_1t']:.2f} vs {row['layers_sum_ms']:.2f} ms"})
+    float_rows = [r for r in rows if r["tflite_f32_max_rel_diff"] is not None]
+    worst = max(float_rows, key=lambda r: r["tflite_f32_max_rel_diff"])
+    results.append({
+        "target": "float32_matches_keras",
+        "rule": f"every float32 file within {FLOAT_MAX_REL_DIFF:g} of Keras "
+                "(max |tflite - keras| / max |keras|)",
+        "limit": FLOAT_MAX_REL_DIFF, "value": worst["tflite_f32_max_rel_diff"],
+        "status": "PASS" if worst["tflite_f32_max_rel_diff"] <= FLOAT_MAX_REL_DIFF else "MISS",
+        "detail": f"worst: {worst['label']} {worst['variant']}"})
     return results
 
 
 def target_line(result):
     if result["status"] is None:
-        return f"{result['rule']}: n/a ({TARGET_MODEL} at {TARGET_RATIO} not measured)"
-    unit = "bytes" if result["key"].endswith("bytes") else "ms"
-    fmt = (lambda v: f"{v:,.0f}") if unit == "bytes" else (lambda v: f"{v:.2f}")
-    return (f"{result['status']}  {result['rule']}: {result['value']:.3f}x "
-            f"({fmt(result['transformed'])} vs {fmt(result['dense'])} {unit})")
+        return f"{result['rule']}: n/a (not measured)"
+    value = result["value"]
+    shown = f"{value:.2g}" if value < 1e-3 else f"{value:.3f}x"
+    return f"{result['status']}  {result['rule']}: {shown} ({result['detail']})"
 
 
 # ----------------------------------------------------------------------
@@ -422,66 +649,112 @@ def _paths(row):
     return "-" if p["materialized"] + p["factored"] == 0 else f"{p['materialized']}M{p['factored']}F"
 
 
+def _ms(key, digits=2):
+    return lambda r: "-" if r.get(key) is None else f"{r[key]:.{digits}f}"
+
+
+def _ratio(key):
+    return lambda r: "-" if key not in r["vs_dense"] else f"{r['vs_dense'][key]:.3f}"
+
+
 ABSOLUTE_COLUMNS = (
     # (header, width, format function of a row)
     ("model", 17, lambda r: r["label"]),
-    ("ratio", 5, lambda r: r["base_ratio"] or "1"),
-    ("params", 9, lambda r: f"{r['params']:,}"),
+    ("variant", 13, lambda r: r["variant"]),
+    ("params", 10, lambda r: f"{r['params']:,}"),
     ("MACs M", 7, lambda r: f"{r['macs'] / 1e6:.1f}"),
-    ("adds M", 6, lambda r: f"{r['adds'] / 1e6:.1f}"),
-    ("dnsMACs", 7, lambda r: f"{r['dense_macs'] / 1e6:.1f}"),
-    ("paths", 7, _paths),
-    (".keras KB", 9, lambda r: f"{r['keras_bytes'] / 1e3:,.0f}"),
     ("f32 KB", 7, lambda r: f"{r['tflite_f32_bytes'] / 1e3:,.0f}"),
+    ("f16 KB", 7, lambda r: f"{r['tflite_float16_bytes'] / 1e3:,.0f}"),
+    ("int8 KB", 7, lambda r: f"{r['tflite_int8_bytes'] / 1e3:,.0f}"),
     ("ops", 5, lambda r: str(r["tflite_f32_num_ops"])),
     ("xnn", 3, lambda r: "?" if r["litert_delegate_nodes"] is None
      else str(r["litert_delegate_nodes"])),
-    ("int8 KB", 7, lambda r: f"{r['tflite_int8_bytes'] / 1e3:,.0f}"),
-    ("lite1 ms", 8, lambda r: f"{r['litert_ms_1t']:.2f}"),
-    ("lite2 ms", 8, lambda r: f"{r['litert_ms_2t']:.2f}"),
-    ("XLA ms", 7, lambda r: f"{r['xla_ms']:.1f}"),
-    ("XLA im/s", 8, lambda r: f"{r['xla_images_per_s']:,.0f}"),
+    ("f32 1t", 7, _ms("litert_ms_1t")),
+    ("f32 2t", 7, _ms("litert_ms_2t")),
+    ("f16 1t", 7, _ms("litert_float16_ms_1t")),
+    ("int8 1t", 7, _ms("litert_int8_ms_1t")),
+    ("layers", 7, _ms("layers_sum_ms")),
+    ("XLA ms", 7, _ms("xla_ms", 1)),
     ("f32 diff", 8, lambda r: f"{r['tflite_f32_max_rel_diff']:.1e}"),
+    ("f16 diff", 8, lambda r: f"{r['tflite_float16_max_rel_diff']:.1e}"),
     ("int8 diff", 9, lambda r: f"{r['tflite_int8_max_rel_diff']:.1e}"),
 )
 RATIO_COLUMNS = (
     ("model", 17, lambda r: r["label"]),
-    ("ratio", 5, lambda r: r["base_ratio"] or "1"),
-    *[(header, 7, lambda r, k=key: f"{r['vs_dense'][k]:.3f}") for header, key in (
+    ("variant", 13, lambda r: r["variant"]),
+    *[(header, 7, _ratio(key)) for header, key in (
         ("params", "params"),
         ("MACs", "macs"),
-        ("MAC+add", "macs_plus_adds"),
-        (".keras", "keras_bytes"),
         ("f32", "tflite_f32_bytes"),
+        ("f16", "tflite_float16_bytes"),
         ("int8", "tflite_int8_bytes"),
         ("ops", "tflite_f32_num_ops"),
-        ("lite1", "litert_ms_1t"),
-        ("lite2", "litert_ms_2t"),
+        ("f32 1t", "litert_ms_1t"),
+        ("f32 2t", "litert_ms_2t"),
+        ("f16 1t", "litert_float16_ms_1t"),
+        ("int8 1t", "litert_int8_ms_1t"),
         ("XLA", "xla_ms"),
     )],
+    ("whole/lyr", 9, lambda r: "-" if "whole_over_layers" not in r
+     else f"{r['whole_over_layers']:.3f}"),
 )
 LEGEND = """\
-MACs: multiply-adds of the paths the Keras model runs (one sample); adds: the
-factored paths' additions; dnsMACs: with every TransformConv2D as Conv2D;
-paths: TransformConv2D layers materialised (M) / factored (F) in the Keras
-model (the .tflite files write every one in a compact form, grouped where it
-applies: export lowering "auto"). f32 / int8: .tflite sizes;
-ops: operators in the float32 file; xnn: XNNPACK partitions LiteRT made of it
-(more than the dense file's: some operators run outside XNNPACK). lite1 /
-lite2: LiteRT batch-1 latency, float32 file, 1 / 2 threads; XLA: batch-32
-forward, ms per batch and images/s. diff: max |tflite - keras| / max |keras|
-on 2 samples. Medians over rounds."""
+variant: dense, a base ratio (exported as export_tflite does by default), or
+"<ratio> restored" (the same twin exported with keep_order=False: every grouped
+layer restores its filter order, batch norms stay separate). MACs: multiply-adds
+of the Keras model (one sample). f32 / f16 / int8: .tflite sizes (float32,
+float16 weights, full integer); ops: operators in the float32 file; xnn:
+XNNPACK partitions LiteRT made of it. f32 1t / 2t, f16 1t, int8 1t: LiteRT
+batch-1 latency, ms; layers: the sum of the float32 graph's layers, each
+timed as its own file (1 thread); whole/lyr: the float32 file's 1-thread
+time over that sum. XLA: batch-32 forward, ms. diff: max |tflite - keras| /
+max |keras| on 2 samples. Medians over rounds."""
+
+
+def breakdown_table(rows):
+    """Per kind of layer: the sum of standalone times, dense and each twin."""
+    lines = []
+    for model in dict.fromkeys(r["model"] for r in rows):
+        measured = [r for r in rows if r["model"] == model and "layers" in r]
+        if not measured:
+            continue
+        kinds = list(dict.fromkeys(k for r in measured for k in r["layers_by_kind_ms"]))
+        table_rows = []
+        for kind in kinds:
+            entry = {"kind": kind}
+            for r in measured:
+                entry[r["variant"]] = r["layers_by_kind_ms"].get(kind, 0.0)
+                entry[r["variant"] + " n"] = sum(1 for e in r["layers"] if e["kind"] == kind)
+            table_rows.append(entry)
+        total = {"kind": "sum of layers"}
+        whole = {"kind": "whole model"}
+        for r in measured:
+            total[r["variant"]], total[r["variant"] + " n"] = r["layers_sum_ms"], len(r["layers"])
+            whole[r["variant"]], whole[r["variant"] + " n"] = r["litert_ms_1t"], None
+        table_rows += [total, whole]
+        columns = [("kind", 26, lambda e: e["kind"])]
+        for r in measured:
+            v = r["variant"]
+            columns.append((f"{v} n", len(v) + 2,
+                            lambda e, v=v: "" if e.get(v + " n") is None else str(e[v + " n"])))
+            columns.append((f"{v} ms", max(8, len(v) + 3),
+                            lambda e, v=v: f"{e.get(v, 0.0):.3f}"))
+        lines.append(f"{measured[0]['label']}: LiteRT 1 thread, each layer of the exported "
+                     "float32 graph as its own file (n: layers)")
+        lines.append(common.table(table_rows, columns))
+        lines.append("")
+    return "\n".join(lines)
 
 
 PLOT_METRICS = (
     ("params", "params"),
     ("macs_plus_adds", "MACs+adds"),
-    ("keras_bytes", ".keras"),
     ("tflite_f32_bytes", "tflite f32"),
     ("tflite_int8_bytes", "tflite int8"),
-    ("litert_ms_1t", "LiteRT 1 thr"),
-    ("litert_ms_2t", "LiteRT 2 thr"),
-    ("xla_ms", "XLA b32"),
+    ("litert_ms_1t", "LiteRT f32 1 thr"),
+    ("litert_ms_2t", "LiteRT f32 2 thr"),
+    ("litert_float16_ms_1t", "LiteRT f16 1 thr"),
+    ("litert_int8_ms_1t", "LiteRT int8 1 thr"),
 )
 
 
@@ -493,36 +766,32 @@ def plot(rows, args, path):
     import matplotlib.pyplot as plt
 
     names = list(dict.fromkeys(r["model"] for r in rows))
+    shown = [v for v in variants(args) if v != DENSE]
     fig, axes = plt.subplots(len(names), 1, figsize=(11, 3.6 * len(names)), squeeze=False)
-    width = 0.8 / max(1, len(args.ratios))
+    width = 0.8 / max(1, len(shown))
     positions = np.arange(len(PLOT_METRICS))
+    limits = {(model, key): limit for _, model, _, key, limit in TARGETS}
     for ax, name in zip(axes[:, 0], names):
-        for i, ratio in enumerate(args.ratios):
-            row = next(r for r in rows if r["model"] == name and r["base_ratio"] == ratio)
-            values = [row["vs_dense"][key] for key, _ in PLOT_METRICS]
-            bars = ax.bar(positions + (i - (len(args.ratios) - 1) / 2) * width, values,
-                          width, label=f"base ratio {ratio}")
+        for i, variant in enumerate(shown):
+            row = next(r for r in rows if r["model"] == name and r["variant"] == variant)
+            values = [row["vs_dense"].get(key, np.nan) for key, _ in PLOT_METRICS]
+            bars = ax.bar(positions + (i - (len(shown) - 1) / 2) * width, values,
+                          width, label=variant)
             ax.bar_label(bars, fmt="%.2f", fontsize=6, rotation=90, padding=2)
         ax.axhline(1.0, color="gray", linewidth=1)
-        if name == TARGET_MODEL and TARGET_RATIO in args.ratios:
-            keys = [key for key, _ in PLOT_METRICS]
-            for _, _, key, limit in TARGETS:
-                x = keys.index(key)
-                ax.hlines(limit, x - 0.45, x + 0.45, colors="red", linestyles="--",
-                          linewidth=1.2, label=f"target at {TARGET_RATIO}"
-                          if key == TARGETS[0][2] else None)
-        ax.set_xticks(positions, [label for _, label in PLOT_METRICS])
-        ax.set_ylabel("transformed / dense")
-        ax.set_title(model_label(name, args))
+        for x, (key, _) in enumerate(PLOT_METRICS):
+            if (name, key) in limits:
+                ax.hlines(limits[(name, key)], x - 0.45, x + 0.45, colors="red",
+                          linestyles="--", linewidth=1.2)
+        ax.set_xticks(positions, [label for _, label in PLOT_METRICS], fontsize=8)
+        ax.set_ylabel("twin / dense")
+        ax.set_title(model_label(name, args) + f" (red: target at {TARGET_RATIO})")
         ax.set_ylim(0, max(1.2, ax.get_ylim()[1] * 1.1))
         ax.grid(True, axis="y", alpha=0.3)
         ax.legend(fontsize="small", loc="upper left")
     fig.suptitle("TransformConv2D models against dense (same run; lower is better)")
     fig.tight_layout()
     common.save_figure(fig, path)
-
-
-# ----------------------------------------------------------------------
 
 
 def main(argv=None):
@@ -545,6 +814,12 @@ def main(argv=None):
             "conv_factory": "conv_factory(base_ratio=r): 1/2 identity+rot180, "
                             "1/4 rotations, 1/8 d4; 1x1 convolutions stay Conv2D",
             "mobilenet_size": args.mobilenet_size,
+            "imagenet_size": args.imagenet_size,
+            "variants": variants(args),
+            "breakdown": args.breakdown,
+            "layer_repeats": args.layer_repeats,
+            "layer_loop_ms": args.layer_loop_ms,
+            "xla_models": args.xla_models,
             "weights": "random, keras.utils.set_random_seed(seed) before each build",
             "repeats": args.repeats,
             "loop_ms": args.loop_ms,
@@ -553,7 +828,8 @@ def main(argv=None):
             "int8_representative_data": "standard normal samples",
             "verify_samples": VERIFY_SAMPLES,
             "litert": "ai_edge_litert Interpreter(model_path, num_threads=k), default "
-                      "delegates, float32 file, batch 1",
+                      "delegates, batch 1; float32 with 1 and 2 threads, float16 and "
+                      "int8 with 1",
             "litert_threads": list(THREADS),
             "xla": "tf.function(lambda x: model(x, training=False), jit_compile=True)",
             "xla_batch": XLA_BATCH,
@@ -582,11 +858,11 @@ def main(argv=None):
     with tempfile.TemporaryDirectory(prefix="model-cost-") as tmp:
         folder = args.keep_files or Path(tmp)
         folder.mkdir(parents=True, exist_ok=True)
-        log(f" building and exporting {len(args.models) * (1 + len(args.ratios))} models "
+        log(f" building and exporting {len(args.models) * len(variants(args))} models "
             f"in {args.jobs} process{'es' if args.jobs > 1 else ''}")
         static = measure_all_files(folder, args, log)
         for name in args.models:
-            rows = [static[(name, variant)] for variant in (DENSE, *args.ratios)]
+            rows = [static[(name, variant)] for variant in variants(args)]
             time_model(name, rows, args, log)
             payload["rows"].extend(rows)
             common.write_json(args.out, payload)  # partial results survive an interruption
@@ -604,14 +880,10 @@ def main(argv=None):
     print()
     print(common.table(payload["rows"], ABSOLUTE_COLUMNS))
     print()
-    print("Transformed / dense, same run (ops: operators in the float32 .tflite):")
+    print("Twin / dense, same run (ops: operators in the float32 .tflite):")
     print(common.table(payload["rows"], RATIO_COLUMNS))
-    bad = [r for r in payload["rows"] if not r["tflite_f32_max_rel_diff"] <= FLOAT_MAX_REL_DIFF]
-    for row in bad:
-        print(f"WARNING: {row['label']} {row['variant']}: the float32 .tflite differs from "
-              f"Keras by {row['tflite_f32_max_rel_diff']:.2g} of the output scale "
-              f"(expected <= {FLOAT_MAX_REL_DIFF:g})")
     print()
+    print(breakdown_table(payload["rows"]))
     for result in payload["targets"]:
         print(target_line(result))
     print(f"\nload average at the end {' '.join(f'{v:.2f}' for v in os.getloadavg())}; "

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from tf_transform_conv import TransformConv2D
+from tf_transform_conv import channel_order
 from tf_transform_conv import export
 from tf_transform_conv import lowering
 from tf_transform_conv import transforms as transforms_lib
@@ -43,6 +44,9 @@ CASES = {
         assignment=np.random.default_rng(4).integers(0, 3, size=(1, 10, 2)).tolist()),
     "general_d4_stride2": dict(filters=16, kernel_size=3, base_filters=2, transforms="d4",
                                strides=2, padding="valid", transform_family="general"),
+    "rotations_stride2_same_scalar": dict(
+        filters=16, kernel_size=3, base_filters=4, transforms="rotations", strides=2,
+        padding="same", transform_family="scalar", activation="relu"),
 }
 
 # The most nonzeros in one output's spread column: taps per tap (discrete and
@@ -86,6 +90,24 @@ def kernel_from_plan(plan, layer):
     return kernel
 
 
+def kernel_from_phases(plan, layer):
+    """The dense kernel a stride-2 plan's pixel phases compute, composed in numpy."""
+    kh, kw = layer.kernel_size
+    taps = kh * kw
+    groups = plan.product_kernel.shape[-1] // taps
+    kernel = np.zeros((kh, kw, plan.product_kernel.shape[2], plan.spread_outputs()))
+    for phase in plan.phases:
+        used = phase.product_kernel.shape[-1] // groups
+        for out in range(plan.spread_outputs()):
+            block = (out // plan.slots) * used  # the output's group
+            for i in range(phase.kernel_rows):
+                for j in range(phase.kernel_cols):
+                    kernel[phase.row + 2 * i, phase.col + 2 * j, :, out] += (
+                        phase.product_kernel[0, 0, :, block:block + used]
+                        @ phase.spread_kernel[i, j, :, out])
+    return kernel[..., plan.output_index[0]]
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_plan_composes_to_the_materialized_kernel(case):
     layer = layer_model(CASES[case]).get_layer("tc")
@@ -98,6 +120,46 @@ def test_plan_composes_to_the_materialized_kernel(case):
     nonzeros = (plan.spread_kernel != 0).reshape(-1, plan.spread_outputs()).sum(axis=0)
     per_tap = NONZEROS_PER_TAP[layer.transform_family] or taps
     assert nonzeros.max() <= per_tap * taps
+    if plan.phases is not None:
+        np.testing.assert_allclose(kernel_from_phases(plan, layer), expected,
+                                   rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("case, product_taps", [
+    # Under rotations (and d4) a corner stays a corner: 4 corners on the
+    # (even, even) phase, 4 edges on two phases, the centre on one: 13 of 36.
+    ("d4_stride2_valid_scale", 13), ("rotations_stride2_same_scalar", 13),
+    # The general family moves every tap anywhere: no phases.
+    ("general_d4_stride2", None),
+])
+def test_stride_two_layers_multiply_each_base_tap_only_on_its_phases(case, product_taps):
+    plan = lowering.grouped_plan(layer_model(CASES[case]).get_layer("tc"))
+    assert plan.product_taps() == product_taps
+    if plan.phases is not None:
+        # The edge phases share one product kernel: the file stores it once.
+        kernels = {p.product_kernel.tobytes() for p in plan.phases}
+        assert len(kernels) == 3
+
+
+@pytest.mark.parametrize("size", [10, 11])
+@pytest.mark.parametrize("padding", ["valid", "same"])
+def test_stride_two_phases_match_the_layer(size, padding):
+    """Odd and even inputs: TensorFlow's "same" pads the bottom and right."""
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(size)
+    layer = TransformConv2D(16, 3, base_filters=4, transforms="rotations", strides=2,
+                            padding=padding, scale=True)
+    x = np.random.default_rng(size).normal(size=(2, size, size, 8)).astype("float32")
+    layer(x)
+    layer.scale_weight.assign(np.random.default_rng(0).uniform(0.5, 2, 16).astype("float32"))
+    grouped = lowering.GroupedTransformConv2D.from_layer(layer)
+    assert grouped.plan.phases is not None
+    expected = keras.ops.convert_to_numpy(layer(x))
+    scale = np.abs(expected).max()
+    np.testing.assert_allclose(grouped(x).numpy(), expected, atol=RTOL * scale)
+    xla = tf.function(grouped.call, jit_compile=True)(tf.constant(x)).numpy()
+    np.testing.assert_allclose(xla, expected, atol=RTOL * scale)
 
 
 @pytest.mark.parametrize("case", ["rotations_same", "depth_groups_2", "softmax_after_gather",
@@ -142,12 +204,24 @@ def grouped_exports(tmp_path_factory):
 def test_grouped_file_matches_keras(grouped_exports, case):
     model, result = grouped_exports[case]
     layer = model.get_layer("tc")
-    assert result.op_counts["CONV_2D"] == 2, result.op_counts
+    phases = lowering.grouped_plan(layer).phases
+    # Two convolutions, or two per pixel phase (stride 2), each phase on a slice;
+    # a third, 1x1 with a 0/1 kernel, where the layer picks its filters out of
+    # a padded or summed spread (the export keeps a native order otherwise and
+    # gathers the model's output back to filter order).
+    deployed, _ = export.deployment_model(model, lowering="grouped")
+    grouped = [l for l in deployed.layers if isinstance(l, lowering.GroupedTransformConv2D)]
+    gathers = sum(isinstance(l, channel_order.ChannelGather) for l in deployed.layers)
+    plan = grouped[0].plan
+    selects = not plan.identity and plan.transpose is None
+    assert result.op_counts["CONV_2D"] == 2 * len(phases or [0]) + selects, result.op_counts
+    assert result.op_counts.get("GATHER", 0) == gathers, result.op_counts
+    slices = result.op_counts.get("STRIDED_SLICE", 0) + result.op_counts.get("SLICE", 0)
+    assert slices == (len(phases) if phases else 0), result.op_counts
     # A sparse spread kernel is stored sparse and densified once; the general
     # family's operators fill it, so it is stored dense.
     sparse = layer.transform_family != "general"
-    assert result.op_counts.get("DENSIFY", 0) == int(sparse), result.op_counts
-    assert "STRIDED_SLICE" not in result.op_counts
+    assert (result.op_counts.get("DENSIFY", 0) > 0) == sparse, result.op_counts
     if layer.get_config()["activation"] == "relu":  # applied before reordering: fused
         assert "RELU" not in result.op_counts, result.op_counts
     x = np.random.default_rng(1).normal(size=(3,) + tuple(model.inputs[0].shape[1:]))
@@ -189,7 +263,9 @@ def test_auto_writes_a_lopsided_assignment_grouped(tmp_path):
     x = np.random.default_rng(1).normal(size=(2, 11, 11, 8)).astype("float32")
     result = export.export_tflite(model, tmp_path / "m.tflite")
     assert result.lowerings == {"tc": "grouped"}
-    assert result.op_counts["DENSIFY"] == 1 and "STRIDED_SLICE" not in result.op_counts
+    # The spread kernel and the 0/1 selection of the 12 filters, both stored sparse.
+    assert result.op_counts["DENSIFY"] == 2 and "STRIDED_SLICE" not in result.op_counts
+    assert "GATHER" not in result.op_counts
     export.verify_tflite(result.path, model, x, rtol=RTOL)
     # Asked for, slices are exact too.
     slices = export.export_tflite(model, tmp_path / "s.tflite", lowering="slices")

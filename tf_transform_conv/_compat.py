@@ -60,3 +60,35 @@ def producer_node(tensor):
     """The graph node that produced a symbolic Keras tensor."""
     history = tensor._keras_history
     return history.operation._inbound_nodes[history.node_index]
+
+
+def producer_name(tensor):
+    """The name of the layer that produced a symbolic Keras tensor."""
+    return tensor._keras_history.operation.name
+
+
+def functional_graph(model):
+    """The Functional graph of a built Sequential or Functional model.
+
+    A Sequential model keeps one privately once built with a known input;
+    its nodes are what `Functional._nodes_by_depth` lists.
+    """
+    if isinstance(model, keras.Sequential):
+        graph = model._functional
+        if graph is None:
+            raise ValueError(
+                f"Sequential model '{model.name}' has no graph: build it with an "
+                "input, keras.Sequential([keras.Input(shape), ...])."
+            )
+        return graph
+    return model
+
+
+def graph_nodes(graph):
+    """The layer nodes of a Functional graph, every producer before its readers."""
+    nodes = []
+    for depth in sorted(graph._nodes_by_depth, reverse=True):
+        for node in graph._nodes_by_depth[depth]:
+            if node.operation is not None and not node.is_input:
+                nodes.append(node)
+    return nodes

@@ -48,7 +48,9 @@ import keras
 import numpy as np
 
 from tf_transform_conv import _compat
+from tf_transform_conv import channel_order
 from tf_transform_conv import lowering as lowering_lib
+from tf_transform_conv._checks import check_bool
 from tf_transform_conv._checks import check_positive_int
 from tf_transform_conv.layers import TransformConv2D
 from tf_transform_conv.rewrite import is_graph_model
@@ -278,7 +280,7 @@ def _factored(model):
     return rewrite_model(model, replace)
 
 
-def deployment_model(model, lowering="auto"):
+def deployment_model(model, lowering="auto", keep_order=True):
     """The model as `export_tflite` converts it, and the form each `TransformConv2D` took.
 
     Each `TransformConv2D` is replaced by its grouped form
@@ -297,6 +299,12 @@ def deployment_model(model, lowering="auto"):
         lowering: `"auto"` (default), `"grouped"`, `"slices"` or `"dense"`
             for every layer, or a dict from `TransformConv2D` names to one
             of these (layers not named: `"auto"`).
+        keep_order: bool (default True): run
+            `channel_order.propagate_channel_order` on the result, so that
+            grouped layers keep their base-major channel order through batch
+            norm, activations and residual additions (no reorder operators)
+            and batch norms fold into the convolutions before them. False
+            keeps every layer's filter order, for comparisons.
 
     Returns:
         `(deployed, choices)`: the rewritten model, and a dict from each
@@ -308,12 +316,13 @@ def deployment_model(model, lowering="auto"):
             name, or for `"grouped"` with a layer that cannot take it.
     """
     requested = _lowering_per_layer(model, lowering)
+    check_bool(keep_order, "keep_order")
     _check_no_wrappers(model, "deployment_model")
     _check_static_inputs(model, "deployment_model")
-    return _deploy(model, requested)
+    return _deploy(model, requested, keep_order)
 
 
-def _deploy(model, requested):
+def _deploy(model, requested, keep_order=True):
     """`deployment_model` on a model already checked (`_check_no_wrappers`,
     `_check_static_inputs`); `requested`: `layer -> lowering`."""
     layers = [
@@ -322,6 +331,10 @@ def _deploy(model, requested):
         if isinstance(layer, TransformConv2D)
     ]
     if not layers:
+        if keep_order and channel_order.rewrites(model):
+            # A clone: the pass calls the layers it leaves unchanged.
+            clone = rewrite_model(model, lambda layer: None)
+            return channel_order.propagate_channel_order(clone)[0], {}
         return model, {}
     if not is_graph_model(model):
         # Raises the subclassed-model error unless every layer already runs factored.
@@ -344,7 +357,10 @@ def _deploy(model, requested):
         config["implementation"] = "factored"
         return TransformConv2D.from_config(config), layer.get_weights()
 
-    return rewrite_model(model, replace), choices
+    deployed = rewrite_model(model, replace)
+    if keep_order:
+        deployed, _ = channel_order.propagate_channel_order(deployed)
+    return deployed, choices
 
 
 def _dense_twin(layer):
@@ -541,6 +557,7 @@ def export_tflite(
     batch_size=1,
     factored=True,
     lowering="auto",
+    keep_order=True,
 ):
     """Writes `model` as a `.tflite` file that stores only the base filters.
 
@@ -577,6 +594,10 @@ def export_tflite(
             for a stem where that is no larger), `"grouped"`, `"slices"`,
             `"dense"` (the materialised kernel), or a dict from layer names
             to these (layers not named: `"auto"`).
+        keep_order: bool (default True): let grouped layers keep their
+            base-major channel order and fold batch norms into the
+            convolutions (see `deployment_model`); False restores each
+            layer's filter order after it, for comparisons.
 
     Returns:
         An `ExportResult` (path, bytes, quantization, params, param_bytes,
@@ -630,6 +651,7 @@ def export_tflite(
             f"Received quantization={quantization!r}."
         )
     batch_size = check_positive_int(batch_size, "batch_size")
+    check_bool(keep_order, "keep_order")
     path = _check_writable(path, verb)
     _check_no_wrappers(model, verb)
     _check_static_inputs(model, verb)
@@ -638,7 +660,8 @@ def export_tflite(
     lowerings = {}
     if factored:
         # `model` was checked above; its float32 twin has the same layers and inputs.
-        deployed, choices = _deploy(deployed, _lowering_per_layer(deployed, lowering))
+        deployed, choices = _deploy(
+            deployed, _lowering_per_layer(deployed, lowering), keep_order)
         lowerings = {name: form for name, (form, _) in choices.items()}
     dataset = (
         _representative_dataset(model, representative_data, batch_size)
