@@ -31,6 +31,40 @@ first 40% of the steps, every quarter epoch, as the paper does over its first
                     magnitude ranking (at least 2 bases per layer), `o mod n`
     ... +kd         the same, distilled from the dense model of the seed
                     (T = 4, weight 0.9 on the distillation term)
+    sp              unstructured magnitude pruning of the convolution kernels
+                    (prune_low_magnitude; the rate is the weight sparsity)
+    ip              interspace pruning (prune_interspace): filter-basis
+                    coefficients pruned, standard basis at the start
+    ip-dct          the same, the basis starting as the 2-D DCT
+    dafp            dependency-aware filter pruning: the full network trained
+                    with DAFP's self-tuning L1 penalty on the batch-norm
+                    scales (SparsityTuner, updated every quarter epoch, target
+                    the `removed` row's channel share) for all but the last
+                    epoch, then the channels of lowest importance removed
+                    (remove_filters; one importance threshold, as a fraction
+                    of each layer's maximum, found by bisection) down to the
+                    `removed` row's convolution parameters, then the last
+                    epoch trained without the penalty
+    dafp-macs       the same, removed down to the `removed` row's multiply-adds
+    knapsack+ikd    knapsack pruning (Aflalo et al.): the trained dense model of
+                    the seed, its channels scored by `sum |w * dL/dw|` (16
+                    batches), removed by a 0/1 knapsack (knapsack_removal,
+                    exact DP) down to the `removed` row's parameters (whole
+                    model), then trained the same epochs with inner
+                    distillation from the dense model (InnerDistiller on the
+                    four batch norms' outputs, weight 1)
+    knapsack-macs+ikd  the same, down to the `removed` row's multiply-adds
+    knapsack-l2+ikd the same as knapsack+ikd with each layer's importances
+                    divided by their L2 norm (knapsack_removal(normalize="l2"))
+    ours-knapsack   our layer from the trained dense model: plan_budget picks
+                    each layer's bases (ratios 1/32-1/2 or dense; value: the
+                    layer's Taylor importance x (1 - fit error^2)) at the
+                    `removed` row's parameters, then prune_model(budget=plan)
+                    trains the same epochs with the rows' schedule; where our
+                    layer cannot get that small (every layer at its fewest
+                    bases costs more), the cheapest plan, flagged
+                    `feasible: false`
+    ours-knapsack-macs  the same at the `removed` row's multiply-adds
 
 and, once: `dense`, and `quarter`. One-shot rows (no training after the
 conversion) take each seed's dense model through `transform_model` (d4 with
@@ -87,7 +121,18 @@ PRUNED = {
     "paper": dict(transforms="identity", transform_family="scalar", **SELECTION_PAPER),
 }
 KD_ROWS = ("removed+kd", "scalar+kd", "paper+kd")
-ROWS = ("dense", "quarter", "removed", "zeroed", *PRUNED, *KD_ROWS)
+# Unstructured rows: row -> None (prune_low_magnitude) or prune_interspace's basis.
+UNSTRUCTURED = {"sp": None, "ip": "standard", "ip-dct": "dct"}
+# DAFP rows: row -> the cost its removal matches to the `removed` row's.
+DAFP = {"dafp": "params", "dafp-macs": "macs"}
+DAFP_STEP, DAFP_THRESHOLD = 5e-3, 0.02  # SparsityTuner's lambda step and training threshold
+# Knapsack rows: row -> the cost matched to the `removed` row's.
+KNAPSACK = {"knapsack+ikd": "params", "knapsack-macs+ikd": "macs", "knapsack-l2+ikd": "params"}
+OURS_KNAPSACK = {"ours-knapsack": "params", "ours-knapsack-macs": "macs"}
+KNAPSACK_RATIOS = (1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2)
+INNER_KD_LAYERS, INNER_KD_WEIGHT = ("bn0", "bn1", "bn2", "bn3"), 1.0
+ROWS = ("dense", "quarter", "removed", "zeroed", *PRUNED, *KD_ROWS, *UNSTRUCTURED, *DAFP,
+        *KNAPSACK, *OURS_KNAPSACK)
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "ablation.json"
 QUICK_OUT = DEFAULT_OUT.with_name("ablation_quick.json")
 
@@ -258,6 +303,115 @@ def conv_params(model):
                    if type(l).__name__ in ("Conv2D", "TransformConv2D")))
 
 
+def nonzero_conv_params(model):
+    """Nonzero weights of the convolutions (Conv2D or FilterBasisConv2D) of a model."""
+    return int(sum(np.count_nonzero(np.asarray(w)) for l in model.layers
+                   if type(l).__name__ in ("Conv2D", "FilterBasisConv2D") for w in l.weights))
+
+
+def dafp_removal(model, tuner, rate, match):
+    """`model` without its least important channels, at the `removed` row's cost `match`.
+
+    One DAFP threshold (a fraction of each layer's largest importance) for
+    every layer, the smallest that brings the convolution parameters
+    (`match="params"`) or the model's multiply-adds (`"macs"`) down to the
+    thinner `removed` network's, found by bisection.
+    """
+    import tf_transform_conv as tc
+    from tf_transform_conv import importance as dafp
+    from tf_transform_conv.assignment import kept_filters
+    from tf_transform_conv.structured import removal_cost
+
+    thinner = cnn(tuple(kept_filters(w, rate) for w in WIDTHS), 0)
+
+    def measure(cost):
+        if match == "macs":
+            return cost.macs
+        return sum(layer.params for layer in cost.layers if layer.class_name == "Conv2D")
+
+    budget = measure(tc.model_cost(thinner))
+    scores = dafp.dafp_importance(model)
+    low, high = 0.0, float(np.nextafter(1.0, 0.0))
+    for _ in range(40):
+        middle = (low + high) / 2
+        if measure(removal_cost(model, dafp.dafp_keep(model, middle, scores))) <= budget:
+            high = middle
+        else:
+            low = middle
+    keep = dafp.dafp_keep(model, high, scores)
+    tuner.detach()
+    return tc.remove_filters(model, keep) if keep else model, high, budget
+
+
+def knapsack_run(task, x, y, x_test, y_test):
+    """A knapsack row: from the seed's trained dense model, to the `removed` row's cost."""
+    import keras
+    import tensorflow_model_optimization as tfmot
+
+    import tf_transform_conv as tc
+    from tf_transform_conv.assignment import kept_filters
+    from tf_transform_conv.distill import InnerDistiller
+
+    row, rate, seed, cfg = task["row"], task["rate"], task["seed"], task["config"]
+    start = time.perf_counter()
+    keras.utils.set_random_seed(seed)
+    match = KNAPSACK.get(row) or OURS_KNAPSACK[row]
+    steps_per_epoch = cfg["train_size"] // BATCH
+    total = cfg["epochs"] * steps_per_epoch
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    teacher = keras.saving.load_model(task["teacher"], compile=False)
+    teacher.compile(loss=loss)
+    dense_cost = tc.model_cost(teacher)
+    thinner = tc.model_cost(cnn(tuple(kept_filters(w, rate) for w in WIDTHS), seed))
+    target = thinner.params if match == "params" else thinner.macs
+    importance = tc.knapsack.filter_importance(teacher, (x, y), num_batches=16,
+                                               batch_size=BATCH)
+    optimizer = keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(
+        LEARNING_RATE, total))
+    extra = {}
+    if row in KNAPSACK:
+        student, removal = tc.knapsack_removal(
+            teacher, None, target=target, cost=match, importance=importance,
+            normalize="l2" if row == "knapsack-l2+ikd" else None)
+        model = InnerDistiller(student, teacher, layers=list(INNER_KD_LAYERS),
+                               weight=INNER_KD_WEIGHT)
+        model.compile(optimizer=optimizer, loss=loss, jit_compile=True)
+        model.fit(x, y, batch_size=BATCH, epochs=cfg["epochs"], verbose=0, shuffle=True)
+        final = student
+        extra["widths"] = [len(removal.keep[f"conv{i}"]) for i in range(len(WIDTHS))]
+        extra["predicted_cost"] = removal.predicted_cost
+    else:
+        options = dict(base_ratios=KNAPSACK_RATIOS)
+        fraction = target / (dense_cost.params if match == "params" else dense_cost.macs)
+        try:
+            plan = tc.plan_budget(teacher, tc.Budget(**{match: fraction}, **options),
+                                  importance=importance)
+            extra["feasible"] = True
+        except ValueError:  # below the cheapest choice: every layer at its fewest bases
+            plan = tc.plan_budget(teacher, tc.Budget(**{match: 1.0}, keep_dense=False,
+                                                     base_ratios=(min(KNAPSACK_RATIOS),)))
+            extra["feasible"] = False
+        frequency = max(1, steps_per_epoch // 4)
+        end = max(frequency, int(PRUNE_FRACTION * total) // frequency * frequency)
+        schedule = tfmot.sparsity.keras.PolynomialDecay(0.0, rate, 0, end, power=1,
+                                                        frequency=frequency)
+        model = tc.prune_model(teacher, schedule, transforms="d4", scale=True, budget=plan)
+        model.compile(optimizer=optimizer, loss=loss, jit_compile=True)
+        model.fit(x, y, batch_size=BATCH, epochs=cfg["epochs"], verbose=0, shuffle=True,
+                  callbacks=[tc.UpdateTransformPruningStep()])
+        final = tc.strip_model(model)
+        extra["bases"] = [plan.bases.get(f"conv{i}") for i in range(len(WIDTHS))]
+        extra["predicted_cost"] = plan.predicted_cost
+    accuracy = float(np.mean(np.argmax(final.predict(x_test, batch_size=256, verbose=0), -1)
+                             == y_test))
+    final_cost = tc.model_cost(final)
+    return dict(row=row, rate=rate, seed=seed, accuracy=accuracy,
+                conv_params=conv_params(final), dense_conv_params=conv_params(teacher),
+                params=int(final_cost.params), macs=int(final_cost.macs),
+                target=int(target), match=match, seconds=time.perf_counter() - start,
+                **extra)
+
+
 def run_one(task):
     """Trains and scores one (row, rate, seed); returns a result dict."""
     import keras
@@ -270,6 +424,8 @@ def run_one(task):
     start = time.perf_counter()
     x, y = cluttered_digits(cfg["train_size"], "train")
     x_test, y_test = cluttered_digits(cfg["test_size"], "test")
+    if row in KNAPSACK or row in OURS_KNAPSACK:
+        return knapsack_run(task, x, y, x_test, y_test)
     steps_per_epoch = cfg["train_size"] // BATCH
     total = cfg["epochs"] * steps_per_epoch
     base = row.removesuffix("+kd")
@@ -286,7 +442,13 @@ def run_one(task):
     schedule = tfmot.sparsity.keras.PolynomialDecay(0.0, rate or 0.0, 0, end, power=1,
                                                     frequency=frequency)
     callbacks, zeroing = [], None
-    if base in PRUNED:
+    if base in UNSTRUCTURED:
+        if UNSTRUCTURED[base] is None:
+            model = tc.prune_low_magnitude(model, schedule, layers=keras.layers.Conv2D)
+        else:
+            model = tc.prune_interspace(model, schedule, basis=UNSTRUCTURED[base])
+        callbacks.append(tc.UpdateTransformPruningStep())
+    elif base in PRUNED:
         model = tc.prune_model(model, schedule, scale=True, **PRUNED[base])
         callbacks.append(tc.UpdateTransformPruningStep())
     elif base == "zeroed":
@@ -307,14 +469,41 @@ def run_one(task):
             LEARNING_RATE, total)),
         loss=loss, jit_compile=True,
     )
-    model.fit(x, targets, batch_size=BATCH, epochs=cfg["epochs"], verbose=0,
-              shuffle=True, callbacks=callbacks)
-    final = tc.strip_model(model) if base in PRUNED else model
+    if base in DAFP:
+        from tf_transform_conv.importance import SparsityTuner
+
+        channels = sum(WIDTHS)
+        kept = sum(kept_filters(w, rate) for w in WIDTHS)
+        tuner = SparsityTuner(target=1 - kept / channels, step=DAFP_STEP,
+                              threshold=DAFP_THRESHOLD, frequency=frequency)
+        callbacks.append(tuner)
+    if base in DAFP:  # with one epoch: penalty, removal, no training after it
+        model.fit(x, targets, batch_size=BATCH, epochs=max(1, cfg["epochs"] - 1), verbose=0,
+                  shuffle=True, callbacks=callbacks)
+        model, fraction, budget = dafp_removal(model, tuner, rate, DAFP[base])
+        if cfg["epochs"] > 1:
+            decay = keras.optimizers.schedules.CosineDecay(LEARNING_RATE, total)
+            model.compile(
+                optimizer=keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(
+                    float(decay(total - steps_per_epoch)), steps_per_epoch)),
+                loss=loss, jit_compile=True,
+            )
+            model.fit(x, targets, batch_size=BATCH, epochs=1, verbose=0, shuffle=True)
+    else:
+        model.fit(x, targets, batch_size=BATCH, epochs=cfg["epochs"], verbose=0,
+                  shuffle=True, callbacks=callbacks)
+    final = tc.strip_model(model) if base in PRUNED or base in UNSTRUCTURED else model
     accuracy = float(np.mean(np.argmax(final.predict(x_test, batch_size=256, verbose=0), -1)
                              == y_test))
     result = dict(row=row, rate=rate, seed=seed, accuracy=accuracy,
-                  conv_params=conv_params(final), dense_conv_params=dense_params,
+                  conv_params=(nonzero_conv_params(final) if base in UNSTRUCTURED
+                               else conv_params(final)), dense_conv_params=dense_params,
                   seconds=time.perf_counter() - start)
+    if base in DAFP:
+        result.update(macs=int(tc.model_cost(final).macs), dafp_fraction=fraction,
+                      budget=int(budget), match=DAFP[base],
+                      widths=[l.filters for l in final.layers if type(l).__name__ == "Conv2D"],
+                      tuner=tuner.history)
     if zeroing is not None:
         alive = sum(int(np.asarray(m).sum()) for m in zeroing.masks)
         result["kept_filters"] = alive
@@ -465,6 +654,11 @@ def targets(summary, rates):
             if (family, rate) in summary and ("scalar", rate) in summary:
                 checks[f"{family} - scalar at {rate} >= 0 points"] = \
                     (summary[(family, rate)][0] - summary[("scalar", rate)][0]) * 100
+    for row in ("ip", "ip-dct"):
+        for rate in rates:
+            if (row, rate) in summary and ("sp", rate) in summary:
+                checks[f"{row} - sp at {rate} >= {2 if rate >= 0.98 else 0} points"] = \
+                    (summary[(row, rate)][0] - summary[("sp", rate)][0]) * 100
     low = min(rates)
     best = [summary[k][0] for k in summary if k[1] == low]
     if best:

@@ -13,7 +13,10 @@ One recipe for every way of getting a compact `TransformConv2D` model:
   (`--init-from`), then fine-tuned.
 
 Any mode can distil from a teacher (`--teacher PATH.keras`): the loss is
-`(1 - w) * CE(y, s) + w * T^2 * KL(softmax(t / T) || softmax(s / T))`.
+`(1 - w) * CE(y, s) + w * T^2 * KL(softmax(t / T) || softmax(s / T))`, plus,
+with `--inner-kd-weight gamma`, `gamma` times the mean squared error between
+the student's and the teacher's features at `--inner-kd-layers` (inner
+distillation, `tf_transform_conv.distill.InnerDistiller`).
 
 Runs last: every epoch writes a backup (weights, optimizer state, pruning
 step, epoch counter, training seconds so far; `AtomicBackupAndRestore`,
@@ -206,6 +209,13 @@ def build_parser():
     add("--kd-temperature", type=float, default=4.0, help="distillation temperature T (4)")
     add("--kd-weight", type=float, default=0.9,
         help="weight w of the distillation term; 1 - w goes to cross-entropy (0.9)")
+    add("--inner-kd-weight", type=float, default=0.0,
+        help="inner distillation (needs --teacher): weight gamma of the mean squared error "
+        "between student and teacher features at --inner-kd-layers, added to the loss "
+        "beside the output distillation (--kd-weight 0 for inner alone) (0: off)")
+    add("--inner-kd-layers", nargs="+", default=None,
+        help="layers (names in both models) whose outputs inner distillation matches "
+        "(default: the student's last feature map, the input of global pooling)")
     # Training.
     add("--epochs", type=int, help="training epochs (the preset's)")
     add("--batch-size", type=int, help="global batch size (the preset's)")
@@ -311,6 +321,10 @@ def parse_args(argv=None):
     if not 0 <= args.kd_weight <= 1 or args.kd_temperature <= 0:
         problems.append(f"--kd-weight must be in [0, 1] and --kd-temperature > 0 (got "
                         f"{args.kd_weight}, {args.kd_temperature})")
+    if args.inner_kd_weight < 0:
+        problems.append(f"--inner-kd-weight must be >= 0 (got {args.inner_kd_weight})")
+    if (args.inner_kd_weight > 0 or args.inner_kd_layers) and args.teacher is None:
+        problems.append("--inner-kd-weight and --inner-kd-layers need --teacher")
     if args.resume and args.fresh:
         problems.append("--resume and --fresh contradict each other")
     if args.teacher is not None and not args.teacher.is_file():
@@ -342,6 +356,7 @@ with quiet_tensorflow_startup():
     from tf_transform_conv import transform_model
     from tf_transform_conv.cli import load_model_file
     from tf_transform_conv.cost import model_cost
+    from tf_transform_conv.distill import InnerDistiller
     from tf_transform_conv.models import DEFAULT_TRANSFORMS
     from tf_transform_conv.models import MODELS
     from tf_transform_conv.transforms import PRESETS as TRANSFORM_PRESETS
@@ -811,6 +826,15 @@ class Distiller(keras.Model):
         return [*super().metrics, self.kd_tracker]
 
 
+def last_feature_map(model):
+    """The name of the last layer of `model` with a 4D output: the features before pooling."""
+    for layer in reversed(model.layers):
+        if not isinstance(layer, keras.layers.InputLayer) and len(layer.output.shape) == 4:
+            return layer.name
+    raise ValueError(f"Model '{model.name}' has no layer with a 4D output to distil; "
+                     "name the layers with --inner-kd-layers.")
+
+
 def model_conv(args):
     if args.mode != "transform":
         return conv_factory()
@@ -1277,7 +1301,14 @@ def run(args, argv):
             print(f"model {model.name} ({args.mode}, {origin}): {model.count_params():,} parameters")
             trained = model
             if teacher is not None:
-                trained = Distiller(model, teacher, args.kd_temperature, args.kd_weight)
+                if args.inner_kd_weight > 0:
+                    layers = args.inner_kd_layers or [last_feature_map(model)]
+                    trained = InnerDistiller(model, teacher, layers, weight=args.inner_kd_weight,
+                                             output_weight=args.kd_weight,
+                                             temperature=args.kd_temperature)
+                    print(f"inner distillation at {layers} (gamma={args.inner_kd_weight})")
+                else:
+                    trained = Distiller(model, teacher, args.kd_temperature, args.kd_weight)
                 trained.build((None, args.image_size, args.image_size, 3))
                 print(f"distilling from {args.teacher} (T={args.kd_temperature}, "
                       f"w={args.kd_weight})")

@@ -151,6 +151,15 @@ def test_bad_arguments_exit_with_a_message(train, capsys):
     assert "--final-sparsity" in capsys.readouterr().err
 
 
+def test_inner_distillation_needs_a_teacher(train, capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--inner-kd-weight", "1"])
+    assert "--inner-kd-weight and --inner-kd-layers need --teacher" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train.parse_args(["--inner-kd-weight", "-1"])
+    assert "--inner-kd-weight must be >= 0" in capsys.readouterr().err
+
+
 def test_imagenet_without_files_says_what_to_download(train, tmp_path):
     args = train.parse_args(["--preset", "imagenet", "--data-dir", str(tmp_path)])
     with pytest.raises(SystemExit) as error:
@@ -509,6 +518,20 @@ def test_transform_mode_with_teacher(train, dense_run, tmp_path):
         assert row["transform_family"] == "discrete" and len(row["transforms"]) == 4
         assert row["tflite_lowering"] in ("grouped", "slices", "dense")
         assert "reconstruction_error" not in row
+
+
+@pytest.mark.slow
+def test_inner_distillation_beside_output_distillation(train, dense_run, tmp_path):
+    """A transformed student keeps every width: inner distillation without projections."""
+    dense_dir, _ = dense_run
+    results = train.main(["--dataset", "digits", "--mode", "transform", "--base-ratio", "0.25",
+                          "--teacher", str(dense_dir / "final.keras"), "--epochs", "1",
+                          "--inner-kd-weight", "2.0", "--inner-kd-layers", "stage1_block3_out",
+                          "stage3_block3_out", "--steps-per-epoch", "2", "--no-tflite",
+                          "--run-dir", str(tmp_path), *FAST])
+    check_results(tmp_path, 1, "transform")
+    logs = results["last_epoch_logs"]
+    assert logs["inner_kd_loss"] > 0 and "kd_loss" in logs
 
 
 @pytest.mark.slow

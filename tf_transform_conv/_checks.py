@@ -45,3 +45,13 @@ def check_bool(value, name):
             f"Received {name}={value!r}."
         )
     return bool(value)
+
+
+def check_choice(value, name, choices):
+    """`value`; a ValueError naming `name` and listing `choices` unless it is one of them."""
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(
+            f"Invalid value for argument `{name}`. Expected one of {list(choices)}. "
+            f"Received {name}={value!r}."
+        )
+    return value

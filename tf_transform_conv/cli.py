@@ -7,7 +7,9 @@
                   [--lowering auto|grouped|slices|dense]
 
 `cost` prints a model's parameters and multiply-adds per layer (see
-`tf_transform_conv.cost`); `analyze` reports, per Conv2D layer, how well
+`tf_transform_conv.cost`; for a model with sparse weights also its
+nonzeros and the multiply-adds of sparse execution) and the model file's
+bytes; `analyze` reports, per Conv2D layer, how well
 its filters are reconstructed by each transform at a few sparsities, against
 random filters of the same shape, and writes `analysis.json` and
 `analysis.png` (see `tf_transform_conv.analyze`); `export` writes a `.tflite`
@@ -119,9 +121,11 @@ def _cost(args):
 
     cost = model_cost(_load(args.model))
     cost.summary()
+    file_bytes = os.path.getsize(args.model)
+    print(f"Model file: {file_bytes:,} bytes")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(cost.to_dict(), f, indent=2)
+            json.dump({**cost.to_dict(), "file_bytes": file_bytes}, f, indent=2)
     return 0
 
 

@@ -146,6 +146,7 @@ def transform_model(
     subtract_mean=False,
     recalibrate=None,
     recalibrate_batches=20,
+    budget=None,
 ):
     """Rewrites the chosen `Conv2D`s of a model as fitted `TransformConv2D`s.
 
@@ -157,8 +158,9 @@ def transform_model(
 
     Args:
         model: a built Sequential or Functional model.
-        base_ratio: `n / filters` (rounded, at least 1); give this or
-            `sparsity`.
+        base_ratio: `n / filters` (rounded, at least 1), or a dict from
+            layer names to such ratios (only the named layers are then
+            converted); give this, `sparsity` or `budget`.
         sparsity: the fraction of filters to reconstruct:
             `n = filters - floor(sparsity * filters + 1/2)`, at least 1.
         transforms: preset or names; must include `"identity"`.
@@ -191,13 +193,21 @@ def transform_model(
             (`recalibrate_batch_norm`), since reconstructed filters shift
             their layers' outputs.
         recalibrate_batches: int >= 1. Defaults to 20.
+        budget: instead of `base_ratio` / `sparsity`, a
+            `budget.Budget` (e.g. `Budget(params=0.3)`, relative to this
+            model; planned here without data) or a `budget.BudgetPlan` from
+            `budget.plan_budget` (with data, and the lowerings to pass to
+            `export_tflite(lowering=plan.lowerings)`): each layer gets the
+            bases the plan chose, and layers it keeps dense stay `Conv2D`.
+            Only with `allocation="per_layer"`.
 
     Returns:
         `(new_model, report)`: the report lists a `LayerReport` per
         convolution of the model, converted or skipped.
 
     Raises:
-        ValueError: for both or neither of `base_ratio` / `sparsity`, any
+        ValueError: for not exactly one of `base_ratio` / `sparsity` /
+            `budget`, a `base_ratio` dict naming no convertible layer, any
             argument of the wrong type or out of range (each message names
             it and what is allowed), something other than a built
             Sequential or Functional model (a path: load it with
@@ -215,11 +225,43 @@ def transform_model(
     check_graph_model(model, "transform_model")
     names = check_options(transforms, criterion, depth_groups, scale, transform_family,
                           allocation, min_bases, assign, subtract_mean)
-    if (base_ratio is None) == (sparsity is None):
+    if sum(v is not None for v in (base_ratio, sparsity, budget)) != 1:
         raise ValueError(
-            "Pass exactly one of `base_ratio` or `sparsity`. Received "
-            f"base_ratio={base_ratio}, sparsity={sparsity}."
+            "Pass exactly one of `base_ratio` or `sparsity` (or `budget`). Received "
+            f"base_ratio={base_ratio}, sparsity={sparsity}, budget={budget}."
         )
+    per_layer_ratio = None
+    if budget is not None:
+        from tf_transform_conv.budget import resolve_plan
+
+        if allocation != "per_layer":
+            raise ValueError(
+                "`budget` chooses each layer's bases itself: use allocation='per_layer'. "
+                f"Received allocation={allocation!r}."
+            )
+        plan = resolve_plan(model, budget, transforms, scale, depth_groups, layers)
+        per_layer_ratio = {name: n for name, n in plan.bases.items()}  # bases, not ratios
+        layers, base_ratio = sorted(per_layer_ratio) or (lambda layer: False), 1.0
+    elif isinstance(base_ratio, dict):
+        bad = {k: v for k, v in base_ratio.items()
+               if not (isinstance(k, str) and is_number(v) and 0 < v <= 1)}
+        if bad or not base_ratio:
+            raise ValueError(
+                "Invalid value for argument `base_ratio`. Expected a number in (0, 1] or a "
+                "non-empty dict from layer names to such numbers. Received "
+                f"base_ratio={base_ratio!r}."
+            )
+        if layers is not None or allocation != "per_layer":
+            raise ValueError(
+                "A `base_ratio` dict names the layers to convert and their ratios: leave "
+                "`layers` None and `allocation='per_layer'`. Received "
+                f"layers={layers!r}, allocation={allocation!r}."
+            )
+        per_layer_ratio = {
+            name: lambda filters, r=r: max(1, int(round(r * filters)))
+            for name, r in base_ratio.items()
+        }
+        layers, base_ratio = sorted(base_ratio), 1.0
     if base_ratio is not None and not (is_number(base_ratio) and 0 < base_ratio <= 1):
         raise ValueError(
             f"Expected base_ratio in (0, 1]. Received base_ratio={base_ratio!r}."
@@ -235,7 +277,11 @@ def transform_model(
     chosen = select_layers(model, layers, lambda l: not skip_reason(l, transforms))
     report = {}
 
-    def bases_for(filters):
+    def bases_for(filters, name=None):
+        if per_layer_ratio is not None and name in per_layer_ratio:
+            count = per_layer_ratio[name]
+            n = count(filters) if callable(count) else count
+            return min(max(n, min_bases if budget is None else 1), filters)
         if sparsity is not None:
             n = kept_filters(filters, sparsity)
         else:
@@ -270,7 +316,7 @@ def transform_model(
         kernel = np.asarray(layer.kernel)
         fit = fit_assignment(
             kernel,
-            allotted.get(layer.name) or bases_for(layer.filters),
+            allotted.get(layer.name) or bases_for(layer.filters, layer.name),
             transforms=names,
             depth_groups=layer_depth_groups(layer, depth_groups),
             scale=scale,

@@ -37,6 +37,21 @@ multiply-adds are counted:
   transform parameters (`transform_params`); the pruning state (step,
   mask, assignment table) is not counted.
 
+- The unstructured wrappers and their stripped layer
+  (`tf_transform_conv.unstructured`): a `MagnitudePruning` as its wrapped
+  layer; an `InterspacePruning` as its wrapped `Conv2D` (the dense kernel it
+  convolves with) plus the basis, `groups * (kh * kw)^2` parameters; a
+  `FilterBasisConv2D` as its two stages, `H' * W' * c_in * kh * kw * (kh * kw
+  + filters)` multiply-adds (its 1x1 stage runs densified), with `dense_macs`
+  the equivalent `Conv2D`'s.
+
+Every layer also reports its `nonzeros` (parameters less the zeros of its
+kernel, or of a filter-basis layer's coefficients) and `nonzero_macs`, the
+multiply-adds with only the nonzero kernel entries (what sparse execution
+would cost: `macs * nnz / size` for a convolution or `Dense`; for an
+interspace layer, both stages with only the nonzero basis taps and
+coefficients). Layers without a kernel report their `params` and `macs`.
+
 Every other layer counts `layer.count_params()` parameters. Its multiply-adds
 are 0 when its work is not multiply-adds by the convention above:
 activations, dropout and noise, normalisation, pooling, reshaping, merging
@@ -52,6 +67,7 @@ import dataclasses
 import math
 
 import keras
+import numpy as np
 
 from tf_transform_conv import _compat
 from tf_transform_conv import families as families_lib
@@ -95,6 +111,11 @@ class LayerCost:
         macs_counted: bool, False for a layer whose multiply-adds this
             module has no formula for (see the module docstring): its
             `macs` and `dense_macs` are then 0 and not a count.
+        nonzeros: int, the parameters less the zeros of the kernel (of
+            the coefficients for interspace layers); `params` for a layer
+            without a kernel (None when built from an old dict).
+        nonzero_macs: int, the multiply-adds with only the nonzero kernel
+            entries (sparse execution); `macs` for a layer without a kernel.
     """
 
     name: str
@@ -108,6 +129,8 @@ class LayerCost:
     transform_params: int = 0
     transform_macs: int = 0
     macs_counted: bool = True
+    nonzeros: int = None
+    nonzero_macs: int = None
 
     def to_dict(self):
         """A JSON-serialisable dict of the fields (shapes as lists)."""
@@ -154,6 +177,18 @@ class ModelCost:
         return sum(layer.dense_macs for layer in self.layers)
 
     @property
+    def nonzeros(self):
+        """Total nonzero parameters (kernel zeros left out)."""
+        return sum(layer.params if layer.nonzeros is None else layer.nonzeros
+                   for layer in self.layers)
+
+    @property
+    def nonzero_macs(self):
+        """Total multiply-adds with only the nonzero kernel entries (sparse execution)."""
+        return sum(layer.macs if layer.nonzero_macs is None else layer.nonzero_macs
+                   for layer in self.layers)
+
+    @property
     def transform_params(self):
         """Total parameters of learned transform families (included in `params`)."""
         return sum(layer.transform_params for layer in self.layers)
@@ -173,6 +208,8 @@ class ModelCost:
             "dense_macs": self.dense_macs,
             "transform_params": self.transform_params,
             "transform_macs": self.transform_macs,
+            "nonzeros": self.nonzeros,
+            "nonzero_macs": self.nonzero_macs,
             "uncounted": self.uncounted,
             "layers": [layer.to_dict() for layer in self.layers],
         }
@@ -216,6 +253,8 @@ class ModelCost:
             print_fn(line(row))
         print_fn("=" * rule)
         print_fn(f"Total params: {self.params:,}")
+        if self.nonzeros != self.params:
+            print_fn(f"  nonzero: {self.nonzeros:,} ({self.nonzeros / self.params:.1%})")
         if self.transform_params:
             print_fn(f"  of which learned transforms: {self.transform_params:,}")
         print_fn(f"Total MACs: {self.macs:,}")
@@ -223,6 +262,9 @@ class ModelCost:
             print_fn(f"  of which learned transforms (second stage): {self.transform_macs:,}")
         print_fn(f"Total adds: {self.adds:,}")
         print_fn(f"Total MACs as dense Conv2D: {self.dense_macs:,}")
+        if self.nonzero_macs != self.macs:
+            print_fn(f"Total MACs with nonzero weights only (sparse execution): "
+                     f"{self.nonzero_macs:,}")
         if self.dense_macs:
             print_fn(f"MACs / dense MACs: {self.macs / self.dense_macs:.1%}")
         uncounted = [f"{layer.name} ({layer.class_name})"
@@ -395,6 +437,8 @@ def _layer_cost(layer, input_shape, output_shape, count_params):
     elif _is_pruning_wrapper(layer):
         params, macs, transform_params = _pruning_cost(layer, input_shape, output_shape)
         dense = macs
+    elif _unstructured_kind(layer):
+        params, macs, dense = _unstructured_cost(layer, input_shape, output_shape)
     elif isinstance(layer, keras.layers.Conv2D):
         params, macs = _conv2d_cost(layer, input_shape, output_shape)
         dense = macs
@@ -419,6 +463,7 @@ def _layer_cost(layer, input_shape, output_shape, count_params):
             )
         params, macs, dense = layer.count_params(), 0, 0
         counted = _no_macs_by_convention(layer)
+    nonzeros, nonzero_macs = _nonzero_cost(layer, params, macs, output_shape)
     return LayerCost(
         name=name,
         class_name=class_name,
@@ -431,6 +476,8 @@ def _layer_cost(layer, input_shape, output_shape, count_params):
         transform_params=int(transform_params) if count_params else 0,
         transform_macs=int(transform_macs),
         macs_counted=counted,
+        nonzeros=int(nonzeros) if count_params else 0,
+        nonzero_macs=int(nonzero_macs),
     )
 
 
@@ -502,6 +549,67 @@ def _pruning_cost(wrapper, input_shape, output_shape):
         )
     params = conv_params + (filters if wrapper.scale else 0) + transform
     return params, macs, transform
+
+
+def _unstructured_kind(layer):
+    """The class name of an unstructured-pruning layer, else None."""
+    from tf_transform_conv import unstructured  # it imports pruning, which imports this
+
+    kinds = (unstructured.MagnitudePruning, unstructured.InterspacePruning,
+             unstructured.FilterBasisConv2D)
+    return type(layer).__name__ if isinstance(layer, kinds) else None
+
+
+def _plain_cost(layer, input_shape, output_shape):
+    if isinstance(layer, keras.layers.DepthwiseConv2D):
+        return _depthwise_cost(layer, input_shape, output_shape)
+    if isinstance(layer, keras.layers.Conv2D):
+        return _conv2d_cost(layer, input_shape, output_shape)
+    return _dense_cost(layer, input_shape)
+
+
+def _unstructured_cost(layer, input_shape, output_shape):
+    """`(params, macs, dense_macs)` of an unstructured wrapper or a `FilterBasisConv2D`."""
+    kind = _unstructured_kind(layer)
+    if kind == "MagnitudePruning":
+        params, macs = _plain_cost(layer.layer, input_shape, output_shape)
+        return params, macs, macs
+    if kind == "InterspacePruning":
+        params, macs = _conv2d_cost(layer.layer, input_shape, output_shape)
+        return params + math.prod(layer.basis_filters.shape), macs, macs
+    c = _image_dims(layer, input_shape)[2]
+    oh, ow, _ = _image_dims(layer, output_shape, what="output")
+    kh, kw = layer.kernel_size
+    taps = kh * kw
+    groups, filters = layer.depth_groups, layer.filters
+    params = kh * kw * groups * taps + c * taps * filters + (filters if layer.use_bias else 0)
+    macs = oh * ow * c * taps * (kh * kw + filters)
+    return _built_params(layer, params), macs, oh * ow * kh * kw * c * filters
+
+
+def _nonzero_cost(layer, params, macs, output_shape):
+    """`(nonzeros, nonzero_macs)` of a layer whose `params` and `macs` are known."""
+    kind = _unstructured_kind(layer)
+    plain = isinstance(layer, (keras.layers.Conv2D, keras.layers.DepthwiseConv2D,
+                               keras.layers.Dense))
+    if not layer.built or not (kind or plain):
+        return params, macs
+    if kind in ("InterspacePruning", "FilterBasisConv2D"):
+        if kind == "InterspacePruning":  # coefficients (taps, c_in, filters), both
+            coefficients, basis = layer.coefficients, np.asarray(layer.basis_filters)
+            oh, ow, _ = _image_dims(layer.layer, output_shape, what="output")
+        else:
+            coefficients, basis = np.asarray(layer.coefficients), np.asarray(layer.basis)
+            oh, ow, _ = _image_dims(layer, output_shape, what="output")
+        c = coefficients.shape[1]
+        nnz = int(np.count_nonzero(coefficients))
+        zeros = coefficients.size - nnz
+        sparse = oh * ow * (c // layer.depth_groups * int(np.count_nonzero(basis)) + nnz)
+        return params - zeros, sparse
+    kernel = layer.masked_kernel() if kind == "MagnitudePruning" else layer.kernel
+    kernel = np.asarray(kernel)
+    nnz = int(np.count_nonzero(kernel))
+    return params - (kernel.size - nnz), macs // max(kernel.size, 1) * nnz
 
 
 # Keras's own layer packages whose work is not multiply-adds by this module's

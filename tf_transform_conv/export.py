@@ -55,6 +55,7 @@ from tf_transform_conv._checks import check_positive_int
 from tf_transform_conv.layers import TransformConv2D
 from tf_transform_conv.rewrite import is_graph_model
 from tf_transform_conv.rewrite import rewrite_model
+from tf_transform_conv.unstructured import sparse_layers
 
 __all__ = [
     "ExportResult",
@@ -177,7 +178,7 @@ def _check_no_wrappers(model, verb):
     wrappers = [
         layer.name
         for layer in _compat.layers_of(model)
-        if isinstance(layer, TransformPruning)
+        if isinstance(layer, TransformPruning) or getattr(layer, "is_scheduled_pruning", False)
     ]
     if wrappers:
         raise ValueError(
@@ -678,11 +679,13 @@ def export_tflite(
         optimizations = []
         if quantization is not None:
             optimizations.append(tf.lite.Optimize.DEFAULT)
-        if quantization != "dynamic" and "grouped" in lowerings.values():
+        if quantization != "dynamic" and ("grouped" in lowerings.values()
+                                          or sparse_layers(model)):
             # The grouped form's spread kernels are 1 - 1/(kh*kw) zeros:
             # stored sparse, densified once when the interpreter is prepared.
             # (Not with dynamic-range weights: XNNPACK then fails to prepare
-            # the densified hybrid convolution, TF 2.21.)
+            # the densified hybrid convolution, TF 2.21.) Likewise kernels
+            # that are mostly zeros (unstructured pruning).
             optimizations.append(tf.lite.Optimize.EXPERIMENTAL_SPARSITY)
         converter.optimizations = optimizations
         if quantization == "float16":

@@ -138,6 +138,19 @@ def _evaluate_schedule(schedule, step):
 # The wrapper
 
 
+def check_step_callback(wrapper, training):
+    """Raises the error that names the missing step callback when `wrapper`
+    trains without it (what every pruning wrapper's `call` checks first)."""
+    if training and not wrapper.step_callback_attached:
+        raise ValueError(
+            f"Layer '{wrapper.name}' is being trained without its pruning "
+            "step callback. Pass "
+            "`callbacks=[tf_transform_conv.UpdateTransformPruningStep()]` to "
+            "`model.fit` (or, in a custom loop, call "
+            "`update_pruning_step(model, step)` before each batch)."
+        )
+
+
 def _check_wrappable(layer, transforms):
     reason = skip_reason(layer, transforms)
     if reason:
@@ -323,14 +336,7 @@ class TransformPruning(keras.layers.Wrapper):
         return ops.where(ops.convert_to_tensor(self.reconstructed), rebuilt, kernel)
 
     def call(self, inputs, training=None):
-        if training and not self.step_callback_attached:
-            raise ValueError(
-                f"Layer '{self.name}' is being trained without its pruning "
-                "step callback. Pass "
-                "`callbacks=[tf_transform_conv.UpdateTransformPruningStep()]` to "
-                "`model.fit` (or, in a custom loop, call "
-                "`update_pruning_step(model, step)` before each batch)."
-            )
+        check_step_callback(self, training)
         conv = self.layer
         y = ops.conv(
             inputs,
@@ -504,6 +510,21 @@ def _wrappers(model):
     return found
 
 
+def _scheduled(model):
+    """Every layer of `model` the step callbacks drive.
+
+    `TransformPruning` wrappers, and any layer with `is_scheduled_pruning =
+    True` (the wrappers of `tf_transform_conv.unstructured`): such a layer
+    has `schedule`, `pruning_step`, `step_callback_attached`, `allocation`
+    (`"per_layer"`), `criterion`, `sparsity` and `prune_to(sparsity, step,
+    scores)`; its `apply_mask()` runs after every step, and `strip()` gives
+    `strip_model` its `(layer, weights)`.
+    """
+    return [layer for layer in _compat.layers_of(model)
+            if isinstance(layer, TransformPruning)
+            or getattr(layer, "is_scheduled_pruning", False)]
+
+
 def update_pruning_step(model, step, scores=None):
     """Advances every wrapper of `model` to `step` (for custom training loops).
 
@@ -513,7 +534,8 @@ def update_pruning_step(model, step, scores=None):
     them (`prune_globally`).
 
     Args:
-        model: a model holding `TransformPruning` wrappers.
+        model: a model holding `TransformPruning` wrappers (or the
+            unstructured ones, `MagnitudePruning`, `InterspacePruning`).
         step: int, the training step.
         scores: optional dict from wrapper names to per-filter saliencies,
             for wrappers with `criterion="taylor"` (`taylor_scores`).
@@ -521,7 +543,7 @@ def update_pruning_step(model, step, scores=None):
     Returns:
         The names of the wrappers that pruned at this step.
     """
-    return _update(_wrappers(model), step, scores or {})
+    return _update(_scheduled(model), step, scores or {})
 
 
 def _decisions(wrappers, step):
@@ -552,6 +574,8 @@ def _update(wrappers, step, scores, decisions=None):
             prune_globally(together, sparsity, step, scores)
             pruned += [w.name for w in together]
     for wrapper in wrappers:  # after pruning: a failed step is not skipped
+        if hasattr(wrapper, "apply_mask"):  # pruned weights stay zero
+            wrapper.apply_mask()
         wrapper.pruning_step.assign(step)
     return pruned
 
@@ -632,22 +656,45 @@ def taylor_scores(model, data, num_batches=4, batch_size=32):
             "taylor_scores() differentiates the model's compiled loss: compile the "
             "model first."
         )
+    wrappers = _wrappers(model)
+    totals = kernel_taylor_scores(
+        model, data, [w.layer.kernel for w in wrappers], num_batches, batch_size,
+        verb="taylor_scores",
+    )
+    return {w.name: total for w, total in zip(wrappers, totals)}
+
+
+def kernel_taylor_scores(model, data, kernels, num_batches=4, batch_size=32,
+                         per_weight=False, verb="kernel_taylor_scores"):
+    """First-order saliencies of the output channels (last axis) of `kernels`, batch-averaged.
+
+    The gradient of the model's compiled loss with respect to each kernel,
+    in inference mode, times the kernel, reduced over every axis but the
+    last: `|sum(w * dL/dw)|` per channel (`taylor_scores`), or with
+    `per_weight` `sum |w * dL/dw|` (the knapsack pruning importance,
+    `knapsack.filter_importance`), averaged over `num_batches` batches of
+    labelled data. TensorFlow backend; the model must be compiled.
+
+    Returns:
+        A list of float64 arrays `(kernel.shape[-1],)`, one per kernel.
+    """
     import tensorflow as tf
 
-    wrappers = _wrappers(model)
-    kernels = [w.layer.kernel for w in wrappers]
-    totals = [np.zeros(w.layer.filters) for w in wrappers]
+    totals = [np.zeros(kernel.shape[-1]) for kernel in kernels]
     seen = 0
     for x, y in batches(data, num_batches, batch_size, labelled=True):
         with tf.GradientTape() as tape:
             prediction = model(x, training=False)
             loss = model.compute_loss(x=x, y=y, y_pred=prediction, training=False)
         for total, kernel, grad in zip(totals, kernels, tape.gradient(loss, kernels)):
-            total += np.abs(np.sum(np.asarray(kernel) * np.asarray(grad), axis=(0, 1, 2)))
+            product = np.asarray(kernel, "float64") * np.asarray(grad, "float64")
+            axes = tuple(range(product.ndim - 1))
+            total += np.abs(product).sum(axis=axes) if per_weight else np.abs(
+                product.sum(axis=axes))
         seen += 1
     if not seen:
-        raise ValueError("taylor_scores: `data` yielded no batch.")
-    return {w.name: total / seen for w, total in zip(wrappers, totals)}
+        raise ValueError(f"{verb}: `data` yielded no batch.")
+    return [total / seen for total in totals]
 
 
 class UpdateTransformPruningStep(keras.callbacks.Callback):
@@ -682,11 +729,12 @@ class UpdateTransformPruningStep(keras.callbacks.Callback):
         )
 
     def on_train_begin(self, logs=None):
-        self._wrappers = _wrappers(self.model)
+        self._wrappers = _scheduled(self.model)
         if not self._wrappers:
             raise ValueError(
                 "UpdateTransformPruningStep found no TransformPruning layer in "
-                "the model; wrap it with tf_transform_conv.prune_model first."
+                "the model; wrap it with tf_transform_conv.prune_model first "
+                "(or prune_low_magnitude / prune_interspace)."
             )
         taylor = [w.name for w in self._wrappers if w.criterion == "taylor"]
         if taylor and self.saliency_data is None:
@@ -757,9 +805,11 @@ class TransformPruningSummaries(keras.callbacks.Callback):
         if self._writer is None:
             self._writer = tf.summary.create_file_writer(self.log_dir)
         with self._writer.as_default():
-            for wrapper in _wrappers(self.model):
+            for wrapper in _scheduled(self.model):
                 step = int(np.asarray(wrapper.pruning_step))
                 tf.summary.scalar(f"{wrapper.name}/sparsity", wrapper.sparsity, step=step)
+                if not isinstance(wrapper, TransformPruning):
+                    continue
                 tf.summary.scalar(
                     f"{wrapper.name}/reconstruction_error",
                     wrapper.reconstruction_error(),
@@ -802,6 +852,7 @@ def prune_model(
     min_bases=1,
     assign="fit",
     subtract_mean=False,
+    budget=None,
 ):
     """Wraps chosen `Conv2D` layers of a Sequential or Functional model in `TransformPruning`.
 
@@ -820,6 +871,13 @@ def prune_model(
         layers: which layers: None (every `Conv2D` with `groups=1` and a
             kernel larger than 1x1), a list of names, a layer class, or a
             predicate `layer -> bool`.
+        budget: optional `budget.Budget` (planned here on the model's
+            current weights, without data) or `budget.BudgetPlan` (from
+            `budget.plan_budget`): only the layers the plan converts are
+            wrapped, each with `schedule` scaled to end at its own sparsity
+            (`budget.ScaledSchedule`; the schedule then gives the timing and
+            must state its final sparsity, as tfmot's schedules do). Only
+            with `allocation="per_layer"`.
 
     Returns:
         A new model with the same weights; train it with
@@ -836,6 +894,30 @@ def prune_model(
     check_schedule(schedule)
     check_options(transforms, criterion, depth_groups, scale, transform_family,
                   allocation, min_bases, assign, subtract_mean)
+    layer_schedule = {}
+    if budget is not None:
+        from tf_transform_conv import budget as budget_lib
+
+        if allocation != "per_layer":
+            raise ValueError(
+                "`budget` chooses each layer's bases itself: use allocation='per_layer'. "
+                f"Received allocation={allocation!r}."
+            )
+        final = budget_lib.final_sparsity(schedule)
+        if not final:
+            raise ValueError(
+                "With `budget`, the schedule gives the timing and each layer's sparsity "
+                "comes from the plan: the schedule must state a final sparsity > 0 "
+                "(tfmot PolynomialDecay / ConstantSparsity, or a `final_sparsity` "
+                f"attribute). Received schedule={schedule!r}."
+            )
+        plan = budget_lib.resolve_plan(model, budget, transforms, scale, depth_groups, layers)
+        for choice in plan.choices:
+            if choice.bases is not None:
+                sparsity = (choice.filters - choice.bases) / choice.filters
+                layer_schedule[choice.name] = budget_lib.ScaledSchedule(
+                    schedule, sparsity / final)
+        layers = sorted(layer_schedule) or (lambda layer: False)
     chosen = select_layers(model, layers, lambda l: not skip_reason(l, transforms))
     wrapped = []
 
@@ -851,7 +933,8 @@ def prune_model(
         )
         inner.set_weights(layer.get_weights())
         wrapper = TransformPruning(
-            inner, schedule, transforms=transforms, criterion=criterion,
+            inner, layer_schedule.get(layer.name, schedule), transforms=transforms,
+            criterion=criterion,
             depth_groups=layer_depth_groups(layer, depth_groups), scale=scale,
             transform_family=transform_family, allocation=allocation, min_bases=min_bases, assign=assign,
             subtract_mean=subtract_mean,
@@ -891,6 +974,10 @@ def _strip_subclassed_advice(model):
 def strip_model(model):
     """Replaces every `TransformPruning` wrapper by its compact `TransformConv2D`.
 
+    The unstructured wrappers are stripped too: a `MagnitudePruning` to its
+    plain layer with the masked kernel, an `InterspacePruning` to a
+    `FilterBasisConv2D` (`wrapper.strip()`).
+
     Args:
         model: a built Sequential or Functional model. For a subclassed
             model, replace each wrapper in its own code by the layer of
@@ -904,6 +991,8 @@ def strip_model(model):
     def replace(layer):
         if isinstance(layer, TransformPruning):
             return layer.to_transform_conv()
+        if getattr(layer, "is_scheduled_pruning", False):
+            return layer.strip()
         return None
 
     return rewrite_model(model, replace)

@@ -1,0 +1,579 @@
+"""Budgets for `TransformConv2D`: how many bases, and which lowering, each layer gets.
+
+A user names a budget relative to the dense model, `Budget(params=0.3)`,
+`Budget(macs=0.5)` or `Budget(latency=0.8)`, and `plan_budget` chooses, for
+every convertible `Conv2D`, one option: keep it dense, or convert it with
+`n = round(r * filters)` bases for each base ratio `r` of
+`Budget.base_ratios` (default 1/16, 1/8, 1/4, 1/2), and, under a latency
+budget, each TFLite lowering of `Budget.lowerings` (`"grouped"`,
+`"slices"`; `tf_transform_conv.lowering`). One option per layer under a
+total cost is a multiple-choice knapsack
+(`knapsack.solve_multiple_choice`), solved exactly by dynamic programming
+over the discretised cost (`Budget.method="exact"`, the default) or
+greedily.
+
+The *value* of an option is how much of the layer's function it keeps,
+measured on the dense kernel and weighted by the layer's importance:
+
+    value(layer, option) = I_layer * (1 - e_option ** 2)
+
+where `e` is the relative reconstruction error `||W - W_rec||_F / ||W||_F`
+of fitting the layer's kernel with the option's bases
+(`assignment.fit_assignment`, the fit `transform_model` makes; 0 for the
+dense option) and `I_layer` is the layer's first-order importance, the sum
+over its filters of `sum |w * dL/dw|` on data (`knapsack.filter_importance`;
+1 for every layer when no data is given). So the knapsack minimises the
+importance-weighted squared reconstruction error under the budget.
+
+The *cost* of an option: its parameters (`cost.parameter_formula`), its
+multiply-adds on the factored path (`TransformConv2D.cost`: the base
+products plus a learned family's second stage; a dense option costs the
+`Conv2D`'s), or its latency measured alone in LiteRT (`knapsack.LatencyTable`,
+batch 1, one thread by default). The budget covers the whole model: the
+layers no option touches are a fixed cost (for latency, the dense model's
+measured latency less its convolutions' measured latencies, i.e. every
+other operator and the interpreter's overhead; when the convolutions
+measured alone add up to more than the whole model, as when each
+single-layer file's per-call overhead or a busy machine inflates them, every
+measured latency is scaled by `dense / sum` and the fixed cost is 0, so that
+the all-dense plan predicts the dense latency).
+
+`transform_model(model, budget=...)` and `prune_model(model, schedule,
+budget=...)` take a `Budget` (planned there, without data) or a
+`BudgetPlan` from `plan_budget` (planned with data); export with
+`export_tflite(model, path, lowering=plan.lowerings)` to write each layer
+in the lowering the plan chose.
+"""
+
+import dataclasses
+import math
+
+import keras
+import numpy as np
+
+from tf_transform_conv import _compat
+from tf_transform_conv._checks import is_number
+from tf_transform_conv.knapsack import LatencyTable
+from tf_transform_conv.knapsack import filter_importance
+from tf_transform_conv.knapsack import solve_multiple_choice
+from tf_transform_conv.knapsack import tflite_latency
+
+__all__ = [
+    "Budget",
+    "BudgetPlan",
+    "LayerChoice",
+    "ScaledSchedule",
+    "plan_budget",
+]
+
+DEFAULT_RATIOS = (1 / 16, 1 / 8, 1 / 4, 1 / 2)
+_KINDS = ("params", "macs", "latency")
+_PRIMARY = ("latency", "macs", "params")
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    """A cost budget relative to the dense model, and the options to meet it.
+
+    Give one or two of `params`, `macs` or `latency`, each a fraction in
+    (0, 1] of the dense model's: its parameter count, its multiply-adds,
+    or its LiteRT latency (batch 1, `threads` threads) measured in the same
+    run. With two (e.g. `Budget(latency=0.9, params=0.45)`: at most 0.9x
+    the dense latency *and* 0.45x its parameters), the primary one (`kind`:
+    latency before multiply-adds before parameters) is the knapsack's
+    capacity, solved as for one budget, and the secondary one is met by
+    Lagrangian relaxation: its cost, times a multiplier found by bisection
+    (the smallest that meets it), is subtracted from every option's value.
+
+    Args:
+        params: float, the parameters kept relative to the dense model.
+        macs: float, the multiply-adds kept (factored path).
+        latency: float, the LiteRT latency relative to the dense model's.
+        base_ratios: the base ratios each layer may take (`n =
+            max(1, round(r * filters))`; ratios giving `n >= filters` are
+            left out). Defaults to (1/16, 1/8, 1/4, 1/2).
+        keep_dense: bool, whether a layer may stay a dense `Conv2D`.
+            Defaults to True.
+        lowerings: the TFLite forms a layer may take under a latency budget
+            (`"grouped"`, `"slices"`, `"dense"`, `"auto"`; each measured).
+            Defaults to ("grouped", "slices"). Ignored for the other budgets
+            (their plans export with `"auto"`).
+        method: `"exact"` (default) or `"greedy"`, as
+            `knapsack.solve_multiple_choice`.
+        threads: int, LiteRT threads for latency budgets. Defaults to 1.
+
+    Raises:
+        ValueError: for no budget or three, a budget outside (0, 1],
+            empty or out-of-range ratios, an unknown lowering or method.
+
+    Example:
+
+    >>> Budget(params=0.3).kind, Budget(latency=0.8).fraction
+    ('params', 0.8)
+    """
+
+    params: float = None
+    macs: float = None
+    latency: float = None
+    base_ratios: tuple = DEFAULT_RATIOS
+    keep_dense: bool = True
+    lowerings: tuple = ("grouped", "slices")
+    method: str = "exact"
+    threads: int = 1
+
+    def __post_init__(self):
+        from tf_transform_conv.lowering import LOWERINGS
+
+        given = {k: getattr(self, k) for k in _KINDS if getattr(self, k) is not None}
+        if not 1 <= len(given) <= 2:
+            raise ValueError(
+                "Pass one or two of `params`, `macs` or `latency` to Budget (fractions "
+                f"of the dense model's). Received {given or 'none'}."
+            )
+        for kind, value in given.items():
+            if not (is_number(value) and 0 < value <= 1):
+                raise ValueError(
+                    f"Invalid value for argument `{kind}`. Expected a fraction in (0, 1]. "
+                    f"Received {kind}={value!r}."
+                )
+        ratios = tuple(self.base_ratios)
+        if not ratios or not all(is_number(r) and 0 < r <= 1 for r in ratios):
+            raise ValueError(
+                "Invalid value for argument `base_ratios`. Expected a non-empty sequence "
+                f"of numbers in (0, 1]. Received base_ratios={self.base_ratios!r}."
+            )
+        object.__setattr__(self, "base_ratios", ratios)
+        lowerings = (self.lowerings,) if isinstance(self.lowerings, str) else tuple(
+            self.lowerings)
+        if not lowerings or any(l not in LOWERINGS for l in lowerings):
+            raise ValueError(
+                f"Invalid value for argument `lowerings`. Expected a non-empty sequence of "
+                f"{list(LOWERINGS)}. Received lowerings={self.lowerings!r}."
+            )
+        object.__setattr__(self, "lowerings", lowerings)
+        if self.method not in ("exact", "greedy"):
+            raise ValueError(
+                "Invalid value for argument `method`. Expected 'exact' or 'greedy'. "
+                f"Received method={self.method!r}."
+            )
+
+    @property
+    def kind(self):
+        """The primary budget: `"latency"`, else `"macs"`, else `"params"`."""
+        return next(k for k in _PRIMARY if getattr(self, k) is not None)
+
+    @property
+    def secondary(self):
+        """The second budget's kind, or None."""
+        return next((k for k in _PRIMARY if k != self.kind and getattr(self, k) is not None),
+                    None)
+
+    @property
+    def fraction(self):
+        """The budget as a fraction of the dense model's cost."""
+        return float(getattr(self, self.kind))
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerChoice:
+    """One layer's chosen option.
+
+    Attributes:
+        name: the layer's name.
+        bases: the bases kept, or None when the layer stays dense.
+        lowering: its TFLite form (`"auto"` under a parameter or
+            multiply-add budget), None when dense.
+        error: the relative reconstruction error of the fit (0 when dense).
+        value: the option's value (`I * (1 - error**2)`).
+        cost: the option's cost (parameters, multiply-adds or ms).
+        dense_cost: what the layer costs dense.
+        filters: the layer's filters.
+        costs: dict, the option's cost for each budget kind planned.
+    """
+
+    name: str
+    bases: int
+    lowering: str
+    error: float
+    value: float
+    cost: float
+    dense_cost: float
+    filters: int
+    costs: dict = None
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class BudgetPlan:
+    """What `plan_budget` chose: one option per convertible layer.
+
+    Attributes:
+        budget: the `Budget`.
+        choices: list of `LayerChoice`, in model order.
+        dense_cost: the dense model's cost (parameters, multiply-adds, or
+            measured ms).
+        target: the budget in those units (`fraction * dense_cost`).
+        fixed_cost: the part of the cost no option changes.
+        predicted_cost: `fixed_cost` plus the chosen options' costs (at most
+            `target`).
+        secondary: for a two-part budget, `{"kind", "dense_cost", "target",
+            "predicted_cost", "multiplier"}` of the secondary one, else None.
+    """
+
+    budget: Budget
+    choices: list
+    dense_cost: float
+    target: float
+    fixed_cost: float
+    predicted_cost: float
+    secondary: dict = None
+
+    @property
+    def bases(self):
+        """`{layer name: bases}` of the layers to convert."""
+        return {c.name: c.bases for c in self.choices if c.bases is not None}
+
+    @property
+    def lowerings(self):
+        """`{layer name: lowering}`, as `export_tflite(lowering=...)` takes."""
+        return {c.name: c.lowering for c in self.choices if c.bases is not None}
+
+    def summary(self):
+        """The plan as a table, one line per layer."""
+        lines = [f"{'layer':<28} {'filters':>7} {'bases':>6} {'lowering':>9} {'error':>7} "
+                 f"{'cost':>12} {'dense':>12}"]
+        for c in self.choices:
+            lines.append(
+                f"{c.name:<28} {c.filters:>7} {'dense' if c.bases is None else c.bases:>6} "
+                f"{c.lowering or '':>9} {c.error:>7.4f} {c.cost:>12.6g} {c.dense_cost:>12.6g}")
+        lines.append(
+            f"{self.budget.kind}: predicted {self.predicted_cost:.6g} of target "
+            f"{self.target:.6g} (dense {self.dense_cost:.6g}, fixed {self.fixed_cost:.6g})")
+        if self.secondary:
+            lines.append(
+                f"{self.secondary['kind']}: predicted {self.secondary['predicted_cost']:.6g} "
+                f"of target {self.secondary['target']:.6g} "
+                f"(dense {self.secondary['dense_cost']:.6g})")
+        return "\n".join(lines)
+
+    def to_dict(self):
+        return {
+            "budget": {k: v for k, v in dataclasses.asdict(self.budget).items()},
+            "choices": [c.to_dict() for c in self.choices],
+            "dense_cost": self.dense_cost, "target": self.target,
+            "fixed_cost": self.fixed_cost, "predicted_cost": self.predicted_cost,
+            "secondary": self.secondary,
+        }
+
+
+def _bases_for(ratio, filters):
+    return max(1, int(round(ratio * filters)))
+
+
+def _input_shapes(model):
+    """`{layer name: input shape without batch}` for single-input layers."""
+    shapes = {}
+    for layer in _compat.layers_of(model):
+        for node in getattr(layer, "_inbound_nodes", []):
+            tensors = node.input_tensors
+            if len(tensors) == 1 and layer.name not in shapes:
+                shapes[layer.name] = tuple(tensors[0].shape[1:])
+    return shapes
+
+
+def _dense_model_latency(model, threads, repeats=7, min_seconds=0.1):
+    """The model's LiteRT latency (ms), exported as it is (float32, batch 1)."""
+    import os
+    import tempfile
+
+    from tf_transform_conv.export import export_tflite
+
+    with tempfile.TemporaryDirectory(prefix="tfconv-budget-") as folder:
+        path = os.path.join(folder, "dense.tflite")
+        export_tflite(model, path)
+        return tflite_latency(path, threads, repeats, min_seconds)
+
+
+def plan_budget(model, budget, data=None, transforms="d4", scale=True, depth_groups=1,
+                layers=None, latency_table=None, dense_latency=None, num_batches=4,
+                batch_size=32, importance=None):
+    """Chooses each convertible `Conv2D`'s bases (and lowering) under a budget.
+
+    See the module docstring for the options, their values and costs. Each
+    option's fit is the one `transform_model` makes with the same
+    `transforms`, `scale` and `depth_groups` (discrete family, fitted
+    assignment, reconstruction criterion).
+
+    Args:
+        model: a built Sequential or Functional model (a dense one: its
+            `Conv2D`s are the candidates).
+        budget: a `Budget`.
+        data: optional labelled data `(x, y)` for the layers' importance
+            (the model must then be compiled); without it every layer
+            weighs 1.
+        transforms, scale, depth_groups, layers: as `transform_model`.
+        latency_table: a `knapsack.LatencyTable` for a latency budget
+            (default: a new in-memory one).
+        dense_latency: the dense model's LiteRT latency in ms, if already
+            measured (else measured here for a latency budget).
+        num_batches, batch_size: for the importance.
+        importance: optional precomputed `knapsack.filter_importance`.
+
+    Returns:
+        A `BudgetPlan`.
+
+    Raises:
+        ValueError: for something other than a `Budget`, a model with no
+            convertible layer, or a budget below the cheapest choice.
+
+    Example:
+
+    >>> import keras
+    >>> model = keras.Sequential([keras.Input((8, 8, 8)),
+    ...     keras.layers.Conv2D(32, 3, name="a"), keras.layers.Conv2D(32, 3, name="b")])
+    >>> plan = plan_budget(model, Budget(params=0.5))
+    >>> plan.predicted_cost <= plan.target
+    True
+    """
+    from tf_transform_conv.assignment import fit_assignment
+    from tf_transform_conv.convert import transform_conv_from_conv2d
+    from tf_transform_conv.cost import layer_cost
+    from tf_transform_conv.cost import model_cost
+    from tf_transform_conv.cost import parameter_formula
+    from tf_transform_conv.rewrite import check_graph_model
+    from tf_transform_conv.rewrite import layer_depth_groups
+    from tf_transform_conv.rewrite import select_layers
+    from tf_transform_conv.rewrite import skip_reason
+    from tf_transform_conv.rewrite import check_transforms
+
+    if not isinstance(budget, Budget):
+        raise ValueError(
+            "Invalid value for argument `budget`. Expected a tf_transform_conv.budget.Budget, "
+            f"e.g. Budget(params=0.3). Received budget={budget!r}."
+        )
+    check_graph_model(model, "plan_budget")
+    kind = budget.kind
+    chosen = select_layers(model, layers, lambda l: not skip_reason(l, transforms))
+    convs = [l for l in _compat.layers_of(model) if l.name in chosen]
+    if not convs:
+        raise ValueError(
+            f"plan_budget found no convertible Conv2D in model '{model.name}' (groups=1, "
+            "kernel larger than 1x1, chosen by `layers`)."
+        )
+    shapes = _input_shapes(model)
+    if kind == "latency" and latency_table is None:
+        latency_table = LatencyTable(threads=budget.threads)
+    if data is not None or importance is not None:
+        if importance is None:
+            importance = filter_importance(model, data, layers=[l.name for l in convs],
+                                           num_batches=num_batches, batch_size=batch_size)
+        weights = {l.name: float(np.sum(importance[l.name])) for l in convs}
+    else:
+        weights = {l.name: 1.0 for l in convs}
+
+    kinds = [kind] + ([budget.secondary] if budget.secondary else [])
+
+    def dense_costs(layer):
+        out = {}
+        if "latency" in kinds:
+            out["latency"] = latency_table.layer_latency(layer, shapes[layer.name])
+        entry = layer_cost(layer, shapes[layer.name])
+        out["params"], out["macs"] = float(entry.params), float(entry.macs)
+        return out
+
+    options = []  # (layer, dense costs, [(bases, lowering, error, costs)])
+    values = []
+    for layer in convs:
+        kernel = np.asarray(layer.kernel)
+        filters = layer.filters
+        groups = layer_depth_groups(layer, depth_groups)
+        names = check_transforms(transforms, layer.kernel_size)
+        weight = weights[layer.name]
+        full = dense_costs(layer)
+        layer_options = []
+        if budget.keep_dense:
+            layer_options.append((None, None, 0.0, full))
+        for n in sorted({_bases_for(r, filters) for r in budget.base_ratios}):
+            if n >= filters:
+                continue
+            fit = fit_assignment(kernel, n, transforms=names, depth_groups=groups, scale=scale)
+            error = float(fit.layer_error)
+            new, new_weights = transform_conv_from_conv2d(
+                layer, fit.base_kernel, fit.assignment, fit.transforms,
+                fit.scale if scale else None)
+            paths = new.cost(shapes[layer.name])
+            option = {
+                "params": float(parameter_formula(
+                    layer.kernel_size, kernel.shape[2], filters, n, scale, layer.use_bias)),
+                "macs": float(paths["factored_macs"] + paths["transform_macs"]),
+            }
+            if "latency" not in kinds:
+                layer_options.append((n, "auto", error, option))
+                continue
+            new.build((None,) + tuple(shapes[layer.name]))
+            new.set_weights(new_weights)
+            for lowering in budget.lowerings:
+                ms = latency_table.layer_latency(new, shapes[layer.name], lowering)
+                layer_options.append((n, lowering, error, dict(option, latency=ms)))
+        if not layer_options:
+            raise ValueError(
+                f"Layer '{layer.name}' ({filters} filters) has no option: keep_dense=False and "
+                f"no ratio of {budget.base_ratios} gives fewer bases than filters."
+            )
+        options.append((layer, full, layer_options))
+        values.append([weight * (1.0 - e * e) for _, _, e, _ in layer_options])
+
+    total = model_cost(model)
+    dense = {"params": float(total.params), "macs": float(total.macs)}
+    if "latency" in kinds:
+        dense["latency"] = float(dense_latency if dense_latency is not None
+                                 else _dense_model_latency(model, budget.threads))
+        measured = sum(full["latency"] for _, full, _ in options)
+        if measured > dense["latency"]:
+            # Each single-layer file pays the interpreter's per-call overhead, so the
+            # layers alone can add up to more than the model: scale them to fit it.
+            factor = dense["latency"] / measured
+            for _, full, layer_options in options:
+                unique = {id(c): c for c in [full] + [o[3] for o in layer_options]}
+                for costs in unique.values():  # the dense option shares `full`
+                    costs["latency"] *= factor
+    fixed = {k: dense[k] - sum(full[k] for _, full, _ in options) for k in kinds}
+    target = {k: float(getattr(budget, k)) * dense[k] for k in kinds}
+    costs = {k: [[o[3][k] for o in opts] for _, _, opts in options] for k in kinds}
+    for k in kinds:
+        cheapest = fixed[k] + sum(min(c) for c in costs[k])
+        if target[k] < cheapest:
+            raise ValueError(
+                f"The {k} budget {getattr(budget, k):g} x dense ({target[k]:.6g}) is below "
+                f"the cheapest choice ({cheapest:.6g}: fixed cost {fixed[k]:.6g} plus each "
+                "layer's cheapest option). Raise the budget or add smaller base ratios."
+            )
+
+    def solve(multiplier=0.0, secondary=None):
+        adjusted = values if not multiplier else [
+            [v - multiplier * c for v, c in zip(vs, cs)]
+            for vs, cs in zip(values, costs[secondary])]
+        return solve_multiple_choice(adjusted, costs[kind], target[kind] - fixed[kind],
+                                     method=budget.method)
+
+    def spent(picks, k):
+        return fixed[k] + sum(c[j] for c, j in zip(costs[k], picks))
+
+    picks, secondary = solve(), None
+    if budget.secondary:
+        k2 = budget.secondary
+        multiplier = 0.0
+        if spent(picks, k2) > target[k2]:
+            # The smallest multiplier whose choice meets the secondary budget.
+            high = sum(map(max, values)) / max(sum(map(max, costs[k2])), 1e-30) * 1e-3
+            for _ in range(80):
+                if spent(solve(high, k2), k2) <= target[k2]:
+                    break
+                high *= 2
+            else:
+                raise ValueError(
+                    f"No choice meets both the {kind} and the {k2} budget; raise one.")
+            low = 0.0
+            for _ in range(40):
+                middle = 0.5 * (low + high)
+                if spent(solve(middle, k2), k2) <= target[k2]:
+                    high = middle
+                else:
+                    low = middle
+            multiplier, picks = high, solve(high, k2)
+        secondary = {"kind": k2, "dense_cost": dense[k2], "target": target[k2],
+                     "predicted_cost": spent(picks, k2), "multiplier": multiplier}
+    choices = []
+    for (layer, full, layer_options), value_list, pick in zip(options, values, picks):
+        n, lowering, error, option = layer_options[pick]
+        choices.append(LayerChoice(layer.name, n, lowering, error, value_list[pick],
+                                   option[kind], full[kind], layer.filters,
+                                   {k: option[k] for k in kinds}))
+    return BudgetPlan(budget, choices, dense[kind], target[kind], fixed[kind],
+                      spent(picks, kind), secondary)
+
+
+def resolve_plan(model, budget, transforms, scale, depth_groups, layers):
+    """A `BudgetPlan` from a `Budget` (planned without data) or a plan, checked against `model`."""
+    if isinstance(budget, Budget):
+        return plan_budget(model, budget, transforms=transforms, scale=scale,
+                           depth_groups=depth_groups, layers=layers)
+    if not isinstance(budget, BudgetPlan):
+        raise ValueError(
+            "Invalid value for argument `budget`. Expected a Budget (e.g. Budget(params=0.3)) "
+            f"or a BudgetPlan from plan_budget. Received budget={budget!r}."
+        )
+    names = {l.name for l in _compat.layers_of(model)}
+    missing = sorted(set(budget.bases) - names)
+    if missing:
+        raise ValueError(
+            f"The budget plan names layers {missing} that model '{model.name}' does not have: "
+            "plan with the same model."
+        )
+    return budget
+
+
+# ----------------------------------------------------------------------------
+# Per-layer schedules for prune_model
+
+
+def final_sparsity(schedule):
+    """The sparsity a schedule ends at (tfmot `PolynomialDecay` / `ConstantSparsity`, or an
+    object with `final_sparsity` or `target_sparsity`), or None if unknown."""
+    config = {}
+    if hasattr(schedule, "get_config"):
+        try:
+            config = schedule.get_config()
+        except Exception:  # noqa: BLE001 - a schedule without a usable config
+            config = {}
+        config = config.get("config", config)
+    for key in ("final_sparsity", "target_sparsity"):
+        value = config.get(key, getattr(schedule, key, None))
+        if value is not None:
+            return float(value)
+    return None
+
+
+@keras.saving.register_keras_serializable(package="tf_transform_conv")
+class ScaledSchedule:
+    """A pruning schedule whose sparsities are another's times a factor.
+
+    `prune_model(..., budget=...)` gives each wrapped layer the user's
+    schedule scaled so that it ends at the layer's own sparsity
+    (`factor = layer sparsity / schedule's final sparsity`): the schedule
+    keeps its timing, the budget plan sets each layer's end point.
+
+    Args:
+        schedule: a pruning schedule (`schedule(step) -> (should_prune,
+            sparsity)`), saveable as `pruning.serialize_schedule` requires.
+        factor: float >= 0.
+    """
+
+    def __init__(self, schedule, factor):
+        from tf_transform_conv.pruning import deserialize_schedule
+
+        if isinstance(schedule, dict):
+            schedule = deserialize_schedule(schedule)
+        if not (is_number(factor) and factor >= 0 and math.isfinite(factor)):
+            raise ValueError(
+                f"Invalid value for argument `factor`. Expected a finite number >= 0. "
+                f"Received factor={factor!r}."
+            )
+        self.schedule = schedule
+        self.factor = float(factor)
+
+    def __call__(self, step):
+        should_prune, sparsity = self.schedule(step)
+        sparsity = float(np.asarray(sparsity)) * self.factor
+        return np.asarray(should_prune, dtype=bool), min(sparsity, 1.0 - 1e-9)
+
+    def get_config(self):
+        from tf_transform_conv.pruning import serialize_schedule
+
+        return {"schedule": serialize_schedule(self.schedule), "factor": self.factor}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
