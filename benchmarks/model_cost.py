@@ -79,8 +79,8 @@ import tensorflow as tf  # noqa: E402
 import common  # noqa: E402  (benchmarks/common.py, beside this script)
 from tf_transform_conv import build_model, conv_factory  # noqa: E402
 from tf_transform_conv.cost import model_cost  # noqa: E402
-from tf_transform_conv import _compat  # noqa: E402
 from tf_transform_conv.export import deployment_model  # noqa: E402
+from tf_transform_conv.rewrite import graph_nodes  # noqa: E402
 from tf_transform_conv.export import export_tflite, verify_tflite  # noqa: E402
 from tf_transform_conv.layers import TransformConv2D  # noqa: E402
 
@@ -395,9 +395,8 @@ def layer_files(model, keep_order, folder):
     """
     folder.mkdir(parents=True, exist_ok=True)
     deployed, _ = deployment_model(model, keep_order=keep_order)
-    graph = deployed._functional if isinstance(deployed, keras.Sequential) else deployed
     entries, files = [], {}
-    for node in _compat.graph_nodes(graph):
+    for node in graph_nodes(deployed):
         layer = node.operation
         key = layer_key(layer, node)
         entries.append({"name": layer.name, "kind": layer_kind(layer), "key": key})

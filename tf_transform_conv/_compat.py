@@ -83,12 +83,3 @@ def functional_graph(model):
         return graph
     return model
 
-
-def graph_nodes(graph):
-    """The layer nodes of a Functional graph, every producer before its readers."""
-    nodes = []
-    for depth in sorted(graph._nodes_by_depth, reverse=True):
-        for node in graph._nodes_by_depth[depth]:
-            if node.operation is not None and not node.is_input:
-                nodes.append(node)
-    return nodes

@@ -53,42 +53,12 @@ from keras import ops
 from tf_transform_conv import _compat
 from tf_transform_conv import lowering as lowering_lib
 from tf_transform_conv.models import ChannelPad
+from tf_transform_conv.rewrite import CHANNELWISE_LAYERS
+from tf_transform_conv.rewrite import ELEMENTWISE_MERGES
+from tf_transform_conv.rewrite import graph_nodes
 from tf_transform_conv.rewrite import is_graph_model
 
 __all__ = ["ChannelGather", "ChannelOrderReport", "propagate_channel_order", "rewrites"]
-
-# Stateless layers that act on each channel separately (at inference).
-_CHANNELWISE_STATELESS = (
-    keras.layers.ReLU,
-    keras.layers.LeakyReLU,
-    keras.layers.ELU,
-    keras.layers.Dropout,
-    keras.layers.SpatialDropout2D,
-    keras.layers.GaussianDropout,
-    keras.layers.GaussianNoise,
-    keras.layers.AlphaDropout,
-    keras.layers.ActivityRegularization,
-    keras.layers.Identity,
-)
-# Channel-wise when their data format is channels_last.
-_CHANNELWISE_SPATIAL = (
-    keras.layers.MaxPooling2D,
-    keras.layers.AveragePooling2D,
-    keras.layers.GlobalAveragePooling2D,
-    keras.layers.GlobalMaxPooling2D,
-    keras.layers.ZeroPadding2D,
-    keras.layers.Cropping2D,
-    keras.layers.UpSampling2D,
-)
-_MERGES = (
-    keras.layers.Add,
-    keras.layers.Subtract,
-    keras.layers.Multiply,
-    keras.layers.Average,
-    keras.layers.Maximum,
-    keras.layers.Minimum,
-)
-
 
 @keras.saving.register_keras_serializable(package="tf_transform_conv")
 class ChannelGather(keras.layers.Layer):
@@ -227,11 +197,9 @@ def _role(layer):
         return "channelwise" if ok else "barrier"
     if kind is keras.layers.Activation:
         return "channelwise" if _elementwise(layer.activation) else "barrier"
-    if kind in _CHANNELWISE_STATELESS:
-        return "channelwise"
-    if kind in _CHANNELWISE_SPATIAL:
+    if kind in CHANNELWISE_LAYERS:
         return "channelwise" if _channels_last(layer) else "barrier"
-    if kind in _MERGES:
+    if kind in ELEMENTWISE_MERGES:
         return "merge"
     if kind is ChannelPad:
         return "pad" if _channels_last(layer) else "barrier"
@@ -335,12 +303,8 @@ def _foldable_producer(layer):
     return False
 
 
-def _plan_folds(nodes, roles, readers, single):
+def _plan_folds(nodes, roles, readers, single, by_output):
     """`{producer node id: batch-norm node}` for each batch norm to fold."""
-    by_output = {}
-    for node in nodes:
-        for tensor in node.outputs:
-            by_output[id(tensor)] = node
     folds = {}
     for node in nodes:
         layer = node.operation
@@ -367,14 +331,15 @@ def _is_subsample(layer):
     )
 
 
-def _plan_subsamples(nodes, roles, readers, single):
+def _producers(nodes):
+    """`{tensor id: the node that computes it}`."""
+    return {id(tensor): node for node in nodes for tensor in node.outputs}
+
+
+def _plan_subsamples(nodes, roles, readers, single, by_output):
     """`{pad node id: subsample node}`: a 1x1 pooling read only by a `ChannelPad`,
     whose 1x1 convolution then takes the pooling's strides (one operator instead
     of two; XNNPACK delegates no 1x1 pooling)."""
-    by_output = {}
-    for node in nodes:
-        for tensor in node.outputs:
-            by_output[id(tensor)] = node
     plans = {}
     for node in nodes:
         if roles[id(node)] != "pad" or id(node.operation) not in single:
@@ -490,18 +455,20 @@ def _pad_as_conv(layer, in_order, out_order, channels_in, input_shape, strides=1
 
 
 def _analysis(model):
-    """`(graph, nodes, single, roles, readers, subsamples, grouped)` of a graph model."""
+    """`(graph, nodes, single, roles, readers, by_output, subsamples, grouped)` of a
+    graph model."""
     graph = _compat.functional_graph(model)
-    nodes = _compat.graph_nodes(graph)
+    nodes = graph_nodes(graph)
     single = _single_call_layers(nodes)
     roles = {
         id(node): _role(node.operation) if id(node.operation) in single else "barrier"
         for node in nodes
     }
     readers = _consumers(nodes, graph)
-    subsamples = _plan_subsamples(nodes, roles, readers, single)
+    by_output = _producers(nodes)
+    subsamples = _plan_subsamples(nodes, roles, readers, single, by_output)
     grouped = [n for n in nodes if type(n.operation) is lowering_lib.GroupedTransformConv2D]
-    return graph, nodes, single, roles, readers, subsamples, grouped
+    return graph, nodes, single, roles, readers, by_output, subsamples, grouped
 
 
 def rewrites(model):
@@ -537,11 +504,11 @@ def propagate_channel_order(model):
     empty = ChannelOrderReport([], [], {}, [])
     if not is_graph_model(model):
         return model, empty
-    graph, nodes, single, roles, readers, subsamples, grouped = _analysis(model)
+    graph, nodes, single, roles, readers, by_output, subsamples, grouped = _analysis(model)
     if not grouped and not subsamples:
         return model, empty
     order_of = _plan_orders(graph, nodes, roles)
-    folds = _plan_folds(nodes, roles, readers, single)
+    folds = _plan_folds(nodes, roles, readers, single, by_output)
     folded_bns = {id(bn_node): source for source, bn_node in folds.items()}
     merged_subsamples = {id(node) for node in subsamples.values()}
 

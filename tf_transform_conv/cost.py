@@ -72,6 +72,7 @@ import numpy as np
 from tf_transform_conv import _compat
 from tf_transform_conv import families as families_lib
 from tf_transform_conv.layers import TransformConv2D
+from tf_transform_conv.rewrite import graph_nodes
 
 __all__ = [
     "LayerCost",
@@ -846,49 +847,8 @@ def _pair(value, name):
 # Walking a model's graph
 
 
-def _graph_nodes(model):
-    """The nodes of a Functional model's graph, inputs first (post-order DFS)."""
-    if not model.built:
-        raise ValueError(
-            f"Model '{model.name}' is not built. Call it on an input, or call "
-            "build(input_shape), before model_cost()."
-        )
-    try:
-        outputs, inputs = model.outputs, model.inputs
-    except (AttributeError, ValueError):
-        outputs = inputs = None
-    if not outputs:
-        raise ValueError(
-            f"model_cost() needs a Functional or Sequential model, whose graph "
-            f"it walks. Model '{model.name}' ({type(model).__name__}) has no "
-            "graph (a subclassed model?): call layer_cost() on each of its "
-            "layers with that layer's input shape instead."
-        )
-    input_ids = {id(t) for t in keras.tree.flatten(inputs)}
-    done, order = set(), []
-    stack = [
-        (_compat.producer_node(t), False) for t in reversed(keras.tree.flatten(outputs))
-    ]
-    while stack:
-        node, expanded = stack.pop()
-        if id(node) in done:
-            continue
-        if expanded:
-            done.add(id(node))
-            order.append(node)
-            continue
-        stack.append((node, True))
-        for tensor in reversed(node.input_tensors):
-            if id(tensor) in input_ids:
-                continue
-            parent = _compat.producer_node(tensor)
-            if id(parent) not in done:
-                stack.append((parent, False))
-    return order
-
-
 def _walk_model(model, prefix, seen, out):
-    for node in _graph_nodes(model):
+    for node in graph_nodes(model):
         layer = node.operation
         if not isinstance(layer, keras.layers.Layer) or isinstance(
             layer, keras.layers.InputLayer

@@ -30,6 +30,7 @@ LiteRT interpreter (batch 1, one thread by default) and caches the results
 in a JSON file; `tflite_latency` times a whole `.tflite` file the same way.
 """
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -593,6 +594,7 @@ def channel_costs(model, groups=None, cost="params", latency_table=None, fixed=N
 # Removal
 
 
+@dataclasses.dataclass
 class KnapsackRemoval:
     """What `knapsack_removal` chose.
 
@@ -609,14 +611,13 @@ class KnapsackRemoval:
         importance: dict, group name -> importance per channel.
     """
 
-    def __init__(self, keep, cost, dense_cost, target, predicted_cost, value, importance):
-        self.keep = keep
-        self.cost = cost
-        self.dense_cost = dense_cost
-        self.target = target
-        self.predicted_cost = predicted_cost
-        self.value = value
-        self.importance = importance
+    keep: dict
+    cost: str
+    dense_cost: float
+    target: float
+    predicted_cost: float
+    value: float
+    importance: dict
 
     def to_dict(self):
         return {

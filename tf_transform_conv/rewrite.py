@@ -4,7 +4,10 @@
 Sequential or Functional one), `check_transforms` / `check_options` check the
 options `transform_model` and `prune_model` share, `select_layers` resolves
 their `layers` argument, `skip_reason` / `shape_skip_reason` say why a
-convolution cannot become a `TransformConv2D`, and `rewrite_model` clones a
+convolution cannot become a `TransformConv2D`, `graph_nodes` lists a
+model's layer nodes producers first (what `cost`, `structured` and
+`channel_order` walk), `CHANNELWISE_LAYERS` / `ELEMENTWISE_MERGES` are the
+layers those passes let channels through, and `rewrite_model` clones a
 model, replacing the layers a function chooses while every other layer keeps
 its weights.
 """
@@ -200,6 +203,70 @@ def layer_depth_groups(layer, depth_groups):
     """`depth_groups`, or 1 where it does not divide the layer's input channels (an RGB stem)."""
     channels = layer.kernel.shape[2]
     return depth_groups if channels % depth_groups == 0 else 1
+
+
+# Layers that act on each channel separately at inference, without weights
+# (pooling and padding only in channels_last, which callers check).
+CHANNELWISE_LAYERS = (
+    keras.layers.ReLU, keras.layers.LeakyReLU, keras.layers.ELU,
+    keras.layers.Dropout, keras.layers.SpatialDropout2D, keras.layers.GaussianNoise,
+    keras.layers.GaussianDropout, keras.layers.AlphaDropout,
+    keras.layers.MaxPooling2D, keras.layers.AveragePooling2D,
+    keras.layers.GlobalAveragePooling2D, keras.layers.GlobalMaxPooling2D,
+    keras.layers.ZeroPadding2D, keras.layers.Cropping2D, keras.layers.UpSampling2D,
+    keras.layers.Identity, keras.layers.ActivityRegularization,
+)
+# Merges that combine their inputs channel by channel.
+ELEMENTWISE_MERGES = (
+    keras.layers.Add, keras.layers.Subtract, keras.layers.Multiply,
+    keras.layers.Average, keras.layers.Maximum, keras.layers.Minimum,
+)
+
+
+def graph_nodes(model):
+    """The layer nodes of a built Functional or Sequential model, every producer
+    before its readers (a post-order walk from the outputs; input layers left out).
+
+    Raises:
+        ValueError: for a model that is not built, or has no graph (subclassed).
+    """
+    if not model.built:
+        raise ValueError(
+            f"Model '{model.name}' is not built. Call it on an input, or call "
+            "build(input_shape), before model_cost()."
+        )
+    try:
+        outputs, inputs = model.outputs, model.inputs
+    except (AttributeError, ValueError):
+        outputs = inputs = None
+    if not outputs:
+        raise ValueError(
+            f"model_cost() needs a Functional or Sequential model, whose graph "
+            f"it walks. Model '{model.name}' ({type(model).__name__}) has no "
+            "graph (a subclassed model?): call layer_cost() on each of its "
+            "layers with that layer's input shape instead."
+        )
+    input_ids = {id(t) for t in keras.tree.flatten(inputs)}
+    done, order = set(), []
+    stack = [
+        (_compat.producer_node(t), False) for t in reversed(keras.tree.flatten(outputs))
+    ]
+    while stack:
+        node, expanded = stack.pop()
+        if id(node) in done:
+            continue
+        if expanded:
+            done.add(id(node))
+            order.append(node)
+            continue
+        stack.append((node, True))
+        for tensor in reversed(node.input_tensors):
+            if id(tensor) in input_ids:
+                continue
+            parent = _compat.producer_node(tensor)
+            if id(parent) not in done:
+                stack.append((parent, False))
+    return order
 
 
 def rewrite_model(model, replace):

@@ -43,7 +43,6 @@ import numpy as np
 from tf_transform_conv import cost as cost_lib
 from tf_transform_conv import rewrite as rewrite_lib
 from tf_transform_conv._checks import is_int
-from tf_transform_conv.cost import _graph_nodes
 from tf_transform_conv.layers import TransformConv2D
 
 __all__ = [
@@ -85,20 +84,6 @@ class ChannelGroup:
 
 
 # Layers that pass each channel on by itself, without weights.
-_CHANNELWISE = (
-    keras.layers.ReLU, keras.layers.LeakyReLU, keras.layers.ELU, keras.layers.PReLU,
-    keras.layers.Dropout, keras.layers.SpatialDropout2D, keras.layers.GaussianNoise,
-    keras.layers.GaussianDropout, keras.layers.AlphaDropout,
-    keras.layers.MaxPooling2D, keras.layers.AveragePooling2D,
-    keras.layers.GlobalAveragePooling2D, keras.layers.GlobalMaxPooling2D,
-    keras.layers.ZeroPadding2D, keras.layers.Cropping2D, keras.layers.UpSampling2D,
-    keras.layers.Identity, keras.layers.ActivityRegularization,
-)
-# Element-wise merges: channel i of every input meets channel i of the others.
-_MERGES = (
-    keras.layers.Add, keras.layers.Subtract, keras.layers.Multiply,
-    keras.layers.Average, keras.layers.Maximum, keras.layers.Minimum,
-)
 _NOT_CHANNELWISE_ACTIVATIONS = ("softmax", "log_softmax")
 
 
@@ -178,14 +163,14 @@ class _Analysis:
         return self.alias.get(id(tensor), id(tensor))
 
     def _count_uses(self, model):
-        for node in _graph_nodes(model):
+        for node in rewrite_lib.graph_nodes(model):
             layer = node.operation
             self.uses[id(layer)] = self.uses.get(id(layer), 0) + 1
             if isinstance(layer, keras.Model) and self.uses[id(layer)] == 1:
                 self._count_uses(layer)
 
     def _walk(self, model, prefix):
-        for node in _graph_nodes(model):
+        for node in rewrite_lib.graph_nodes(model):
             layer = node.operation
             if not isinstance(layer, keras.layers.Layer) or isinstance(
                 layer, keras.layers.InputLayer
@@ -381,9 +366,9 @@ def _kind(layer, node):
         return "channelwise", ""
     if isinstance(layer, keras.layers.PReLU):
         return "opaque", "PReLU"
-    if isinstance(layer, _CHANNELWISE):
+    if isinstance(layer, rewrite_lib.CHANNELWISE_LAYERS):
         return "channelwise", ""
-    if isinstance(layer, _MERGES):
+    if isinstance(layer, rewrite_lib.ELEMENTWISE_MERGES):
         widths = {_channels(t) for t in node.input_tensors}
         if len(widths) != 1:
             return "opaque", f"{cls} broadcasting over channels"
