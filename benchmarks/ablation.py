@@ -36,6 +36,15 @@ first 40% of the steps, every quarter epoch, as the paper does over its first
     ip              interspace pruning (prune_interspace): filter-basis
                     coefficients pruned, standard basis at the start
     ip-dct          the same, the basis starting as the 2-D DCT
+    tc              the network built from TransformConv2D layers (the scalar
+                    family, a scale per filter), trained from scratch with
+                    base ratio 1 - rate: the bases hold that share of the
+                    convolution weights (rates 0.875, 0.9375, 0.96875 give
+                    ratios 1/8, 1/16, 1/32)
+    tc-ip           the same layers at base ratio 1/4, their bases in a filter
+                    basis (prune_interspace, DCT start) whose coefficients are
+                    pruned to 1 - 4 (1 - rate): as many nonzero base weights
+                    as `tc` at that rate (both savings stacked)
     dafp            dependency-aware filter pruning: the full network trained
                     with DAFP's self-tuning L1 penalty on the batch-norm
                     scales (SparsityTuner, updated every quarter epoch, target
@@ -123,6 +132,10 @@ PRUNED = {
 KD_ROWS = ("removed+kd", "scalar+kd", "paper+kd")
 # Unstructured rows: row -> None (prune_low_magnitude) or prune_interspace's basis.
 UNSTRUCTURED = {"sp": None, "ip": "standard", "ip-dct": "dct"}
+# Rows of TransformConv2D networks trained from scratch: row -> None (plain) or
+# the initial filter basis its bases live in; tc-ip's base ratio.
+TRANSFORM = {"tc": None, "tc-ip": "dct"}
+TC_IP_RATIO = 1 / 4
 # DAFP rows: row -> the cost its removal matches to the `removed` row's.
 DAFP = {"dafp": "params", "dafp-macs": "macs"}
 DAFP_STEP, DAFP_THRESHOLD = 5e-3, 0.02  # SparsityTuner's lambda step and training threshold
@@ -132,7 +145,7 @@ OURS_KNAPSACK = {"ours-knapsack": "params", "ours-knapsack-macs": "macs"}
 KNAPSACK_RATIOS = (1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2)
 INNER_KD_LAYERS, INNER_KD_WEIGHT = ("bn0", "bn1", "bn2", "bn3"), 1.0
 ROWS = ("dense", "quarter", "removed", "zeroed", *PRUNED, *KD_ROWS, *UNSTRUCTURED, *DAFP,
-        *KNAPSACK, *OURS_KNAPSACK)
+        *KNAPSACK, *OURS_KNAPSACK, *TRANSFORM)
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "ablation.json"
 QUICK_OUT = DEFAULT_OUT.with_name("ablation_quick.json")
 
@@ -173,9 +186,22 @@ def parse_args(argv=None):
         problems.append(f"--train-size must be a positive multiple of {BATCH}")
     if any(not 0 < r < 1 for r in args.rates):
         problems.append(f"--rates must be in (0, 1), got {args.rates}")
+    elif "tc" in args.rows:
+        uneven = [r for r in args.rates if not all(
+            _whole(w * (1 - r)) and _whole(1 / (1 - r)) for w in WIDTHS)]
+        if uneven:
+            problems.append(f"the tc row needs rates whose 1 - rate is 1/k of every width "
+                            f"{WIDTHS} (e.g. 0.875 0.9375 0.96875), got {uneven}")
+    if "tc-ip" in args.rows and any(r < 1 - TC_IP_RATIO for r in args.rates):
+        problems.append(f"the tc-ip row needs rates >= {1 - TC_IP_RATIO} (its base ratio is "
+                        f"{TC_IP_RATIO}), got {args.rates}")
     if problems:
         parser.error("; ".join(problems))
     return args
+
+
+def _whole(value):
+    return abs(value - round(value)) < 1e-9
 
 
 # ----------------------------------------------------------------------------
@@ -230,15 +256,25 @@ def _init_worker():
     tf.config.threading.set_inter_op_parallelism_threads(1)
 
 
-def cnn(widths, seed):
+def cnn(widths, seed, base_ratio=None):
+    """The network; with `base_ratio`, its convolutions are `TransformConv2D`s (scalar family)."""
     import keras
+
+    import tf_transform_conv as tc
 
     keras.utils.set_random_seed(seed)
     inputs = keras.Input((SIZE, SIZE, 1))
     x = inputs
     for index, filters in enumerate(widths):
-        x = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False,
-                                name=f"conv{index}")(x)
+        if base_ratio is None:
+            conv = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False,
+                                       name=f"conv{index}")
+        else:
+            conv = tc.TransformConv2D(
+                filters, 3, padding="same", use_bias=False,
+                base_filters=round(filters * base_ratio), transforms="identity",
+                transform_family="scalar", scale=True, name=f"conv{index}")
+        x = conv(x)
         x = keras.layers.BatchNormalization(momentum=0.9, name=f"bn{index}")(x)
         x = keras.layers.ReLU()(x)
         if index in (1, 3):
@@ -303,10 +339,13 @@ def conv_params(model):
                    if type(l).__name__ in ("Conv2D", "TransformConv2D")))
 
 
+CONVOLUTIONS = ("Conv2D", "FilterBasisConv2D", "TransformConv2D", "FilterBasisTransformConv2D")
+
+
 def nonzero_conv_params(model):
-    """Nonzero weights of the convolutions (Conv2D or FilterBasisConv2D) of a model."""
+    """Nonzero weights of the convolutions of a model (bases, transforms, scales included)."""
     return int(sum(np.count_nonzero(np.asarray(w)) for l in model.layers
-                   if type(l).__name__ in ("Conv2D", "FilterBasisConv2D") for w in l.weights))
+                   if type(l).__name__ in CONVOLUTIONS for w in l.weights))
 
 
 def dafp_removal(model, tuner, rate, match):
@@ -434,15 +473,24 @@ def run_one(task):
         widths = tuple(w // 2 for w in WIDTHS)
     elif base == "removed":
         widths = tuple(kept_filters(w, rate) for w in WIDTHS)
-    model = cnn(widths, seed)
+    if base in TRANSFORM:
+        model = cnn(widths, seed, base_ratio=1 - rate if base == "tc" else TC_IP_RATIO)
+    else:
+        model = cnn(widths, seed)
     dense_params = conv_params(cnn(WIDTHS, seed))
 
     frequency = max(1, steps_per_epoch // 4)
     end = max(frequency, int(PRUNE_FRACTION * total) // frequency * frequency)
-    schedule = tfmot.sparsity.keras.PolynomialDecay(0.0, rate or 0.0, 0, end, power=1,
+    final_sparsity = rate or 0.0
+    if base == "tc-ip":  # the coefficients of the bases: tc's nonzero bases at this rate
+        final_sparsity = 1 - (1 - rate) / TC_IP_RATIO
+    schedule = tfmot.sparsity.keras.PolynomialDecay(0.0, final_sparsity, 0, end, power=1,
                                                     frequency=frequency)
     callbacks, zeroing = [], None
-    if base in UNSTRUCTURED:
+    if base == "tc-ip":
+        model = tc.prune_interspace(model, schedule, basis=TRANSFORM[base])
+        callbacks.append(tc.UpdateTransformPruningStep())
+    elif base in UNSTRUCTURED:
         if UNSTRUCTURED[base] is None:
             model = tc.prune_low_magnitude(model, schedule, layers=keras.layers.Conv2D)
         else:
@@ -492,11 +540,13 @@ def run_one(task):
     else:
         model.fit(x, targets, batch_size=BATCH, epochs=cfg["epochs"], verbose=0,
                   shuffle=True, callbacks=callbacks)
-    final = tc.strip_model(model) if base in PRUNED or base in UNSTRUCTURED else model
+    stripped = base in PRUNED or base in UNSTRUCTURED or base == "tc-ip"
+    final = tc.strip_model(model) if stripped else model
     accuracy = float(np.mean(np.argmax(final.predict(x_test, batch_size=256, verbose=0), -1)
                              == y_test))
+    sparse = base in UNSTRUCTURED or base in TRANSFORM
     result = dict(row=row, rate=rate, seed=seed, accuracy=accuracy,
-                  conv_params=(nonzero_conv_params(final) if base in UNSTRUCTURED
+                  conv_params=(nonzero_conv_params(final) if sparse
                                else conv_params(final)), dense_conv_params=dense_params,
                   seconds=time.perf_counter() - start)
     if base in DAFP:
@@ -659,6 +709,10 @@ def targets(summary, rates):
             if (row, rate) in summary and ("sp", rate) in summary:
                 checks[f"{row} - sp at {rate} >= {2 if rate >= 0.98 else 0} points"] = \
                     (summary[(row, rate)][0] - summary[("sp", rate)][0]) * 100
+    for rate in rates:  # no target: whether stacking the filter basis helps
+        if ("tc-ip", rate) in summary and ("tc", rate) in summary:
+            checks[f"tc-ip - tc at {rate} (> 0: the filter basis helps)"] = \
+                (summary[("tc-ip", rate)][0] - summary[("tc", rate)][0]) * 100
     low = min(rates)
     best = [summary[k][0] for k in summary if k[1] == low]
     if best:

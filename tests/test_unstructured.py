@@ -13,6 +13,7 @@ import tensorflow as tf
 import tensorflow_model_optimization as tfmot
 
 import tf_transform_conv as tc
+from tf_transform_conv import lowering
 from tf_transform_conv import unstructured as un
 from tf_transform_conv.cost import model_cost
 
@@ -444,6 +445,204 @@ def dataclass_replace(cost, **changes):
 
 
 # ----------------------------------------------------------------------------
+# A TransformConv2D's bases in the filter basis
+
+
+def transform_conv_model(seed=0, implementation="auto", depth_groups=1):
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((8, 8, 4))
+    x = tc.TransformConv2D(8, 3, base_filters=2, transform_family="scalar",
+                           transforms="identity", scale=True, padding="same",
+                           depth_groups=depth_groups, implementation=implementation,
+                           name="tc_a")(inputs)
+    x = keras.layers.BatchNormalization(name="bn_a")(x)
+    x = keras.layers.ReLU()(x)
+    x = tc.TransformConv2D(8, 3, base_filters=2, transforms="rotations", strides=2,
+                           padding="same", activation="relu",
+                           implementation=implementation, name="tc_b")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, keras.layers.Dense(4, name="head")(x))
+
+
+@pytest.mark.parametrize("kwargs, basis_groups, shape", [
+    (dict(transforms="rotations", padding="same", scale=True), 1, (2, 7, 7, 4)),
+    (dict(transform_family="scalar", transforms="identity", strides=2, depth_groups=2),
+     2, (2, 9, 8, 4)),
+    (dict(transform_family="affine", transforms="identity", depth_groups=2, use_bias=False),
+     1, (1, 6, 6, 4)),
+    (dict(transforms="flips", kernel_size=(3, 5), dilation_rate=2, implementation="factored"),
+     1, (2, 10, 12, 4)),
+])
+def test_filter_basis_transform_conv_matches_numpy_bases(kwargs, basis_groups, shape):
+    kwargs = {"kernel_size": 3, "base_filters": 1, **kwargs}
+    filters = 4
+    layer = tc.FilterBasisTransformConv2D(filters, basis_groups=basis_groups, **kwargs)
+    reference = tc.TransformConv2D(filters, **kwargs)  # holds the bases themselves
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=shape).astype("float32")
+    layer.build(shape)
+    reference.build(shape)
+    taps = layer.kernel_size[0] * layer.kernel_size[1]
+    basis = rng.normal(size=(basis_groups, taps, taps)).astype("float32")
+    weights = [rng.normal(size=w.shape).astype("float32") for w in reference.weights]
+    coefficients = weights[0]
+    coefficients[rng.random(coefficients.shape) < 0.7] = 0
+    layer.set_weights(weights + [basis])
+    # B[:, :, c, b] = sum_j C[j, c, b] F_{group(c), j}, in numpy.
+    c = coefficients.reshape(taps, -1, coefficients.shape[-1])
+    group = np.arange(c.shape[1]) // (c.shape[1] // basis_groups)
+    bases = np.einsum("cjt,jcb->tcb", basis[group], c).reshape(coefficients.shape)
+    reference.set_weights([bases] + weights[1:])
+    assert_close(layer.materialized_kernel(), reference.materialized_kernel())
+    expected = np.asarray(reference(x))
+    assert_close(layer(x), expected)
+    jitted = tf.function(layer.__call__, jit_compile=True)
+    assert_close(jitted(tf.constant(x)), expected)
+
+
+@pytest.mark.parametrize("implementation", ["materialized", "factored"])
+@pytest.mark.parametrize("basis, depth_groups", [("standard", 1), ("dct", 2)])
+def test_interspace_of_a_transform_conv_at_sparsity_zero_computes_the_layer(
+        data, implementation, basis, depth_groups):
+    model = transform_conv_model(implementation=implementation, depth_groups=2)
+    expected = np.asarray(model(data[0]))
+    pruned = tc.prune_interspace(model, lambda step: (True, 0.0), basis=basis,
+                                 depth_groups=depth_groups)
+    found = wrappers(pruned)
+    assert [w.layer.name for w in found] == ["tc_a", "tc_b"]
+    # tc_b has one channel group: one basis whatever depth_groups asks.
+    assert [w.depth_groups for w in found] == [depth_groups, 1]
+    assert [w.layer.implementation_used for w in found] == [implementation] * 2
+    tc.update_pruning_step(pruned, 0)
+    assert_close(pruned(data[0]), expected)
+    stripped = tc.strip_model(pruned)
+    assert [type(l).__name__ for l in stripped.layers if l.name.startswith("tc")] == [
+        "FilterBasisTransformConv2D"] * 2
+    assert_close(stripped(data[0]), expected)
+
+
+@pytest.mark.parametrize("jit", [True, False])
+def test_interspace_of_a_transform_conv_trains_under_the_schedule(data, jit, tmp_path):
+    schedule = tfmot.sparsity.keras.PolynomialDecay(0.2, 0.8, begin_step=0, end_step=4,
+                                                    frequency=2)
+    model = tc.prune_interspace(transform_conv_model(), schedule, basis="dct")
+    found = wrappers(model)
+    before = {w.name: [np.asarray(v).copy() for v in (w.basis_filters, w.layer.transform)
+                       if v is not None] for w in found}
+    sparsities = []
+
+    def check(batch, logs):
+        for wrapper in found:
+            mask = np.asarray(wrapper.mask)
+            assert np.all(np.asarray(wrapper.layer.base_kernel)[mask == 0] == 0)
+        sparsities.append([w.sparsity for w in found])
+
+    model.compile(optimizer=keras.optimizers.Adam(0.05), jit_compile=jit,
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(*data, batch_size=2, epochs=1, shuffle=False, verbose=0, callbacks=[
+        tc.UpdateTransformPruningStep(), keras.callbacks.LambdaCallback(on_train_batch_end=check),
+    ])
+    size = np.asarray(found[0].mask).size
+    # Steps 0, 2 and 4 prune; the coefficients keep round(size * (1 - s)).
+    assert len(sparsities) == 8
+    current = None
+    for step, reached in enumerate(sparsities):
+        should_prune, target = schedule(step)
+        if bool(should_prune):
+            current = float(target)
+        assert reached[0] == pytest.approx(current, abs=0.5 / size + 1e-7), step
+    assert current == pytest.approx(0.8)
+    for wrapper in found:  # the basis and the transforms train with the coefficients
+        for old, new in zip(before[wrapper.name], (wrapper.basis_filters, wrapper.layer.transform)):
+            assert not np.allclose(old, np.asarray(new))
+
+    x = data[0]
+    model.save(tmp_path / "wrapped.keras")
+    loaded = keras.saving.load_model(tmp_path / "wrapped.keras", safe_mode=True)
+    assert_close(loaded(x), model(x))
+    stripped = tc.strip_model(model)
+    assert_close(stripped(x), model(x))
+    stripped.save(tmp_path / "stripped.keras")
+    reloaded = keras.saving.load_model(tmp_path / "stripped.keras", safe_mode=True)
+    assert_close(reloaded(x), model(x))
+    layer = reloaded.get_layer("tc_a")
+    assert type(layer) is tc.FilterBasisTransformConv2D
+    assert np.mean(np.asarray(layer.base_kernel) == 0) == pytest.approx(0.8, abs=0.02)
+
+
+def wide_transform_model():
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8, 8, 32))
+    x = tc.TransformConv2D(64, 3, base_filters=16, transforms="rotations", padding="same",
+                           scale=True, name="tc_a")(inputs)
+    x = keras.layers.BatchNormalization(name="bn_a")(x)
+    x = keras.layers.ReLU()(x)
+    x = tc.TransformConv2D(64, 3, base_filters=16, transforms="rotations", padding="same",
+                           activation="relu", name="tc_b")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, keras.layers.Dense(10, name="head")(x))
+
+
+def test_a_filter_basis_transform_conv_exports_its_sparse_coefficients(tmp_path):
+    model = wide_transform_model()
+    x = np.random.default_rng(5).normal(size=(3, 8, 8, 32)).astype("float32")
+    plain = tc.export_tflite(model, tmp_path / "plain.tflite")
+    pruned = tc.prune_interspace(model, tfmot.sparsity.keras.ConstantSparsity(0.9, 0),
+                                 basis="dct")
+    tc.update_pruning_step(pruned, 0)
+    stripped = tc.strip_model(pruned)
+    assert un.sparse_layers(stripped) == ["tc_a", "tc_b"]
+    path = tmp_path / "basis.tflite"
+    result = tc.export_tflite(stripped, path)
+    assert set(result.lowerings.values()) == {"grouped"}
+    assert "filter basis" in lowering.lowering_choice(stripped.get_layer("tc_a"))[1]
+    tc.verify_tflite(path, stripped, x, rtol=1e-5)
+    # Products, basis mixing and spread per layer, all convolutions (one
+    # XNNPACK partition), the coefficients stored sparse.
+    assert result.op_counts["CONV_2D"] == 6 and result.op_counts.get("GATHER", 0) == 0
+    assert result.op_counts["DENSIFY"] >= 2
+    # 13,824 base weights in the plain file, a tenth of them in this one.
+    saved = 4 * 0.9 * 9 * (32 + 64) * 16
+    assert result.bytes <= plain.bytes - 0.75 * saved, (result.bytes, plain.bytes)
+
+
+def test_a_basis_per_channel_group_and_stride_two_export_exactly(data, tmp_path):
+    model = transform_conv_model(depth_groups=2)
+    pruned = tc.prune_interspace(model, lambda step: (True, 0.6), basis="dct", depth_groups=2)
+    tc.update_pruning_step(pruned, 0)
+    rng = np.random.default_rng(6)
+    for wrapper in wrappers(pruned):  # trained bases: a different one per group
+        wrapper.basis_filters.assign(rng.normal(size=wrapper.basis_filters.shape))
+    stripped = tc.strip_model(pruned)
+    assert [stripped.get_layer(n).basis_groups for n in ("tc_a", "tc_b")] == [2, 1]
+    path = tmp_path / "groups.tflite"
+    result = tc.export_tflite(stripped, path)
+    assert result.lowerings == {"tc_a": "grouped", "tc_b": "grouped"}
+    tc.verify_tflite(path, stripped, data[0], rtol=1e-5)
+
+
+def test_cost_of_a_transform_conv_in_a_filter_basis():
+    inputs = keras.Input((12, 12, 16))
+    layer = tc.TransformConv2D(32, 3, base_filters=4, transforms="d4", scale=True,
+                               padding="same", implementation="factored", name="t")
+    model = keras.Model(inputs, layer(inputs))
+    pruned = tc.prune_interspace(model, lambda step: (True, 0.75), basis="dct")
+    tc.update_pruning_step(pruned, 0)
+    plain = model_cost(model).layers[0]
+    wrapped = model_cost(pruned).layers[0]
+    stripped = model_cost(tc.strip_model(pruned)).layers[0]
+    assert plain.params == 9 * 16 * 4 + 32 + 32
+    assert wrapped.params == stripped.params == plain.params + 81
+    assert wrapped.nonzeros == stripped.nonzeros == plain.params + 81 - 432
+    assert wrapped.macs == stripped.macs == plain.macs == 144 * 16 * 9 * 4
+    assert wrapped.dense_macs == plain.dense_macs
+    # Products with the 144 nonzero coefficients, then 81 basis taps per
+    # (base, pixel): the grouped TFLite form's work.
+    assert wrapped.nonzero_macs == stripped.nonzero_macs == 144 * 144 + 144 * 4 * 81
+    assert plain.nonzero_macs == plain.macs
+
+
+# ----------------------------------------------------------------------------
 # Bad input
 
 
@@ -470,6 +669,15 @@ def test_bad_arguments_are_named():
         tc.prune_interspace(conv_model(), schedule, layers=["head"])
     with pytest.raises(ValueError, match="wrapped no layer"):
         tc.prune_interspace(conv_model(), schedule, layers=lambda layer: False)
+    grouped = tc.TransformConv2D(8, 3, base_filters=2, depth_groups=2)
+    with pytest.raises(ValueError, match="depth_groups=4 must divide the layer's depth_groups=2"):
+        tc.InterspacePruning(grouped, schedule, depth_groups=4)
+    with pytest.raises(ValueError, match="1x1 kernel"):
+        tc.InterspacePruning(tc.TransformConv2D(8, 1, base_filters=2), schedule)
+    with pytest.raises(ValueError, match="basis_groups=2 must divide depth_groups=1"):
+        tc.FilterBasisTransformConv2D(8, 3, base_filters=2, basis_groups=2)
+    with pytest.raises(ValueError, match="already in a filter basis"):
+        tc.InterspacePruning(tc.FilterBasisTransformConv2D(8, 3, base_filters=2), schedule)
     wrapped = tc.prune_low_magnitude(conv_model(), schedule)
     with pytest.raises(ValueError, match="still holds TransformPruning"):
         tc.export_tflite(wrapped, "/tmp/never-written.tflite")

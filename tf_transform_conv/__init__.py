@@ -44,6 +44,7 @@ from tf_transform_conv.pruning import strip_model
 from tf_transform_conv.pruning import taylor_scores
 from tf_transform_conv.pruning import update_pruning_step
 from tf_transform_conv.unstructured import FilterBasisConv2D
+from tf_transform_conv.unstructured import FilterBasisTransformConv2D
 from tf_transform_conv.unstructured import InterspacePruning
 from tf_transform_conv.unstructured import MagnitudePruning
 from tf_transform_conv.unstructured import prune_interspace
@@ -78,6 +79,7 @@ __all__ = [
     "UpdateTransformPruningStep",
     "verify_tflite",
     "FilterBasisConv2D",
+    "FilterBasisTransformConv2D",
     "InterspacePruning",
     "MagnitudePruning",
     "prune_interspace",

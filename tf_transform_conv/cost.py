@@ -43,14 +43,20 @@ multiply-adds are counted:
   convolves with) plus the basis, `groups * (kh * kw)^2` parameters; a
   `FilterBasisConv2D` as its two stages, `H' * W' * c_in * kh * kw * (kh * kw
   + filters)` multiply-adds (its 1x1 stage runs densified), with `dense_macs`
-  the equivalent `Conv2D`'s.
+  the equivalent `Conv2D`'s. A `TransformConv2D` in a filter basis (an
+  `InterspacePruning` of one, or the `FilterBasisTransformConv2D` it strips
+  to) costs what the `TransformConv2D` does, plus the basis's parameters.
 
 Every layer also reports its `nonzeros` (parameters less the zeros of its
 kernel, or of a filter-basis layer's coefficients) and `nonzero_macs`, the
 multiply-adds with only the nonzero kernel entries (what sparse execution
 would cost: `macs * nnz / size` for a convolution or `Dense`; for an
 interspace layer, both stages with only the nonzero basis taps and
-coefficients). Layers without a kernel report their `params` and `macs`.
+coefficients; for a `TransformConv2D` in a filter basis on its factored
+path, the products with only the nonzero coefficients, the basis's nonzero
+taps turning them into tap products (as its TFLite form computes), and the
+rest of the factored path). Layers without a kernel report their `params`
+and `macs`.
 
 Every other layer counts `layer.count_params()` parameters. Its multiply-adds
 are 0 when its work is not multiply-adds by the convention above:
@@ -464,7 +470,7 @@ def _layer_cost(layer, input_shape, output_shape, count_params):
             )
         params, macs, dense = layer.count_params(), 0, 0
         counted = _no_macs_by_convention(layer)
-    nonzeros, nonzero_macs = _nonzero_cost(layer, params, macs, output_shape)
+    nonzeros, nonzero_macs = _nonzero_cost(layer, params, macs, output_shape, input_shape)
     return LayerCost(
         name=name,
         class_name=class_name,
@@ -576,8 +582,12 @@ def _unstructured_cost(layer, input_shape, output_shape):
         params, macs = _plain_cost(layer.layer, input_shape, output_shape)
         return params, macs, macs
     if kind == "InterspacePruning":
+        basis = math.prod(layer.basis_filters.shape)
+        if isinstance(layer.layer, TransformConv2D):
+            params, macs, _, dense = _transform_conv_cost(layer.layer, input_shape)[:4]
+            return params + basis, macs, dense
         params, macs = _conv2d_cost(layer.layer, input_shape, output_shape)
-        return params + math.prod(layer.basis_filters.shape), macs, macs
+        return params + basis, macs, macs
     c = _image_dims(layer, input_shape)[2]
     oh, ow, _ = _image_dims(layer, output_shape, what="output")
     kh, kw = layer.kernel_size
@@ -588,12 +598,45 @@ def _unstructured_cost(layer, input_shape, output_shape):
     return _built_params(layer, params), macs, oh * ow * kh * kw * c * filters
 
 
-def _nonzero_cost(layer, params, macs, output_shape):
+def _basis_transform_nonzeros(layer, transform_conv, params, macs, input_shape):
+    """`(nonzeros, nonzero_macs)` of a `TransformConv2D` whose bases may be in a filter basis.
+
+    `layer` is the `TransformConv2D` itself (a `FilterBasisTransformConv2D`
+    or a plain one) or the `InterspacePruning` wrapping it.
+    """
+    if isinstance(layer, keras.layers.Wrapper):
+        coefficients, basis = layer.coefficients, np.asarray(layer.basis_filters)
+    elif hasattr(layer, "basis_filters"):
+        kh, kw, c, n = layer.base_kernel.shape
+        coefficients = np.asarray(layer.base_kernel).reshape(kh * kw, c, n)
+        basis = np.asarray(layer.basis_filters)
+    else:
+        return params, macs
+    nnz = int(np.count_nonzero(coefficients))
+    nonzeros = params - (coefficients.size - nnz)
+    implementation = transform_conv.implementation_used
+    if implementation != "factored":  # the dense kernel, built from the bases
+        return nonzeros, macs
+    products = transform_conv.cost(input_shape)["factored_macs"]
+    c, n = coefficients.shape[1], coefficients.shape[-1]
+    taps = coefficients.shape[0]
+    pixels = products // (c * taps * n)
+    g, basis_groups = transform_conv.depth_groups, basis.shape[0]
+    mixing = pixels * n * (g // basis_groups) * int(np.count_nonzero(basis))
+    return nonzeros, macs - products + products * nnz // coefficients.size + mixing
+
+
+def _nonzero_cost(layer, params, macs, output_shape, input_shape):
     """`(nonzeros, nonzero_macs)` of a layer whose `params` and `macs` are known."""
     kind = _unstructured_kind(layer)
     plain = isinstance(layer, (keras.layers.Conv2D, keras.layers.DepthwiseConv2D,
                                keras.layers.Dense))
-    if not layer.built or not (kind or plain):
+    if not layer.built:
+        return params, macs
+    inner = layer.layer if kind == "InterspacePruning" else layer
+    if isinstance(inner, TransformConv2D):
+        return _basis_transform_nonzeros(layer, inner, params, macs, input_shape)
+    if not (kind or plain):
         return params, macs
     if kind in ("InterspacePruning", "FilterBasisConv2D"):
         if kind == "InterspacePruning":  # coefficients (taps, c_in, filters), both

@@ -275,7 +275,7 @@ def _factored(model):
         if isinstance(layer, TransformConv2D) and layer.implementation_used != "factored":
             config = layer.get_config()
             config["implementation"] = "factored"
-            return TransformConv2D.from_config(config), layer.get_weights()
+            return type(layer).from_config(config), layer.get_weights()
         return None
 
     return rewrite_model(model, replace)
@@ -356,7 +356,7 @@ def _deploy(model, requested, keep_order=True):
             return _dense_twin(layer)
         config = layer.get_config()
         config["implementation"] = "factored"
-        return TransformConv2D.from_config(config), layer.get_weights()
+        return type(layer).from_config(config), layer.get_weights()
 
     deployed = rewrite_model(model, replace)
     if keep_order:

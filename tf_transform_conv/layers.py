@@ -671,10 +671,18 @@ class TransformConv2D(keras.layers.Layer):
         self._check_built("materialized_kernel()")
         dtype = dtype or self.base_kernel.dtype
         return self._materialize(
-            ops.cast(self.base_kernel, dtype),
+            self._bases(dtype),
             self._coefficients(dtype),
             None if self.scale_weight is None else ops.cast(self.scale_weight, dtype),
         )
+
+    def _bases(self, dtype):
+        """The base filters `(kh, kw, c_in, base_filters)` in `dtype`, as both paths use them.
+
+        The `base_kernel` weight here; a subclass that stores its bases in
+        another form (`unstructured.FilterBasisTransformConv2D`) builds them.
+        """
+        return ops.cast(self.base_kernel, dtype)
 
     def _materialize(self, base, coefficients, scale):
         return families_lib.materialize(
@@ -694,13 +702,21 @@ class TransformConv2D(keras.layers.Layer):
         )
 
     def call(self, inputs, training=None):
+        return self._call_with_bases(inputs, self._bases(self.compute_dtype), training)
+
+    def _call_with_bases(self, inputs, base, training=None):
+        """The layer's output with `base` (compute dtype) in place of its bases.
+
+        `call` passes its own; a wrapper that computes the bases from other
+        weights (`unstructured.InterspacePruning`) passes those, and both
+        execution paths run as for the layer's own.
+        """
         # Built for an unknown spatial size: check the size it runs on.
         self._check_output_size(tuple(inputs.shape))
         x = inputs
         if self.data_format == "channels_first":
             x = ops.transpose(x, (0, 2, 3, 1))
         dtype = self.compute_dtype
-        base = ops.cast(self.base_kernel, dtype)
         coefficients = self._coefficients(dtype)
         scale = None if self.scale_weight is None else ops.cast(self.scale_weight, dtype)
         bias = None if self.bias is None else ops.cast(self.bias, dtype)

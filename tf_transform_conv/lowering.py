@@ -127,10 +127,21 @@ class GroupedPlan:
             `(n, M)` grid (the default assignment), else None.
         slots: int, `M`, the most filters that one base builds in one depth
             group.
+        phases: list of `Phase` (a stride-2 layer computing its products
+            per pixel phase) or None.
+        basis_kernel: None, or for a layer whose bases live in a filter
+            basis (`unstructured.FilterBasisTransformConv2D`) the 1x1
+            convolution that turns the products with the coefficients into
+            the products with the bases' taps (`product_kernel` then holds
+            the coefficients): `(1, 1, taps, taps)` when one basis serves
+            every base (applied to the products viewed as `taps`-wide
+            channels, so the file stores it once), else
+            `(1, 1, taps, depth_groups * n * taps)`, grouped, one group per
+            depth group and base.
     """
 
     def __init__(self, product_kernel, spread_kernel, spread_bias, output_index, transpose, slots,
-                 phases=None):
+                 phases=None, basis_kernel=None):
         self.product_kernel = product_kernel
         self.spread_kernel = spread_kernel
         self.spread_bias = spread_bias
@@ -138,12 +149,13 @@ class GroupedPlan:
         self.transpose = transpose
         self.slots = slots
         self.phases = phases
+        self.basis_kernel = basis_kernel
 
     def with_kernels(self, product_kernel, spread_kernel, **changes):
         """A copy with new kernels (the phases' taken from them) and other fields changed."""
         fields = dict(
             spread_bias=self.spread_bias, output_index=self.output_index,
-            transpose=self.transpose, slots=self.slots,
+            transpose=self.transpose, slots=self.slots, basis_kernel=self.basis_kernel,
         )
         fields.update(changes)
         phases = None
@@ -166,9 +178,11 @@ class GroupedPlan:
 
         The spread kernel's nonzeros and the zero bias the converter gives
         the product convolution (and the spread convolution, when the bias
-        does not ride in it).
+        does not ride in it); a filter basis's 1x1 kernel and its zero bias.
         """
         values = int(np.count_nonzero(self.spread_kernel)) + self.product_kernel.shape[-1]
+        if self.basis_kernel is not None:
+            values += self.basis_kernel.size + self.basis_kernel.shape[-1]
         if self.phases is not None:
             # Each phase's product convolution has its own zero bias, and
             # phases reading different base taps store those taps' values
@@ -251,11 +265,18 @@ def grouped_skip_reason(layer):
     return None
 
 
+def _filter_basis(layer):
+    """`(basis_groups, taps, taps)` of a layer whose bases live in a filter basis, else None."""
+    basis = getattr(layer, "basis_filters", None)
+    return None if basis is None else np.asarray(keras.ops.convert_to_numpy(basis), np.float32)
+
+
 def grouped_plan(layer):
     """The `GroupedPlan` of a built `TransformConv2D`, from its current weights."""
     kh, kw = layer.kernel_size
     taps, g, n, f = kh * kw, layer.depth_groups, layer.base_filters, layer.filters
     base = np.asarray(keras.ops.convert_to_numpy(layer.base_kernel), np.float32)
+    basis = _filter_basis(layer)
     channels = base.shape[2]
     cg = channels // g
     scale = (
@@ -306,16 +327,27 @@ def grouped_plan(layer):
         grid = (np.arange(f) % n) * slots + np.arange(f) // n
         if slots > 1 and n > 1 and np.array_equal(output_index[0], grid):
             transpose = (n, slots)
+    # Bases in a filter basis: `base` above holds the coefficients C, so the
+    # products are x . C[j]; base tap s is sum_j F[j, s] (x . C[j]), one
+    # grouped 1x1 convolution per (depth group, base) with the basis group's
+    # F. (Every tap then needs every coefficient's products: no pixel phases.)
+    basis_kernel = None
+    if basis is not None and basis.shape[0] == 1:
+        basis_kernel = basis.reshape(1, 1, taps, taps)
+    elif basis is not None:
+        per_group = np.repeat(basis, g // basis.shape[0], axis=0)  # (g, j, s)
+        basis_kernel = np.repeat(per_group, n, axis=0)  # (g * n, j, s)
+        basis_kernel = basis_kernel.transpose(1, 0, 2).reshape(1, 1, taps, g * n * taps)
     # Stride 2: the taps on even and odd rows and columns read disjoint pixel
     # phases; each base tap is needed only on the phases its transforms move
     # it to (under rotations: corners, edges twice, centre: 13 of 36).
     phases = None
     if (tuple(layer.strides) == (2, 2) and tuple(layer.dilation_rate) == (1, 1)
-            and layer.data_format == "channels_last"):
+            and layer.data_format == "channels_last" and basis is None):
         phases = _phases(product_kernel, spread_kernel, kh, kw, g * n)
     return GroupedPlan(
         product_kernel, spread_kernel, spread_bias, output_index.astype(np.int32),
-        transpose, slots, phases=phases,
+        transpose, slots, phases=phases, basis_kernel=basis_kernel,
     )
 
 
@@ -401,6 +433,8 @@ class GroupedTransformConv2D(keras.layers.Layer):
         else:
             products = ops.conv(x, ops.convert_to_tensor(plan.product_kernel, dtype), 1,
                                 "valid", data_format="channels_last")
+            if plan.basis_kernel is not None:
+                products = self._tap_products(products, dtype)
             # One group per base: the kernel's input depth is the group's width.
             y = ops.conv(
                 products,
@@ -425,6 +459,20 @@ class GroupedTransformConv2D(keras.layers.Layer):
         if self.activation is not None and not early:
             y = self.activation(y)
         return y
+
+    def _tap_products(self, products, dtype):
+        """Products with the coefficients -> products with the bases' taps (filter basis)."""
+        kernel = ops.convert_to_tensor(self.plan.basis_kernel, dtype)
+        taps = kernel.shape[2]
+        if kernel.shape[3] != taps:  # one basis per group of bases: grouped
+            return ops.conv(products, kernel, 1, "valid", data_format="channels_last")
+        # One basis for all: each (base, pixel) is a taps-wide row of one 1x1
+        # convolution, so the file holds the basis once.
+        batch, h, w, c = ops.shape(products)[0], products.shape[1], products.shape[2], \
+            products.shape[3]
+        rows = ops.reshape(products, (batch, h, w * (c // taps), taps))
+        rows = ops.conv(rows, kernel, 1, "valid", data_format="channels_last")
+        return ops.reshape(rows, (batch, h, w, c))
 
     def _phase_sum(self, x, dtype):
         """The stride-2 convolution as a sum over pixel phases (channels_last `x`).
@@ -585,6 +633,11 @@ def lowering_decision(layer, lowering="auto"):
     if lowering == "grouped":
         return "grouped", "requested", None
     plan = grouped_plan(layer)
+    if plan.basis_kernel is not None:
+        return "grouped", (
+            "bases in a filter basis: the grouped form stores the coefficients (sparse) "
+            "and the basis, where the other forms would store dense bases or filters"
+        ), plan
     dense = _dense_instead(layer, plan)
     if dense is not None:
         return "dense", dense, None

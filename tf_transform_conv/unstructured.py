@@ -22,8 +22,14 @@ standard basis (`C = W`, so IP starts exactly as SP) or as the orthonormal
 2-D DCT. `strip_model` turns it into a `FilterBasisConv2D`, which keeps the
 basis and the sparse coefficients and runs as a depthwise convolution of
 every input channel with the basis filters followed by a convolution with
-the coefficients that sums over channels and basis filters; `export_tflite` stores those coefficients in TFLite's
-sparse encoding.
+the coefficients that sums over channels and basis filters; `export_tflite`
+stores those coefficients in TFLite's sparse encoding.
+
+`InterspacePruning` also wraps a `TransformConv2D`, whose *bases* then live
+in the filter basis (both savings stack); it strips to a
+`FilterBasisTransformConv2D`, which `export_tflite` writes as the layer's
+grouped form with the sparse coefficients in its product convolution and a
+grouped 1x1 convolution with the basis after it.
 
 Both wrappers are driven by the package's step callback
 (`UpdateTransformPruningStep`, or `update_pruning_step` in a custom loop) and
@@ -38,6 +44,7 @@ from keras import ops
 from tf_transform_conv import _compat
 from tf_transform_conv._checks import check_choice
 from tf_transform_conv._checks import check_positive_int
+from tf_transform_conv.layers import TransformConv2D
 from tf_transform_conv.pruning import _evaluate_schedule
 from tf_transform_conv.pruning import check_schedule
 from tf_transform_conv.pruning import check_step_callback
@@ -49,6 +56,7 @@ from tf_transform_conv.rewrite import select_layers
 
 __all__ = [
     "FilterBasisConv2D",
+    "FilterBasisTransformConv2D",
     "InterspacePruning",
     "MagnitudePruning",
     "dct_basis",
@@ -139,8 +147,14 @@ def sp_skip_reason(layer):
 
 def ip_skip_reason(layer):
     """Why `InterspacePruning` cannot wrap `layer` ("" when it can)."""
+    if isinstance(layer, FilterBasisTransformConv2D):
+        return "its bases are already in a filter basis"
+    if isinstance(layer, TransformConv2D):
+        if tuple(layer.kernel_size) == (1, 1):
+            return "1x1 kernel: its filter basis is one number"
+        return ""
     if not isinstance(layer, keras.layers.Conv2D):
-        return "not a Conv2D"
+        return "not a Conv2D or TransformConv2D"
     if layer.groups != 1:
         return f"grouped convolution (groups={layer.groups}): not supported"
     if tuple(layer.kernel_size) == (1, 1):
@@ -169,6 +183,13 @@ class _ScheduledMagnitudePruning(keras.layers.Wrapper):
         self.step_callback_attached = False
         self.pruning_history = []  # {"step", "sparsity"} per pruning step
 
+    @property
+    def pruned_weight(self):
+        """The variable the mask applies to: the kernel (a `TransformConv2D`'s bases)."""
+        if isinstance(self.layer, TransformConv2D):
+            return self.layer.base_kernel
+        return self.layer.kernel
+
     def _build_state(self, shape):
         self.pruning_step = self.add_weight(
             name="pruning_step", shape=(), dtype="int64", initializer="zeros",
@@ -177,11 +198,11 @@ class _ScheduledMagnitudePruning(keras.layers.Wrapper):
         self.pruning_step.assign(-1)
         self.mask = self.add_weight(
             name="mask", shape=shape, initializer="ones", trainable=False,
-            dtype=self.layer.kernel.dtype,
+            dtype=self.pruned_weight.dtype,
         )
         # The optimizer applies a variable's constraint after each update,
         # inside the compiled step: pruned entries stay exactly zero.
-        kernel = self.layer.kernel
+        kernel = self.pruned_weight
         inner = kernel.constraint
         mask = self.mask
 
@@ -191,14 +212,13 @@ class _ScheduledMagnitudePruning(keras.layers.Wrapper):
 
         kernel.constraint = keep_pruned_zero
 
-
     @property
     def sparsity(self):
         """The fraction of pruned entries (zeros of the mask)."""
         return float(np.mean(np.asarray(self.mask) == 0))
 
     def _scores(self):
-        return np.abs(np.asarray(self.layer.kernel) * np.asarray(self.mask))
+        return np.abs(np.asarray(self.pruned_weight) * np.asarray(self.mask))
 
     def update(self, step, scores=None):
         """Runs the schedule at `step`; prunes when it says so. Returns whether it pruned."""
@@ -218,7 +238,7 @@ class _ScheduledMagnitudePruning(keras.layers.Wrapper):
 
     def apply_mask(self):
         """Writes `kernel * mask` back into the kernel (pruned entries stay zero)."""
-        kernel = self.layer.kernel
+        kernel = self.pruned_weight
         kernel.assign(ops.cast(kernel * self.mask, kernel.dtype))
 
     def compute_output_shape(self, input_shape):
@@ -329,7 +349,7 @@ class MagnitudePruning(_ScheduledMagnitudePruning):
 
 @keras.saving.register_keras_serializable(package="tf_transform_conv")
 class InterspacePruning(_ScheduledMagnitudePruning):
-    """Interspace pruning of a `Conv2D`: prunes filter-basis coefficients by magnitude.
+    """Interspace pruning: prunes the filter-basis coefficients of a convolution by magnitude.
 
     Every filter is a combination of a trainable filter basis `F` of
     `kh * kw` filters, `W[:, :, c, o] = sum_j C[j, c, o] * F_j` (Wimmer,
@@ -347,15 +367,25 @@ class InterspacePruning(_ScheduledMagnitudePruning):
     pruned coefficients stay zero. With `basis="standard"` the layer starts
     exactly as `MagnitudePruning`.
 
+    A `TransformConv2D` is wrapped the same way with its *bases* in the
+    filter basis: its `base_kernel` holds the coefficients, the bases are
+    `B[:, :, c, b] = sum_j C[j, c, b] * F_j`, and every output filter is
+    its transform of a base as before, so both savings stack (the
+    transforms' fewer bases and the coefficients' sparsity). Both of its
+    execution paths run on those bases. Stripped, it becomes a
+    `FilterBasisTransformConv2D`.
+
     Args:
-        layer: the `keras.layers.Conv2D` to wrap (`groups=1`, kernel larger
-            than 1x1).
+        layer: the `keras.layers.Conv2D` (`groups=1`) or `TransformConv2D`
+            to wrap, with a kernel larger than 1x1.
         schedule: a callable `schedule(step) -> (should_prune, sparsity)`,
             as for `MagnitudePruning`.
         basis: the initial basis: `"standard"` (default: the one-hot
             filters) or `"dct"` (the orthonormal 2-D DCT-II, `dct_basis`).
         depth_groups: int >= 1, dividing the input channels: the number of
-            bases. Defaults to 1.
+            bases. Defaults to 1. For a `TransformConv2D` it must divide the
+            layer's own `depth_groups` (each of its channel groups inside
+            one basis group).
         **kwargs: base layer arguments.
 
     Raises:
@@ -378,18 +408,27 @@ class InterspacePruning(_ScheduledMagnitudePruning):
         if reason:
             raise ValueError(
                 f"InterspacePruning cannot wrap {type(layer).__name__} '{layer.name}': "
-                f"{reason}. It wraps keras.layers.Conv2D layers with groups=1 and a "
-                "kernel larger than 1x1."
+                f"{reason}. It wraps keras.layers.Conv2D layers with groups=1 and "
+                "TransformConv2D layers, with a kernel larger than 1x1."
             )
         _check_basis(basis)
         self.depth_groups = check_positive_int(depth_groups, "depth_groups")
+        if (isinstance(layer, TransformConv2D)
+                and layer.depth_groups % self.depth_groups):
+            raise ValueError(
+                f"InterspacePruning of TransformConv2D '{layer.name}': depth_groups="
+                f"{self.depth_groups} must divide the layer's depth_groups="
+                f"{layer.depth_groups}, so that each of its channel groups lies in one "
+                "basis group."
+            )
         kwargs.setdefault("name", f"interspace_pruning_{layer.name}")
         super().__init__(layer, schedule, **kwargs)
         self.basis = basis
 
     def build(self, input_shape):
         super().build(input_shape)
-        kh, kw, channels, filters = self.layer.kernel.shape
+        weight = self.pruned_weight
+        kh, kw, channels, filters = weight.shape
         if channels % self.depth_groups:
             raise ValueError(
                 f"The input channels ({channels}) of layer '{self.layer.name}' "
@@ -402,51 +441,60 @@ class InterspacePruning(_ScheduledMagnitudePruning):
             initializer=keras.initializers.Constant(
                 np.broadcast_to(initial, (self.depth_groups, taps, taps))
             ),
-            trainable=True, dtype=self.layer.kernel.dtype,
+            trainable=True, dtype=weight.dtype,
         )
-        self._build_state(self.layer.kernel.shape)
+        self._build_state(weight.shape)
         # The kernel variable now holds the filters' coefficients in the basis.
-        kernel = np.asarray(self.layer.kernel).reshape(taps, channels, filters)
-        self.layer.kernel.assign(
+        kernel = np.asarray(weight).reshape(taps, channels, filters)
+        weight.assign(
             np.einsum("jt,tco->jco", initial, kernel).reshape(kh, kw, channels, filters)
         )
 
     @property
     def coefficients(self):
-        """The masked coefficients `C * mask`, a numpy array `(kh * kw, c_in, filters)`."""
-        kh, kw, channels, filters = self.layer.kernel.shape
-        masked = np.asarray(self.layer.kernel) * np.asarray(self.mask)
+        """The masked coefficients `C * mask`, a numpy array `(kh * kw, c_in, filters)`.
+
+        `filters` is the base count for a `TransformConv2D`.
+        """
+        kh, kw, channels, filters = self.pruned_weight.shape
+        masked = np.asarray(self.pruned_weight) * np.asarray(self.mask)
         return masked.reshape(kh * kw, channels, filters)
 
     def _scores(self):
-        kh, kw, channels, filters = self.layer.kernel.shape
+        kh, kw, channels, filters = self.pruned_weight.shape
         g = self.depth_groups
         norms = np.linalg.norm(np.asarray(self.basis_filters), axis=-1)  # (g, taps)
         c = self.coefficients.reshape(kh * kw, g, channels // g, filters)
         return (np.abs(c) * norms.T[:, :, None, None]).reshape(kh, kw, channels, filters)
 
     def effective_kernel(self, dtype=None):
-        """The filters `W = sum_j C_j F_j`, `(kh, kw, c_in, filters)`."""
-        kernel = self.layer.kernel
-        dtype = dtype or kernel.dtype
-        kh, kw, channels, filters = kernel.shape
-        g = self.depth_groups
-        c = ops.cast(kernel, dtype) * ops.cast(self.mask, dtype)
-        c = ops.reshape(c, (kh * kw, g, channels // g, filters))
-        w = ops.einsum("gjt,jgco->tgco", ops.cast(self.basis_filters, dtype), c)
-        return ops.reshape(w, (kh, kw, channels, filters))
+        """The filters `W = sum_j C_j F_j`, `(kh, kw, c_in, filters)`.
+
+        For a `TransformConv2D`, its bases `(kh, kw, c_in, base_filters)`.
+        """
+        weight = self.pruned_weight
+        dtype = dtype or weight.dtype
+        coefficients = ops.cast(weight, dtype) * ops.cast(self.mask, dtype)
+        return combine_basis(self.basis_filters, coefficients, dtype)
 
     def call(self, inputs, training=None):
         check_step_callback(self, training)
-        y = self.layer.convolution_op(inputs, self.effective_kernel(self.compute_dtype))
+        filters = self.effective_kernel(self.compute_dtype)
+        if isinstance(self.layer, TransformConv2D):
+            return self.layer._call_with_bases(inputs, filters, training)
+        y = self.layer.convolution_op(inputs, filters)
         return _finish(self.layer, y)
 
     def strip(self):
-        """The `FilterBasisConv2D` computing what this wrapper computes: `(layer, weights)`.
+        """The layer computing what this wrapper computes, with the sparse coefficients.
 
-        Build the layer, then `layer.set_weights(weights)`; `strip_model`
-        does this for every wrapper of a model.
+        A `FilterBasisConv2D` for a `Conv2D`, a `FilterBasisTransformConv2D`
+        for a `TransformConv2D`. Returns `(layer, weights)`: build the
+        layer, then `layer.set_weights(weights)`; `strip_model` does this
+        for every wrapper of a model.
         """
+        if isinstance(self.layer, TransformConv2D):
+            return self._strip_transform_conv()
         conv = self.layer
         kh, kw, channels, filters = conv.kernel.shape
         layer = FilterBasisConv2D(
@@ -462,10 +510,37 @@ class InterspacePruning(_ScheduledMagnitudePruning):
             weights.append(np.asarray(conv.bias))
         return layer, weights
 
+    def _strip_transform_conv(self):
+        config = self.layer.get_config()
+        config["basis_groups"] = self.depth_groups
+        layer = FilterBasisTransformConv2D.from_config(config)
+        coefficients = self.coefficients.reshape(self.pruned_weight.shape)
+        weights = [coefficients if w is self.pruned_weight else np.asarray(w)
+                   for w in self.layer.weights]
+        return layer, weights + [np.asarray(self.basis_filters)]
+
     def get_config(self):
         config = super().get_config()
         config.update({"basis": self.basis, "depth_groups": self.depth_groups})
         return config
+
+
+def combine_basis(basis, coefficients, dtype):
+    """`sum_j C[j, c, o] * F_j` per basis group: the filters, `(kh, kw, c_in, n)`.
+
+    Args:
+        basis: `(groups, kh * kw, kh * kw)`, row `j` of group `g` the basis
+            filter `F_j` of the `g`-th contiguous group of input channels,
+            flattened in row-major `(h, w)` order.
+        coefficients: `(kh, kw, c_in, n)`, read as `C = reshape(...,
+            (kh * kw, c_in, n))`.
+        dtype: the dtype to compute in.
+    """
+    kh, kw, channels, filters = coefficients.shape
+    g = basis.shape[0]
+    c = ops.reshape(ops.cast(coefficients, dtype), (kh * kw, g, channels // g, filters))
+    w = ops.einsum("gjt,jgco->tgco", ops.cast(basis, dtype), c)
+    return ops.reshape(w, (kh, kw, channels, filters))
 
 
 # ----------------------------------------------------------------------------
@@ -666,6 +741,84 @@ class FilterBasisConv2D(keras.layers.Layer):
         return config
 
 
+@keras.saving.register_keras_serializable(package="tf_transform_conv")
+class FilterBasisTransformConv2D(TransformConv2D):
+    """A `TransformConv2D` whose bases are sparse combinations of a `kh x kw` filter basis.
+
+    Computes what `TransformConv2D` computes with the bases
+    `B[:, :, c, b] = sum_j C[j, c, b] * F_j`: `base_kernel` holds the
+    coefficients, read as `C = reshape(base_kernel, (kh * kw, c_in,
+    base_filters))`, and `basis_filters` the `kh * kw` basis filters `F`
+    (one basis per contiguous group of input channels, `basis_groups` of
+    them), both trainable. Every output filter is then its transform of a
+    base, as in `TransformConv2D` (both execution paths, every family). It
+    is what `strip_model` makes of an `InterspacePruning` wrapper of a
+    `TransformConv2D`, whose coefficients are mostly zeros.
+
+    `export_tflite` writes it in the grouped form with the coefficients as
+    the product convolution (`C` instead of the bases, stored in TFLite's
+    sparse encoding, never as a dense kernel), a grouped 1x1 convolution
+    that turns each base's `kh * kw` coefficient products into its tap
+    products with `F` (`kh * kw` multiply-adds per product), and the
+    spread convolution as for `TransformConv2D`.
+
+    Args:
+        basis_groups: int >= 1 dividing `depth_groups`: the number of
+            bases. Defaults to 1.
+        basis_initializer: initializer of `basis_filters`
+            `(basis_groups, kh * kw, kh * kw)`; defaults to the standard
+            basis (`base_kernel` then holds the bases themselves).
+        The other arguments as `TransformConv2D` (`kernel_initializer`
+        initialises the coefficients).
+
+    Example:
+
+    >>> import numpy as np
+    >>> layer = FilterBasisTransformConv2D(8, 3, base_filters=2, basis_groups=1)
+    >>> _ = layer(np.zeros((1, 5, 5, 4), "float32"))
+    >>> tuple(layer.base_kernel.shape), tuple(layer.basis_filters.shape)
+    ((3, 3, 4, 2), (1, 9, 9))
+    """
+
+    def __init__(self, filters, kernel_size, basis_groups=1, basis_initializer=None,
+                 **kwargs):
+        super().__init__(filters, kernel_size, **kwargs)
+        self.basis_groups = check_positive_int(basis_groups, "basis_groups")
+        if self.depth_groups % self.basis_groups:
+            raise ValueError(
+                f"basis_groups={self.basis_groups} must divide depth_groups="
+                f"{self.depth_groups} in layer '{self.name}': each channel group of "
+                "the transforms lies in one basis group."
+            )
+        self.basis_initializer = (
+            None if basis_initializer is None else keras.initializers.get(basis_initializer)
+        )
+
+    def build(self, input_shape):
+        super().build(input_shape)
+        kh, kw = self.kernel_size
+        taps = kh * kw
+        self.basis_filters = self.add_weight(
+            name="basis", shape=(self.basis_groups, taps, taps),
+            initializer=self.basis_initializer or keras.initializers.Constant(
+                np.broadcast_to(np.eye(taps, dtype="float32"),
+                                (self.basis_groups, taps, taps))),
+            trainable=True, dtype=self.dtype,
+        )
+
+    def _bases(self, dtype):
+        return combine_basis(self.basis_filters, self.base_kernel, dtype)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({
+            "basis_groups": self.basis_groups,
+            "basis_initializer": None if self.basis_initializer is None
+            else keras.initializers.serialize(self.basis_initializer),
+        })
+        return config
+
+
 # ----------------------------------------------------------------------------
 # Model verbs
 
@@ -702,7 +855,10 @@ def _wrap_model(model, verb, layers, skip_reason, make, what):
 
 
 def _input_shape_of(layer):
-    """The build shape of a built `Conv2D`, `DepthwiseConv2D` or `Dense`, from its kernel."""
+    """The build shape of a built `Conv2D`, `DepthwiseConv2D`, `Dense` or `TransformConv2D`."""
+    if isinstance(layer, TransformConv2D):
+        # The spatial size too: the layer picks its execution path from it.
+        return tuple(layer.get_build_config()["input_shape"])
     if isinstance(layer, keras.layers.Dense):
         return (None, layer.kernel.shape[0])
     if isinstance(layer, keras.layers.DepthwiseConv2D):
@@ -783,14 +939,17 @@ def prune_interspace(to_prune, schedule, basis="standard", depth_groups=1, layer
         basis: `"standard"` (default) or `"dct"`, the initial basis.
         depth_groups: int >= 1, bases per layer (one per contiguous group
             of input channels); 1 for a layer whose input channels it does
-            not divide (an RGB stem).
-        layers: which layers: None (every `Conv2D` with `groups=1` and a
-            kernel larger than 1x1), names, a class or a predicate.
+            not divide (an RGB stem), or, for a `TransformConv2D`, whose
+            own `depth_groups` it does not divide.
+        layers: which layers: None (every `Conv2D` with `groups=1` and
+            every `TransformConv2D`, with a kernel larger than 1x1), names,
+            a class or a predicate.
 
     Returns:
         The wrapper or the new model; train with
         `UpdateTransformPruningStep`, then `strip_model` (which gives
-        `FilterBasisConv2D` layers).
+        `FilterBasisConv2D` layers, and `FilterBasisTransformConv2D` for
+        the `TransformConv2D`s: their bases in the filter basis).
 
     Raises:
         ValueError: as `prune_low_magnitude`, or for an invalid `basis` or
@@ -812,13 +971,17 @@ def prune_interspace(to_prune, schedule, basis="standard", depth_groups=1, layer
         return InterspacePruning(to_prune, schedule, basis=basis, depth_groups=depth_groups)
 
     def make(inner):
-        channels = inner.kernel.shape[2]
-        groups = depth_groups if channels % depth_groups == 0 else 1
+        if isinstance(inner, TransformConv2D):
+            fits = inner.depth_groups % depth_groups == 0
+        else:
+            fits = inner.kernel.shape[2] % depth_groups == 0
+        groups = depth_groups if fits else 1
         return InterspacePruning(inner, schedule, basis=basis, depth_groups=groups)
 
     return _wrap_model(
         to_prune, "prune_interspace", layers, ip_skip_reason, make,
-        "the keras.layers.Conv2D layers with groups=1 and a kernel larger than 1x1",
+        "the keras.layers.Conv2D layers with groups=1 and the TransformConv2D layers, "
+        "with a kernel larger than 1x1",
     )
 
 
@@ -833,7 +996,8 @@ def sparse_layers(model, fraction=SPARSE_FRACTION):
     """The names of the layers whose main weight is at least `fraction` zeros.
 
     The main weight is the kernel of a `Conv2D`, `DepthwiseConv2D` or
-    `Dense`, and the coefficients of a `FilterBasisConv2D`. `export_tflite`
+    `Dense`, the coefficients of a `FilterBasisConv2D` and those of a
+    `FilterBasisTransformConv2D` (its `base_kernel`). `export_tflite`
     stores a model with any such layer in TFLite's sparse encoding.
 
     Args:
@@ -847,6 +1011,8 @@ def sparse_layers(model, fraction=SPARSE_FRACTION):
     for layer in _compat.layers_of(model):
         if isinstance(layer, FilterBasisConv2D) and layer.built:
             weight = layer.coefficients
+        elif isinstance(layer, FilterBasisTransformConv2D) and layer.built:
+            weight = layer.base_kernel
         elif isinstance(layer, (keras.layers.Conv2D, keras.layers.DepthwiseConv2D,
                                 keras.layers.Dense)) and layer.built:
             weight = layer.kernel
