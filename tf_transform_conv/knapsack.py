@@ -45,6 +45,7 @@ from tf_transform_conv import _compat
 from tf_transform_conv._checks import check_choice
 from tf_transform_conv._checks import check_positive_int
 from tf_transform_conv._checks import is_number
+from tf_transform_conv.rewrite import select_layers
 
 __all__ = [
     "COSTS",
@@ -382,15 +383,14 @@ def _greedy_multiple(groups, room):
 # Importance
 
 
-def _kernel_layers(model):
-    """Layers whose `kernel` has the output channels on its last axis (Conv2D, Dense)."""
-    return [
-        layer for layer in _compat.layers_of(model)
-        if isinstance(layer, (keras.layers.Conv2D, keras.layers.Dense))
+def _scored_layer(layer):
+    """Whether `layer`'s `kernel` has the output channels on its last axis (Conv2D, Dense)."""
+    return (
+        isinstance(layer, (keras.layers.Conv2D, keras.layers.Dense))
         and not isinstance(layer, (keras.layers.DepthwiseConv2D,
                                    keras.layers.SeparableConv2D))
         and getattr(layer, "kernel", None) is not None
-    ]
+    )
 
 
 def filter_importance(model, data, layers=None, num_batches=8, batch_size=32):
@@ -409,10 +409,11 @@ def filter_importance(model, data, layers=None, num_batches=8, batch_size=32):
         model: a compiled, built Keras model.
         data: labelled data: `(x, y)` arrays (split into `batch_size`
             batches), a `tf.data.Dataset` or an iterable of `(x, y)` batches.
-        layers: optional names of the layers to score; by default every
-            `Conv2D` and `Dense` layer (depthwise and separable
-            convolutions, whose kernel's last axis is not the output
-            channel, are left out).
+        layers: which layers to score: None (default: every `Conv2D` and
+            `Dense` layer; depthwise and separable convolutions, whose
+            kernel's last axis is not the output channel, are left out), a
+            name or list of names, a layer class or a predicate, among
+            those.
         num_batches: int >= 1. Defaults to 8.
         batch_size: int >= 1, for array data. Defaults to 32.
 
@@ -450,17 +451,9 @@ def filter_importance(model, data, layers=None, num_batches=8, batch_size=32):
         )
     num_batches = check_positive_int(num_batches, "num_batches")
     batch_size = check_positive_int(batch_size, "batch_size")
-    scored = _kernel_layers(model)
-    if layers is not None:
-        names = [layers] if isinstance(layers, str) else list(layers)
-        known = {layer.name for layer in scored}
-        unknown = [n for n in names if n not in known]
-        if unknown:
-            raise ValueError(
-                f"Invalid value for argument `layers`: {unknown} are not Conv2D or Dense "
-                f"layers of model '{model.name}'. Scored layers: {sorted(known)}."
-            )
-        scored = [layer for layer in scored if layer.name in names]
+    chosen = select_layers(model, layers, _scored_layer)
+    scored = [layer for layer in _compat.layers_of(model)
+              if layer.name in chosen and _scored_layer(layer)]
     totals = kernel_taylor_scores(
         model, data, [layer.kernel for layer in scored], num_batches, batch_size,
         per_weight=True, verb=verb,

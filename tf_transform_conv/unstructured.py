@@ -674,13 +674,11 @@ class FilterBasisConv2D(keras.layers.Layer):
     def materialized_kernel(self, dtype=None):
         """The equivalent `Conv2D` kernel `(kh, kw, c_in, filters)`."""
         dtype = dtype or self.basis.dtype
-        kh, kw = self.kernel_size
         taps, channels, filters = self.coefficients.shape
-        g = self.depth_groups
-        basis = ops.reshape(ops.cast(self.basis, dtype), (taps, g, taps))  # (t, g, j)
-        c = ops.reshape(ops.cast(self.coefficients, dtype), (taps, g, channels // g, filters))
-        w = ops.einsum("tgj,jgco->tgco", basis, c)
-        return ops.reshape(w, (kh, kw, channels, filters))
+        # The depthwise kernel (kh, kw, g, j) holds basis filter j at its taps.
+        rows = ops.transpose(ops.reshape(self.basis, (taps, self.depth_groups, taps)), (1, 2, 0))
+        coefficients = ops.reshape(self.coefficients, (*self.kernel_size, channels, filters))
+        return combine_basis(rows, coefficients, dtype)
 
     def call(self, inputs):
         x = inputs
