@@ -604,9 +604,11 @@ def _basis_transform_nonzeros(layer, transform_conv, params, macs, input_shape):
     `layer` is the `TransformConv2D` itself (a `FilterBasisTransformConv2D`
     or a plain one) or the `InterspacePruning` wrapping it.
     """
+    from tf_transform_conv import unstructured  # it imports pruning, which imports this
+
     if isinstance(layer, keras.layers.Wrapper):
         coefficients, basis = layer.coefficients, np.asarray(layer.basis_filters)
-    elif hasattr(layer, "basis_filters"):
+    elif isinstance(layer, unstructured.FilterBasisTransformConv2D):
         kh, kw, c, n = layer.base_kernel.shape
         coefficients = np.asarray(layer.base_kernel).reshape(kh * kw, c, n)
         basis = np.asarray(layer.basis_filters)

@@ -68,6 +68,7 @@ from keras import ops
 
 from tf_transform_conv import families as families_lib
 from tf_transform_conv import transforms as transforms_lib
+from tf_transform_conv.unstructured import FilterBasisTransformConv2D
 
 __all__ = [
     "AUTO_DENSE_MAX_GROWTH",
@@ -267,8 +268,9 @@ def grouped_skip_reason(layer):
 
 def _filter_basis(layer):
     """`(basis_groups, taps, taps)` of a layer whose bases live in a filter basis, else None."""
-    basis = getattr(layer, "basis_filters", None)
-    return None if basis is None else np.asarray(keras.ops.convert_to_numpy(basis), np.float32)
+    if not isinstance(layer, FilterBasisTransformConv2D):
+        return None
+    return np.asarray(keras.ops.convert_to_numpy(layer.basis_filters), np.float32)
 
 
 def grouped_plan(layer):
