@@ -317,7 +317,7 @@ class MagnitudeZeroing:
             self.masks.append(mask)
 
     def update(self, step):
-        from tf_transform_conv.assignment import kept_filters
+        from tf_transform_conv.ops.assignment import kept_filters
 
         should, sparsity = self.schedule(step)
         if not bool(should):
@@ -357,8 +357,9 @@ def dafp_removal(model, tuner, rate, match):
     thinner `removed` network's, found by bisection.
     """
     import tf_transform_conv as tc
-    from tf_transform_conv import importance as dafp
-    from tf_transform_conv.assignment import kept_filters
+    from tf_transform_conv.saliency import dafp_importance
+    from tf_transform_conv.structured import dafp_keep
+    from tf_transform_conv.ops.assignment import kept_filters
     from tf_transform_conv.structured import removal_cost
 
     thinner = cnn(tuple(kept_filters(w, rate) for w in WIDTHS), 0)
@@ -369,15 +370,15 @@ def dafp_removal(model, tuner, rate, match):
         return sum(layer.params for layer in cost.layers if layer.class_name == "Conv2D")
 
     budget = measure(tc.model_cost(thinner))
-    scores = dafp.dafp_importance(model)
+    scores = dafp_importance(model)
     low, high = 0.0, float(np.nextafter(1.0, 0.0))
     for _ in range(40):
         middle = (low + high) / 2
-        if measure(removal_cost(model, dafp.dafp_keep(model, middle, scores))) <= budget:
+        if measure(removal_cost(model, dafp_keep(model, middle, scores))) <= budget:
             high = middle
         else:
             low = middle
-    keep = dafp.dafp_keep(model, high, scores)
+    keep = dafp_keep(model, high, scores)
     tuner.detach()
     return tc.remove_filters(model, keep) if keep else model, high, budget
 
@@ -388,7 +389,7 @@ def knapsack_run(task, x, y, x_test, y_test):
     import tensorflow_model_optimization as tfmot
 
     import tf_transform_conv as tc
-    from tf_transform_conv.assignment import kept_filters
+    from tf_transform_conv.ops.assignment import kept_filters
     from tf_transform_conv.distill import InnerDistiller
 
     row, rate, seed, cfg = task["row"], task["rate"], task["seed"], task["config"]
@@ -403,7 +404,7 @@ def knapsack_run(task, x, y, x_test, y_test):
     dense_cost = tc.model_cost(teacher)
     thinner = tc.model_cost(cnn(tuple(kept_filters(w, rate) for w in WIDTHS), seed))
     target = thinner.params if match == "params" else thinner.macs
-    importance = tc.knapsack.filter_importance(teacher, (x, y), num_batches=16,
+    importance = tc.saliency.filter_importance(teacher, (x, y), num_batches=16,
                                                batch_size=BATCH)
     optimizer = keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(
         LEARNING_RATE, total))
@@ -434,7 +435,12 @@ def knapsack_run(task, x, y, x_test, y_test):
         end = max(frequency, int(PRUNE_FRACTION * total) // frequency * frequency)
         schedule = tfmot.sparsity.keras.PolynomialDecay(0.0, rate, 0, end, power=1,
                                                         frequency=frequency)
-        model = tc.prune_model(teacher, schedule, transforms="d4", scale=True, budget=plan)
+        model = tc.prune_model(
+            teacher,
+            schedule,
+            budget=plan,
+            reconstruction=tc.Reconstruction(transforms="d4", scale=True),
+        )
         model.compile(optimizer=optimizer, loss=loss, jit_compile=True)
         model.fit(x, y, batch_size=BATCH, epochs=cfg["epochs"], verbose=0, shuffle=True,
                   callbacks=[tc.UpdateTransformPruningStep()])
@@ -457,7 +463,7 @@ def run_one(task):
     import tensorflow_model_optimization as tfmot
 
     import tf_transform_conv as tc
-    from tf_transform_conv.assignment import kept_filters
+    from tf_transform_conv.ops.assignment import kept_filters
 
     row, rate, seed, cfg = task["row"], task["rate"], task["seed"], task["config"]
     start = time.perf_counter()
@@ -497,7 +503,7 @@ def run_one(task):
             model = tc.prune_interspace(model, schedule, basis=UNSTRUCTURED[base])
         callbacks.append(tc.UpdateTransformPruningStep())
     elif base in PRUNED:
-        model = tc.prune_model(model, schedule, scale=True, **PRUNED[base])
+        model = tc.prune_model(model, schedule, tc.Reconstruction(scale=True, **PRUNED[base]))
         callbacks.append(tc.UpdateTransformPruningStep())
     elif base == "zeroed":
         zeroing = MagnitudeZeroing(model, schedule)
@@ -518,7 +524,7 @@ def run_one(task):
         loss=loss, jit_compile=True,
     )
     if base in DAFP:
-        from tf_transform_conv.importance import SparsityTuner
+        from tf_transform_conv.structured import SparsityTuner
 
         channels = sum(WIDTHS)
         kept = sum(kept_filters(w, rate) for w in WIDTHS)
@@ -579,8 +585,11 @@ def one_shot(dense, x, x_test, y_test, rates):
     rows = []
     for family, transforms in (("discrete", "d4"), ("scalar", "identity")):
         for rate in rates:
-            converted, _ = tc.transform_model(dense, sparsity=rate, transforms=transforms,
-                                              scale=True, transform_family=family)
+            converted, _ = tc.transform_model(
+                dense,
+                sparsity=rate,
+                reconstruction=tc.Reconstruction(transforms=transforms, transform_family=family, scale=True),
+            )
             before = score(converted)
             tc.recalibrate_batch_norm(converted, x, num_batches=RECALIBRATE_BATCHES,
                                       batch_size=BATCH)

@@ -34,7 +34,7 @@ import numpy as np  # noqa: E402
 
 import common  # noqa: E402  (benchmarks/common.py, beside this script)
 import tf_transform_conv  # noqa: E402
-from tf_transform_conv.assignment import fit_assignment  # noqa: E402
+from tf_transform_conv.ops.assignment import fit_assignment  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "assignment_speed.json"
 TARGET_S = 2.0

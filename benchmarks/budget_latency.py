@@ -50,7 +50,7 @@ import common  # noqa: E402  (benchmarks/common.py, beside this script)
 import tf_transform_conv as tc  # noqa: E402
 from tf_transform_conv.budget import Budget  # noqa: E402
 from tf_transform_conv.budget import plan_budget  # noqa: E402
-from tf_transform_conv.knapsack import LatencyTable  # noqa: E402
+from tf_transform_conv.export import LatencyTable  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -113,7 +113,7 @@ def main(argv=None):
     path, result = export(dense, folder, "dense")
     rows.append(dict(variant="dense", path=path, bytes=result.bytes,
                      params=int(tc.model_cost(dense).params)))
-    dense_ms = tc.knapsack.tflite_latency(path, args.threads, repeats=args.repeats,
+    dense_ms = tc.export.tflite_latency(path, args.threads, repeats=args.repeats,
                                           min_seconds=args.loop_seconds)
     print(f"dense: {dense_ms:.3f} ms, {result.bytes:,} bytes", flush=True)
 
@@ -124,7 +124,7 @@ def main(argv=None):
         plan_dense = sum(
             table.layer_latency(layer, shapes[layer.name]) for layer in dense.layers
             if isinstance(layer, keras.layers.Conv2D)
-            and not tc.rewrite.skip_reason(layer, "d4"))
+            and not tc.reconstruction.skip_reason(layer, "d4"))
         print(f"dense convolutions in the table: {plan_dense:.3f} ms", flush=True)
     ratios = tuple(float(fractions.Fraction(r)) for r in args.ratios_options)
     infeasible = []

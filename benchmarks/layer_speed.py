@@ -62,8 +62,8 @@ import tensorflow as tf  # noqa: E402
 import common  # noqa: E402  (benchmarks/common.py, beside this script)
 import tf_transform_conv  # noqa: E402
 from tf_transform_conv import TransformConv2D  # noqa: E402
-from tf_transform_conv import families as tc_families  # noqa: E402
-from tf_transform_conv import layers as tc_layers  # noqa: E402
+from tf_transform_conv.ops import families as tc_families  # noqa: E402
+from tf_transform_conv.layers import transform_conv as tc_layers  # noqa: E402
 
 RESNET_SHAPES = (
     "32x32x16",

@@ -80,7 +80,7 @@ import common  # noqa: E402  (benchmarks/common.py, beside this script)
 from tf_transform_conv import build_model, conv_factory  # noqa: E402
 from tf_transform_conv.cost import model_cost  # noqa: E402
 from tf_transform_conv.export import deployment_model  # noqa: E402
-from tf_transform_conv.rewrite import graph_nodes  # noqa: E402
+from tf_transform_conv.graph import graph_nodes  # noqa: E402
 from tf_transform_conv.export import export_tflite, verify_tflite  # noqa: E402
 from tf_transform_conv.layers import TransformConv2D  # noqa: E402
 

@@ -15,7 +15,7 @@ float32 files are written with `export.export_tflite`:
 
     dense     the twin, exported as it is (it holds no TransformConv2D)
     grouped   lowering="grouped": a 1x1 product CONV_2D, then a grouped
-              CONV_2D spreading the products (`tf_transform_conv.lowering`)
+              CONV_2D spreading the products (`tf_transform_conv.export.grouped`)
     slices    lowering="slices": the Keras factored path, a product then
               strided slices and additions
     scalar    the same layer with `transform_family="scalar"` (the same bases,
@@ -85,12 +85,13 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import common  # noqa: E402  (benchmarks/common.py, beside this script)
-from tf_transform_conv.assignment import fit_assignment  # noqa: E402
+from tf_transform_conv.ops.assignment import fit_assignment  # noqa: E402
 from tf_transform_conv.cost import model_cost  # noqa: E402
 from tf_transform_conv.export import TFLiteMismatchError  # noqa: E402
 from tf_transform_conv.export import export_tflite, verify_tflite  # noqa: E402
 from tf_transform_conv.layers import TransformConv2D  # noqa: E402
-from tf_transform_conv.lowering import grouped_plan, lowering_choice  # noqa: E402
+from tf_transform_conv.export.grouped import grouped_plan  # noqa: E402
+from tf_transform_conv.export.lowering import lowering_choice  # noqa: E402
 from tf_transform_conv.models import DEFAULT_TRANSFORMS  # noqa: E402
 
 SHAPES = (

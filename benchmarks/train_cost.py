@@ -113,8 +113,11 @@ def build(config):
     x = keras.layers.GlobalAveragePooling2D()(x)
     model = keras.Model(inputs, keras.layers.Dense(10)(x))
     if kind == "converted":
-        model, _ = tc.transform_model(model, sparsity=0.75, transforms="d4", scale=True,
-                                      transform_family=family)
+        model, _ = tc.transform_model(
+            model,
+            sparsity=0.75,
+            reconstruction=tc.Reconstruction(transforms="d4", transform_family=family, scale=True),
+        )
         if path != "auto":
             def force(layer):
                 if isinstance(layer, tc.TransformConv2D):
@@ -123,7 +126,7 @@ def build(config):
                     return tc.TransformConv2D.from_config(layer_config), layer.get_weights()
                 return None
 
-            model = tc.rewrite.rewrite_model(model, force)
+            model = tc.graph.rewrite_model(model, force)
     return model
 
 

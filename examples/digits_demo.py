@@ -33,12 +33,13 @@ import tensorflow as tf  # noqa: E402
 from sklearn.datasets import load_digits  # noqa: E402
 from sklearn.model_selection import train_test_split  # noqa: E402
 
+from tf_transform_conv import Reconstruction  # noqa: E402
 from tf_transform_conv import TransformConv2D  # noqa: E402
 from tf_transform_conv import UpdateTransformPruningStep  # noqa: E402
+from tf_transform_conv import model_cost  # noqa: E402
 from tf_transform_conv import prune_model  # noqa: E402
 from tf_transform_conv import strip_model  # noqa: E402
-from tf_transform_conv import transforms as transforms_lib  # noqa: E402
-from tf_transform_conv.cost import model_cost  # noqa: E402
+from tf_transform_conv.ops import transforms as transforms_lib  # noqa: E402
 
 # The transforms that reconstruct the other filters from each base, per base
 # ratio: with the default assignment, `filters = base_filters * len(transforms)`.
@@ -366,7 +367,8 @@ def prune_and_strip(dense, data, args):
         frequency=max(1, steps // 30),
     )
     keras.utils.set_random_seed(args.seed)
-    wrapped = prune_model(dense, schedule, transforms="d4", scale=True)
+    wrapped = prune_model(
+        dense, schedule, reconstruction=Reconstruction(transforms="d4", scale=True))
     training = compile_and_fit(
         wrapped, data, args, args.prune_epochs, args.learning_rate,
         callbacks=[UpdateTransformPruningStep()],

@@ -346,6 +346,7 @@ with quiet_tensorflow_startup():
     import numpy as np
     import tensorflow as tf
 
+    from tf_transform_conv import Reconstruction
     from tf_transform_conv import TransformConv2D
     from tf_transform_conv import UpdateTransformPruningStep
     from tf_transform_conv import build_model
@@ -359,8 +360,8 @@ with quiet_tensorflow_startup():
     from tf_transform_conv.distill import InnerDistiller
     from tf_transform_conv.models import DEFAULT_TRANSFORMS
     from tf_transform_conv.models import MODELS
-    from tf_transform_conv.transforms import PRESETS as TRANSFORM_PRESETS
-    from tf_transform_conv.transforms import resolve_transforms
+    from tf_transform_conv.ops.transforms import PRESETS as TRANSFORM_PRESETS
+    from tf_transform_conv.ops.transforms import resolve_transforms
 
 
 def check_model_flags(args):
@@ -843,12 +844,13 @@ def model_conv(args):
                         transform_family=args.transform_family)
 
 
-def selection(args):
-    """The template-selection arguments `prune_model` and `transform_model` share."""
-    return dict(criterion=args.criterion, allocation=args.allocation,
-                min_bases=args.min_bases, assign=args.assign,
-                subtract_mean=args.subtract_mean, transform_family=args.transform_family,
-                depth_groups=args.depth_groups, scale=args.scale)
+def reconstruction(args):
+    """How pruned filters are rebuilt: the settings `prune_model` and `transform_model` share."""
+    return Reconstruction(
+        transforms=args.transforms or "d4", transform_family=args.transform_family,
+        criterion=args.criterion, assign=args.assign, scale=args.scale,
+        depth_groups=args.depth_groups, allocation=args.allocation,
+        min_bases=args.min_bases, subtract_mean=args.subtract_mean)
 
 
 def make_model(args, num_classes, steps_per_epoch, run_dir, train=None, chief=True,
@@ -876,7 +878,6 @@ def make_model(args, num_classes, steps_per_epoch, run_dir, train=None, chief=Tr
         if args.mode == "convert":
             warnings.warn("--mode convert without --init-from converts a freshly "
                           "initialised dense model; pass a trained dense checkpoint.")
-    transforms = args.transforms or "d4"
     total_steps = args.epochs * steps_per_epoch
     if args.mode == "prune":
         import tensorflow_model_optimization as tfmot  # only here: it switches tf.keras
@@ -894,7 +895,7 @@ def make_model(args, num_classes, steps_per_epoch, run_dir, train=None, chief=Tr
             initial_sparsity=0.0, final_sparsity=args.final_sparsity,
             begin_step=begin, end_step=end, power=args.prune_power, frequency=frequency,
         )
-        model = prune_model(model, schedule, transforms=transforms, **selection(args))
+        model = prune_model(model, schedule, reconstruction(args))
         origin += (f"; pruned at steps {begin}..{end} every {frequency} "
                    f"({args.criterion}, {args.allocation}, {args.assign})")
     elif args.mode == "convert":
@@ -905,9 +906,9 @@ def make_model(args, num_classes, steps_per_epoch, run_dir, train=None, chief=Tr
             conversion = json.loads(report.read_text()) if report.is_file() else None
         else:
             model, layers = transform_model(
-                model, base_ratio=args.base_ratio, transforms=transforms,
+                model, base_ratio=args.base_ratio, reconstruction=reconstruction(args),
                 recalibrate=train if args.recalibrate_batches else None,
-                recalibrate_batches=max(1, args.recalibrate_batches), **selection(args))
+                recalibrate_batches=max(1, args.recalibrate_batches))
             conversion = [layer.to_dict() for layer in layers]
             if chief:
                 model.save(converted)

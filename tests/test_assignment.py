@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 
 import reference
-from tf_transform_conv import assignment as assignment_lib
-from tf_transform_conv import families
-from tf_transform_conv import transforms as transforms_lib
-from tf_transform_conv.assignment import AssignmentFit
-from tf_transform_conv.assignment import fit_assignment
-from tf_transform_conv.assignment import reconstruction_error
+from tf_transform_conv.ops import assignment as assignment_lib
+from tf_transform_conv.ops import families
+from tf_transform_conv.ops import transforms as transforms_lib
+from tf_transform_conv.ops.assignment import AssignmentFit
+from tf_transform_conv.ops.assignment import fit_assignment
+from tf_transform_conv.ops.assignment import reconstruction_error
 
 EXACT = 1e-10
 

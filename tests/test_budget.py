@@ -6,10 +6,11 @@ import pytest
 import tensorflow_model_optimization as tfmot
 
 import tf_transform_conv as tc
-from tf_transform_conv import budget as budget_lib
 from tf_transform_conv.budget import Budget
 from tf_transform_conv.budget import plan_budget
 from tf_transform_conv.cost import model_cost
+from tf_transform_conv.pruning.schedules import ScaledSchedule
+from tf_transform_conv.saliency import filter_importance
 
 
 def small_model(seed=0):
@@ -77,7 +78,7 @@ def test_full_budget_keeps_every_layer_dense():
 
 def test_importance_weights_the_layers(labelled):
     model = small_model()
-    importance = tc.knapsack.filter_importance(model, labelled, num_batches=1)
+    importance = filter_importance(model, labelled, num_batches=1)
     plan = plan_budget(model, Budget(params=0.5), importance=importance)
     for choice in plan.choices:
         weight = importance[choice.name].sum()
@@ -167,7 +168,7 @@ def test_prune_model_with_budget_reaches_the_plan(tmp_path):
     pruned.save(path)
     reloaded = keras.saving.load_model(path, safe_mode=True)
     schedules = [l.schedule for l in reloaded.layers if isinstance(l, tc.TransformPruning)]
-    assert all(isinstance(s, budget_lib.ScaledSchedule) for s in schedules)
+    assert all(isinstance(s, ScaledSchedule) for s in schedules)
     stripped = tc.strip_model(pruned)
     bases = {l.name: l.base_filters for l in stripped.layers
              if type(l).__name__ == "TransformConv2D"}

@@ -12,9 +12,10 @@ import pytest
 
 import tf_transform_conv as tc
 from tf_transform_conv import TransformConv2D
-from tf_transform_conv import channel_order
 from tf_transform_conv import export
-from tf_transform_conv.models import ChannelPad
+from tf_transform_conv.export import channel_order
+from tf_transform_conv.layers import ChannelGather
+from tf_transform_conv.layers import ChannelPad
 
 RTOL = 1e-5
 
@@ -245,13 +246,13 @@ def test_quantized_files_match(resnet, tmp_path, quantization, rtol):
 
 
 def test_channel_gather_layer_round_trip():
-    layer = channel_order.ChannelGather([2, 0, 1])
+    layer = ChannelGather([2, 0, 1])
     x = np.arange(6, dtype="float32").reshape(2, 3)
     np.testing.assert_array_equal(layer(x), x[:, [2, 0, 1]])
-    clone = channel_order.ChannelGather.from_config(layer.get_config())
+    clone = ChannelGather.from_config(layer.get_config())
     assert clone.indices == [2, 0, 1]
     with pytest.raises(ValueError, match="permutation of range\\(3\\)"):
-        channel_order.ChannelGather([0, 0, 1])
+        ChannelGather([0, 0, 1])
 
 
 def test_keep_order_must_be_bool(resnet, tmp_path):

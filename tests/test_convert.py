@@ -7,6 +7,7 @@ import pytest
 import tf_transform_conv as tc
 from tf_transform_conv import TransformConv2D
 from tf_transform_conv.cost import parameter_formula
+from tf_transform_conv.ops.assignment import fit_assignment
 
 
 def assert_close(a, b, rtol):
@@ -42,7 +43,8 @@ def x():
 
 def test_sparsity_zero_is_exact_and_structure_is_kept(x):
     model = nested_model()
-    new, report = tc.transform_model(model, sparsity=0.0, transforms="d4")
+    new, report = tc.transform_model(
+        model, sparsity=0.0, reconstruction=tc.Reconstruction(transforms="d4"))
     assert_close(new(x), model(x), 1e-5)
     status = {r.name: (r.converted, r.reason) for r in report}
     assert status["stem"][0] and status["shared"][0] and status["inner"][0]
@@ -57,7 +59,12 @@ def test_sparsity_zero_is_exact_and_structure_is_kept(x):
 
 def test_conversion_report_and_parameters(x):
     model = nested_model()
-    new, report = tc.transform_model(model, base_ratio=0.25, transforms="rotations", layers=["stem", "shared"])
+    new, report = tc.transform_model(
+        model,
+        base_ratio=0.25,
+        layers=["stem", "shared"],
+        reconstruction=tc.Reconstruction(transforms="rotations"),
+    )
     by_name = {r.name: r for r in report}
     assert by_name["stem"].base_filters == 2 and by_name["stem"].converted
     assert by_name["stem"].params_after == parameter_formula(3, 3, 8, 2, True, True)
@@ -71,8 +78,9 @@ def test_conversion_report_and_parameters(x):
 def test_fitted_layer_holds_the_fit(x):
     """At a real sparsity, the converted layer's kernel is the fitted reconstruction."""
     model = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Conv2D(16, 3, name="c")])
-    new, report = tc.transform_model(model, sparsity=0.5, transforms="d4", depth_groups=1)
-    fit = tc.assignment.fit_assignment(np.asarray(model.layers[0].kernel), 8, transforms="d4")
+    new, report = tc.transform_model(
+        model, sparsity=0.5, reconstruction=tc.Reconstruction(transforms="d4", depth_groups=1))
+    fit = fit_assignment(np.asarray(model.layers[0].kernel), 8, transforms="d4")
     assert_close(new.layers[0].materialized_kernel(), fit.reconstruct(), 1e-6)
     assert report[0].error == pytest.approx(fit.layer_error, rel=1e-6)
 
@@ -80,13 +88,16 @@ def test_fitted_layer_holds_the_fit(x):
 @pytest.mark.parametrize("family", ["scalar", "rotation", "affine", "general"])
 def test_learned_family_starts_at_its_least_squares_fit(x, family, tmp_path):
     model = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Conv2D(16, 3, name="c")])
-    new, report = tc.transform_model(model, sparsity=0.5, transforms="d4",
-                                     transform_family=family)
+    new, report = tc.transform_model(
+        model,
+        sparsity=0.5,
+        reconstruction=tc.Reconstruction(transforms="d4", transform_family=family),
+    )
     layer = new.layers[0]
     kernel = np.asarray(model.layers[0].kernel)
-    fit = tc.assignment.fit_assignment(kernel, 8, transforms="d4", transform_family=family)
+    fit = fit_assignment(kernel, 8, transforms="d4", transform_family=family)
     assert_close(layer.materialized_kernel(), fit.reconstruct(), 1e-6)
-    discrete = tc.assignment.fit_assignment(kernel, 8, transforms="d4")
+    discrete = fit_assignment(kernel, 8, transforms="d4")
     assert report[0].error == pytest.approx(fit.layer_error, rel=1e-6)
     assert report[0].error < discrete.layer_error  # the learned operators help
     assert layer.transform_family == family
@@ -109,9 +120,11 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match=r"No eligible layer is named \['nope'\]"):
         tc.transform_model(model, sparsity=0.5, layers=["nope"])
     with pytest.raises(ValueError, match="must include 'identity'"):
-        tc.transform_model(model, sparsity=0.5, transforms=["rot90", "rot180"])
+        tc.transform_model(
+            model, sparsity=0.5, reconstruction=tc.Reconstruction(transforms=["rot90", "rot180"]))
     with pytest.raises(ValueError, match=r"transform_family.*Received transform_family='spin'"):
-        tc.transform_model(model, sparsity=0.5, transform_family="spin")
+        tc.transform_model(
+            model, sparsity=0.5, reconstruction=tc.Reconstruction(transform_family="spin"))
 
 
 @pytest.mark.slow
@@ -133,7 +146,8 @@ def test_keras_applications_convert_run_and_save(builder, tmp_path):
     assert [type(l).__name__ for l in exact.layers if not isinstance(l, TransformConv2D)] == [
         type(l).__name__ for l in model.layers if l.name not in {r.name for r in report if r.converted}
     ]
-    compact, report = tc.transform_model(model, sparsity=0.5, transforms="d4")
+    compact, report = tc.transform_model(
+        model, sparsity=0.5, reconstruction=tc.Reconstruction(transforms="d4"))
     converted = [r for r in report if r.converted]
     assert converted, "no layer converted"
     assert all(r.params_after < r.params_before for r in converted)
@@ -153,7 +167,9 @@ def test_bad_option_types_are_named():
         (dict(criterion="random"), r"Received criterion='random'"),
     ]:
         with pytest.raises(ValueError, match=message):
-            tc.transform_model(model, sparsity=0.5, **kwargs)
+            layers = kwargs.pop("layers", None)
+            tc.transform_model(model, sparsity=0.5, reconstruction=tc.Reconstruction(**kwargs),
+                               layers=layers)
     with pytest.raises(ValueError, match=r"Expected sparsity in \[0, 1\)\. Received sparsity='0\.5'\."):
         tc.transform_model(model, sparsity="0.5")
     with pytest.raises(ValueError, match=r"Expected base_ratio in \(0, 1\]\. Received base_ratio=True\."):
@@ -163,14 +179,16 @@ def test_bad_option_types_are_named():
 def test_depth_groups_that_do_not_divide_the_stem_give_it_one_group(x):
     """An RGB stem gets one depth group, the rest the requested two."""
     model = nested_model()
-    new, report = tc.transform_model(model, sparsity=0.0, depth_groups=2)
+    new, report = tc.transform_model(
+        model, sparsity=0.0, reconstruction=tc.Reconstruction(depth_groups=2))
     assert new.get_layer("stem").depth_groups == 1
     assert new.get_layer("shared").depth_groups == 2
     assert new.get_layer("block").get_layer("inner").depth_groups == 2
     assert_close(new(x), model(x), 1e-5)
     stem = model.get_layer("stem")
-    fit = tc.assignment.fit_assignment(np.asarray(stem.kernel), 4, transforms="d4", depth_groups=1)
-    fitted, _ = tc.transform_model(model, sparsity=0.5, depth_groups=2, layers=["stem"])
+    fit = fit_assignment(np.asarray(stem.kernel), 4, transforms="d4", depth_groups=1)
+    fitted, _ = tc.transform_model(
+        model, sparsity=0.5, layers=["stem"], reconstruction=tc.Reconstruction(depth_groups=2))
     assert_close(fitted.get_layer("stem").materialized_kernel(), fit.reconstruct(), 1e-6)
 
 

@@ -585,8 +585,8 @@ def test_pruning_wrapper_costs_what_it_computes(family, scale, depth_groups):
 
     keras.utils.set_random_seed(0)
     model = keras.Sequential([keras.Input((8, 8, 4)), keras.layers.Conv2D(16, 3, padding="same", name="c")])
-    options = dict(transform_family=family, scale=scale, depth_groups=depth_groups)
-    wrapped = tc.prune_model(model, lambda step: (True, 0.5), **options)
+    options = tc.Reconstruction(transform_family=family, scale=scale, depth_groups=depth_groups)
+    wrapped = tc.prune_model(model, lambda step: (True, 0.5), options)
     tc.update_pruning_step(wrapped, 0)
     wrapper = wrapped.layers[0]
     x = np.random.default_rng(0).normal(size=(2, 8, 8, 4)).astype("float32")
@@ -604,7 +604,7 @@ def test_pruning_wrapper_costs_what_it_computes(family, scale, depth_groups):
     assert entry.params == sum(int(np.prod(v.shape)) for v in wrapper.trainable_weights)
     assert wrapper.count_params() > entry.params  # step, mask and assignment table left out
     unbuilt = pruning.TransformPruning(keras.layers.Conv2D(16, 3, padding="same", name="u"),
-                                       lambda step: (True, 0.5), **options)
+                                       lambda step: (True, 0.5), options)
     assert layer_cost(unbuilt, (8, 8, 4)) == dataclasses.replace(entry, name=unbuilt.name)
 
 

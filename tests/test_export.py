@@ -15,7 +15,9 @@ import tf_transform_conv as tc
 from tf_transform_conv import TransformConv2D
 from tf_transform_conv import cli
 from tf_transform_conv import export
-from tf_transform_conv import lowering as lowering_lib
+from tf_transform_conv.export import checks as export_checks
+from tf_transform_conv.export import grouped as grouped_lib
+from tf_transform_conv.export import lowering as lowering_lib
 
 from tflite_util import FIXED_OVERHEAD
 from tflite_util import overhead_allowance
@@ -248,7 +250,8 @@ def converted_uneven_model(seed=1):
         conv.kernel.assign(
             rng.normal(0, np.sqrt(2 / fan_in), conv.kernel.shape).astype("float32"))
         conv.bias.assign(rng.normal(0, 0.1, conv.bias.shape).astype("float32"))
-    model, _ = tc.transform_model(model, sparsity=0.75, transforms="d4")
+    model, _ = tc.transform_model(
+        model, sparsity=0.75, reconstruction=tc.Reconstruction(transforms="d4"))
     return model
 
 
@@ -259,7 +262,7 @@ def test_auto_writes_uneven_assignments_grouped(tmp_path):
     model = converted_uneven_model()
     layers = [layer for layer in model.layers if isinstance(layer, TransformConv2D)]
     paddings = [
-        lowering_lib.grouped_plan(layer).spread_outputs() / layer.filters for layer in layers
+        grouped_lib.grouped_plan(layer).spread_outputs() / layer.filters for layer in layers
     ]
     assert len(layers) == 2 and max(paddings) > 2.0, paddings  # uneven enough to matter
     auto = export.export_tflite(model, tmp_path / "auto.tflite")
@@ -395,7 +398,7 @@ def test_unwritable_paths_fail_before_converting(tmp_path, monkeypatch):
         raise PermissionError(13, "Permission denied")
 
     # Running as root, chmod cannot make a folder unwritable: simulate it.
-    monkeypatch.setattr(export.tempfile, "NamedTemporaryFile", denied)
+    monkeypatch.setattr(export_checks.tempfile, "NamedTemporaryFile", denied)
     with pytest.raises(ValueError, match="is not writable"):
         export.export_tflite(model, tmp_path / "m.tflite")
 

@@ -11,8 +11,8 @@ import tensorflow as tf
 from scipy import ndimage
 
 import reference
-from tf_transform_conv import families
-from tf_transform_conv import transforms as transforms_lib
+from tf_transform_conv.ops import families
+from tf_transform_conv.ops import transforms as transforms_lib
 
 LEARNED = ("scalar", "rotation", "affine", "general")
 KERNEL_SIZES = [(3, 3), (5, 5), (3, 5), (2, 3), (1, 1)]

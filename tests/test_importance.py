@@ -4,7 +4,8 @@ import keras
 import numpy as np
 import pytest
 
-from tf_transform_conv import importance as dafp
+from tf_transform_conv.saliency import dafp_importance
+from tf_transform_conv.structured import dafp
 from tf_transform_conv.structured import remove_filters
 
 
@@ -33,7 +34,7 @@ def hand_built(seed=0):
 
 def test_importance_matches_numpy():
     model = hand_built()
-    got = dafp.dafp_importance(model)
+    got = dafp_importance(model)
 
     def weight(name):
         return model.get_layer(name).get_weights()[0]
@@ -62,7 +63,7 @@ def test_single_pair_is_the_paper_formula():
     model.get_layer("bn").gamma.assign(np.linspace(-1, 1, 6))
     kernel = model.get_layer("next").get_weights()[0]
     expected = np.abs(np.linspace(-1, 1, 6)) * np.abs(kernel).mean(axis=(0, 1, 3))
-    np.testing.assert_allclose(dafp.dafp_importance(model)["conv"], expected, rtol=1e-6)
+    np.testing.assert_allclose(dafp_importance(model)["conv"], expected, rtol=1e-6)
 
 
 def test_keep_and_threshold():
@@ -80,7 +81,7 @@ def test_keep_and_threshold():
 
 def test_keep_feeds_remove_filters():
     model = hand_built()
-    scores = dafp.dafp_importance(model)
+    scores = dafp_importance(model)
     keep = dafp.dafp_keep(model, 0.5, scores)
     for name, kept in keep.items():
         np.testing.assert_array_equal(kept, np.flatnonzero(scores[name] > 0.5 * scores[name].max()))

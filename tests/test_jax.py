@@ -16,7 +16,7 @@ SCRIPT = textwrap.dedent(
     import numpy as np, keras, tensorflow_model_optimization as tfmot
     assert keras.backend.backend() == "jax"
     import tf_transform_conv as tc
-    from tf_transform_conv.assignment import kept_filters
+    from tf_transform_conv.ops.assignment import kept_filters
 
     keras.utils.set_random_seed(0)
     inputs = keras.Input((10, 10, 16))
@@ -28,8 +28,8 @@ SCRIPT = textwrap.dedent(
     model = keras.Model(inputs, outputs)
     schedule = tfmot.sparsity.keras.PolynomialDecay(0.0, 0.75, begin_step=1, end_step=9,
                                                     frequency=2)
-    wrapped = tc.prune_model(model, schedule, allocation="global", criterion="magnitude",
-                             min_bases=2)
+    wrapped = tc.prune_model(model, schedule, tc.Reconstruction(
+        allocation="global", criterion="magnitude", min_bases=2))
     wrapped.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     rng = np.random.default_rng(0)
     x = rng.normal(size=(32, 10, 10, 16)).astype("float32")

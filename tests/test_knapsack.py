@@ -7,9 +7,12 @@ import keras
 import numpy as np
 import pytest
 
-from tf_transform_conv import knapsack
+from tf_transform_conv.export import LatencyTable
 from tf_transform_conv.knapsack import solve_knapsack
 from tf_transform_conv.knapsack import solve_multiple_choice
+from tf_transform_conv.saliency import filter_importance
+from tf_transform_conv.structured import knapsack_removal
+from tf_transform_conv.structured import knapsack as knapsack_removal_lib
 
 
 def brute_force(values, weights, capacity):
@@ -150,7 +153,7 @@ def test_filter_importance_equals_numpy():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(6, 5, 5, 2)).astype("float32")
     y = rng.normal(size=(6, 2)).astype("float32")
-    scores = knapsack.filter_importance(model, (x, y), num_batches=2, batch_size=3)
+    scores = filter_importance(model, (x, y), num_batches=2, batch_size=3)
     # Reference: numpy gradient of the mean squared error through conv -> dense.
     kernel, bias = (np.asarray(w, "float64") for w in model.get_layer("conv").weights)
     dense_w, dense_b = (np.asarray(w, "float64") for w in model.get_layer("head").weights)
@@ -170,7 +173,7 @@ def test_filter_importance_equals_numpy():
 def test_filter_importance_needs_compiled_model():
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
     with pytest.raises(ValueError, match="compile the model"):
-        knapsack.filter_importance(model, (np.ones((2, 4)), np.ones((2, 2))))
+        filter_importance(model, (np.ones((2, 4)), np.ones((2, 2))))
 
 
 # ----------------------------------------------------------------------------
@@ -189,7 +192,7 @@ def test_group_costs_bound_the_exact_cost():
     # conv1 (3 -> A), bn1 (A), conv2 (A -> B), head (B -> 10): params
     groups = [Group("A", ["conv1"], ["bn1", "conv2"], 8), Group("B", ["conv2"], ["head"], 6)]
     totals = {"conv1": 9 * 3 * 8, "bn1": 4 * 8, "conv2": 9 * 8 * 6, "head": 6 * 10, "x": 7}
-    costs = knapsack.GroupCosts(groups, totals, fixed=0)
+    costs = knapsack_removal_lib.GroupCosts(groups, totals, fixed=0)
     assert costs.dense() == sum(totals.values())
     kept = np.array([4, 3])
     exact = 7 + 9 * 3 * 4 + 4 * 4 + 9 * 4 * 3 + 3 * 10
@@ -201,11 +204,11 @@ def test_group_costs_bound_the_exact_cost():
 
 def test_latency_table_caches(tmp_path):
     path = tmp_path / "latency.json"
-    table = knapsack.LatencyTable(path, repeats=2, min_seconds=0.005)
+    table = LatencyTable(path, repeats=2, min_seconds=0.005)
     conv = keras.layers.Conv2D(8, 3, name="a")
     first = table.layer_latency(conv, (8, 8, 4))
     assert first > 0 and table.measured == 1
-    again = knapsack.LatencyTable(path)
+    again = LatencyTable(path)
     # Another name, same configuration: the cached entry.
     assert again.layer_latency(keras.layers.Conv2D(8, 3, name="b"), (8, 8, 4)) == first
     assert again.measured == 0
@@ -242,7 +245,7 @@ def test_knapsack_removal_meets_budget(labelled, cost, method):
     from tf_transform_conv.cost import model_cost
 
     model = residual_model()
-    small, removal = knapsack.knapsack_removal(model, labelled, budget=0.5, cost=cost,
+    small, removal = knapsack_removal(model, labelled, budget=0.5, cost=cost,
                                                method=method, num_batches=2)
     before, after = model_cost(model), model_cost(small)
     measured = after.params if cost == "params" else after.macs
@@ -257,8 +260,8 @@ def test_knapsack_removal_meets_budget(labelled, cost, method):
 
 def test_knapsack_removal_keeps_most_important_channels(labelled):
     model = residual_model()
-    importance = knapsack.filter_importance(model, labelled, num_batches=2)
-    _, removal = knapsack.knapsack_removal(model, labelled, budget=0.6,
+    importance = filter_importance(model, labelled, num_batches=2)
+    _, removal = knapsack_removal(model, labelled, budget=0.6,
                                            importance=importance)
     scores = removal.importance["conv_a"]
     np.testing.assert_allclose(scores, importance["conv_a"])
@@ -273,7 +276,7 @@ def test_knapsack_removal_keeps_most_important_channels(labelled):
 
 def test_knapsack_removal_full_budget_changes_nothing(labelled):
     model = residual_model()
-    small, removal = knapsack.knapsack_removal(model, labelled, budget=1.0, num_batches=1)
+    small, removal = knapsack_removal(model, labelled, budget=1.0, num_batches=1)
     assert all(len(v) == w for v, w in zip(removal.keep.values(), (16, 24)))
     x = labelled[0][:4]
     np.testing.assert_allclose(small.predict(x, verbose=0), model.predict(x, verbose=0),
@@ -283,20 +286,20 @@ def test_knapsack_removal_full_budget_changes_nothing(labelled):
 def test_knapsack_removal_bad_budget(labelled):
     model = residual_model()
     with pytest.raises(ValueError, match="exactly one of `budget`"):
-        knapsack.knapsack_removal(model, labelled)
+        knapsack_removal(model, labelled)
     with pytest.raises(ValueError, match=r"`budget`\. Expected a fraction in \(0, 1\]"):
-        knapsack.knapsack_removal(model, labelled, budget=1.5)
+        knapsack_removal(model, labelled, budget=1.5)
     with pytest.raises(ValueError, match="nothing fits"):
-        knapsack.knapsack_removal(model, labelled, target=10, num_batches=1)
+        knapsack_removal(model, labelled, target=10, num_batches=1)
 
 
 def test_knapsack_removal_l2_normalisation(labelled):
     model = residual_model()
-    importance = knapsack.filter_importance(model, labelled, num_batches=2)
-    _, removal = knapsack.knapsack_removal(model, None, budget=0.5, importance=importance,
+    importance = filter_importance(model, labelled, num_batches=2)
+    _, removal = knapsack_removal(model, None, budget=0.5, importance=importance,
                                            normalize="l2")
     for name, scores in removal.importance.items():
         np.testing.assert_allclose(np.linalg.norm(scores), 1.0, rtol=1e-6)
     with pytest.raises(ValueError, match="`normalize`. Expected None or 'l2'"):
-        knapsack.knapsack_removal(model, None, budget=0.5, importance=importance,
+        knapsack_removal(model, None, budget=0.5, importance=importance,
                                   normalize="l1")

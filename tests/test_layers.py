@@ -21,8 +21,8 @@ from keras.src import testing
 
 import reference
 from tf_transform_conv import TransformConv2D
-from tf_transform_conv import families
-from tf_transform_conv import transforms as transforms_lib
+from tf_transform_conv.ops import families
+from tf_transform_conv.ops import transforms as transforms_lib
 
 RTOL = 1e-4
 IMPLEMENTATIONS = ("materialized", "factored")
@@ -652,7 +652,8 @@ def test_runs_and_matches_on_jax_backend():
         assert keras.backend.backend() == "jax"
         import sys; sys.path.insert(0, TESTS_DIR)
         import reference
-        from tf_transform_conv import TransformConv2D, families
+        from tf_transform_conv import TransformConv2D
+        from tf_transform_conv.ops import families
         rng = np.random.default_rng(0)
         x = rng.normal(size=(2, 9, 9, 4)).astype("float32")
         worst = 0.0
@@ -765,7 +766,7 @@ def test_default_assignment_needs_no_output_permutation():
 
 def test_gathered_sums_match_reference_for_every_family(monkeypatch):
     """Assignments too scattered for contiguous segments take the per-tap gather route."""
-    from tf_transform_conv import factored
+    from tf_transform_conv.ops import factored
 
     monkeypatch.setattr(factored, "MAX_SLICE_TERMS", 0)
     rng = np.random.default_rng(11)

@@ -5,10 +5,11 @@ import numpy as np
 import pytest
 
 from tf_transform_conv import TransformConv2D
-from tf_transform_conv import channel_order
 from tf_transform_conv import export
-from tf_transform_conv import lowering
-from tf_transform_conv import transforms as transforms_lib
+from tf_transform_conv.export import grouped as grouped_lib
+from tf_transform_conv.export import lowering
+from tf_transform_conv.layers import ChannelGather
+from tf_transform_conv.ops import transforms as transforms_lib
 
 from tflite_util import tensor_shapes
 
@@ -111,7 +112,7 @@ def kernel_from_phases(plan, layer):
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_plan_composes_to_the_materialized_kernel(case):
     layer = layer_model(CASES[case]).get_layer("tc")
-    plan = lowering.grouped_plan(layer)
+    plan = grouped_lib.grouped_plan(layer)
     expected = keras.ops.convert_to_numpy(layer.materialized_kernel())
     np.testing.assert_allclose(kernel_from_plan(plan, layer), expected, rtol=1e-6, atol=1e-6)
     # The spread kernel stores each operator's nonzeros: for the discrete and
@@ -133,7 +134,7 @@ def test_plan_composes_to_the_materialized_kernel(case):
     ("general_d4_stride2", None),
 ])
 def test_stride_two_layers_multiply_each_base_tap_only_on_its_phases(case, product_taps):
-    plan = lowering.grouped_plan(layer_model(CASES[case]).get_layer("tc"))
+    plan = grouped_lib.grouped_plan(layer_model(CASES[case]).get_layer("tc"))
     assert plan.product_taps() == product_taps
     if plan.phases is not None:
         # The edge phases share one product kernel: the file stores it once.
@@ -153,7 +154,7 @@ def test_stride_two_phases_match_the_layer(size, padding):
     x = np.random.default_rng(size).normal(size=(2, size, size, 8)).astype("float32")
     layer(x)
     layer.scale_weight.assign(np.random.default_rng(0).uniform(0.5, 2, 16).astype("float32"))
-    grouped = lowering.GroupedTransformConv2D.from_layer(layer)
+    grouped = grouped_lib.GroupedTransformConv2D.from_layer(layer)
     assert grouped.plan.phases is not None
     expected = keras.ops.convert_to_numpy(layer(x))
     scale = np.abs(expected).max()
@@ -170,7 +171,7 @@ def test_grouped_layer_matches_the_keras_layer_in_tensorflow(case):
 
     model = layer_model(CASES[case])
     layer = model.get_layer("tc")
-    grouped = lowering.GroupedTransformConv2D.from_layer(layer)
+    grouped = grouped_lib.GroupedTransformConv2D.from_layer(layer)
     x = np.random.default_rng(2).normal(size=(2,) + tuple(model.inputs[0].shape[1:]))
     x = x.astype("float32")
     expected = keras.ops.convert_to_numpy(layer(x))
@@ -182,11 +183,11 @@ def test_grouped_layer_matches_the_keras_layer_in_tensorflow(case):
 
 def test_default_assignment_is_restored_by_a_transpose():
     layer = layer_model(CASES["rotations_same"]).get_layer("tc")
-    plan = lowering.grouped_plan(layer)
+    plan = grouped_lib.grouped_plan(layer)
     assert plan.transpose == (4, 4) and not plan.identity
     one_base = layer_model(dict(filters=4, kernel_size=3, base_filters=1,
                                 transforms="rotations", padding="same")).get_layer("tc")
-    assert lowering.grouped_plan(one_base).identity
+    assert grouped_lib.grouped_plan(one_base).identity
 
 
 @pytest.fixture(scope="module")
@@ -204,14 +205,14 @@ def grouped_exports(tmp_path_factory):
 def test_grouped_file_matches_keras(grouped_exports, case):
     model, result = grouped_exports[case]
     layer = model.get_layer("tc")
-    phases = lowering.grouped_plan(layer).phases
+    phases = grouped_lib.grouped_plan(layer).phases
     # Two convolutions, or two per pixel phase (stride 2), each phase on a slice;
     # a third, 1x1 with a 0/1 kernel, where the layer picks its filters out of
     # a padded or summed spread (the export keeps a native order otherwise and
     # gathers the model's output back to filter order).
     deployed, _ = export.deployment_model(model, lowering="grouped")
-    grouped = [l for l in deployed.layers if isinstance(l, lowering.GroupedTransformConv2D)]
-    gathers = sum(isinstance(l, channel_order.ChannelGather) for l in deployed.layers)
+    grouped = [l for l in deployed.layers if isinstance(l, grouped_lib.GroupedTransformConv2D)]
+    gathers = sum(isinstance(l, ChannelGather) for l in deployed.layers)
     plan = grouped[0].plan
     selects = not plan.identity and plan.transpose is None
     assert result.op_counts["CONV_2D"] == 2 * len(phases or [0]) + selects, result.op_counts
@@ -259,7 +260,7 @@ def test_auto_writes_a_lopsided_assignment_grouped(tmp_path):
     form, reason = lowering.lowering_choice(layer)
     assert form == "grouped" and "padded to 2.50x the filters" in reason, reason
     # 30 spread outputs for 12 filters.
-    assert lowering.grouped_plan(layer).spread_outputs() == 30
+    assert grouped_lib.grouped_plan(layer).spread_outputs() == 30
     x = np.random.default_rng(1).normal(size=(2, 11, 11, 8)).astype("float32")
     result = export.export_tflite(model, tmp_path / "m.tflite")
     assert result.lowerings == {"tc": "grouped"}
@@ -349,7 +350,7 @@ def test_lowering_per_layer(tmp_path):
 def test_tap_tables_cover_every_transform_in_the_plan():
     """Each output's spread column holds its transform's tap table, times its scale."""
     layer = layer_model(CASES["d4_stride2_valid_scale"]).get_layer("tc")
-    plan = lowering.grouped_plan(layer)
+    plan = grouped_lib.grouped_plan(layer)
     src = transforms_lib.tap_tables(layer.transforms, layer.kernel_size)
     scale = layer.scale_weight.numpy()
     spread = plan.spread_kernel.reshape(9, 9, -1)

@@ -12,6 +12,8 @@ import tf_transform_conv as tc
 from tf_transform_conv import cost
 from tf_transform_conv import pruning
 from tf_transform_conv import TransformConv2D
+from tf_transform_conv.ops.assignment import fit_assignment
+from tf_transform_conv.ops.assignment import kept_filters
 
 
 def small_model(seed=0):
@@ -52,9 +54,9 @@ def assert_close(a, b, rtol):
 
 
 def test_kept_filters_rounding():
-    assert pruning.kept_filters(16, 0.75) == 4
-    assert pruning.kept_filters(10, 0.25) == 7  # 2.5 rounds half up to 3 replaced
-    assert pruning.kept_filters(4, 0.99) == 1  # at least one base
+    assert kept_filters(16, 0.75) == 4
+    assert kept_filters(10, 0.25) == 7  # 2.5 rounds half up to 3 replaced
+    assert kept_filters(4, 0.99) == 1  # at least one base
 
 
 def test_wraps_default_layers_and_sparsity_zero_is_exact(data):
@@ -75,7 +77,8 @@ def test_wraps_default_layers_and_sparsity_zero_is_exact(data):
 )
 def test_prunes_exactly_when_the_tfmot_schedule_says(data, schedule_factory):
     schedule = schedule_factory()
-    wrapped = tc.prune_model(small_model(), schedule, transforms="d4")
+    wrapped = tc.prune_model(
+        small_model(), schedule, reconstruction=tc.Reconstruction(transforms="d4"))
     compile_fit(wrapped, data, epochs=3)  # 4 batches an epoch: steps 0..11
     expected_steps = [s for s in range(12) if bool(schedule(s)[0])]
     last_sparsity = float(schedule(expected_steps[-1])[1])
@@ -83,13 +86,14 @@ def test_prunes_exactly_when_the_tfmot_schedule_says(data, schedule_factory):
         steps = [h["step"] for h in wrapper.pruning_history]
         assert steps == expected_steps
         assert int(np.asarray(wrapper.pruning_step)) == 11
-        assert wrapper.sparsity == 1 - pruning.kept_filters(16, last_sparsity) / 16
+        assert wrapper.sparsity == 1 - kept_filters(16, last_sparsity) / 16
 
 
 def test_sparsity_never_decreases_and_replaced_filters_stay_replaced():
     schedule = lambda step: (True, [0.5, 0.25, 0.75, 0.6][step])  # noqa: E731
     model = keras.Sequential([keras.Input((6, 6, 2)), keras.layers.Conv2D(8, 3, name="c")])
-    wrapped = tc.prune_model(model, schedule, transforms="rotations")
+    wrapped = tc.prune_model(
+        model, schedule, reconstruction=tc.Reconstruction(transforms="rotations"))
     wrapper = wrappers(wrapped)[0]
     masks = []
     for step in range(4):
@@ -103,7 +107,11 @@ def test_sparsity_never_decreases_and_replaced_filters_stay_replaced():
 def test_gradients_reach_bases_through_reconstructed_filters():
     rng = np.random.default_rng(1)
     model = keras.Sequential([keras.Input((7, 7, 4)), keras.layers.Conv2D(8, 3, name="c")])
-    wrapped = tc.prune_model(model, lambda step: (True, 0.75), transforms="d4", depth_groups=2)
+    wrapped = tc.prune_model(
+        model,
+        lambda step: (True, 0.75),
+        reconstruction=tc.Reconstruction(transforms="d4", depth_groups=2),
+    )
     tc.update_pruning_step(wrapped, 0)
     wrapper = wrappers(wrapped)[0]
     wrapper.filter_scale.assign(rng.normal(size=8).astype("float32"))
@@ -130,8 +138,9 @@ def test_gradients_reach_bases_through_reconstructed_filters():
 @pytest.mark.parametrize("depth_groups, scale", [(1, True), (2, True), (1, False)])
 def test_strip_keeps_outputs_and_parameter_count(data, depth_groups, scale):
     wrapped = tc.prune_model(
-        small_model(), tfmot.sparsity.keras.ConstantSparsity(0.75, 0, frequency=1),
-        transforms="d4", depth_groups=depth_groups, scale=scale,
+        small_model(),
+        tfmot.sparsity.keras.ConstantSparsity(0.75, 0, frequency=1),
+        reconstruction=tc.Reconstruction(transforms="d4", scale=scale, depth_groups=depth_groups),
     )
     compile_fit(wrapped, data, epochs=1)
     stripped = tc.strip_model(wrapped)
@@ -151,10 +160,11 @@ def test_learned_family_starts_at_its_least_squares_fit(data, family, tmp_path):
     model = keras.Sequential([keras.Input((7, 7, 4)), keras.layers.Conv2D(8, 3, name="c")])
     kernel = np.asarray(model.layers[0].kernel)
     schedule = tfmot.sparsity.keras.ConstantSparsity(0.5, 0, frequency=100)
-    wrapped = tc.prune_model(model, schedule, transforms="d4", transform_family=family)
+    wrapped = tc.prune_model(
+        model, schedule, reconstruction=tc.Reconstruction(transforms="d4", transform_family=family))
     tc.update_pruning_step(wrapped, 0)
     wrapper = wrappers(wrapped)[0]
-    fit = tc.assignment.fit_assignment(kernel, 4, "d4", transform_family=family)
+    fit = fit_assignment(kernel, 4, "d4", transform_family=family)
     assert_close(wrapper.effective_kernel(), fit.reconstruct(), 1e-5)
     replaced = np.asarray(wrapper.reconstructed)
     np.testing.assert_allclose(
@@ -179,7 +189,8 @@ def test_learned_family_starts_at_its_least_squares_fit(data, family, tmp_path):
 
 def test_wrapped_and_stripped_models_save_and_load_safely(tmp_path, data):
     schedule = tfmot.sparsity.keras.PolynomialDecay(0.0, 0.5, begin_step=0, end_step=4, frequency=2)
-    wrapped = tc.prune_model(small_model(), schedule, transforms="rotations")
+    wrapped = tc.prune_model(
+        small_model(), schedule, reconstruction=tc.Reconstruction(transforms="rotations"))
     compile_fit(wrapped, data, epochs=1)
     wrapped.save(tmp_path / "wrapped.keras")
     loaded = keras.saving.load_model(tmp_path / "wrapped.keras", safe_mode=True)
@@ -224,7 +235,7 @@ def test_resumed_training_continues_the_step(data, tmp_path):
     compile_fit(resumed, data, epochs=1)  # steps 4..7
     wrapper = wrappers(resumed)[0]
     assert [h["step"] for h in wrapper.pruning_history] == [4, 6]
-    assert wrapper.sparsity == 1 - pruning.kept_filters(16, 0.75) / 16
+    assert wrapper.sparsity == 1 - kept_filters(16, 0.75) / 16
 
 
 def test_summaries_callback_writes_tensorboard_events(data, tmp_path):
@@ -326,7 +337,11 @@ def test_wrapper_rejects_what_it_cannot_rebuild():
     with pytest.raises(ValueError, match=r"'pw': 1x1 kernel"):
         pruning.TransformPruning(keras.layers.Conv2D(4, 1, name="pw"), lambda s: (False, 0.0))
     with pytest.raises(ValueError, match=r"criterion.*'reconstruction', 'l1'.*'random'"):
-        pruning.TransformPruning(keras.layers.Conv2D(4, 3), lambda s: (False, 0.0), criterion="random")
+        pruning.TransformPruning(
+            keras.layers.Conv2D(4, 3),
+            lambda s: (False, 0.0),
+            reconstruction=tc.Reconstruction(criterion="random"),
+        )
 
 
 # ----------------------------------------------------------------------------
@@ -350,8 +365,20 @@ def test_wrapper_rejects_what_it_cannot_rebuild():
     ],
 )
 def test_prune_model_checks_every_argument_before_wrapping(kwargs, message):
+    """The reconstruction settings are checked where the `Reconstruction` is made."""
+    layers = kwargs.pop("layers", None)
     with pytest.raises(ValueError, match=message):
-        tc.prune_model(small_model(), lambda step: (True, 0.5), **kwargs)
+        tc.prune_model(small_model(), lambda step: (True, 0.5), tc.Reconstruction(**kwargs),
+                       layers=layers)
+
+
+def test_prune_model_takes_a_reconstruction_or_none():
+    with pytest.raises(ValueError, match=r"`reconstruction`\. Expected a "
+                                         r"tf_transform_conv\.Reconstruction .*Received "
+                                         r"reconstruction='d4'"):
+        tc.prune_model(small_model(), lambda step: (True, 0.5), "d4")
+    wrapped = tc.prune_model(small_model(), lambda step: (True, 0.5))
+    assert all(w.reconstruction == tc.Reconstruction() for w in wrappers(wrapped))
 
 
 def test_prune_model_that_would_wrap_nothing_says_why():
@@ -409,7 +436,7 @@ def test_tfmot_pruning_schedule_subclass_is_a_schedule(data):
     compile_fit(wrapped, data)  # steps 0..3
     for wrapper in wrappers(wrapped):
         assert [h["step"] for h in wrapper.pruning_history] == [2]
-        assert len(wrapper.kept) == pruning.kept_filters(16, 0.75) == 4
+        assert len(wrapper.kept) == kept_filters(16, 0.75) == 4
 
 
 @pytest.mark.parametrize(
@@ -444,7 +471,8 @@ def rgb_model(seed=0):
 def test_depth_groups_that_do_not_divide_the_stem_give_it_one_group():
     model = rgb_model()
     x = np.random.default_rng(0).normal(size=(2, 8, 8, 3)).astype("float32")
-    wrapped = tc.prune_model(model, lambda step: (True, 0.5), depth_groups=2)
+    wrapped = tc.prune_model(
+        model, lambda step: (True, 0.5), reconstruction=tc.Reconstruction(depth_groups=2))
     groups = {w.layer.name: w.depth_groups for w in wrappers(wrapped)}
     assert groups == {"stem": 1, "body": 2}
     tc.update_pruning_step(wrapped, 0)
@@ -455,7 +483,8 @@ def test_depth_groups_that_do_not_divide_the_stem_give_it_one_group():
 
 def test_a_wrapper_whose_depth_groups_do_not_divide_its_channels_names_the_layer():
     conv = keras.layers.Conv2D(8, 3, name="rgb_stem")
-    wrapper = pruning.TransformPruning(conv, lambda step: (True, 0.5), depth_groups=2)
+    wrapper = pruning.TransformPruning(
+        conv, lambda step: (True, 0.5), reconstruction=tc.Reconstruction(depth_groups=2))
     with pytest.raises(ValueError, match=r"input channels \(3\) of layer 'rgb_stem' must be divisible by depth_groups=2"):
         wrapper(np.zeros((1, 8, 8, 3), "float32"))
 
@@ -465,8 +494,10 @@ def test_strip_model_of_a_subclassed_model_says_how_and_the_advice_works():
         def __init__(self):
             super().__init__()
             self.conv = pruning.TransformPruning(
-                keras.layers.Conv2D(8, 3, padding="same", name="c"), lambda step: (True, 0.5),
-                transforms="d4", depth_groups=2)
+                keras.layers.Conv2D(8, 3, padding="same", name="c"),
+                lambda step: (True, 0.5),
+                reconstruction=tc.Reconstruction(transforms="d4", depth_groups=2),
+            )
 
         def call(self, x):
             return self.conv(x)
@@ -477,11 +508,11 @@ def test_strip_model_of_a_subclassed_model_says_how_and_the_advice_works():
     tc.update_pruning_step(net, 0)
     with pytest.raises(ValueError, match=(
             r"strip_model rewrites Sequential and Functional models; Net is a subclassed model\. "
-            r"To strip the wrappers .* `layer, weights = wrapper\.to_transform_conv\(\)`.*"
+            r"To strip the wrappers .* `layer, weights = wrapper\.strip\(\)`.*"
             r"`layer\.set_weights\(weights\)`\. Wrappers here: \['transform_pruning_c'\]")):
         tc.strip_model(net)
-    # What the message and to_transform_conv's docstring say to do:
-    layer, weights = net.conv.to_transform_conv()
+    # What the message and strip's docstring say to do:
+    layer, weights = net.conv.strip()
     assert isinstance(layer, TransformConv2D) and not layer.built and layer.name == "c"
     layer.build(x.shape)
     layer.set_weights(weights)

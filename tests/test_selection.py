@@ -6,7 +6,7 @@ import pytest
 import tensorflow_model_optimization as tfmot
 
 import tf_transform_conv as tc
-from tf_transform_conv import assignment
+from tf_transform_conv.ops import assignment
 from tf_transform_conv import pruning
 
 
@@ -83,8 +83,11 @@ def test_global_pruning_reaches_the_overall_sparsity_at_every_step():
     conv1.kernel.assign(conv1.kernel * 10.0)
     schedule = tfmot.sparsity.keras.PolynomialDecay(0.0, 0.7, begin_step=0, end_step=6,
                                                     power=1, frequency=1)
-    wrapped = tc.prune_model(model, schedule, criterion="magnitude", allocation="global",
-                             min_bases=3)
+    wrapped = tc.prune_model(
+        model,
+        schedule,
+        reconstruction=tc.Reconstruction(criterion="magnitude", allocation="global", min_bases=3),
+    )
     found = wrappers(wrapped)
     total = sum(w.layer.filters for w in found)
     previous = [w.layer.filters for w in found]
@@ -95,7 +98,7 @@ def test_global_pruning_reaches_the_overall_sparsity_at_every_step():
         kept = [len(w.kept) for w in found]
         if bool(should):
             assert sorted(pruned) == sorted(w.name for w in found)
-            assert sum(kept) == pruning.kept_filters(total, float(sparsity))
+            assert sum(kept) == assignment.kept_filters(total, float(sparsity))
         assert all(k >= 3 for k in kept)
         assert all(k <= p for k, p in zip(kept, previous)), "a layer's sparsity went down"
         for before, w in zip(masks, found):
@@ -108,10 +111,18 @@ def test_global_pruning_reaches_the_overall_sparsity_at_every_step():
 
 def test_global_wrappers_need_one_schedule():
     model = three_convs()
-    first = tc.prune_model(model, tfmot.sparsity.keras.ConstantSparsity(0.5, 0),
-                           allocation="global", layers=["conv0"])
-    second = tc.prune_model(first, tfmot.sparsity.keras.ConstantSparsity(0.7, 0),
-                            allocation="global", layers=["conv1"])
+    first = tc.prune_model(
+        model,
+        tfmot.sparsity.keras.ConstantSparsity(0.5, 0),
+        layers=["conv0"],
+        reconstruction=tc.Reconstruction(allocation="global"),
+    )
+    second = tc.prune_model(
+        first,
+        tfmot.sparsity.keras.ConstantSparsity(0.7, 0),
+        layers=["conv1"],
+        reconstruction=tc.Reconstruction(allocation="global"),
+    )
     with pytest.raises(ValueError, match="need one schedule"):
         tc.update_pruning_step(second, 0)
 
@@ -122,11 +133,14 @@ def test_subtract_mean_ranks_within_each_layer():
     conv1.kernel.assign(conv1.kernel * 10.0)
     counts = {}
     for subtract in (False, True):
-        wrapped = tc.prune_model(model, lambda step: (True, 0.5), allocation="global",
-                                 criterion="magnitude", subtract_mean=subtract)
+        wrapped = tc.prune_model(
+            model,
+            lambda step: (True, 0.5),
+            reconstruction=tc.Reconstruction(criterion="magnitude", allocation="global", subtract_mean=subtract),
+        )
         tc.update_pruning_step(wrapped, 0)
         counts[subtract] = [len(w.kept) for w in wrappers(wrapped)]
-        assert sum(counts[subtract]) == pruning.kept_filters(48, 0.5)
+        assert sum(counts[subtract]) == assignment.kept_filters(48, 0.5)
     assert counts[False] == [1, 22, 1]  # raw norms: conv1 takes nearly everything
     assert counts[True][0] > 4 and counts[True][2] > 2, counts
 
@@ -135,12 +149,16 @@ def test_transform_model_global_allocation():
     model = three_convs()
     conv1 = model.get_layer("conv1")
     conv1.kernel.assign(conv1.kernel * 10.0)
-    _, report = tc.transform_model(model, sparsity=0.6, criterion="magnitude",
-                                   allocation="global", min_bases=4)
+    _, report = tc.transform_model(
+        model,
+        sparsity=0.6,
+        reconstruction=tc.Reconstruction(criterion="magnitude", allocation="global", min_bases=4),
+    )
     bases = [r.base_filters for r in report]
-    assert sum(bases) == pruning.kept_filters(48, 0.6) == 19
+    assert sum(bases) == assignment.kept_filters(48, 0.6) == 19
     assert bases == [4, 11, 4]
-    _, report = tc.transform_model(model, sparsity=0.9, min_bases=4)  # per layer, floored
+    _, report = tc.transform_model(
+        model, sparsity=0.9, reconstruction=tc.Reconstruction(min_bases=4))  # per layer, floored
     assert [r.base_filters for r in report] == [4, 4, 4]
 
 
@@ -192,9 +210,10 @@ def test_taylor_ranks_a_filter_with_zero_gradient_last(data):
     weights = np.asarray(head.kernel).copy()
     weights[2] = 0.0  # filter 2 reaches nothing: its gradient is zero
     head.kernel.assign(weights)
-    wrapped = tc.prune_model(model, lambda step: (True, 0.2), criterion="taylor")
+    wrapped = tc.prune_model(
+        model, lambda step: (True, 0.2), reconstruction=tc.Reconstruction(criterion="taylor"))
     wrapped.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    scores = tc.taylor_scores(wrapped, data, num_batches=2, batch_size=8)
+    scores = tc.pruning.taylor_scores(wrapped, data, num_batches=2, batch_size=8)
     values = scores[wrappers(wrapped)[0].name]
     assert values[2] == 0.0 and (np.delete(values, 2) > 0).all()
     tc.update_pruning_step(wrapped, 0, scores=scores)
@@ -204,7 +223,8 @@ def test_taylor_ranks_a_filter_with_zero_gradient_last(data):
 
 def test_taylor_through_the_callback_and_its_errors(data):
     schedule = tfmot.sparsity.keras.ConstantSparsity(0.5, begin_step=1, frequency=100)
-    wrapped = tc.prune_model(three_convs(), schedule, criterion="taylor")
+    wrapped = tc.prune_model(
+        three_convs(), schedule, reconstruction=tc.Reconstruction(criterion="taylor"))
     with pytest.raises(ValueError, match=r"saliency_data=\(x, y\)"):
         compile_fit(wrapped, data, tc.UpdateTransformPruningStep())
     with pytest.raises(ValueError, match="needs gradients on data"):
@@ -215,7 +235,8 @@ def test_taylor_through_the_callback_and_its_errors(data):
     with pytest.raises(ValueError, match="Expected a positive int"):
         tc.UpdateTransformPruningStep(saliency_batches=0)
     with pytest.raises(ValueError, match="one-shot conversion does not take"):
-        tc.transform_model(three_convs(), sparsity=0.5, criterion="taylor")
+        tc.transform_model(
+            three_convs(), sparsity=0.5, reconstruction=tc.Reconstruction(criterion="taylor"))
 
 
 @pytest.mark.parametrize(
@@ -233,9 +254,9 @@ def test_selection_arguments_are_checked(kwargs, message):
     import re
 
     with pytest.raises(ValueError, match=re.escape(message)):
-        tc.prune_model(three_convs(), lambda step: (True, 0.5), **kwargs)
+        tc.prune_model(three_convs(), lambda step: (True, 0.5), tc.Reconstruction(**kwargs))
     with pytest.raises(ValueError, match=re.escape(message)):
-        tc.transform_model(three_convs(), sparsity=0.5, **kwargs)
+        tc.transform_model(three_convs(), sparsity=0.5, reconstruction=tc.Reconstruction(**kwargs))
 
 
 def test_new_options_round_trip_through_keras_files(data, tmp_path):
@@ -243,19 +264,19 @@ def test_new_options_round_trip_through_keras_files(data, tmp_path):
                                                     power=1, frequency=2)
     options = dict(criterion="magnitude", allocation="global", min_bases=2, assign="modulo",
                    subtract_mean=True, transform_family="scalar")
-    wrapped = tc.prune_model(three_convs(), schedule, **options)
+    wrapped = tc.prune_model(three_convs(), schedule, tc.Reconstruction(**options))
     compile_fit(wrapped, data, tc.UpdateTransformPruningStep())  # steps 0..3
     wrapped.save(tmp_path / "w.keras")
     loaded = keras.saving.load_model(tmp_path / "w.keras", safe_mode=True)
     np.testing.assert_allclose(loaded(data[0]), wrapped(data[0]), rtol=1e-5, atol=1e-6)
     for before, after in zip(wrappers(wrapped), wrappers(loaded)):
         for key, value in options.items():
-            assert getattr(after, key) == value, key
+            assert getattr(after.reconstruction, key) == value, key
         assert int(np.asarray(after.pruning_step)) == 3
         np.testing.assert_array_equal(after.reconstructed, before.reconstructed)
     compile_fit(loaded, data, tc.UpdateTransformPruningStep())  # steps 4..7 prune at 4, 6
     found = wrappers(loaded)
-    assert sum(len(w.kept) for w in found) == pruning.kept_filters(48, float(schedule(6)[1]))
+    assert sum(len(w.kept) for w in found) == assignment.kept_filters(48, float(schedule(6)[1]))
     assert [h["step"] for h in found[0].pruning_history] == [4, 6]
 
 

@@ -583,7 +583,7 @@ def test_paper_preset_runs_a_short_epoch(train, tmp_path, preset):
     floors = [min(args.min_bases, l.filters) for l in layers]
     assert all(l.base_filters >= floor for l, floor in zip(layers, floors))
     # Pruned once, at step 1, to the final sparsity over all the wrapped filters.
-    from tf_transform_conv.assignment import kept_filters
+    from tf_transform_conv.ops.assignment import kept_filters
 
     target = kept_filters(sum(l.filters for l in layers), float(np.float32(args.final_sparsity)))
     assert sum(l.base_filters for l in layers) == max(target, sum(floors))

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from tf_transform_conv import transforms as T
+from tf_transform_conv.ops import transforms as T
 
 from reference import SQUARE_ONLY
 from reference import TRANSFORMS as REFERENCE

@@ -13,9 +13,12 @@ import tensorflow as tf
 import tensorflow_model_optimization as tfmot
 
 import tf_transform_conv as tc
-from tf_transform_conv import lowering
-from tf_transform_conv import unstructured as un
 from tf_transform_conv.cost import model_cost
+from tf_transform_conv.export import lowering
+from tf_transform_conv.export import sparse_layers
+from tf_transform_conv.ops.basis import dct_basis
+from tf_transform_conv.ops.masks import magnitude_mask
+from tf_transform_conv.pruning import PruningWrapper
 
 # float32 outputs of sums of a few hundred products: relative to the output scale.
 RTOL = 1e-5
@@ -65,7 +68,7 @@ def data():
 
 
 def wrappers(model):
-    return [l for l in model.layers if getattr(l, "is_scheduled_pruning", False)]
+    return [l for l in model.layers if isinstance(l, PruningWrapper)]
 
 
 def prune(kind, model, schedule, **kwargs):
@@ -89,12 +92,12 @@ def test_magnitude_mask_is_tfmots_mask(sparsity):
     reference = pruning_impl.Pruning(
         lambda: 0, [], tfmot.sparsity.keras.ConstantSparsity(sparsity, 0), (1, 1), "AVG"
     )._update_mask(tf.constant(weights))[1].numpy()
-    np.testing.assert_array_equal(un.magnitude_mask(np.abs(weights), sparsity), reference)
+    np.testing.assert_array_equal(magnitude_mask(np.abs(weights), sparsity), reference)
 
 
 @pytest.mark.parametrize("kernel_size", [(3, 3), (5, 5), (3, 5)])
 def test_dct_basis_is_the_orthonormal_2d_dct(kernel_size):
-    basis = un.dct_basis(kernel_size)
+    basis = dct_basis(kernel_size)
     np.testing.assert_allclose(basis @ basis.T, np.eye(basis.shape[0]), atol=1e-6)
     w = np.random.default_rng(0).normal(size=kernel_size)
     np.testing.assert_allclose(basis @ w.ravel(), scipy.fft.dctn(w, norm="ortho").ravel(),
@@ -317,7 +320,7 @@ def test_strip_save_and_load_keep_outputs_mask_and_step(data, kind, tmp_path):
 
     stripped = tc.strip_model(model)
     names = {type(l).__name__ for l in stripped.layers}
-    assert not any(getattr(l, "is_scheduled_pruning", False) for l in stripped.layers)
+    assert not any(isinstance(l, PruningWrapper) for l in stripped.layers)
     assert ("FilterBasisConv2D" in names) == (kind != "sp")
     assert_close(stripped(x), model(x))
     stripped.save(tmp_path / "stripped.keras")
@@ -591,7 +594,7 @@ def test_a_filter_basis_transform_conv_exports_its_sparse_coefficients(tmp_path)
                                  basis="dct")
     tc.update_pruning_step(pruned, 0)
     stripped = tc.strip_model(pruned)
-    assert un.sparse_layers(stripped) == ["tc_a", "tc_b"]
+    assert sparse_layers(stripped) == ["tc_a", "tc_b"]
     path = tmp_path / "basis.tflite"
     result = tc.export_tflite(stripped, path)
     assert set(result.lowerings.values()) == {"grouped"}

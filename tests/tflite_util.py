@@ -1,7 +1,7 @@
 """What a `.tflite` file holds, for the export tests: its tensors (read with the
 LiteRT interpreter) and the bytes it may spend besides its weights."""
 
-from tf_transform_conv.lowering import LOWERING_VALUE_BYTES
+from tf_transform_conv.export.lowering import LOWERING_VALUE_BYTES
 
 # What a `.tflite` file holds besides the weights: the flatbuffer's tables,
 # the operators, every tensor's shape, type and name, the small constant
@@ -11,7 +11,7 @@ from tf_transform_conv.lowering import LOWERING_VALUE_BYTES
 # exporting the models named here as float32 (overhead = file bytes minus
 # 4 bytes per parameter; operators counted with `export.tflite_op_counts`).
 # The per-value cost of the lowering's constants, `LOWERING_VALUE_BYTES`, is
-# the library's (`tf_transform_conv.lowering`, which prices the grouped form
+# the library's (`tf_transform_conv.export.lowering`, which prices the grouped form
 # with it); the rest is the tests' budget:
 #
 # - FILE_OVERHEAD_BYTES: a model with one operator and 2-5 parameters
@@ -49,7 +49,7 @@ def overhead_allowance(num_ops, lowering_values=0):
     LOWERING_VALUE_BYTES * lowering_values`, for a file of `num_ops`
     operators whose lowering adds `lowering_values` constants
     (`ExportResult.lowering_values`); see the comment on these constants
-    above (and on `lowering.LOWERING_VALUE_BYTES`) for how they were measured.
+    above (and on `export.lowering.LOWERING_VALUE_BYTES`) for how they were measured.
 
     Example:
 

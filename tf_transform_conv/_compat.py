@@ -5,6 +5,7 @@ function here, so that a release that moves it breaks one file.
 """
 
 import keras
+from keras.src.models.functional import Functional
 
 
 def compiled_by_xla():
@@ -40,8 +41,6 @@ def layers_of(model, recursive=True):
 
 def is_functional(model):
     """Whether `model` is a Functional model (what `keras.Model(inputs, outputs)` builds)."""
-    from keras.src.models.functional import Functional
-
     return isinstance(model, Functional)
 
 

@@ -4,7 +4,7 @@ For every eligible `Conv2D` of a model, and for each transform (paired with
 `identity`, so a kept filter is its own base) and each sparsity, fit an
 assignment (`fit_assignment`) and report the layer's relative reconstruction
 error `||W - W_rec||_F / ||W||_F`. The learned families
-(`tf_transform_conv.families`) are fitted by least squares on top of
+(`tf_transform_conv.ops.families`) are fitted by least squares on top of
 `identity` alone (the paper's setting: each reconstructed filter a learned
 operator of a kept one) and on top of the d4 symmetries. The same fits on
 random Gaussian filters of the same shape (each scaled to its trained
@@ -14,12 +14,13 @@ than random ones is the premise of the method, measured.
 
 import dataclasses
 
+import keras
 import numpy as np
 
 from tf_transform_conv import _compat
-from tf_transform_conv import transforms as transforms_lib
-from tf_transform_conv.assignment import fit_assignment
-from tf_transform_conv.assignment import kept_filters
+from tf_transform_conv.ops import transforms as transforms_lib
+from tf_transform_conv.ops.assignment import fit_assignment
+from tf_transform_conv.ops.assignment import kept_filters
 
 DEFAULT_SPARSITIES = (0.25, 0.5, 0.75)
 #: The learned families `analyze_kernel` fits besides the discrete transforms.
@@ -99,8 +100,6 @@ def analyze_model(model, sparsities=DEFAULT_SPARSITIES, seed=0, names=None,
         names: transforms to try one by one (default: the whole catalogue).
         families: learned families to fit as well (default: all four).
     """
-    import keras
-
     rows = []
     for layer in _compat.layers_of(model):
         if (

@@ -6,7 +6,7 @@ every convertible `Conv2D`, one option: keep it dense, or convert it with
 `n = round(r * filters)` bases for each base ratio `r` of
 `Budget.base_ratios` (default 1/16, 1/8, 1/4, 1/2), and, under a latency
 budget, each TFLite lowering of `Budget.lowerings` (`"grouped"`,
-`"slices"`; `tf_transform_conv.lowering`). One option per layer under a
+`"slices"`; `tf_transform_conv.export.lowering`). One option per layer under a
 total cost is a multiple-choice knapsack
 (`knapsack.solve_multiple_choice`), solved exactly by dynamic programming
 over the discretised cost (`Budget.method="exact"`, the default) or
@@ -19,16 +19,17 @@ measured on the dense kernel and weighted by the layer's importance:
 
 where `e` is the relative reconstruction error `||W - W_rec||_F / ||W||_F`
 of fitting the layer's kernel with the option's bases
-(`assignment.fit_assignment`, the fit `transform_model` makes; 0 for the
-dense option) and `I_layer` is the layer's first-order importance, the sum
-over its filters of `sum |w * dL/dw|` on data (`knapsack.filter_importance`;
+(`ops.assignment.fit_assignment`, the fit `transform_model` makes; 0 for
+the dense option) and `I_layer` is the layer's first-order importance, the
+sum over its filters of `sum |w * dL/dw|` on data
+(`saliency.filter_importance`;
 1 for every layer when no data is given). So the knapsack minimises the
 importance-weighted squared reconstruction error under the budget.
 
 The *cost* of an option: its parameters (`cost.parameter_formula`), its
 multiply-adds on the factored path (`TransformConv2D.cost`: the base
 products plus a learned family's second stage; a dense option costs the
-`Conv2D`'s), or its latency measured alone in LiteRT (`knapsack.LatencyTable`,
+`Conv2D`'s), or its latency measured alone in LiteRT (`export.LatencyTable`,
 batch 1, one thread by default). The budget covers the whole model: the
 layers no option touches are a fixed cost (for latency, the dense model's
 measured latency less its convolutions' measured latencies, i.e. every
@@ -40,29 +41,39 @@ the all-dense plan predicts the dense latency).
 
 `transform_model(model, budget=...)` and `prune_model(model, schedule,
 budget=...)` take a `Budget` (planned there, without data) or a
-`BudgetPlan` from `plan_budget` (planned with data); export with
+`BudgetPlan` from `plan_budget` (planned with data); both answer
+`resolve(model, reconstruction, layers)`, which is all the verbs ask of
+them. Export with
 `export_tflite(model, path, lowering=plan.lowerings)` to write each layer
 in the lowering the plan chose.
 """
 
 import dataclasses
-import math
+import os
+import tempfile
 
-import keras
 import numpy as np
 
 from tf_transform_conv import _compat
 from tf_transform_conv._checks import is_number
-from tf_transform_conv.knapsack import LatencyTable
-from tf_transform_conv.knapsack import filter_importance
+from tf_transform_conv.convert import transform_conv_from_conv2d
+from tf_transform_conv.cost import layer_cost
+from tf_transform_conv.cost import model_cost
+from tf_transform_conv.cost import parameter_formula
+from tf_transform_conv.export.latency import LatencyTable
+from tf_transform_conv.export.latency import tflite_latency
+from tf_transform_conv.export.lowering import LOWERINGS
+from tf_transform_conv.export.tflite import export_tflite
+from tf_transform_conv.graph.nodes import check_graph_model
+from tf_transform_conv.graph.rewrite import select_layers
 from tf_transform_conv.knapsack import solve_multiple_choice
-from tf_transform_conv.knapsack import tflite_latency
+from tf_transform_conv.reconstruction import Reconstruction
+from tf_transform_conv.saliency import filter_importance
 
 __all__ = [
     "Budget",
     "BudgetPlan",
     "LayerChoice",
-    "ScaledSchedule",
     "plan_budget",
 ]
 
@@ -122,8 +133,6 @@ class Budget:
     threads: int = 1
 
     def __post_init__(self):
-        from tf_transform_conv.lowering import LOWERINGS
-
         given = {k: getattr(self, k) for k in _KINDS if getattr(self, k) is not None}
         if not 1 <= len(given) <= 2:
             raise ValueError(
@@ -172,6 +181,14 @@ class Budget:
     def fraction(self):
         """The budget as a fraction of the dense model's cost."""
         return float(getattr(self, self.kind))
+
+    def resolve(self, model, reconstruction=None, layers=None):
+        """The plan for `model`, made here without data (`plan_budget`).
+
+        What `transform_model(..., budget=...)` and `prune_model(...,
+        budget=...)` call.
+        """
+        return plan_budget(model, self, reconstruction=reconstruction, layers=layers)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -240,6 +257,21 @@ class BudgetPlan:
         """`{layer name: lowering}`, as `export_tflite(lowering=...)` takes."""
         return {c.name: c.lowering for c in self.choices if c.bases is not None}
 
+    def resolve(self, model, reconstruction=None, layers=None):
+        """This plan, checked against `model` (it must have every layer the plan names).
+
+        What `transform_model(..., budget=...)` and `prune_model(...,
+        budget=...)` call; `reconstruction` and `layers` were the planner's.
+        """
+        names = {l.name for l in _compat.layers_of(model)}
+        missing = sorted(set(self.bases) - names)
+        if missing:
+            raise ValueError(
+                f"The budget plan names layers {missing} that model '{model.name}' does "
+                "not have: plan with the same model."
+            )
+        return self
+
     def summary(self):
         """The plan as a table, one line per layer."""
         lines = [f"{'layer':<28} {'filters':>7} {'bases':>6} {'lowering':>9} {'error':>7} "
@@ -285,26 +317,22 @@ def _input_shapes(model):
 
 def _dense_model_latency(model, threads, repeats=7, min_seconds=0.1):
     """The model's LiteRT latency (ms), exported as it is (float32, batch 1)."""
-    import os
-    import tempfile
-
-    from tf_transform_conv.export import export_tflite
-
     with tempfile.TemporaryDirectory(prefix="tfconv-budget-") as folder:
         path = os.path.join(folder, "dense.tflite")
         export_tflite(model, path)
         return tflite_latency(path, threads, repeats, min_seconds)
 
 
-def plan_budget(model, budget, data=None, transforms="d4", scale=True, depth_groups=1,
-                layers=None, latency_table=None, dense_latency=None, num_batches=4,
-                batch_size=32, importance=None):
+def plan_budget(model, budget, data=None, reconstruction=None, layers=None,
+                latency_table=None, dense_latency=None, num_batches=4, batch_size=32,
+                importance=None):
     """Chooses each convertible `Conv2D`'s bases (and lowering) under a budget.
 
     See the module docstring for the options, their values and costs. Each
-    option's fit is the one `transform_model` makes with the same
-    `transforms`, `scale` and `depth_groups` (discrete family, fitted
-    assignment, reconstruction criterion).
+    option's fit is the one `transform_model` makes with the
+    reconstruction's `transforms`, `scale` and `depth_groups` (the discrete
+    family, fitted assignment and reconstruction criterion: the options are
+    compared on that fit, whatever family the layers then train with).
 
     Args:
         model: a built Sequential or Functional model (a dense one: its
@@ -313,13 +341,14 @@ def plan_budget(model, budget, data=None, transforms="d4", scale=True, depth_gro
         data: optional labelled data `(x, y)` for the layers' importance
             (the model must then be compiled); without it every layer
             weighs 1.
-        transforms, scale, depth_groups, layers: as `transform_model`.
-        latency_table: a `knapsack.LatencyTable` for a latency budget
+        reconstruction: a `Reconstruction`, or None for its defaults.
+        layers: as `transform_model`.
+        latency_table: an `export.LatencyTable` for a latency budget
             (default: a new in-memory one).
         dense_latency: the dense model's LiteRT latency in ms, if already
             measured (else measured here for a latency budget).
         num_batches, batch_size: for the importance.
-        importance: optional precomputed `knapsack.filter_importance`.
+        importance: optional precomputed `saliency.filter_importance`.
 
     Returns:
         A `BudgetPlan`.
@@ -337,25 +366,17 @@ def plan_budget(model, budget, data=None, transforms="d4", scale=True, depth_gro
     >>> plan.predicted_cost <= plan.target
     True
     """
-    from tf_transform_conv.assignment import fit_assignment
-    from tf_transform_conv.convert import transform_conv_from_conv2d
-    from tf_transform_conv.cost import layer_cost
-    from tf_transform_conv.cost import model_cost
-    from tf_transform_conv.cost import parameter_formula
-    from tf_transform_conv.rewrite import check_graph_model
-    from tf_transform_conv.rewrite import layer_depth_groups
-    from tf_transform_conv.rewrite import select_layers
-    from tf_transform_conv.rewrite import skip_reason
-    from tf_transform_conv.rewrite import check_transforms
-
     if not isinstance(budget, Budget):
         raise ValueError(
             "Invalid value for argument `budget`. Expected a tf_transform_conv.budget.Budget, "
             f"e.g. Budget(params=0.3). Received budget={budget!r}."
         )
     check_graph_model(model, "plan_budget")
+    # The options are compared on the discrete fit `transform_model` makes.
+    fitting = Reconstruction.get(reconstruction).replace(
+        transform_family="discrete", criterion="reconstruction", assign="fit")
     kind = budget.kind
-    chosen = select_layers(model, layers, lambda l: not skip_reason(l, transforms))
+    chosen = select_layers(model, layers, lambda l: not fitting.skip_reason(l))
     convs = [l for l in _compat.layers_of(model) if l.name in chosen]
     if not convs:
         raise ValueError(
@@ -388,8 +409,8 @@ def plan_budget(model, budget, data=None, transforms="d4", scale=True, depth_gro
     for layer in convs:
         kernel = np.asarray(layer.kernel)
         filters = layer.filters
-        groups = layer_depth_groups(layer, depth_groups)
-        names = check_transforms(transforms, layer.kernel_size)
+        layer_fitting = fitting.for_layer(layer)
+        scale = fitting.scale
         weight = weights[layer.name]
         full = dense_costs(layer)
         layer_options = []
@@ -398,7 +419,7 @@ def plan_budget(model, budget, data=None, transforms="d4", scale=True, depth_gro
         for n in sorted({_bases_for(r, filters) for r in budget.base_ratios}):
             if n >= filters:
                 continue
-            fit = fit_assignment(kernel, n, transforms=names, depth_groups=groups, scale=scale)
+            fit = layer_fitting.fit(kernel, n)
             error = float(fit.layer_error)
             new, new_weights = transform_conv_from_conv2d(
                 layer, fit.base_kernel, fit.assignment, fit.transforms,
@@ -493,87 +514,3 @@ def plan_budget(model, budget, data=None, transforms="d4", scale=True, depth_gro
                                    {k: option[k] for k in kinds}))
     return BudgetPlan(budget, choices, dense[kind], target[kind], fixed[kind],
                       spent(picks, kind), secondary)
-
-
-def resolve_plan(model, budget, transforms, scale, depth_groups, layers):
-    """A `BudgetPlan` from a `Budget` (planned without data) or a plan, checked against `model`."""
-    if isinstance(budget, Budget):
-        return plan_budget(model, budget, transforms=transforms, scale=scale,
-                           depth_groups=depth_groups, layers=layers)
-    if not isinstance(budget, BudgetPlan):
-        raise ValueError(
-            "Invalid value for argument `budget`. Expected a Budget (e.g. Budget(params=0.3)) "
-            f"or a BudgetPlan from plan_budget. Received budget={budget!r}."
-        )
-    names = {l.name for l in _compat.layers_of(model)}
-    missing = sorted(set(budget.bases) - names)
-    if missing:
-        raise ValueError(
-            f"The budget plan names layers {missing} that model '{model.name}' does not have: "
-            "plan with the same model."
-        )
-    return budget
-
-
-# ----------------------------------------------------------------------------
-# Per-layer schedules for prune_model
-
-
-def final_sparsity(schedule):
-    """The sparsity a schedule ends at (tfmot `PolynomialDecay` / `ConstantSparsity`, or an
-    object with `final_sparsity` or `target_sparsity`), or None if unknown."""
-    config = {}
-    if hasattr(schedule, "get_config"):
-        try:
-            config = schedule.get_config()
-        except Exception:  # noqa: BLE001 - a schedule without a usable config
-            config = {}
-        config = config.get("config", config)
-    for key in ("final_sparsity", "target_sparsity"):
-        value = config.get(key, getattr(schedule, key, None))
-        if value is not None:
-            return float(value)
-    return None
-
-
-@keras.saving.register_keras_serializable(package="tf_transform_conv")
-class ScaledSchedule:
-    """A pruning schedule whose sparsities are another's times a factor.
-
-    `prune_model(..., budget=...)` gives each wrapped layer the user's
-    schedule scaled so that it ends at the layer's own sparsity
-    (`factor = layer sparsity / schedule's final sparsity`): the schedule
-    keeps its timing, the budget plan sets each layer's end point.
-
-    Args:
-        schedule: a pruning schedule (`schedule(step) -> (should_prune,
-            sparsity)`), saveable as `pruning.serialize_schedule` requires.
-        factor: float >= 0.
-    """
-
-    def __init__(self, schedule, factor):
-        from tf_transform_conv.pruning import deserialize_schedule
-
-        if isinstance(schedule, dict):
-            schedule = deserialize_schedule(schedule)
-        if not (is_number(factor) and factor >= 0 and math.isfinite(factor)):
-            raise ValueError(
-                f"Invalid value for argument `factor`. Expected a finite number >= 0. "
-                f"Received factor={factor!r}."
-            )
-        self.schedule = schedule
-        self.factor = float(factor)
-
-    def __call__(self, step):
-        should_prune, sparsity = self.schedule(step)
-        sparsity = float(np.asarray(sparsity)) * self.factor
-        return np.asarray(should_prune, dtype=bool), min(sparsity, 1.0 - 1e-9)
-
-    def get_config(self):
-        from tf_transform_conv.pruning import serialize_schedule
-
-        return {"schedule": serialize_schedule(self.schedule), "factor": self.factor}
-
-    @classmethod
-    def from_config(cls, config):
-        return cls(**config)

@@ -33,7 +33,13 @@ import os
 import sys
 import zipfile
 
-from tfconv import build_parser  # noqa: F401  (the parser, in the launcher)
+import keras
+import numpy as np
+
+from tf_transform_conv import analyze
+from tf_transform_conv import export
+from tf_transform_conv.cost import model_cost
+from tfconv import build_parser  # the parser, in the launcher (which imports no TensorFlow)
 
 _HDF5_SUFFIXES = (".h5", ".hdf5")
 _PLOT_MISSING = (
@@ -96,10 +102,6 @@ def load_model_file(path):
             f"(model.save('model.keras')) or a legacy .h5 file, got "
             f"{repr(suffix) + ' file' if suffix else 'a name without extension'}"
         )
-    import keras
-
-    import tf_transform_conv  # noqa: F401  (registers the package's layers)
-
     try:
         return keras.saving.load_model(path, safe_mode=True, compile=False)
     except Exception as error:  # any failure to rebuild: reported, not a traceback
@@ -117,8 +119,6 @@ def _load(path):
 
 
 def _cost(args):
-    from tf_transform_conv.cost import model_cost
-
     cost = model_cost(_load(args.model))
     cost.summary()
     file_bytes = os.path.getsize(args.model)
@@ -130,8 +130,6 @@ def _cost(args):
 
 
 def _analyze(args):
-    from tf_transform_conv import analyze
-
     model = _load(args.model)
     rows = analyze.analyze_model(model, sparsities=args.sparsities, seed=args.seed)
     if not rows:
@@ -155,10 +153,6 @@ def _analyze(args):
 
 
 def _export(args):
-    import numpy as np
-
-    from tf_transform_conv import export
-
     if args.quantization == "int8" and not args.representative:
         raise UsageError(
             "--quantization int8 (full integer) calibrates the activation ranges on "

@@ -2,9 +2,11 @@
 
 `transform_model` fits, for every chosen convolution, the bases and each other
 filter's `(base, transform, scale)` to the layer's current weights
-(`tf_transform_conv.assignment.fit_assignment`) and returns the rewritten
-model, every other layer keeping its weights, with a per-layer report. Then
-fine-tune.
+(`ops.assignment.fit_assignment`, as a `Reconstruction` says) and returns the
+rewritten model, every other layer keeping its weights, with a per-layer
+report. Then fine-tune. `transform_conv_from_conv2d` builds the
+`TransformConv2D` that replaces one `Conv2D` (conversion, stripping a
+pruning wrapper, budgets).
 """
 
 import dataclasses
@@ -13,20 +15,25 @@ import numpy as np
 
 from tf_transform_conv import _compat
 from tf_transform_conv._checks import is_number
-from tf_transform_conv.assignment import allocate_globally
-from tf_transform_conv.assignment import filter_saliency
-from tf_transform_conv.assignment import fit_assignment
-from tf_transform_conv.assignment import kept_filters
 from tf_transform_conv.cost import parameter_formula
-from tf_transform_conv.layers import TransformConv2D
+from tf_transform_conv.graph.nodes import check_graph_model
+from tf_transform_conv.graph.rewrite import rewrite_model
+from tf_transform_conv.graph.rewrite import select_layers
+from tf_transform_conv.layers.transform_conv import TransformConv2D
+from tf_transform_conv.ops.assignment import allocate_globally
+from tf_transform_conv.ops.assignment import kept_filters
 from tf_transform_conv.recalibrate import recalibrate_batch_norm
-from tf_transform_conv.rewrite import CONVOLUTIONS
-from tf_transform_conv.rewrite import check_graph_model
-from tf_transform_conv.rewrite import check_options
-from tf_transform_conv.rewrite import layer_depth_groups
-from tf_transform_conv.rewrite import rewrite_model
-from tf_transform_conv.rewrite import select_layers
-from tf_transform_conv.rewrite import skip_reason
+from tf_transform_conv.reconstruction import CONVOLUTIONS
+from tf_transform_conv.reconstruction import Reconstruction
+from tf_transform_conv.saliency import filter_saliency
+
+__all__ = [
+    "LayerReport",
+    "format_report",
+    "resolve_budget",
+    "transform_conv_from_conv2d",
+    "transform_model",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,20 +137,32 @@ def transform_conv_from_conv2d(
     return layer, weights
 
 
+def resolve_budget(budget, model, reconstruction, layers):
+    """The `BudgetPlan` a verb's `budget` argument gives for `model`.
+
+    A `budget.Budget` plans here (without data); a `budget.BudgetPlan` is
+    checked against the model. Both answer `resolve(model, reconstruction,
+    layers)`, so the verbs need not import the budget module, which builds
+    on them.
+
+    Raises:
+        ValueError: for anything else.
+    """
+    resolve = getattr(budget, "resolve", None)
+    if not callable(resolve):
+        raise ValueError(
+            "Invalid value for argument `budget`. Expected a Budget (e.g. Budget(params=0.3)) "
+            f"or a BudgetPlan from plan_budget. Received budget={budget!r}."
+        )
+    return resolve(model, reconstruction, layers)
+
+
 def transform_model(
     model,
     base_ratio=None,
     sparsity=None,
-    transforms="d4",
-    criterion="reconstruction",
-    depth_groups=1,
-    scale=True,
+    reconstruction=None,
     layers=None,
-    transform_family="discrete",
-    allocation="per_layer",
-    min_bases=1,
-    assign="fit",
-    subtract_mean=False,
     recalibrate=None,
     recalibrate_batches=20,
     budget=None,
@@ -163,30 +182,22 @@ def transform_model(
             converted); give this, `sparsity` or `budget`.
         sparsity: the fraction of filters to reconstruct:
             `n = filters - floor(sparsity * filters + 1/2)`, at least 1.
-        transforms: preset or names; must include `"identity"`.
-        criterion: `"reconstruction"`, `"l1"` or `"magnitude"`, as
-            `fit_assignment` (`"taylor"` needs gradients during training:
-            `prune_model`).
-        depth_groups: input channel groups with their own assignment; a
-            layer whose input channels it does not divide (an RGB stem)
-            gets 1, as `conv_factory` does.
-        scale: whether reconstructed filters carry a scale.
+        reconstruction: a `Reconstruction`, or None for its defaults: the
+            transforms (must include `"identity"`), the family (each
+            reconstructed filter's learned operator starts at its
+            least-squares fit to the filter it replaces), the criterion
+            (`"reconstruction"`, `"l1"` or `"magnitude"`; `"taylor"` needs
+            gradients during training: `prune_model`), the assignment,
+            scale and depth groups (1 for a layer whose input channels they
+            do not divide, an RGB stem, as `conv_factory` does), and the
+            allocation: `"per_layer"` (every chosen layer keeps its own `n`)
+            or `"global"` (the chosen layers keep `n` filters in all, `n`
+            from `sparsity` or `base_ratio` over their total, split by one
+            ranking of their saliencies, `saliency.filter_saliency`, at
+            least `min_bases` each, minus the layer's mean with
+            `subtract_mean`).
         layers: None (every eligible convolution), names, a class, or a
             predicate `layer -> bool`.
-        transform_family: `"discrete"` (default) or a learned family
-            (`"scalar"`, `"rotation"`, `"affine"`, `"general"`): each
-            reconstructed filter's operator starts at its least-squares fit
-            to the filter it replaces (`fit_assignment`).
-        allocation: `"per_layer"` (default): every chosen layer keeps its
-            own `n`; `"global"`: the chosen layers keep `n` filters in all
-            (`n` from `sparsity` or `base_ratio` over their total), split by
-            one ranking of their saliencies (`assignment.filter_saliency`:
-            the L2 norm, or L1 for `"l1"`), at least `min_bases` each.
-        min_bases: int >= 1, the fewest bases a layer keeps. Defaults to 1.
-        assign: `"fit"` (default) or `"modulo"` (the paper's `o mod n`), as
-            `fit_assignment`.
-        subtract_mean: rank filters by their saliency minus their layer's
-            mean in the global allocation. Defaults to False.
         recalibrate: optional training inputs (arrays, `(x, y)`, a dataset
             or batches): the converted model's batch-norm statistics are
             then re-estimated from `recalibrate_batches` batches of them
@@ -223,8 +234,8 @@ def transform_model(
     ('TransformConv2D', 4)
     """
     check_graph_model(model, "transform_model")
-    names = check_options(transforms, criterion, depth_groups, scale, transform_family,
-                          allocation, min_bases, assign, subtract_mean)
+    reconstruction = Reconstruction.get(reconstruction)
+    allocation, min_bases = reconstruction.allocation, reconstruction.min_bases
     if sum(v is not None for v in (base_ratio, sparsity, budget)) != 1:
         raise ValueError(
             "Pass exactly one of `base_ratio` or `sparsity` (or `budget`). Received "
@@ -232,14 +243,12 @@ def transform_model(
         )
     per_layer_ratio = None
     if budget is not None:
-        from tf_transform_conv.budget import resolve_plan
-
         if allocation != "per_layer":
             raise ValueError(
                 "`budget` chooses each layer's bases itself: use allocation='per_layer'. "
                 f"Received allocation={allocation!r}."
             )
-        plan = resolve_plan(model, budget, transforms, scale, depth_groups, layers)
+        plan = resolve_budget(budget, model, reconstruction, layers)
         per_layer_ratio = {name: n for name, n in plan.bases.items()}  # bases, not ratios
         layers, base_ratio = sorted(per_layer_ratio) or (lambda layer: False), 1.0
     elif isinstance(base_ratio, dict):
@@ -268,13 +277,14 @@ def transform_model(
         )
     if sparsity is not None and not (is_number(sparsity) and 0 <= sparsity < 1):
         raise ValueError(f"Expected sparsity in [0, 1). Received sparsity={sparsity!r}.")
-    if criterion == "taylor":
+    if reconstruction.criterion == "taylor":
         raise ValueError(
             "criterion='taylor' ranks filters by gradients on data, which a one-shot "
-            "conversion does not take: use prune_model(..., criterion='taylor') with "
+            "conversion does not take: use prune_model(..., "
+            "reconstruction=Reconstruction(criterion='taylor')) with "
             "UpdateTransformPruningStep(saliency_data=...), or 'magnitude'."
         )
-    chosen = select_layers(model, layers, lambda l: not skip_reason(l, transforms))
+    chosen = select_layers(model, layers, lambda l: not reconstruction.skip_reason(l))
     report = {}
 
     def bases_for(filters, name=None):
@@ -292,7 +302,8 @@ def transform_model(
         convs = [l for l in _compat.layers_of(model) if l.name in chosen]
         total = sum(l.filters for l in convs)
         counts = allocate_globally(
-            [filter_saliency(np.asarray(l.kernel), criterion, subtract_mean=subtract_mean)
+            [filter_saliency(np.asarray(l.kernel), reconstruction.criterion,
+                             subtract_mean=reconstruction.subtract_mean)
              for l in convs],
             bases_for(total) if sparsity is not None else max(1, round(base_ratio * total)),
             min_bases,
@@ -305,7 +316,7 @@ def transform_model(
         if not isinstance(layer, CONVOLUTIONS):
             return None
         before = layer.count_params()
-        reason = skip_reason(layer, transforms)
+        reason = reconstruction.skip_reason(layer)
         if not reason and layer.name not in chosen:
             reason = "not selected by `layers`"
         if reason:
@@ -314,25 +325,18 @@ def transform_model(
             )
             return None
         kernel = np.asarray(layer.kernel)
-        fit = fit_assignment(
-            kernel,
-            allotted.get(layer.name) or bases_for(layer.filters, layer.name),
-            transforms=names,
-            depth_groups=layer_depth_groups(layer, depth_groups),
-            scale=scale,
-            criterion=criterion,
-            transform_family=transform_family,
-            assign=assign,
-        )
+        fit = reconstruction.for_layer(layer).fit(
+            kernel, allotted.get(layer.name) or bases_for(layer.filters, layer.name))
+        family, scale = reconstruction.transform_family, reconstruction.scale
         new, weights = transform_conv_from_conv2d(
             layer, fit.base_kernel, fit.assignment, fit.transforms,
-            fit.scale if scale else None, transform_family, fit.templates,
+            fit.scale if scale else None, family, fit.templates,
             fit.transform_weights,
         )
         after = parameter_formula(
             layer.kernel_size, kernel.shape[2], layer.filters, len(fit.bases),
-            scale, layer.use_bias, transform_family,
-            int((~fit.templates).sum()) if transform_family != "discrete" else 0,
+            scale, layer.use_bias, family,
+            int((~fit.templates).sum()) if family != "discrete" else 0,
         )
         report[layer.name] = LayerReport(
             layer.name, "Conv2D", True, "", before, after, len(fit.bases),

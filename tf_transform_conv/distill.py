@@ -18,7 +18,7 @@ The usual output distillation can be added:
 import keras
 from keras import ops
 
-from tf_transform_conv import rewrite as rewrite_lib
+from tf_transform_conv.graph.nodes import is_graph_model
 from tf_transform_conv._checks import is_number
 
 __all__ = ["InnerDistiller"]
@@ -96,7 +96,7 @@ class InnerDistiller(keras.Model):
                  temperature=4.0, **kwargs):
         super().__init__(**kwargs)
         for model, name in ((student, "student"), (teacher, "teacher")):
-            if not isinstance(model, keras.Model) or not rewrite_lib.is_graph_model(model):
+            if not isinstance(model, keras.Model) or not is_graph_model(model):
                 raise ValueError(
                     f"Invalid value for argument `{name}`. Expected a built Functional or "
                     f"Sequential keras.Model. Received {type(model).__name__}."

@@ -19,7 +19,7 @@ builders always pass, is information for the factory and is not a `Conv2D`
 argument). `conv_factory()` makes the standard one.
 
 Which convolutions get transformed is the factory's decision, made from the
-arguments alone (the same rule as `tf_transform_conv.convert`):
+arguments alone (the same rule as conversion, `reconstruction.shape_skip_reason`):
 
 - 1x1 kernels stay `Conv2D`: every spatial transform of a single tap is the
   identity (or a shift to zero), so there is nothing to share.
@@ -53,19 +53,20 @@ import math
 
 import keras
 import numpy as np
-from keras import ops
 
-from tf_transform_conv import families as families_lib
 from tf_transform_conv._checks import check_positive_int
 from tf_transform_conv._checks import is_int
 from tf_transform_conv._checks import is_number
-from tf_transform_conv import transforms as transforms_lib
-from tf_transform_conv.layers import IMPLEMENTATIONS, TransformConv2D
-from tf_transform_conv.rewrite import shape_skip_reason
+from tf_transform_conv.layers.channel_pad import ChannelPad
+from tf_transform_conv.layers.transform_conv import IMPLEMENTATIONS
+from tf_transform_conv.layers.transform_conv import TransformConv2D
+from tf_transform_conv.ops import families as families_lib
+from tf_transform_conv.ops import transforms as transforms_lib
+from tf_transform_conv.reconstruction import shape_skip_reason
 
 __all__ = [
+    "DEFAULT_TRANSFORMS",
     "MODELS",
-    "ChannelPad",
     "ConvFactory",
     "build_model",
     "cifar_resnet",
@@ -272,7 +273,7 @@ def conv_factory(
         scale: bool, a trainable scale per output filter. Defaults to `False`.
         implementation: `"auto"` (default), `"materialized"` or `"factored"`.
         transform_family: `"discrete"` (default), `"scalar"`, `"rotation"`,
-            `"affine"` or `"general"` (`tf_transform_conv.families`).
+            `"affine"` or `"general"` (`tf_transform_conv.ops.families`).
 
     Returns:
         A `ConvFactory`, called as `factory(filters, kernel_size, strides=1,
@@ -316,91 +317,6 @@ def _resolve_factory(conv):
             f"or None for plain Conv2D. Received conv={conv!r}."
         )
     return conv
-
-
-# ----------------------------------------------------------------------
-# ChannelPad
-
-
-@keras.saving.register_keras_serializable(package="tf_transform_conv")
-class ChannelPad(keras.layers.Layer):
-    """Zero-pads the channel axis of a 4D tensor.
-
-    The channel half of the "option A" shortcut of He et al. (2016): the
-    identity shortcut gains zero channels where a stage widens. Keras has
-    padding layers for the spatial axes only.
-
-    Args:
-        padding: int (zeros on both sides) or pair `(before, after)` of
-            non-negative ints: zero channels added before and after.
-        data_format: `"channels_last"` (default) or `"channels_first"`.
-        **kwargs: base layer arguments (`name`, `dtype`, ...).
-
-    Input shape:
-        4D tensor `(batch, rows, cols, channels)` (`channels_last`) or
-        `(batch, channels, rows, cols)`.
-
-    Output shape:
-        The same with `channels + before + after` channels.
-
-    Raises:
-        ValueError: for negative or malformed `padding`, or a bad
-            `data_format`.
-
-    Example:
-
-    >>> import numpy as np
-    >>> y = ChannelPad((1, 2))(np.ones((1, 2, 2, 3), "float32"))
-    >>> tuple(y.shape), np.asarray(y)[0, 0, 0].tolist()
-    ((1, 2, 2, 6), [0.0, 1.0, 1.0, 1.0, 0.0, 0.0])
-    """
-
-    def __init__(self, padding, data_format=None, **kwargs):
-        super().__init__(**kwargs)
-        received = padding
-        if is_int(padding):
-            padding = (int(padding), int(padding))
-        try:
-            padding = tuple(int(p) for p in padding)
-        except (TypeError, ValueError):
-            padding = None
-        if padding is None or len(padding) != 2 or min(padding) < 0:
-            raise ValueError(
-                "Invalid value for argument `padding`. Expected a non-negative "
-                "int or a pair (before, after) of non-negative ints. Received "
-                f"padding={received!r}."
-            )
-        if data_format is None:
-            data_format = keras.config.image_data_format()
-        if data_format not in ("channels_last", "channels_first"):
-            raise ValueError(
-                "Invalid value for argument `data_format`. Expected "
-                "'channels_last' or 'channels_first'. Received "
-                f"data_format={data_format!r}."
-            )
-        self.padding = padding
-        self.data_format = data_format
-        self.input_spec = keras.layers.InputSpec(ndim=4)
-
-    def _axis(self):
-        return 3 if self.data_format == "channels_last" else 1
-
-    def call(self, inputs):
-        pads = [[0, 0]] * 4
-        pads[self._axis()] = list(self.padding)
-        return ops.pad(inputs, pads)
-
-    def compute_output_shape(self, input_shape):
-        shape = list(input_shape)
-        axis = self._axis()
-        if shape[axis] is not None:
-            shape[axis] += sum(self.padding)
-        return tuple(shape)
-
-    def get_config(self):
-        config = super().get_config()
-        config.update({"padding": self.padding, "data_format": self.data_format})
-        return config
 
 
 # ----------------------------------------------------------------------

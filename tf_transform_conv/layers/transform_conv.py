@@ -11,18 +11,16 @@ from tf_transform_conv import _compat
 from tf_transform_conv._checks import check_bool
 from tf_transform_conv._checks import check_positive_int
 from tf_transform_conv._checks import is_int
-from tf_transform_conv import factored as factored_lib
-from tf_transform_conv import families as families_lib
-from tf_transform_conv import layout as layout_lib
-from tf_transform_conv import transforms as transforms_lib
-from tf_transform_conv.layout import default_assignment  # noqa: F401  (public name)
-from tf_transform_conv.layout import template_outputs  # noqa: F401  (public name)
+from tf_transform_conv.ops import factored as factored_lib
+from tf_transform_conv.ops import families as families_lib
+from tf_transform_conv.ops import layout as layout_lib
+from tf_transform_conv.ops import transforms as transforms_lib
 
 IMPLEMENTATIONS = ("auto", "materialized", "factored")
 
 # `implementation="auto"` runs the factored path for inference under XLA when
 # measured conditions hold (`benchmarks/layer_speed.py`, XLA on a 2-core CPU;
-# see the README): the base products are at most a quarter of the dense
+# see docs/benchmarks/layer_speed.md): the base products are at most a quarter of the dense
 # multiply-adds (`strides**2 * base_filters / filters <= 1/4`: at 1/2 the
 # additions eat the saving), each depth group sees at least 16 input channels
 # (the second stage's work per output pixel, `kh*kw*filters*depth_groups`
@@ -90,10 +88,10 @@ class TransformConv2D(keras.layers.Layer):
 
     where the *assignment* gives each output filter `o` a base `b(o)` and a
     discrete transform `t(o)` (rotation, mirror or one-tap shift; see
-    `tf_transform_conv.transforms`), and `S_o` is a linear operator on the
+    `tf_transform_conv.ops.transforms`), and `S_o` is a linear operator on the
     `kh * kw` taps, the same for every input channel. The
     `transform_family` says how `S_o` is built
-    (`tf_transform_conv.families`): `"discrete"` is the transform `t(o)`
+    (`tf_transform_conv.ops.families`): `"discrete"` is the transform `t(o)`
     itself; the learned families refine it with a per-filter operator,
     `S_o = L(phi_o) @ T_{t(o)}`: `"scalar"` a learned multiplier per tap (the
     paper's default), `"rotation"` a learned angle and amplitude,
@@ -117,7 +115,7 @@ class TransformConv2D(keras.layers.Layer):
       computed once), then each output sums shifted channels of `P`:
       `kh * kw` additions (discrete), multiply-adds (scalar) or
       `(kh * kw)**2` multiply-adds (rotation, affine, general) per output
-      value and depth group (`tf_transform_conv.factored`). Training steps
+      value and depth group (`tf_transform_conv.ops.factored`). Training steps
       differentiate it as the dense convolution, so memory stays bounded.
     - `"auto"` picks from the shapes when the layer is built;
       `implementation_used` and `implementation_reason` say which and why.
@@ -143,7 +141,7 @@ class TransformConv2D(keras.layers.Layer):
             `(depth_groups, filters)`, for a learned family: the outputs
             whose operator stays `T_{t(o)}` (they learn no parameters). By
             default each base's first output under `identity` in each depth
-            group (`template_outputs`). Conversion and pruning pass the kept
+            group (`ops.layout.template_outputs`). Conversion and pruning pass the kept
             filters.
         assignment: optional int array `(filters, 2)` or
             `(depth_groups, filters, 2)` of `(base, transform)` per output
@@ -486,7 +484,7 @@ class TransformConv2D(keras.layers.Layer):
         `tf.function(jit_compile=True)`, the JAX backend), and for training
         steps under XLA too when its depth groups are wide and its outputs
         need no reordering; otherwise, and always without XLA, the
-        materialised path. See the README for the measurements.
+        materialised path. The measurements: docs/benchmarks/layer_speed.md.
 
         Returns:
             `(implementation, reason)`: `"factored"` when the factored path is
@@ -680,7 +678,7 @@ class TransformConv2D(keras.layers.Layer):
         """The base filters `(kh, kw, c_in, base_filters)` in `dtype`, as both paths use them.
 
         The `base_kernel` weight here; a subclass that stores its bases in
-        another form (`unstructured.FilterBasisTransformConv2D`) builds them.
+        another form (`layers.FilterBasisTransformConv2D`) builds them.
         """
         return ops.cast(self.base_kernel, dtype)
 
@@ -708,7 +706,7 @@ class TransformConv2D(keras.layers.Layer):
         """The layer's output with `base` (compute dtype) in place of its bases.
 
         `call` passes its own; a wrapper that computes the bases from other
-        weights (`unstructured.InterspacePruning`) passes those, and both
+        weights (`pruning.InterspacePruning`) passes those, and both
         execution paths run as for the layer's own.
         """
         # Built for an unknown spatial size: check the size it runs on.

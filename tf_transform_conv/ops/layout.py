@@ -18,10 +18,10 @@ import dataclasses
 
 import numpy as np
 
-from tf_transform_conv import factored as factored_lib
 from tf_transform_conv._checks import is_int
 from tf_transform_conv._checks import is_number
-from tf_transform_conv import transforms as transforms_lib
+from tf_transform_conv.ops import factored as factored_lib
+from tf_transform_conv.ops import transforms as transforms_lib
 
 
 def default_assignment(filters, base_filters, num_transforms, depth_groups=1):

@@ -10,8 +10,8 @@ output:
     a* = <W_o, T_t(W_b)> / ||T_t(W_b)||^2        (0 when T_t(W_b) = 0)
 
 This module is the math only: plain numpy in, plain numpy out, no
-TensorFlow or Keras. Pruning (`pruning.py`) and conversion (`convert.py`)
-call it; the result plugs into `TransformConv2D(assignment=...)`.
+TensorFlow or Keras. Pruning (`tf_transform_conv.pruning`) and conversion
+(`tf_transform_conv.convert`) call it; the result plugs into `TransformConv2D(assignment=...)`.
 
 How it stays fast. Every inner product `<W_o, T_t(W_b)>` is a sum over taps
 `u` of `<W_o[u], W_b[src_t(u)]>` (the channels of one tap), so all of them,
@@ -30,18 +30,14 @@ import math
 
 import numpy as np
 
-from tf_transform_conv import families as families_lib
-from tf_transform_conv._checks import check_bool
-from tf_transform_conv._checks import check_positive_int
 from tf_transform_conv._checks import is_int
-from tf_transform_conv import transforms as transforms_lib
+from tf_transform_conv.ops import families as families_lib
+from tf_transform_conv.ops import transforms as transforms_lib
 
 #: The criteria that choose which filters stay bases.
 CRITERIA = ("reconstruction", "l1", "magnitude", "taylor")
 #: How each reconstructed filter gets its base: the best one, or the paper's `o mod n`.
 ASSIGNMENTS = ("fit", "modulo")
-#: How the kept filters are split between layers: each its own rate, or one ranking.
-ALLOCATIONS = ("per_layer", "global")
 
 # The tap Gram blocks are kept in memory only when they fit this budget
 # (bytes); beyond it (large kernels with many filters) the inner products are
@@ -83,7 +79,7 @@ class AssignmentFit:
             (0 where `W_o` is zero).
         norms: float64 array `(F,)`, `||W_o||`, the fitted kernel's filter norms.
         transform_family: the family of the transforms (`"discrete"`, or a
-            learned family of `tf_transform_conv.families`).
+            learned family of `tf_transform_conv.ops.families`).
         transform_params: float32 array `(depth_groups, F, p)`, each
             output's family parameters (`p = 0` for the discrete family);
             the kept filters hold the identity parameters.
@@ -136,7 +132,7 @@ class AssignmentFit:
         """The reconstructed dense kernel `(kh, kw, c_in, F)`, float32.
 
         `W[..., group k, o] = scale[o] * S_{k,o}(base_kernel[..., group k, b_k(o)])`
-        with `S = L(transform_params) @ T_t` (`tf_transform_conv.families`),
+        with `S = L(transform_params) @ T_t` (`tf_transform_conv.ops.families`),
         built with numpy: the same kernel as
         `TransformConv2D.materialized_kernel()` for this base kernel,
         assignment, scale and transform parameters.
@@ -265,7 +261,7 @@ def fit_assignment(
         kernel, base_filters, transforms, depth_groups, criterion, candidates
     )
     families_lib.check_family(transform_family)
-    scores = _check_scores(scores, criterion, kernel64.shape[-1])
+    scores = check_scores(scores, criterion, kernel64.shape[-1])
     if assign not in ASSIGNMENTS:
         raise ValueError(
             "Invalid value for argument `assign`. Expected one of "
@@ -322,60 +318,9 @@ def fit_assignment(
     return largest if largest.errors.sum() < greedy.errors.sum() else greedy
 
 
-def check_selection(allocation, min_bases, assign, subtract_mean):
-    """Raises a ValueError naming the first invalid template-selection argument."""
-    if allocation not in ALLOCATIONS:
-        raise ValueError(
-            "Invalid value for argument `allocation`. Expected one of "
-            f"{list(ALLOCATIONS)}. Received allocation={allocation!r}."
-        )
-    check_positive_int(min_bases, "min_bases", expected="an int >= 1")
-    if assign not in ASSIGNMENTS:
-        raise ValueError(
-            "Invalid value for argument `assign`. Expected one of "
-            f"{list(ASSIGNMENTS)}. Received assign={assign!r}."
-        )
-    check_bool(subtract_mean, "subtract_mean")
-
-
 def kept_filters(filters, sparsity):
     """The number of bases kept at `sparsity`: `filters - floor(s * filters + 1/2)`, at least 1."""
     return max(1, filters - int(math.floor(sparsity * filters + 0.5)))
-
-
-def filter_saliency(kernel, criterion, scores=None, subtract_mean=False, kept=None):
-    """Each filter's saliency (higher stays) for a global ranking.
-
-    The L2 norm for `"magnitude"` (the paper's saliency) and for
-    `"reconstruction"` (which has no per-filter score of its own), the L1
-    norm for `"l1"`, and `scores` for `"taylor"`.
-
-    Args:
-        kernel: `(kh, kw, c_in, F)` array.
-        criterion: one of `CRITERIA`.
-        scores: `(F,)` saliencies, for `"taylor"`.
-        subtract_mean: subtract the mean over the `kept` filters (the
-            paper's v1 for ResNet-50, which keeps layers' rates alike).
-        kept: indices of the filters still kept (default: all).
-
-    Returns:
-        A float64 array `(F,)`.
-    """
-    kernel = np.asarray(kernel, np.float64)
-    if criterion not in CRITERIA:
-        raise ValueError(
-            f"Invalid value for argument `criterion`. Expected one of {list(CRITERIA)}. "
-            f"Received criterion={criterion!r}."
-        )
-    if criterion == "taylor":
-        values = _check_scores(scores, criterion, kernel.shape[-1])
-    elif criterion == "l1":
-        values = np.abs(kernel).sum(axis=(0, 1, 2))
-    else:
-        values = np.sqrt((kernel**2).sum(axis=(0, 1, 2)))
-    if subtract_mean:
-        values = values - values[slice(None) if kept is None else kept].mean()
-    return values
 
 
 def allocate_globally(saliencies, target, minimum=1):
@@ -527,7 +472,7 @@ def _validate(kernel, base_filters, transforms, depth_groups, criterion, candida
     return kernel, int(base_filters), names, int(depth_groups), cand
 
 
-def _check_scores(scores, criterion, filters):
+def check_scores(scores, criterion, filters):
     if criterion != "taylor":
         if scores is not None:
             raise ValueError(

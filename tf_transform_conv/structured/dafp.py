@@ -16,18 +16,8 @@ above the target and still rising (never below 0). At the end a bisection
 finds the fraction of each layer's maximum that prunes exactly the target
 share of channels.
 
-Coupled channels (`structured.channel_groups`: every convolution writing
-into one residual stream, a depthwise convolution after its producer) have
-one importance per channel of the group:
-
-    I_i = (sum over the group's batch norms of |gamma_i|)
-          * (sum over the group's consumers of mean_{o, kh, kw} |W[kh, kw, i, o]|),
-
-which is the paper's formula for a group of one convolution, one batch norm
-and one next convolution. A `Dense` consumer (after global pooling) counts
-`mean_o |W[i, o]|`, a depthwise consumer `mean_{kh, kw} |W[kh, kw, i, 0]|`,
-a `TransformConv2D` consumer its materialised kernel. A group without a
-batch norm uses `|gamma_i| = 1`.
+The importance itself, for coupled channels too, is
+`saliency.dafp_importance` (its docstring has the formula).
 
 The penalty is a registered Keras regulariser, `GammaL1`, whose strength is
 a `keras.Variable`: `SparsityTuner` attaches it to the scales of the batch
@@ -42,92 +32,19 @@ each change.
 import keras
 import numpy as np
 
-from tf_transform_conv import structured
 from tf_transform_conv._checks import check_positive_int
 from tf_transform_conv._checks import is_number
+from tf_transform_conv.graph.groups import analyze_groups
+from tf_transform_conv.saliency import dafp_importance
+from tf_transform_conv.saliency import group_dafp_importance
 
 __all__ = [
     "GammaL1",
     "SparsityTuner",
-    "dafp_importance",
     "dafp_keep",
     "dafp_sparsity",
     "dafp_threshold",
 ]
-
-
-def dafp_importance(model):
-    """The dependency-aware importance of every channel of every prunable group.
-
-    See the module docstring for the formula and how coupled channels
-    combine.
-
-    Args:
-        model: a built Sequential or Functional `keras.Model`.
-
-    Returns:
-        dict mapping each prunable group's name (`ChannelGroup.name`) to a
-        float64 array of its channels' importances, indexed as
-        `remove_filters` indexes the group.
-
-    Raises:
-        ValueError: if `model` is not a built Sequential or Functional model.
-
-    Example:
-
-    >>> import keras, numpy as np
-    >>> inputs = keras.Input((6, 6, 2))
-    >>> x = keras.layers.Conv2D(4, 3, name="conv")(inputs)
-    >>> x = keras.layers.BatchNormalization(name="bn")(x)
-    >>> x = keras.layers.Conv2D(3, 3, name="next")(x)
-    >>> model = keras.Model(inputs, x)
-    >>> importance = dafp_importance(model)
-    >>> gamma = model.get_layer("bn").gamma.numpy()
-    >>> kernel = model.get_layer("next").kernel.numpy()
-    >>> bool(np.allclose(importance["conv"],
-    ...                  np.abs(gamma) * np.abs(kernel).mean(axis=(0, 1, 3))))
-    True
-    """
-    analysis = structured._analysis(model, "dafp_importance()")
-    return _importance(analysis)
-
-
-def _importance(analysis):
-    out = {}
-    for group in analysis.groups:
-        if not group.prunable:
-            continue
-        gamma = np.zeros(group.channels)
-        seen = np.zeros(group.channels, bool)
-        for path in group.batch_norms:
-            call = analysis.call_of(path)
-            layer = call.layer
-            values = (np.abs(keras.ops.convert_to_numpy(layer.gamma)) if layer.scale
-                      else np.ones(layer.moving_mean.shape[0]))
-            _add(analysis, call.inputs[0], group.name, values, gamma, seen)
-        gamma[~seen] = 1.0
-        weight = np.zeros(group.channels)
-        seen = np.zeros(group.channels, bool)
-        for path in group.consumers:
-            call = analysis.call_of(path)
-            kernel = structured._weights(call.layer)[0]
-            if call.kind == "depthwise":
-                values = np.abs(kernel).mean(axis=(0, 1, 3))
-            else:  # (kh, kw, c_in, c_out) or (c_in, c_out)
-                values = np.abs(kernel.reshape(-1, kernel.shape[-2], kernel.shape[-1])).mean(
-                    axis=(0, 2))
-            _add(analysis, call.inputs[0], group.name, values, weight, seen)
-        weight[~seen] = 1.0
-        out[group.name] = gamma * weight
-    return out
-
-
-def _add(analysis, key, name, values, total, seen):
-    """Adds the per-channel `values` of tensor `key` to `total`, on group `name`'s channels."""
-    names, places = analysis.positions(key)
-    mine = np.array([n == name for n in names], bool)
-    np.add.at(total, places[mine], values[mine])
-    seen[places[mine]] = True
 
 
 def _check_fraction(fraction, name="fraction"):
@@ -315,7 +232,7 @@ class SparsityTuner(keras.callbacks.Callback):
 
     At the start of training, attaches a `GammaL1` penalty (strength 0) to
     the scale (`gamma`) of every batch norm of the model's prunable groups
-    (`structured.channel_groups`). After every epoch (or every `frequency`
+    (`graph.groups.channel_groups`). After every epoch (or every `frequency`
     steps) it measures the channel sparsity, the share of channels whose
     DAFP importance is at or below `threshold` times their group's
     maximum, and updates the strength `lambda`:
@@ -385,7 +302,7 @@ class SparsityTuner(keras.callbacks.Callback):
         self._steps = 0
 
     def on_train_begin(self, logs=None):
-        self._analysis = structured._analysis(self.model, "SparsityTuner")
+        self._analysis = analyze_groups(self.model, "SparsityTuner")
         self._scales = []
         for group in self._analysis.groups:
             if not group.prunable:
@@ -415,7 +332,7 @@ class SparsityTuner(keras.callbacks.Callback):
     def _measure(self):
         if keras.backend.backend() == "jax":  # fit keeps the variables outside the model
             self.model.jax_state_sync()
-        return dafp_sparsity(_importance(self._analysis), self.threshold)
+        return dafp_sparsity(group_dafp_importance(self._analysis), self.threshold)
 
     def on_train_batch_end(self, batch, logs=None):
         self._steps += 1
@@ -449,7 +366,7 @@ class SparsityTuner(keras.callbacks.Callback):
             self.model.make_train_function(force=True)
 
     def on_train_end(self, logs=None):
-        importance = _importance(self._analysis)
+        importance = group_dafp_importance(self._analysis)
         self.fraction = dafp_threshold(importance, self.target)
         self.sparsity = dafp_sparsity(importance, self.fraction)
         self.keep = dafp_keep(self.model, self.fraction, importance)

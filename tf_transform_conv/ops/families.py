@@ -8,7 +8,7 @@ acting on them, the same for every input channel:
 
 A *family* says how `S_o` is built. Each one refines the discrete transform
 `t(o)` of the layer's assignment (a partial permutation `Pi_t` of the taps,
-`tf_transform_conv.transforms`) with a learned operator `L`:
+`tf_transform_conv.ops.transforms`) with a learned operator `L`:
 
     S_o = L(phi_o) @ Pi_t(o)
 
@@ -31,7 +31,7 @@ base's taps at `p`, the base being zero outside its `kh x kw` grid: a point
 half a tap beyond the last column takes half of that column. With these
 conventions the rotation at `theta = pi / 2` is `np.rot90(B, 1, axes=(0, 1))`,
 and the affine maps of `affine_matrix(name)` reproduce every discrete
-transform of `tf_transform_conv.transforms` exactly (`flip_h` is
+transform of `tf_transform_conv.ops.transforms` exactly (`flip_h` is
 `[[-1, 0, 0], [0, 1, 0]]`, `shift_right` is `[[1, 0, -1], [0, 1, 0]]`, ...).
 The interpolation weights use `floor`, so at a tap centre (where training
 starts) the derivative in the angle or matrix is the one-sided derivative
@@ -47,7 +47,7 @@ import math
 import numpy as np
 from keras import ops
 
-from tf_transform_conv import transforms as transforms_lib
+from tf_transform_conv.ops import transforms as transforms_lib
 
 #: The transform families, in order of expressiveness.
 FAMILIES = ("discrete", "scalar", "rotation", "affine", "general")

@@ -1,5 +1,4 @@
-"""How a `TransformConv2D` is written into a TFLite file: the *grouped* form,
-and which form (grouped, slices or dense) each layer takes.
+"""The *grouped* TFLite form of a `TransformConv2D`: two convolutions XNNPACK runs.
 
 The Keras factored path (`implementation="factored"`) sums `kh * kw` shifted
 slices of the product tensor `P = x @ B` per block of outputs. Lowered to
@@ -17,7 +16,7 @@ the XNNPACK delegate runs as two nodes:
    channels and writes one channel per output filter built from base `b`
    (in depth group `k`), whose kernel holds, at tap `u` on the product
    channel of base tap `s`, the filter's scale times `S_o[u, s]`, the entry
-   of its tap operator (`tf_transform_conv.families`). For the discrete
+   of its tap operator (`tf_transform_conv.ops.families`). For the discrete
    family that is the scale where the transform moves tap `s` to `u` and
    zero elsewhere (a one-tap shift's empty taps are zero); a learned family
    stores its operator's nonzero entries (one per tap for the scalar
@@ -49,61 +48,45 @@ TFLite converts to a grouped `CONV_2D` from either backend's export), holds
 its kernels as constants and is not meant for training. Called directly it
 computes the layer's output (tested eagerly and under XLA), but slowly on
 CPU: keep the Keras layer for anything but conversion.
-
-Which form `export_tflite` writes for a layer is decided here too:
-`lowering_choice(layer, lowering)` gives `(form, reason)` for `lowering` in
-`LOWERINGS` (the `"auto"` rule, with its measured thresholds `AUTO_*` and
-`LOWERING_VALUE_BYTES`, the file bytes per constant value the grouped form
-adds), and `lowering_decision` the same with the `GroupedPlan` it built, which
-`export.deployment_model` passes on to `GroupedTransformConv2D.from_layer`
-so that each layer's plan is built once.
 """
 
 import collections
 
-import numpy as np
-
 import keras
+import numpy as np
 from keras import ops
 
-from tf_transform_conv import families as families_lib
-from tf_transform_conv import transforms as transforms_lib
-from tf_transform_conv.unstructured import FilterBasisTransformConv2D
+from tf_transform_conv.layers.filter_basis_transform_conv import FilterBasisTransformConv2D
+from tf_transform_conv.ops import transforms as transforms_lib
 
 __all__ = [
-    "AUTO_DENSE_MAX_GROWTH",
-    "AUTO_MIN_GROUPED_SLOTS",
-    "AUTO_SLICES_MIN_CHANNELS",
-    "LOWERINGS",
-    "LOWERING_VALUE_BYTES",
+    "ELEMENTWISE_ACTIVATIONS",
+    "PHASE_MAX_PRODUCT_FRACTION",
     "GroupedPlan",
     "GroupedTransformConv2D",
+    "Phase",
     "grouped_plan",
     "grouped_skip_reason",
-    "lowering_choice",
-    "lowering_decision",
 ]
 
-# An uneven assignment pads every base's group to the largest (`slots`); which
-# form `export_tflite(lowering="auto")` writes is decided in one place,
-# `lowering_choice` (below), whose docstring gives the measurements.
 
-# LOWERING_VALUE_BYTES: bytes a `.tflite` file spends per constant value a
-# lowering adds (`ExportResult.lowering_values`): 4 bytes for the value and,
-# for the spread kernels, their sparse index. Measured with TF 2.21 on a
-# float32 export (overhead = file bytes minus 4 bytes per parameter): the
-# size test's model (`tests/test_export.py`) in the grouped form has 19,844
-# bytes of overhead for 11 operators and 5,184 lowering values (4,608 spread
-# nonzeros, 576 product-bias zeros), i.e. 3.4 bytes per value once the
-# operators are paid; rounded up to 8. `lowering_choice` prices the grouped
-# form's constants with it; the tests' file-size budget
-# (`tests/tflite_util.py`) uses it too.
-LOWERING_VALUE_BYTES = 8
+Phase = collections.namedtuple(
+    "Phase", ["row", "col", "kernel_rows", "kernel_cols", "product_kernel", "spread_kernel"])
+Phase.__doc__ = """One pixel phase of a stride-2 grouped layer (see `grouped_plan`).
+
+Attributes:
+    row, col: the phase, 0 or 1: the input pixels `(2i + row, 2j + col)`.
+    kernel_rows, kernel_cols: the taps of the layer's kernel on this phase
+        (rows `row, row + 2, ...`, columns likewise).
+    product_kernel: `(1, 1, c_in / depth_groups, groups * len(taps))`: the
+        base taps used on this phase, for every base.
+    spread_kernel: `(kernel_rows, kernel_cols, len(taps), outputs)`.
+"""
 
 
 # Keras activations that act on each value alone (not softmax: it mixes the
 # channels, and the padded slots of the spread convolution would join in).
-_ELEMENTWISE_ACTIVATIONS = frozenset(
+ELEMENTWISE_ACTIVATIONS = frozenset(
     ["linear", "relu", "relu6", "elu", "selu", "gelu", "silu", "swish", "sigmoid",
      "hard_sigmoid", "hard_silu", "hard_swish", "tanh", "softplus", "softsign",
      "leaky_relu", "mish", "exponential"]
@@ -131,7 +114,7 @@ class GroupedPlan:
         phases: list of `Phase` (a stride-2 layer computing its products
             per pixel phase) or None.
         basis_kernel: None, or for a layer whose bases live in a filter
-            basis (`unstructured.FilterBasisTransformConv2D`) the 1x1
+            basis (`layers.FilterBasisTransformConv2D`) the 1x1
             convolution that turns the products with the coefficients into
             the products with the bases' taps (`product_kernel` then holds
             the coefficients): `(1, 1, taps, taps)` when one basis serves
@@ -209,19 +192,6 @@ class GroupedPlan:
         """Channels the second convolution writes (padded slots included)."""
         return self.spread_kernel.shape[-1]
 
-
-Phase = collections.namedtuple(
-    "Phase", ["row", "col", "kernel_rows", "kernel_cols", "product_kernel", "spread_kernel"])
-Phase.__doc__ = """One pixel phase of a stride-2 grouped layer (see `grouped_plan`).
-
-Attributes:
-    row, col: the phase, 0 or 1: the input pixels `(2i + row, 2j + col)`.
-    kernel_rows, kernel_cols: the taps of the layer's kernel on this phase
-        (rows `row, row + 2, ...`, columns likewise).
-    product_kernel: `(1, 1, c_in / depth_groups, groups * len(taps))`: the
-        base taps used on this phase, for every base.
-    spread_kernel: `(kernel_rows, kernel_cols, len(taps), outputs)`.
-"""
 
 # A stride-2 layer computes its products per pixel phase when that multiplies
 # at most this fraction of what products at every input pixel do.
@@ -514,7 +484,7 @@ class GroupedTransformConv2D(keras.layers.Layer):
             name = keras.activations.serialize(self.activation)
         except ValueError:
             return False
-        return isinstance(name, str) and name in _ELEMENTWISE_ACTIVATIONS
+        return isinstance(name, str) and name in ELEMENTWISE_ACTIVATIONS
 
     def _to_filter_order(self, y):
         plan = self.plan
@@ -533,177 +503,3 @@ class GroupedTransformConv2D(keras.layers.Layer):
             selection[0, 0, index, np.arange(self.filters)] += 1.0
         return ops.conv(y, ops.convert_to_tensor(selection, y.dtype), 1, "valid",
                         data_format="channels_last")
-
-
-# ----------------------------------------------------------------------------
-# Which form a layer takes
-
-
-LOWERINGS = ("auto", "grouped", "slices", "dense")
-# The `lowering="auto"` rule; see `lowering_choice`.
-AUTO_MIN_GROUPED_SLOTS = 4
-AUTO_SLICES_MIN_CHANNELS = 32
-AUTO_DENSE_MAX_GROWTH = 1.5
-
-
-def lowering_choice(layer, lowering="auto"):
-    """`(form, reason)`: how `export_tflite` writes a built `TransformConv2D`.
-
-    `form` is `"grouped"` (two convolutions; see the module docstring)
-    or `"slices"` (the Keras factored path: a product, then shifted slices
-    and additions), which store only the bases, or `"dense"` (the
-    materialised kernel, as large as the `Conv2D`'s). `lowering="auto"` picks the form
-    measured faster in the LiteRT interpreter
-    (`benchmarks/tflite_lowering.py`, XNNPACK, batch 1; see the README):
-
-    - dense when the dense convolution does no more multiply-adds than the
-      grouped form and its kernel is at most `AUTO_DENSE_MAX_GROWTH` (1.5)
-      times the grouped form's constants in bytes: few input channels, as
-      in a stem (3 channels: the grouped form was 2.2x the dense
-      MobileNetV2 at ratio 1/2, all of it the stem), where the spread
-      convolution alone costs `kh*kw / c_in` of the dense layer;
-
-    - grouped when each base builds at least `AUTO_MIN_GROUPED_SLOTS` (4)
-      filters: its spread convolution then writes groups wide enough for
-      XNNPACK's kernels (at ratio 1/4 grouped was 0.3-1.0x the slices'
-      latency with 1 thread, and smaller);
-    - with fewer (ratio 1/2: 2 per base), grouped only below
-      `AUTO_SLICES_MIN_CHANNELS` (32) input channels per depth group; from
-      32 channels up, 2-wide groups made it 1.0-1.6x the slices' latency;
-    - always for the rotation, affine and general families, whose slices
-      would multiply-add every pair of taps (about ten times the
-      operators of the discrete family's);
-    - grouped, whatever the padding, for a fitted (uneven or scattered)
-      assignment, as `transform_model` and `strip_model` give: the spread
-      convolution pads every base's group to the largest, which costs
-      `kh*kw * padding` multiply-adds per filter and pixel (`padding`: its
-      outputs over the filters), while the slices form needs a slice and an
-      add per tap and *segment* of filters summed together, and a fitted
-      assignment has many more segments than the default assignment's one
-      per transform (19-25 against 2-8 at 64 channels). Measured
-      (`benchmarks/tflite_lowering.py --assignments default fitted`,
-      `benchmarks/results/tflite_lowering_fitted.json`: the assignments
-      `fit_assignment` gives random 16-128-channel kernels with d4 at
-      ratios 1/2, 1/4 and 1/8, padding 1.25-2.5x): slices took 128-839
-      operators against grouped's 4 and were 1.2-3.2x the grouped file's
-      latency with 1 thread, 2.6-11x with 2, and 1.5-6.2x its bytes (a
-      14x14x256 check at 1/2, padding 2.0: 30 operators, 1.6x). The former
-      limit (slices above 2x padding) left a converted 5-layer CNN
-      (64-128 channels, 1/4) at 1.32x the bytes of its grouped export, with
-      817 operators against 22. So the slices rule above (fewer than 4
-      filters per base from 32 channels) applies only where the slices
-      form has at most one segment per transform and depth group, as under
-      the default assignment. Padding beyond the measured 2.5x is bounded
-      only by the dense rule, which counts the padded multiply-adds
-      (`_dense_instead`);
-    - slices otherwise only when the layer's shape rules the grouped form
-      out (`lowering.grouped_skip_reason`).
-
-    Args:
-        layer: a built `TransformConv2D`.
-        lowering: `"auto"`, `"grouped"`, `"slices"` or `"dense"`; the last
-            three are taken as asked (`"grouped"` raises for a layer that
-            cannot take it).
-    """
-    form, reason, _ = lowering_decision(layer, lowering)
-    return form, reason
-
-
-def lowering_decision(layer, lowering="auto"):
-    """`(form, reason, plan)`: `lowering_choice` with the `GroupedPlan` it built.
-
-    `plan` is the layer's `GroupedPlan` when `form` is `"grouped"` and the
-    `"auto"` rule built it to decide (pass it to
-    `GroupedTransformConv2D.from_layer(layer, plan=plan)` so that it is built
-    once), else None.
-    """
-    if lowering not in LOWERINGS:
-        raise ValueError(
-            "Invalid value for argument `lowering`. Expected one of "
-            f"{list(LOWERINGS)}. Received lowering={lowering!r}."
-        )
-    if lowering in ("slices", "dense"):
-        return lowering, "requested", None
-    reason = grouped_skip_reason(layer)
-    if reason is not None:
-        if lowering == "grouped":
-            raise ValueError(
-                f"Layer {layer.name!r} cannot be written in the grouped form: {reason}. "
-                "Use lowering='auto' (which falls back to 'slices') or 'slices'."
-            )
-        return "slices", reason, None
-    if lowering == "grouped":
-        return "grouped", "requested", None
-    plan = grouped_plan(layer)
-    if plan.basis_kernel is not None:
-        return "grouped", (
-            "bases in a filter basis: the grouped form stores the coefficients (sparse) "
-            "and the basis, where the other forms would store dense bases or filters"
-        ), plan
-    dense = _dense_instead(layer, plan)
-    if dense is not None:
-        return "dense", dense, None
-    if families_lib.coefficient_kind(layer.transform_family) == "dense":
-        return "grouped", (
-            f"the {layer.transform_family} family as slices would add a multiply-add per "
-            "pair of taps (about ten times the operators)"
-        ), plan
-    padding = plan.spread_outputs() / (layer.filters * layer.depth_groups)
-    channels = layer.base_kernel.shape[2] // layer.depth_groups
-    segments, slices = _slices_plan(layer)
-    # The default assignment's slices: one segment per transform (per depth group).
-    few_segments = segments is not None and (
-        segments <= len(layer.transforms) * layer.depth_groups)
-    if not few_segments:
-        return "grouped", (
-            f"fitted assignment: up to {plan.slots} filters per base (the spread "
-            f"convolution padded to {padding:.2f}x the filters); as slices it would sum "
-            f"{segments if segments is not None else 'many'} segments"
-            + (f" ({slices} shifted slices)" if slices is not None else "")
-        ), plan
-    if plan.slots < AUTO_MIN_GROUPED_SLOTS and channels >= AUTO_SLICES_MIN_CHANNELS:
-        return "slices", (
-            f"{plan.slots} filters per base (< {AUTO_MIN_GROUPED_SLOTS}) with {channels} "
-            f"input channels per group (>= {AUTO_SLICES_MIN_CHANNELS}): slices measured faster"
-        ), None
-    return "grouped", f"{plan.slots} filters per base, {channels} input channels per group", plan
-
-
-def _slices_plan(layer):
-    """`(segments, slices)` of the factored (slices) form of `layer`: its runs of
-    filters summed together, and the shifted slices it reads (None, None if unknown)."""
-    plan = getattr(getattr(layer, "_tables", None), "plan", None)
-    if plan is None:
-        return None, None
-    return len(plan.segments), plan.num_slices()
-
-
-def _dense_instead(layer, plan):
-    """Why `"auto"` writes `layer` with its materialised kernel, or None.
-
-    When the dense convolution does no more multiply-adds than the grouped
-    form, and its kernel takes at most `AUTO_DENSE_MAX_GROWTH` times the
-    bytes of the grouped form's constants: a layer with few input channels
-    (a stem), where the grouped form is both slower and hardly smaller.
-    """
-    kh, kw = layer.kernel_size
-    sh, sw = layer.strides
-    taps, channels = kh * kw, layer.base_kernel.shape[2]
-    # Per output pixel; the products are computed at every input pixel, and
-    # each spread output reads `taps` product channels at `kh * kw` taps.
-    dense_macs = taps * channels * layer.filters
-    product_taps = plan.product_taps() or taps * sh * sw
-    grouped_macs = (
-        product_taps * channels * layer.base_filters + taps * taps * plan.spread_outputs()
-    )
-    dense_bytes = 4 * taps * channels * layer.filters
-    grouped_bytes = (
-        4 * taps * channels * layer.base_filters + LOWERING_VALUE_BYTES * plan.stored_values()
-    )
-    if dense_macs <= grouped_macs and dense_bytes <= AUTO_DENSE_MAX_GROWTH * grouped_bytes:
-        return (
-            f"the dense kernel needs {dense_macs / grouped_macs:.2f}x the grouped form's "
-            f"multiply-adds and {dense_bytes / grouped_bytes:.2f}x its bytes "
-            f"(limit {AUTO_DENSE_MAX_GROWTH:g}x)"
-        )
-    return None

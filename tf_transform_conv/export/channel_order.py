@@ -1,6 +1,6 @@
 """An export graph pass: keep each grouped layer's channel order, fold batch norm into it.
 
-The grouped form of a `TransformConv2D` (`lowering.GroupedTransformConv2D`)
+The grouped form of a `TransformConv2D` (`export.grouped.GroupedTransformConv2D`)
 writes its filters grouped by base ("native" order); restoring the layer's
 filter order costs a RESHAPE-TRANSPOSE-RESHAPE (or a GATHER) per layer, and
 the batch norm after it then stays a separate MUL and ADD. On an ImageNet
@@ -16,7 +16,9 @@ native order instead:
    elementwise activations, pooling, spatial padding, dropout, a depthwise
    convolution with one filter per channel) and every input and output of
    an elementwise merge (`Add`, `Multiply`, ...; a residual stream is one
-   space). A convolution or `Dense` starts a new space at its output.
+   space). A convolution or `Dense` starts a new space at its output. The
+   spaces come from the package's one channel analysis,
+   `graph.channels.ChannelGraph`.
 2. *An order per space.* A space takes the native order of the grouped
    layers that write it (the one most of them share); spaces holding a
    model input or the output of a layer the pass does not know keep the
@@ -26,7 +28,7 @@ native order instead:
    input-channel rows, its output channels and bias, batch-norm and
    depthwise parameters per channel, the grouped layer's product kernel
    (its input) and its output gather (none when the space has its native
-   order). `models.ChannelPad` (the zero channels of an "option A"
+   order). `layers.ChannelPad` (the zero channels of an "option A"
    shortcut) becomes a 1x1 convolution with a 0/1 kernel that pads and
    reorders at once; a 1x1 pooling before it (the shortcut's subsampling,
    which XNNPACK does not take: the file would split into partitions) becomes
@@ -48,51 +50,18 @@ import collections
 import numpy as np
 
 import keras
-from keras import ops
 
 from tf_transform_conv import _compat
-from tf_transform_conv import lowering as lowering_lib
-from tf_transform_conv.models import ChannelPad
-from tf_transform_conv.rewrite import CHANNELWISE_LAYERS
-from tf_transform_conv.rewrite import ELEMENTWISE_MERGES
-from tf_transform_conv.rewrite import graph_nodes
-from tf_transform_conv.rewrite import is_graph_model
+from tf_transform_conv.export.grouped import ELEMENTWISE_ACTIVATIONS
+from tf_transform_conv.export.grouped import GroupedTransformConv2D
+from tf_transform_conv.graph.channels import CHANNELWISE_LAYERS
+from tf_transform_conv.graph.channels import ELEMENTWISE_MERGES
+from tf_transform_conv.graph.channels import ChannelGraph
+from tf_transform_conv.graph.nodes import is_graph_model
+from tf_transform_conv.layers.channel_gather import ChannelGather
+from tf_transform_conv.layers.channel_pad import ChannelPad
 
-__all__ = ["ChannelGather", "ChannelOrderReport", "propagate_channel_order", "rewrites"]
-
-@keras.saving.register_keras_serializable(package="tf_transform_conv")
-class ChannelGather(keras.layers.Layer):
-    """Reorders the last axis: `outputs[..., j] = inputs[..., indices[j]]`.
-
-    What `propagate_channel_order` inserts where a tensor in a grouped
-    layer's order must return to filter order (a model output, or the input
-    of a layer the pass does not know). TFLite: one GATHER.
-
-    Args:
-        indices: sequence of ints, a permutation of `range(channels)`.
-        **kwargs: base layer arguments (`name`, `dtype`, ...).
-    """
-
-    def __init__(self, indices, **kwargs):
-        super().__init__(**kwargs)
-        indices = [int(i) for i in indices]
-        if sorted(indices) != list(range(len(indices))):
-            raise ValueError(
-                "Invalid value for argument `indices`. Expected a permutation of "
-                f"range({len(indices)}). Received indices={indices!r}."
-            )
-        self.indices = indices
-
-    def call(self, inputs):
-        return ops.take(inputs, ops.convert_to_tensor(self.indices, "int32"), axis=-1)
-
-    def compute_output_shape(self, input_shape):
-        return tuple(input_shape)
-
-    def get_config(self):
-        config = super().get_config()
-        config["indices"] = list(self.indices)
-        return config
+__all__ = ["ChannelOrderReport", "propagate_channel_order", "rewrites"]
 
 
 class ChannelOrderReport(collections.namedtuple(
@@ -131,7 +100,7 @@ def _elementwise(activation):
         name = keras.activations.serialize(activation)
     except ValueError:
         return False
-    return isinstance(name, str) and name in lowering_lib._ELEMENTWISE_ACTIVATIONS
+    return isinstance(name, str) and name in ELEMENTWISE_ACTIVATIONS
 
 
 def _is_linear(activation):
@@ -166,7 +135,7 @@ def _reads_any_order(layer):
     Not a grouped layer with depth groups: its product convolution is
     grouped over the input channels.
     """
-    if type(layer) is lowering_lib.GroupedTransformConv2D:
+    if type(layer) is GroupedTransformConv2D:
         return layer.plan.product_kernel.shape[2] == layer.input.shape[-1]
     return True
 
@@ -180,7 +149,7 @@ def _role(layer):
     else (inputs in filter order, output a fixed space).
     """
     kind = type(layer)
-    if kind is lowering_lib.GroupedTransformConv2D:
+    if kind is GroupedTransformConv2D:
         return "producer" if _channels_last(layer) and _elementwise(layer.activation) \
             else "barrier"
     if kind is keras.layers.Conv2D:
@@ -206,71 +175,47 @@ def _role(layer):
     return "barrier"
 
 
-class _Spaces:
-    """Union-find over symbolic tensors (by id): which share a channel order."""
-
-    def __init__(self):
-        self.parent = {}
-
-    def find(self, key):
-        self.parent.setdefault(key, key)
-        while self.parent[key] != key:
-            self.parent[key] = self.parent[self.parent[key]]
-            key = self.parent[key]
-        return key
-
-    def union(self, a, b):
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            self.parent[rb] = ra
+def _classify(layer, node):
+    """`_role` as a `ChannelGraph` kind: a barrier, or a broadcasting merge, is opaque."""
+    role = _role(layer)
+    if role in ("channelwise", "merge"):
+        channels = {t.shape[-1] for t in node.input_tensors + list(node.outputs)}
+        if len(channels) != 1:
+            return "opaque", "it broadcasts over channels"
+    if role == "barrier":
+        return "opaque", "the pass does not follow it"
+    return role, ""
 
 
-def _plan_orders(graph, nodes, roles):
-    """The order chosen for each space: `{tensor id: order or None}` via `space_of`."""
-    spaces = _Spaces()
-    fixed = set()
+def _plan_orders(channels):
+    """The order chosen for each space, as a function `tensor -> order or None`.
+
+    A space (tensors whose channels are the same channels in the same order,
+    `ChannelGraph.space`) takes the native order most of its grouped writers
+    share; spaces holding a model input or the output of a barrier keep the
+    filter order (None).
+    """
+    spaces = {key: channels.space(key) for key in channels.classes}
+    fixed = {spaces[id(tensor)] for tensor in channels.inputs}
     natives = collections.defaultdict(list)  # space -> native orders of its grouped writers
-    for tensor in graph.inputs:
-        fixed.add(id(tensor))
-    for node in nodes:
-        role = roles[id(node)]
-        outputs = [id(t) for t in node.outputs]
-        inputs = [id(t) for t in node.input_tensors]
-        if role in ("channelwise", "merge"):
-            channels = {t.shape[-1] for t in node.input_tensors + list(node.outputs)}
-            if len(channels) == 1:
-                for key in inputs + outputs:
-                    spaces.union(outputs[0], key)
-                continue
-            roles[id(node)] = role = "barrier"  # a broadcasting merge
-        if role == "barrier":
-            fixed.update(outputs)
-        for key in outputs:
-            spaces.find(key)
-        if type(node.operation) is lowering_lib.GroupedTransformConv2D and role == "producer":
-            native = _grouped_native(node.operation)
+    for call in channels.calls:
+        if call.kind == "opaque":
+            fixed.update(spaces[key] for key in call.outputs)
+        elif call.kind == "producer" and type(call.layer) is GroupedTransformConv2D:
+            native = _grouped_native(call.layer)
             if native is not None:
-                natives[outputs[0]].append(native)
-    fixed_roots = {spaces.find(key) for key in fixed}
-    votes = collections.defaultdict(collections.Counter)
-    examples = {}
-    for key, orders in natives.items():
-        root = spaces.find(key)
-        for order in orders:
-            token = order.tobytes()
-            votes[root][token] += 1
-            examples[token] = order
+                natives[spaces[call.outputs[0]]].append(native)
     chosen = {}
-    for root, counter in votes.items():
-        if root not in fixed_roots:
-            token = max(counter, key=lambda t: (counter[t], -list(counter).index(t)))
-            chosen[root] = examples[token]
-    return lambda tensor: chosen.get(spaces.find(id(tensor)))
-
-
-def _single_call_layers(nodes):
-    counts = collections.Counter(id(node.operation) for node in nodes)
-    return {key for key, count in counts.items() if count == 1}
+    for space, orders in natives.items():
+        if space in fixed:
+            continue
+        votes = collections.Counter(order.tobytes() for order in orders)
+        first = {}
+        for order in orders:
+            first.setdefault(order.tobytes(), order)
+        token = max(votes, key=lambda t: (votes[t], -list(first).index(t)))
+        chosen[space] = first[token]
+    return lambda tensor: chosen.get(spaces.get(id(tensor)))
 
 
 def _consumers(nodes, graph):
@@ -296,7 +241,7 @@ def _bn_scale_shift(bn):
 
 
 def _foldable_producer(layer):
-    if type(layer) is lowering_lib.GroupedTransformConv2D:
+    if type(layer) is GroupedTransformConv2D:
         return _is_linear(layer.activation)
     if type(layer) is keras.layers.Conv2D:
         return _is_linear(layer.activation) and layer.groups == 1 and _channels_last(layer)
@@ -412,7 +357,7 @@ def _permuted_grouped(layer, in_order, out_order, fold):
     new_plan = plan.with_kernels(product, spread, spread_bias=spread_bias,
                                  output_index=output_index.astype(np.int32),
                                  transpose=transpose)
-    return lowering_lib.GroupedTransformConv2D(
+    return GroupedTransformConv2D(
         filters=layer.filters, kernel_size=layer.kernel_size, strides=layer.strides,
         padding=layer.padding, dilation_rate=layer.dilation_rate,
         data_format=layer.data_format, activation=layer.activation, bias=bias,
@@ -455,20 +400,20 @@ def _pad_as_conv(layer, in_order, out_order, channels_in, input_shape, strides=1
 
 
 def _analysis(model):
-    """`(graph, nodes, single, roles, readers, by_output, subsamples, grouped)` of a
-    graph model."""
+    """`(graph, channels, nodes, single, roles, readers, by_output, subsamples, grouped)` of
+    a graph model: its channel analysis (`graph.channels.ChannelGraph`) and what the
+    rewrite reads of it."""
     graph = _compat.functional_graph(model)
-    nodes = graph_nodes(graph)
-    single = _single_call_layers(nodes)
-    roles = {
-        id(node): _role(node.operation) if id(node.operation) in single else "barrier"
-        for node in nodes
-    }
+    channels = ChannelGraph(model, _classify, descend=False)
+    nodes = [call.node for call in channels.calls]
+    single = {key for key, count in channels.uses.items() if count == 1}
+    roles = {id(call.node): "barrier" if call.kind == "opaque" else call.kind
+             for call in channels.calls}
     readers = _consumers(nodes, graph)
     by_output = _producers(nodes)
     subsamples = _plan_subsamples(nodes, roles, readers, single, by_output)
-    grouped = [n for n in nodes if type(n.operation) is lowering_lib.GroupedTransformConv2D]
-    return graph, nodes, single, roles, readers, by_output, subsamples, grouped
+    grouped = [n for n in nodes if type(n.operation) is GroupedTransformConv2D]
+    return graph, channels, nodes, single, roles, readers, by_output, subsamples, grouped
 
 
 def rewrites(model):
@@ -504,10 +449,11 @@ def propagate_channel_order(model):
     empty = ChannelOrderReport([], [], {}, [])
     if not is_graph_model(model):
         return model, empty
-    graph, nodes, single, roles, readers, by_output, subsamples, grouped = _analysis(model)
+    (graph, channels, nodes, single, roles, readers, by_output, subsamples,
+     grouped) = _analysis(model)
     if not grouped and not subsamples:
         return model, empty
-    order_of = _plan_orders(graph, nodes, roles)
+    order_of = _plan_orders(channels)
     folds = _plan_folds(nodes, roles, readers, single, by_output)
     folded_bns = {id(bn_node): source for source, bn_node in folds.items()}
     merged_subsamples = {id(node) for node in subsamples.values()}
@@ -558,7 +504,7 @@ def propagate_channel_order(model):
                 bn = folds[id(node)].operation
                 fold = _bn_scale_shift(bn)
                 report.folded[bn.name] = layer.name
-            if role == "producer" and type(layer) is lowering_lib.GroupedTransformConv2D:
+            if role == "producer" and type(layer) is GroupedTransformConv2D:
                 native = _grouped_native(layer)
                 if native is not None and out_order is not None and np.array_equal(
                         native, out_order):

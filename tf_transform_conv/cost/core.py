@@ -38,7 +38,7 @@ multiply-adds are counted:
   mask, assignment table) is not counted.
 
 - The unstructured wrappers and their stripped layer
-  (`tf_transform_conv.unstructured`): a `MagnitudePruning` as its wrapped
+  (`tf_transform_conv.pruning`, `tf_transform_conv.layers`): a `MagnitudePruning` as its wrapped
   layer; an `InterspacePruning` as its wrapped `Conv2D` (the dense kernel it
   convolves with) plus the basis, `groups * (kh * kw)^2` parameters; a
   `FilterBasisConv2D` as its two stages, `H' * W' * c_in * kh * kw * (kh * kw
@@ -67,25 +67,28 @@ lookups. Any other layer (`Conv1D`, `Conv3D`, recurrent, attention, `Dot`,
 module does not count: it reports `macs_counted=False` (its `macs` of 0 is
 not a count and is left out of every total), `ModelCost.uncounted` lists
 it, and `summary()` marks it.
+
+How a layer is costed is a *rule* in a registry, looked up along the
+layer's class hierarchy (`register_layer_cost`): Keras's layers
+(`cost.keras_layers`) and the package's layers (`cost.transform_layers`)
+register theirs here, each pruning wrapper registers its own where it is
+defined, and a user registers a rule for a custom layer the same way.
 """
 
 import dataclasses
-import math
 
 import keras
-import numpy as np
 
 from tf_transform_conv import _compat
-from tf_transform_conv import families as families_lib
-from tf_transform_conv.layers import TransformConv2D
-from tf_transform_conv.rewrite import graph_nodes
+from tf_transform_conv.graph.nodes import graph_nodes
 
 __all__ = [
+    "CostTerms",
     "LayerCost",
     "ModelCost",
     "layer_cost",
     "model_cost",
-    "parameter_formula",
+    "register_layer_cost",
 ]
 
 
@@ -282,54 +285,97 @@ class ModelCost:
         print_fn("=" * rule)
 
 
-def parameter_formula(
-    kernel_size, c_in, filters, base_filters, scale, use_bias,
-    transform_family="discrete", transformed=0,
-):
-    """The parameter count of a `TransformConv2D`.
+@dataclasses.dataclass(frozen=True)
+class CostTerms:
+    """What a cost rule returns for one call of one layer, for one sample.
 
-    `kh * kw * c_in * base_filters`, plus `filters` when `scale`, plus
-    `filters` when `use_bias`, plus, for a learned transform family, the
-    family's parameters per transformed (depth group, filter) pair
-    (`families.num_params`: `kh * kw` scalar, 2 rotation, 6 affine,
-    `(kh * kw)**2` general). The same formula with
-    `base_filters == filters` and `scale=False` is `Conv2D`'s.
+    Attributes:
+        params: int, the layer's parameters.
+        macs: int, the multiply-adds of the path it runs.
+        dense_macs: int, what an ordinary convolution with the same filters
+            would cost (None: `macs`).
+        adds: int, additions counted apart (a factored `TransformConv2D`).
+        implementation: the path a `TransformConv2D` runs, else None.
+        transform_params: int, learned transform parameters (in `params`).
+        transform_macs: int, learned second-stage multiply-adds (in `macs`).
+        nonzeros: int, `params` less the zeros of the kernel (None: `params`).
+        nonzero_macs: int, the multiply-adds with only the nonzero weights
+            (None: `macs`).
+    """
+
+    params: int
+    macs: int
+    dense_macs: int = None
+    adds: int = 0
+    implementation: str = None
+    transform_params: int = 0
+    transform_macs: int = 0
+    nonzeros: int = None
+    nonzero_macs: int = None
+
+    def replace(self, **changes):
+        """A copy with `changes`."""
+        return dataclasses.replace(self, **changes)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Rule:
+    cost: object
+    check_input: object
+
+
+_RULES = {}
+
+
+def register_layer_cost(layer_class, check_input=None):
+    """Registers how calls of `layer_class` (and its subclasses) are costed.
+
+    Use as a decorator on `rule(layer, input_shape, output_shape) ->
+    CostTerms`, with shapes without the batch dimension (a list of shapes
+    for a layer with several inputs). The rule of the nearest class in the
+    layer's method resolution order is used; a layer with none counts
+    `layer.count_params()` parameters and the multiply-adds the module
+    docstring's convention gives (0, or not counted).
 
     Args:
-        kernel_size: int or pair of ints `(kh, kw)`.
-        c_in: int, the input channels.
-        filters: int, the output filters.
-        base_filters: int, the learned base filters.
-        scale: bool, whether each output filter has a scale.
-        use_bias: bool, whether the layer has a bias.
-        transform_family: the layer's family. Defaults to `"discrete"`.
-        transformed: int, the (depth group, filter) pairs with a learned
-            transform (`TransformConv2D.num_transformed`).
+        layer_class: a `keras.layers.Layer` subclass.
+        check_input: optional `(layer, input_shape) -> None` that raises a
+            clear `ValueError` for an input shape the rule cannot take,
+            before the output shape is inferred.
 
     Returns:
-        int, the number of parameters.
-
-    Raises:
-        ValueError: if `kernel_size` is not an int or a pair of ints, or the
-            family is unknown.
+        The decorator (it returns the rule unchanged).
 
     Example:
 
-    >>> parameter_formula(3, c_in=8, filters=16, base_filters=4, scale=True,
-    ...                   use_bias=True)  # 3*3*8*4 + 16 + 16
-    320
-    >>> parameter_formula(3, c_in=8, filters=16, base_filters=4, scale=False,
-    ...                   use_bias=True, transform_family="scalar",
-    ...                   transformed=12)  # 3*3*8*4 + 16 + 12*9
-    412
+    >>> import keras
+    >>> class Scale(keras.layers.Layer):
+    ...     def call(self, x):
+    ...         return 2.0 * x
+    >>> @register_layer_cost(Scale)
+    ... def _scale_cost(layer, input_shape, output_shape):
+    ...     return CostTerms(params=0, macs=0)
+    >>> layer_cost(Scale(), (4, 4, 3)).macs_counted
+    True
     """
-    kh, kw = _pair(kernel_size, "kernel_size")
-    return (
-        kh * kw * int(c_in) * int(base_filters)
-        + (int(filters) if scale else 0)
-        + (int(filters) if use_bias else 0)
-        + int(transformed) * families_lib.num_params(transform_family, (kh, kw))
-    )
+    if not (isinstance(layer_class, type) and issubclass(layer_class, keras.layers.Layer)):
+        raise ValueError(
+            "Invalid value for argument `layer_class`. Expected a keras.layers.Layer "
+            f"subclass. Received layer_class={layer_class!r}."
+        )
+
+    def register(rule):
+        _RULES[layer_class] = _Rule(rule, check_input)
+        return rule
+
+    return register
+
+
+def _rule_for(layer):
+    for cls in type(layer).__mro__:
+        if cls in _RULES:
+            return _RULES[cls]
+    return None
 
 
 def layer_cost(layer, input_shape):
@@ -338,9 +384,10 @@ def layer_cost(layer, input_shape):
     See the module docstring for the layers whose multiply-adds are counted
     and the formulas; every other layer counts `layer.count_params()`
     parameters and no multiply-adds. A built layer reports its actual
-    parameter count; an unbuilt `Conv2D`, `DepthwiseConv2D`,
-    `SeparableConv2D`, `Conv2DTranspose`, `Dense`, `TransformConv2D` or
-    `TransformPruning` gets it from its configuration and `input_shape`.
+    parameter count; an unbuilt layer with a registered rule (`Conv2D`,
+    `DepthwiseConv2D`, `SeparableConv2D`, `Conv2DTranspose`, `Dense`,
+    `TransformConv2D`, `TransformPruning`, ...) gets it from its
+    configuration and `input_shape`.
 
     Args:
         layer: a Keras layer.
@@ -372,7 +419,9 @@ def layer_cost(layer, input_shape):
             f"'{layer.name}'. Use model_cost() for models."
         )
     input_shape = _standardize_input_shape(input_shape, layer)
-    _check_input_rank(layer, input_shape)
+    rule = _rule_for(layer)
+    if rule is not None and rule.check_input is not None:
+        rule.check_input(layer, input_shape)
     output_shape = _infer_output_shape(layer, input_shape)
     return _layer_cost(layer, input_shape, output_shape, count_params=True)
 
@@ -430,232 +479,41 @@ def model_cost(model):
 
 
 # ----------------------------------------------------------------------
-# Per-layer arithmetic
+# Per-call arithmetic
 
 
 def _layer_cost(layer, input_shape, output_shape, count_params):
     """The `LayerCost` of `layer` on `input_shape` giving `output_shape`."""
-    name, class_name = layer.name, type(layer).__name__
-    implementation, adds, transform_params, transform_macs = None, 0, 0, 0
+    rule = _rule_for(layer)
     counted = True
-    if isinstance(layer, TransformConv2D):
-        (params, macs, adds, dense, implementation, transform_params,
-         transform_macs) = _transform_conv_cost(layer, input_shape)
-    elif _is_pruning_wrapper(layer):
-        params, macs, transform_params = _pruning_cost(layer, input_shape, output_shape)
-        dense = macs
-    elif _unstructured_kind(layer):
-        params, macs, dense = _unstructured_cost(layer, input_shape, output_shape)
-    elif isinstance(layer, keras.layers.Conv2D):
-        params, macs = _conv2d_cost(layer, input_shape, output_shape)
-        dense = macs
-    elif isinstance(layer, keras.layers.DepthwiseConv2D):
-        params, macs = _depthwise_cost(layer, input_shape, output_shape)
-        dense = macs
-    elif isinstance(layer, keras.layers.SeparableConv2D):
-        params, macs = _separable_cost(layer, input_shape, output_shape)
-        dense = macs
-    elif isinstance(layer, keras.layers.Conv2DTranspose):
-        params, macs = _transpose_cost(layer, input_shape)
-        dense = macs
-    elif isinstance(layer, keras.layers.Dense):
-        params, macs = _dense_cost(layer, input_shape)
-        dense = macs
+    if rule is not None:
+        terms = rule.cost(layer, input_shape, output_shape)
     else:
         if not layer.built:
             raise ValueError(
-                f"Layer '{name}' ({class_name}) is not built, so its "
+                f"Layer '{layer.name}' ({type(layer).__name__}) is not built, so its "
                 "parameters are unknown. Build it (call it on an input, or "
                 "call build(input_shape)) first."
             )
-        params, macs, dense = layer.count_params(), 0, 0
+        terms = CostTerms(params=layer.count_params(), macs=0, dense_macs=0)
         counted = _no_macs_by_convention(layer)
-    nonzeros, nonzero_macs = _nonzero_cost(layer, params, macs, output_shape, input_shape)
+    params = terms.params if count_params else 0
     return LayerCost(
-        name=name,
-        class_name=class_name,
+        name=layer.name,
+        class_name=type(layer).__name__,
         output_shape=output_shape,
-        params=int(params) if count_params else 0,
-        macs=int(macs),
-        adds=int(adds),
-        dense_macs=int(dense),
-        implementation=implementation,
-        transform_params=int(transform_params) if count_params else 0,
-        transform_macs=int(transform_macs),
+        params=int(params),
+        macs=int(terms.macs),
+        adds=int(terms.adds),
+        dense_macs=int(terms.macs if terms.dense_macs is None else terms.dense_macs),
+        implementation=terms.implementation,
+        transform_params=int(terms.transform_params) if count_params else 0,
+        transform_macs=int(terms.transform_macs),
         macs_counted=counted,
-        nonzeros=int(nonzeros) if count_params else 0,
-        nonzero_macs=int(nonzero_macs),
+        nonzeros=int(terms.params if terms.nonzeros is None else terms.nonzeros)
+        if count_params else 0,
+        nonzero_macs=int(terms.macs if terms.nonzero_macs is None else terms.nonzero_macs),
     )
-
-
-def _conv2d_cost(layer, input_shape, output_shape):
-    c = _image_dims(layer, input_shape)[2]
-    oh, ow, _ = _image_dims(layer, output_shape, what="output")
-    kh, kw = layer.kernel_size
-    groups = layer.groups
-    if c % groups:
-        raise ValueError(
-            f"The input channels ({c}) of layer '{layer.name}' must be "
-            f"divisible by groups={groups}. Received input_shape={input_shape}."
-        )
-    per_group = c // groups
-    _check_built_channels(layer, per_group, 2, input_shape)
-    params = kh * kw * per_group * layer.filters
-    params += layer.filters if layer.use_bias else 0
-    macs = oh * ow * kh * kw * per_group * layer.filters
-    return _built_params(layer, params), macs
-
-
-def _depthwise_cost(layer, input_shape, output_shape):
-    c = _image_dims(layer, input_shape)[2]
-    oh, ow, _ = _image_dims(layer, output_shape, what="output")
-    kh, kw = layer.kernel_size
-    mult = layer.depth_multiplier
-    _check_built_channels(layer, c, 2, input_shape)
-    params = kh * kw * c * mult + (c * mult if layer.use_bias else 0)
-    macs = oh * ow * kh * kw * c * mult
-    return _built_params(layer, params), macs
-
-
-def _separable_cost(layer, input_shape, output_shape):
-    c = _image_dims(layer, input_shape)[2]
-    oh, ow, _ = _image_dims(layer, output_shape, what="output")
-    kh, kw = layer.kernel_size
-    mult, filters = layer.depth_multiplier, layer.filters
-    if layer.built:
-        _check_built_channels(layer, c, 2, input_shape, layer.depthwise_kernel)
-    depthwise = kh * kw * c * mult
-    pointwise = c * mult * filters
-    params = depthwise + pointwise + (filters if layer.use_bias else 0)
-    return _built_params(layer, params), oh * ow * (depthwise + pointwise)
-
-
-def _transpose_cost(layer, input_shape):
-    h, w, c = _image_dims(layer, input_shape)
-    kh, kw = layer.kernel_size
-    _check_built_channels(layer, c, 3, input_shape)  # kernel (kh, kw, filters, c_in)
-    params = kh * kw * c * layer.filters + (layer.filters if layer.use_bias else 0)
-    return _built_params(layer, params), h * w * kh * kw * c * layer.filters
-
-
-def _is_pruning_wrapper(layer):
-    from tf_transform_conv.pruning import TransformPruning  # pruning imports this module
-
-    return isinstance(layer, TransformPruning)
-
-
-def _pruning_cost(wrapper, input_shape, output_shape):
-    """A `TransformPruning`: its wrapped convolution's multiply-adds; trainable parameters only."""
-    conv = wrapper.layer
-    conv_params, macs = _conv2d_cost(conv, input_shape, output_shape)
-    filters = conv.filters
-    transform = 0
-    if wrapper.transform_family != "discrete":
-        transform = wrapper.depth_groups * filters * families_lib.num_params(
-            wrapper.transform_family, conv.kernel_size
-        )
-    params = conv_params + (filters if wrapper.scale else 0) + transform
-    return params, macs, transform
-
-
-def _unstructured_kind(layer):
-    """The class name of an unstructured-pruning layer, else None."""
-    from tf_transform_conv import unstructured  # it imports pruning, which imports this
-
-    kinds = (unstructured.MagnitudePruning, unstructured.InterspacePruning,
-             unstructured.FilterBasisConv2D)
-    return type(layer).__name__ if isinstance(layer, kinds) else None
-
-
-def _plain_cost(layer, input_shape, output_shape):
-    if isinstance(layer, keras.layers.DepthwiseConv2D):
-        return _depthwise_cost(layer, input_shape, output_shape)
-    if isinstance(layer, keras.layers.Conv2D):
-        return _conv2d_cost(layer, input_shape, output_shape)
-    return _dense_cost(layer, input_shape)
-
-
-def _unstructured_cost(layer, input_shape, output_shape):
-    """`(params, macs, dense_macs)` of an unstructured wrapper or a `FilterBasisConv2D`."""
-    kind = _unstructured_kind(layer)
-    if kind == "MagnitudePruning":
-        params, macs = _plain_cost(layer.layer, input_shape, output_shape)
-        return params, macs, macs
-    if kind == "InterspacePruning":
-        basis = math.prod(layer.basis_filters.shape)
-        if isinstance(layer.layer, TransformConv2D):
-            params, macs, _, dense = _transform_conv_cost(layer.layer, input_shape)[:4]
-            return params + basis, macs, dense
-        params, macs = _conv2d_cost(layer.layer, input_shape, output_shape)
-        return params + basis, macs, macs
-    c = _image_dims(layer, input_shape)[2]
-    oh, ow, _ = _image_dims(layer, output_shape, what="output")
-    kh, kw = layer.kernel_size
-    taps = kh * kw
-    groups, filters = layer.depth_groups, layer.filters
-    params = kh * kw * groups * taps + c * taps * filters + (filters if layer.use_bias else 0)
-    macs = oh * ow * c * taps * (kh * kw + filters)
-    return _built_params(layer, params), macs, oh * ow * kh * kw * c * filters
-
-
-def _basis_transform_nonzeros(layer, transform_conv, params, macs, input_shape):
-    """`(nonzeros, nonzero_macs)` of a `TransformConv2D` whose bases may be in a filter basis.
-
-    `layer` is the `TransformConv2D` itself (a `FilterBasisTransformConv2D`
-    or a plain one) or the `InterspacePruning` wrapping it.
-    """
-    from tf_transform_conv import unstructured  # it imports pruning, which imports this
-
-    if isinstance(layer, keras.layers.Wrapper):
-        coefficients, basis = layer.coefficients, np.asarray(layer.basis_filters)
-    elif isinstance(layer, unstructured.FilterBasisTransformConv2D):
-        kh, kw, c, n = layer.base_kernel.shape
-        coefficients = np.asarray(layer.base_kernel).reshape(kh * kw, c, n)
-        basis = np.asarray(layer.basis_filters)
-    else:
-        return params, macs
-    nnz = int(np.count_nonzero(coefficients))
-    nonzeros = params - (coefficients.size - nnz)
-    implementation = transform_conv.implementation_used
-    if implementation != "factored":  # the dense kernel, built from the bases
-        return nonzeros, macs
-    products = transform_conv.cost(input_shape)["factored_macs"]
-    c, n = coefficients.shape[1], coefficients.shape[-1]
-    taps = coefficients.shape[0]
-    pixels = products // (c * taps * n)
-    g, basis_groups = transform_conv.depth_groups, basis.shape[0]
-    mixing = pixels * n * (g // basis_groups) * int(np.count_nonzero(basis))
-    return nonzeros, macs - products + products * nnz // coefficients.size + mixing
-
-
-def _nonzero_cost(layer, params, macs, output_shape, input_shape):
-    """`(nonzeros, nonzero_macs)` of a layer whose `params` and `macs` are known."""
-    kind = _unstructured_kind(layer)
-    plain = isinstance(layer, (keras.layers.Conv2D, keras.layers.DepthwiseConv2D,
-                               keras.layers.Dense))
-    if not layer.built:
-        return params, macs
-    inner = layer.layer if kind == "InterspacePruning" else layer
-    if isinstance(inner, TransformConv2D):
-        return _basis_transform_nonzeros(layer, inner, params, macs, input_shape)
-    if not (kind or plain):
-        return params, macs
-    if kind in ("InterspacePruning", "FilterBasisConv2D"):
-        if kind == "InterspacePruning":  # coefficients (taps, c_in, filters), both
-            coefficients, basis = layer.coefficients, np.asarray(layer.basis_filters)
-            oh, ow, _ = _image_dims(layer.layer, output_shape, what="output")
-        else:
-            coefficients, basis = np.asarray(layer.coefficients), np.asarray(layer.basis)
-            oh, ow, _ = _image_dims(layer, output_shape, what="output")
-        c = coefficients.shape[1]
-        nnz = int(np.count_nonzero(coefficients))
-        zeros = coefficients.size - nnz
-        sparse = oh * ow * (c // layer.depth_groups * int(np.count_nonzero(basis)) + nnz)
-        return params - zeros, sparse
-    kernel = layer.masked_kernel() if kind == "MagnitudePruning" else layer.kernel
-    kernel = np.asarray(kernel)
-    nnz = int(np.count_nonzero(kernel))
-    return params - (kernel.size - nnz), macs // max(kernel.size, 1) * nnz
 
 
 # Keras's own layer packages whose work is not multiply-adds by this module's
@@ -691,71 +549,12 @@ def _no_macs_by_convention(layer):
     return False
 
 
-def _dense_cost(layer, input_shape):
-    c = _dense_input_channels(layer, input_shape)
-    _check_built_channels(layer, c, 0, input_shape)
-    params = c * layer.units + (layer.units if layer.use_bias else 0)
-    macs = math.prod(input_shape[:-1]) * c * layer.units
-    return _built_params(layer, params), macs
-
-
-def _dense_input_channels(layer, input_shape):
-    if not _is_shape(input_shape) or len(input_shape) < 1:
-        raise ValueError(
-            f"Layer '{layer.name}' (Dense) expects an input_shape of rank at "
-            "least 1 without the batch dimension, `(..., channels)`. Received "
-            f"input_shape={input_shape}."
-        )
-    _require_known(layer, input_shape, input_shape)
-    return input_shape[-1]
-
-
-def _transform_conv_cost(layer, input_shape):
-    c = _image_dims(layer, input_shape)[2]
-    if c % layer.depth_groups:
-        raise ValueError(
-            f"The input channels ({c}) of layer '{layer.name}' must be "
-            f"divisible by depth_groups={layer.depth_groups}. Received "
-            f"input_shape={input_shape}."
-        )
-    _check_built_channels(layer, c, 2, input_shape)
-    implementation = layer.implementation_used
-    if implementation is None:  # not built: the choice build() would make
-        implementation = layer.choose_implementation((None,) + tuple(input_shape))[0]
-    transform_params = layer.num_transformed * families_lib.num_params(
-        layer.transform_family, layer.kernel_size
-    )
-    params = parameter_formula(
-        layer.kernel_size,
-        c,
-        layer.filters,
-        layer.base_filters,
-        layer.scale,
-        layer.use_bias,
-        layer.transform_family,
-        layer.num_transformed,
-    )
-    # The layer's own count of both paths.
-    paths = layer.cost(input_shape)
-    dense = paths["dense_macs"]
-    transform_macs = 0
-    if implementation == "factored":
-        transform_macs = paths["transform_macs"]
-        macs, adds = paths["factored_macs"] + transform_macs, paths["factored_adds"]
-    else:
-        macs, adds = dense, 0
-    return (
-        _built_params(layer, params), macs, adds, dense, implementation,
-        transform_params, transform_macs,
-    )
-
-
 # ----------------------------------------------------------------------
-# Shapes and checks
+# Shapes and checks, shared by the rules
 
 
-def _image_dims(layer, shape, what="input"):
-    """`(rows, cols, channels)` of a 3D shape without batch, all known."""
+def image_dims(layer, shape, what="input"):
+    """`(rows, cols, channels)` of a 3D shape without batch, all known, in `layer.data_format`."""
     if shape is None or len(shape) != 3 or not all(
         d is None or isinstance(d, int) for d in shape
     ):
@@ -764,7 +563,7 @@ def _image_dims(layer, shape, what="input"):
             f"{what}_shape (rows, cols, channels) or (channels, rows, cols), "
             f"without the batch dimension. Received {what}_shape={shape}."
         )
-    _require_known(layer, shape, shape, what)
+    require_known(layer, shape, shape, what)
     if layer.data_format == "channels_first":
         c, h, w = shape
     else:
@@ -772,21 +571,7 @@ def _image_dims(layer, shape, what="input"):
     return h, w, c
 
 
-def _check_input_rank(layer, input_shape):
-    """Raises early for a supported layer given a shape of the wrong rank."""
-    if _is_pruning_wrapper(layer):
-        _image_dims(layer.layer, input_shape)
-    elif isinstance(
-        layer,
-        (TransformConv2D, keras.layers.Conv2D, keras.layers.DepthwiseConv2D,
-         keras.layers.SeparableConv2D, keras.layers.Conv2DTranspose),
-    ):
-        _image_dims(layer, input_shape)
-    elif isinstance(layer, keras.layers.Dense):
-        _dense_input_channels(layer, input_shape)
-
-
-def _require_known(layer, dims, shape, what="input"):
+def require_known(layer, dims, shape, what="input"):
     if any(d is None for d in dims):
         raise ValueError(
             f"The cost of layer '{layer.name}' ({type(layer).__name__}) needs "
@@ -795,13 +580,11 @@ def _require_known(layer, dims, shape, what="input"):
         )
 
 
-def _check_built_channels(layer, channels, axis, input_shape, kernel=None):
-    """A built layer's kernel must match the input channels it is costed on."""
+def check_built_channels(layer, channels, axis, input_shape, kernel="kernel"):
+    """A built layer's weight `kernel` (an attribute name) must match the input channels it is costed on."""
     if not layer.built:
         return
-    if kernel is None:
-        kernel = layer.base_kernel if isinstance(layer, TransformConv2D) else layer.kernel
-    built = tuple(kernel.shape)[axis]
+    built = tuple(getattr(layer, kernel).shape)[axis]
     if built != channels:
         raise ValueError(
             f"Layer '{layer.name}' ({type(layer).__name__}) was built for "
@@ -810,12 +593,12 @@ def _check_built_channels(layer, channels, axis, input_shape, kernel=None):
         )
 
 
-def _built_params(layer, formula):
+def built_params(layer, formula):
     """The actual parameter count of a built layer, else the formula."""
     return layer.count_params() if layer.built else formula
 
 
-def _is_shape(value):
+def is_shape(value):
     return isinstance(value, (tuple, list)) and all(
         d is None or isinstance(d, int) for d in value
     )
@@ -870,12 +653,12 @@ def _shape_to_list(shape):
 
 
 def _shape_to_tuple_str(shape):
-    if isinstance(shape, (tuple, list)) and shape and not _is_shape(shape):
+    if isinstance(shape, (tuple, list)) and shape and not is_shape(shape):
         return ", ".join(str(tuple(s)) for s in shape)
     return str(tuple(shape))
 
 
-def _pair(value, name):
+def pair(value, name):
     if isinstance(value, int):
         return value, value
     try:

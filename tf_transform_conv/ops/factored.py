@@ -1,7 +1,7 @@
 """The factored execution of `TransformConv2D`: products once, then cheap sums.
 
 Output filter `o` (depth group `k`) is `S_{k,o} @ B[..., b_k(o)]` on the taps
-(`tf_transform_conv.families`), with `S = L @ Pi_t`: a learned operator `L`
+(`tf_transform_conv.ops.families`), with `S = L @ Pi_t`: a learned operator `L`
 after the discrete transform `t`. Convolution is linear, so
 
     y[..., o] = sum_k sum_u sum_w L_{k,o}[u, w] * P_k[shift_u, src_t(w), b_k(o)]
@@ -24,7 +24,7 @@ gradient of the equivalent dense convolution (`conv(x, W)` with the
 materialised kernel) for the backward pass. That is what makes training
 memory bounded: differentiating the shifted slices themselves materialises a
 product-sized gradient per slice, which without XLA's fusion took 4-6 GB on
-a small CNN (see the README).
+a small CNN (docs/benchmarks/train_cost.md).
 """
 
 import numpy as np

@@ -1,0 +1,216 @@
+"""Which form a `TransformConv2D` takes in a TFLite file: grouped, slices or dense.
+
+The grouped form (`export.grouped`) is two convolutions; the *slices* form is
+the Keras factored path, a product then `kh * kw` shifted slices and
+additions (about 100 operators per layer); the *dense* form is a `Conv2D`
+holding the materialised kernel, where that is faster and hardly larger (a
+stem on few channels).
+
+Which form `export_tflite` writes for a layer is decided here:
+`lowering_choice(layer, lowering)` gives `(form, reason)` for `lowering` in
+`LOWERINGS` (the `"auto"` rule, with its measured thresholds `AUTO_*` and
+`LOWERING_VALUE_BYTES`, the file bytes per constant value the grouped form
+adds), and `lowering_decision` the same with the `GroupedPlan` it built, which
+`export.deployment_model` passes on to `GroupedTransformConv2D.from_layer`
+so that each layer's plan is built once.
+"""
+
+from tf_transform_conv.export.grouped import grouped_plan
+from tf_transform_conv.export.grouped import grouped_skip_reason
+from tf_transform_conv.ops import families as families_lib
+
+__all__ = [
+    "AUTO_DENSE_MAX_GROWTH",
+    "AUTO_MIN_GROUPED_SLOTS",
+    "AUTO_SLICES_MIN_CHANNELS",
+    "LOWERINGS",
+    "LOWERING_VALUE_BYTES",
+    "lowering_choice",
+    "lowering_decision",
+]
+
+# An uneven assignment pads every base's group to the largest (`slots`); which
+# form `export_tflite(lowering="auto")` writes is decided in one place,
+# `lowering_choice` (below), whose docstring gives the measurements.
+
+# LOWERING_VALUE_BYTES: bytes a `.tflite` file spends per constant value a
+# lowering adds (`ExportResult.lowering_values`): 4 bytes for the value and,
+# for the spread kernels, their sparse index. Measured with TF 2.21 on a
+# float32 export (overhead = file bytes minus 4 bytes per parameter): the
+# size test's model (`tests/test_export.py`) in the grouped form has 19,844
+# bytes of overhead for 11 operators and 5,184 lowering values (4,608 spread
+# nonzeros, 576 product-bias zeros), i.e. 3.4 bytes per value once the
+# operators are paid; rounded up to 8. `lowering_choice` prices the grouped
+# form's constants with it; the tests' file-size budget
+# (`tests/tflite_util.py`) uses it too.
+LOWERING_VALUE_BYTES = 8
+
+
+LOWERINGS = ("auto", "grouped", "slices", "dense")
+# The `lowering="auto"` rule; see `lowering_choice`.
+AUTO_MIN_GROUPED_SLOTS = 4
+AUTO_SLICES_MIN_CHANNELS = 32
+AUTO_DENSE_MAX_GROWTH = 1.5
+
+
+def lowering_choice(layer, lowering="auto"):
+    """`(form, reason)`: how `export_tflite` writes a built `TransformConv2D`.
+
+    `form` is `"grouped"` (two convolutions; see `export.grouped`)
+    or `"slices"` (the Keras factored path: a product, then shifted slices
+    and additions), which store only the bases, or `"dense"` (the
+    materialised kernel, as large as the `Conv2D`'s). `lowering="auto"` picks the form
+    measured faster in the LiteRT interpreter
+    (`benchmarks/tflite_lowering.py`, XNNPACK, batch 1; docs/benchmarks/tflite_lowering.md):
+
+    - dense when the dense convolution does no more multiply-adds than the
+      grouped form and its kernel is at most `AUTO_DENSE_MAX_GROWTH` (1.5)
+      times the grouped form's constants in bytes: few input channels, as
+      in a stem (3 channels: the grouped form was 2.2x the dense
+      MobileNetV2 at ratio 1/2, all of it the stem), where the spread
+      convolution alone costs `kh*kw / c_in` of the dense layer;
+
+    - grouped when each base builds at least `AUTO_MIN_GROUPED_SLOTS` (4)
+      filters: its spread convolution then writes groups wide enough for
+      XNNPACK's kernels (at ratio 1/4 grouped was 0.3-1.0x the slices'
+      latency with 1 thread, and smaller);
+    - with fewer (ratio 1/2: 2 per base), grouped only below
+      `AUTO_SLICES_MIN_CHANNELS` (32) input channels per depth group; from
+      32 channels up, 2-wide groups made it 1.0-1.6x the slices' latency;
+    - always for the rotation, affine and general families, whose slices
+      would multiply-add every pair of taps (about ten times the
+      operators of the discrete family's);
+    - grouped, whatever the padding, for a fitted (uneven or scattered)
+      assignment, as `transform_model` and `strip_model` give: the spread
+      convolution pads every base's group to the largest, which costs
+      `kh*kw * padding` multiply-adds per filter and pixel (`padding`: its
+      outputs over the filters), while the slices form needs a slice and an
+      add per tap and *segment* of filters summed together, and a fitted
+      assignment has many more segments than the default assignment's one
+      per transform (19-25 against 2-8 at 64 channels). Measured
+      (`benchmarks/tflite_lowering.py --assignments default fitted`,
+      `benchmarks/results/tflite_lowering_fitted.json`: the assignments
+      `fit_assignment` gives random 16-128-channel kernels with d4 at
+      ratios 1/2, 1/4 and 1/8, padding 1.25-2.5x): slices took 128-839
+      operators against grouped's 4 and were 1.2-3.2x the grouped file's
+      latency with 1 thread, 2.6-11x with 2, and 1.5-6.2x its bytes (a
+      14x14x256 check at 1/2, padding 2.0: 30 operators, 1.6x). The former
+      limit (slices above 2x padding) left a converted 5-layer CNN
+      (64-128 channels, 1/4) at 1.32x the bytes of its grouped export, with
+      817 operators against 22. So the slices rule above (fewer than 4
+      filters per base from 32 channels) applies only where the slices
+      form has at most one segment per transform and depth group, as under
+      the default assignment. Padding beyond the measured 2.5x is bounded
+      only by the dense rule, which counts the padded multiply-adds
+      (`_dense_instead`);
+    - slices otherwise only when the layer's shape rules the grouped form
+      out (`lowering.grouped_skip_reason`).
+
+    Args:
+        layer: a built `TransformConv2D`.
+        lowering: `"auto"`, `"grouped"`, `"slices"` or `"dense"`; the last
+            three are taken as asked (`"grouped"` raises for a layer that
+            cannot take it).
+    """
+    form, reason, _ = lowering_decision(layer, lowering)
+    return form, reason
+
+
+def lowering_decision(layer, lowering="auto"):
+    """`(form, reason, plan)`: `lowering_choice` with the `GroupedPlan` it built.
+
+    `plan` is the layer's `GroupedPlan` when `form` is `"grouped"` and the
+    `"auto"` rule built it to decide (pass it to
+    `GroupedTransformConv2D.from_layer(layer, plan=plan)` so that it is built
+    once), else None.
+    """
+    if lowering not in LOWERINGS:
+        raise ValueError(
+            "Invalid value for argument `lowering`. Expected one of "
+            f"{list(LOWERINGS)}. Received lowering={lowering!r}."
+        )
+    if lowering in ("slices", "dense"):
+        return lowering, "requested", None
+    reason = grouped_skip_reason(layer)
+    if reason is not None:
+        if lowering == "grouped":
+            raise ValueError(
+                f"Layer {layer.name!r} cannot be written in the grouped form: {reason}. "
+                "Use lowering='auto' (which falls back to 'slices') or 'slices'."
+            )
+        return "slices", reason, None
+    if lowering == "grouped":
+        return "grouped", "requested", None
+    plan = grouped_plan(layer)
+    if plan.basis_kernel is not None:
+        return "grouped", (
+            "bases in a filter basis: the grouped form stores the coefficients (sparse) "
+            "and the basis, where the other forms would store dense bases or filters"
+        ), plan
+    dense = _dense_instead(layer, plan)
+    if dense is not None:
+        return "dense", dense, None
+    if families_lib.coefficient_kind(layer.transform_family) == "dense":
+        return "grouped", (
+            f"the {layer.transform_family} family as slices would add a multiply-add per "
+            "pair of taps (about ten times the operators)"
+        ), plan
+    padding = plan.spread_outputs() / (layer.filters * layer.depth_groups)
+    channels = layer.base_kernel.shape[2] // layer.depth_groups
+    segments, slices = _slices_plan(layer)
+    # The default assignment's slices: one segment per transform (per depth group).
+    few_segments = segments is not None and (
+        segments <= len(layer.transforms) * layer.depth_groups)
+    if not few_segments:
+        return "grouped", (
+            f"fitted assignment: up to {plan.slots} filters per base (the spread "
+            f"convolution padded to {padding:.2f}x the filters); as slices it would sum "
+            f"{segments if segments is not None else 'many'} segments"
+            + (f" ({slices} shifted slices)" if slices is not None else "")
+        ), plan
+    if plan.slots < AUTO_MIN_GROUPED_SLOTS and channels >= AUTO_SLICES_MIN_CHANNELS:
+        return "slices", (
+            f"{plan.slots} filters per base (< {AUTO_MIN_GROUPED_SLOTS}) with {channels} "
+            f"input channels per group (>= {AUTO_SLICES_MIN_CHANNELS}): slices measured faster"
+        ), None
+    return "grouped", f"{plan.slots} filters per base, {channels} input channels per group", plan
+
+
+def _slices_plan(layer):
+    """`(segments, slices)` of the factored (slices) form of `layer`: its runs of
+    filters summed together, and the shifted slices it reads (None, None if unknown)."""
+    plan = getattr(getattr(layer, "_tables", None), "plan", None)
+    if plan is None:
+        return None, None
+    return len(plan.segments), plan.num_slices()
+
+
+def _dense_instead(layer, plan):
+    """Why `"auto"` writes `layer` with its materialised kernel, or None.
+
+    When the dense convolution does no more multiply-adds than the grouped
+    form, and its kernel takes at most `AUTO_DENSE_MAX_GROWTH` times the
+    bytes of the grouped form's constants: a layer with few input channels
+    (a stem), where the grouped form is both slower and hardly smaller.
+    """
+    kh, kw = layer.kernel_size
+    sh, sw = layer.strides
+    taps, channels = kh * kw, layer.base_kernel.shape[2]
+    # Per output pixel; the products are computed at every input pixel, and
+    # each spread output reads `taps` product channels at `kh * kw` taps.
+    dense_macs = taps * channels * layer.filters
+    product_taps = plan.product_taps() or taps * sh * sw
+    grouped_macs = (
+        product_taps * channels * layer.base_filters + taps * taps * plan.spread_outputs()
+    )
+    dense_bytes = 4 * taps * channels * layer.filters
+    grouped_bytes = (
+        4 * taps * channels * layer.base_filters + LOWERING_VALUE_BYTES * plan.stored_values()
+    )
+    if dense_macs <= grouped_macs and dense_bytes <= AUTO_DENSE_MAX_GROWTH * grouped_bytes:
+        return (
+            f"the dense kernel needs {dense_macs / grouped_macs:.2f}x the grouped form's "
+            f"multiply-adds and {dense_bytes / grouped_bytes:.2f}x its bytes "
+            f"(limit {AUTO_DENSE_MAX_GROWTH:g}x)"
+        )
+    return None
