@@ -652,3 +652,56 @@ def test_layers_without_a_formula_are_marked_not_counted():
     assert data["uncounted"] == cost.uncounted
     assert [layer["macs_counted"] for layer in data["layers"]] == [
         counted[layer.name] for layer in cost.layers]
+
+
+# ----------------------------------------------------------------------
+# The registry of cost rules
+
+
+def test_a_registered_rule_costs_a_custom_layer_and_its_subclasses():
+    from tf_transform_conv.cost import CostTerms
+    from tf_transform_conv.cost import register_layer_cost
+
+    class Scale(keras.layers.Layer):
+        def build(self, input_shape):
+            self.w = self.add_weight(shape=(input_shape[-1],), initializer="ones")
+
+        def call(self, x):
+            return x * self.w
+
+    class Shifted(Scale):
+        pass
+
+    @register_layer_cost(Scale)
+    def _scale_cost(layer, input_shape, output_shape):
+        return CostTerms(params=input_shape[-1], macs=int(np.prod(input_shape)))
+
+    inputs = keras.Input((4, 4, 3))
+    model = keras.Model(inputs, Shifted()(Scale()(inputs)))
+    cost = model_cost(model)
+    assert [(e.params, e.macs, e.macs_counted) for e in cost.layers] == [(3, 48, True)] * 2
+
+
+def test_a_subclass_without_a_rule_of_its_own_is_costed_as_its_parent():
+    class MyConv(keras.layers.Conv2D):
+        pass
+
+    mine = layer_cost(MyConv(8, 3, name="c"), (6, 6, 4))
+    plain = layer_cost(keras.layers.Conv2D(8, 3, name="c"), (6, 6, 4))
+    assert mine == dataclasses.replace(plain, class_name="MyConv")
+    assert (mine.params, mine.macs) == (3 * 3 * 4 * 8 + 8, 4 * 4 * 3 * 3 * 4 * 8)
+
+
+def test_register_layer_cost_takes_only_layer_classes():
+    from tf_transform_conv.cost import register_layer_cost
+
+    with pytest.raises(ValueError, match=r"`layer_class`\. Expected a keras\.layers\.Layer subclass"):
+        register_layer_cost(int)
+
+
+def test_cost_terms_of_a_layer_without_a_rule_says_how_to_add_one():
+    from tf_transform_conv.cost import cost_terms
+
+    with pytest.raises(ValueError, match="No cost rule is registered for Flatten 'f'.*"
+                                         "register_layer_cost"):
+        cost_terms(keras.layers.Flatten(name="f"), (2, 2), (4,))

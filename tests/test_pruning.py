@@ -518,3 +518,65 @@ def test_strip_model_of_a_subclassed_model_says_how_and_the_advice_works():
     layer.set_weights(weights)
     assert layer.base_filters == 4
     assert_close(layer(x), net(x), 1e-5)
+
+
+# ----------------------------------------------------------------------------
+# One protocol: a user's own wrapper is treated as the package's are
+
+
+@keras.saving.register_keras_serializable(package="tests")
+class HalveOutputs(pruning.PruningWrapper):
+    """A toy wrapper: at each pruning step it zeroes the first `sparsity` share of the
+    output channels of a `Dense`; stripped, a `Dense` with those columns zero."""
+
+    def build(self, input_shape):
+        super().build(input_shape)
+        self.kept_columns = self.add_weight(name="kept", shape=(self.layer.units,),
+                                            initializer="ones", trainable=False)
+
+    def call(self, inputs, training=None):
+        self.check_step_callback(training)
+        return self.layer(inputs) * self.kept_columns
+
+    @property
+    def sparsity(self):
+        return float(np.mean(np.asarray(self.kept_columns) == 0))
+
+    def prune_to(self, sparsity=None, step=None, scores=None, count=None):
+        columns = np.ones(self.layer.units, "float32")
+        columns[: int(round(sparsity * self.layer.units))] = 0.0
+        self.kept_columns.assign(columns)
+        self.pruning_history.append({"step": step, "sparsity": sparsity})
+
+    def after_step(self):
+        self.after_steps = getattr(self, "after_steps", 0) + 1
+
+    def strip(self):
+        kernel, bias = (np.asarray(w) for w in self.layer.get_weights())
+        columns = np.asarray(self.kept_columns)
+        layer = keras.layers.Dense.from_config(self.layer.get_config())
+        return layer, [kernel * columns, bias * columns]
+
+
+def test_a_users_wrapper_is_driven_summarised_stripped_and_refused_by_export(tmp_path):
+    schedule = tfmot.sparsity.keras.ConstantSparsity(0.5, 0, frequency=1)
+    dense = keras.layers.Dense(4, name="fc")
+    model = keras.Sequential([keras.Input((3,)), HalveOutputs(dense, schedule, name="halve")])
+    wrapper = model.layers[0]
+    x = np.random.default_rng(0).normal(size=(8, 3)).astype("float32")
+    model.compile("sgd", "mse")
+    with pytest.raises(ValueError, match="trained without its pruning step callback"):
+        model.fit(x, np.zeros((8, 4)), verbose=0)
+    model.compile("sgd", "mse")
+    model.fit(x, np.zeros((8, 4)), batch_size=4, verbose=0, callbacks=[
+        tc.UpdateTransformPruningStep(), tc.TransformPruningSummaries(str(tmp_path / "logs"))])
+    assert wrapper.sparsity == 0.5 and wrapper.after_steps == 2
+    assert int(np.asarray(wrapper.pruning_step)) == 1
+    assert [h["step"] for h in wrapper.pruning_history] == [0, 1]
+    assert glob.glob(str(tmp_path / "logs" / "*"))
+    with pytest.raises(ValueError, match=r"stripped model: .*\['halve'\]"):
+        tc.export_tflite(model, tmp_path / "m.tflite")
+    stripped = tc.strip_model(model)
+    assert type(stripped.layers[0]) is keras.layers.Dense
+    assert_close(stripped(x), model(x), 1e-6)
+    assert tc.model_cost(stripped).params == 16

@@ -86,6 +86,7 @@ __all__ = [
     "CostTerms",
     "LayerCost",
     "ModelCost",
+    "cost_terms",
     "layer_cost",
     "model_cost",
     "register_layer_cost",
@@ -376,6 +377,21 @@ def _rule_for(layer):
         if cls in _RULES:
             return _RULES[cls]
     return None
+
+
+def cost_terms(layer, input_shape, output_shape):
+    """The `CostTerms` of one call of `layer` by its registered rule (a wrapper costs its
+    wrapped layer this way).
+
+    Raises:
+        ValueError: for a layer whose class has no rule.
+    """
+    rule = _rule_for(layer)
+    if rule is None:
+        raise ValueError(
+            f"No cost rule is registered for {type(layer).__name__} '{layer.name}': "
+            "register one with tf_transform_conv.cost.register_layer_cost.")
+    return rule.cost(layer, input_shape, output_shape)
 
 
 def layer_cost(layer, input_shape):

@@ -26,7 +26,6 @@ __all__ = [
     "dense_cost",
     "depthwise_cost",
     "kernel_nonzeros",
-    "plain_cost",
 ]
 
 
@@ -53,15 +52,6 @@ def kernel_nonzeros(layer, terms, kernel):
     nnz = int(np.count_nonzero(kernel))
     return terms.replace(nonzeros=terms.params - (kernel.size - nnz),
                          nonzero_macs=terms.macs // max(kernel.size, 1) * nnz)
-
-
-def plain_cost(layer, input_shape, output_shape):
-    """`CostTerms` of a `Conv2D`, `DepthwiseConv2D` or `Dense` call, kernel zeros not counted."""
-    if isinstance(layer, keras.layers.DepthwiseConv2D):
-        return depthwise_cost(layer, input_shape, output_shape)
-    if isinstance(layer, keras.layers.Conv2D):
-        return conv2d_cost(layer, input_shape, output_shape)
-    return dense_cost(layer, input_shape, output_shape)
 
 
 def conv2d_cost(layer, input_shape, output_shape):

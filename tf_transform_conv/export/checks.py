@@ -41,7 +41,7 @@ def check_no_wrappers(model, verb):
     ]
     if wrappers:
         raise ValueError(
-            f"{verb} needs a stripped model: this one still holds TransformPruning "
+            f"{verb} needs a stripped model: this one still holds pruning "
             f"wrappers {wrappers}, whose dense kernel would be exported; strip "
             "first: tf_transform_conv.strip_model(model), then export the result."
         )

@@ -184,7 +184,7 @@ def export_tflite(
 
     Args:
         model: a built Sequential or Functional Keras model, stripped of
-            `TransformPruning` wrappers, with fully known input dimensions
+            pruning wrappers, with fully known input dimensions
             apart from the batch.
         path: str or path-like, the `.tflite` file to write (its folder must
             exist and be writable; checked before converting).
@@ -223,14 +223,14 @@ def export_tflite(
         ValueError: for an unknown `quantization` or `lowering`, `"int8"` without
             `representative_data` (or `representative_data` with another
             quantization), a `batch_size` that is not a positive int, a
-            `path` that cannot be written, a model holding `TransformPruning`
+            `path` that cannot be written, a model holding pruning
             wrappers, or inputs of unknown size.
 
     Example:
 
     >>> import os, tempfile
     >>> import keras, numpy as np
-    >>> from tf_transform_conv import TransformConv2D
+    >>> from tf_transform_conv import TransformConv2D, verify_tflite
     >>> model = keras.Sequential([
     ...     keras.Input((8, 8, 16)),
     ...     TransformConv2D(32, 3, base_filters=8, transforms="rotations", name="tc")])

@@ -17,8 +17,8 @@ import keras
 import numpy as np
 from keras import ops
 
+from tf_transform_conv.cost import cost_terms
 from tf_transform_conv.cost import kernel_nonzeros
-from tf_transform_conv.cost import plain_cost
 from tf_transform_conv.cost import register_layer_cost
 from tf_transform_conv.layers.transform_conv import TransformConv2D
 from tf_transform_conv.ops.masks import magnitude_mask
@@ -195,7 +195,7 @@ class MagnitudePruning(MaskedPruning):
 @register_layer_cost(MagnitudePruning)
 def _magnitude_pruning_cost(wrapper, input_shape, output_shape):
     """As its wrapped layer, with the masked kernel's zeros left out of `nonzeros`."""
-    terms = plain_cost(wrapper.layer, input_shape, output_shape)
+    terms = cost_terms(wrapper.layer, input_shape, output_shape)
     if not wrapper.built:
         return terms
     return kernel_nonzeros(wrapper, terms, wrapper.masked_kernel())
