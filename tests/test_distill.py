@@ -485,3 +485,23 @@ def test_same_loss_and_step_under_mirrored_strategy():
         assert mirrored["logs"][name] == pytest.approx(single["logs"][name], rel=1e-5), name
     for a, b in zip(single["weights"], mirrored["weights"]):
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
+
+
+def test_distiller_saves_and_reloads_compiled(tmp_path):
+    import warnings
+
+    student, teacher = net(4, 0, "student"), net(8, 1, "teacher")
+    distiller = compiled(InnerDistiller(student, teacher, ["features"], weight=0.7,
+                                        output_weight=0.5))
+    x, y = data()
+    distiller.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    distiller.save(tmp_path / "distiller.keras")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        again = keras.saving.load_model(tmp_path / "distiller.keras")
+    assert not [w for w in caught if "compile()" in str(w.message)]
+    assert type(again) is InnerDistiller and again.layer_pairs == [("features", "features")]
+    np.testing.assert_allclose(again.projections[0].kernel, distiller.projections[0].kernel)
+    expected = distiller.evaluate(x, y, batch_size=len(x), verbose=0, return_dict=True)
+    got = again.evaluate(x, y, batch_size=len(x), verbose=0, return_dict=True)
+    assert got == pytest.approx(expected, rel=1e-5)

@@ -134,8 +134,11 @@ class InnerDistiller(keras.distillation.Distiller):
     with or without `jit_compile`. Save `distiller.student` for the
     trained model.
 
-    Where this class overrides `keras.distillation.Distiller` (Keras 3.15),
-    the method's docstring says why.
+    Compile it as any model (`compile` is `keras.Model.compile`, not
+    `Distiller.compile`): the compiled loss is the task loss, sample weights
+    and all (None only with `output_weight=1`). Where this class overrides
+    `keras.distillation.Distiller` (Keras 3.15), the method's docstring (or
+    comment) says why.
 
     Args:
         student: a built Functional or Sequential `keras.Model` (logits out).
@@ -259,24 +262,13 @@ class InnerDistiller(keras.distillation.Distiller):
         """
         self._validate_input_compatibility(teacher, student)
 
-    def compile(self, optimizer="rmsprop", loss=None, metrics=None, **kwargs):
-        """`keras.Model.compile`: the task loss is the model's compiled loss.
-
-        Keras's `Distiller.compile` keeps the loss from `Model.compile` and
-        calls it itself, without the sample weights (measured: a batch
-        whose sample weights are all 0 but one gives the same loss as
-        without them); compiled here, the loss weighs samples, and scales
-        under a distribution strategy, as in any model.
-
-        Args:
-            optimizer: as `keras.Model.compile`.
-            loss: the task loss, as `keras.Model.compile` takes it; it may
-                be None only with `output_weight=1` (no task term).
-            metrics: as `keras.Model.compile`.
-            **kwargs: further `keras.Model.compile` arguments
-                (`jit_compile`, ...).
-        """
-        keras.Model.compile(self, optimizer=optimizer, loss=loss, metrics=metrics, **kwargs)
+    # Keras's own `Model.compile`, not `Distiller.compile`: that one keeps the loss
+    # from `Model.compile` and calls it itself, without the sample weights
+    # (measured: a batch whose sample weights are all 0 but one gives the same loss
+    # as without them). Compiled here, the task loss weighs samples, and scales
+    # under a distribution strategy, as in any model; and a saved distiller
+    # compiles when loaded.
+    compile = keras.Model.compile
 
     def call(self, inputs, training=None):
         """The student's logits; its chosen features are kept for `compute_loss`.
