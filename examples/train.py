@@ -434,7 +434,8 @@ def load_tfds(args):
         return data.load_tfds(args.dataset, args.data_dir)
     except data.DatasetUnavailableError as error:
         raise SystemExit(f"--dataset {args.dataset}: {error} Offline, --dataset digits or "
-                         "--dataset synthetic need neither it nor a download.") from None
+                         "--dataset synthetic need neither TensorFlow Datasets nor a "
+                         "download.") from None
 
 
 def make_batch_augment(args):

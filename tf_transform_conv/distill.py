@@ -118,9 +118,9 @@ class InnerDistiller(keras.distillation.Distiller):
         + weight * mean_l mean((P_l(s_l) - t_l)^2),
 
     plus the student's regularization losses (unweighted), with the task
-    loss the compiled one, `s_l` / `t_l` the outputs of the chosen layers of the student /
-    teacher, and `P_l` a learned 1x1 convolution (a `Dense` for 2D
-    features) where their channels differ, else nothing. The teacher is
+    loss the compiled one, `s_l` / `t_l` the outputs of the chosen layers
+    of the student / teacher, and `P_l` a learned 1x1 convolution (a
+    `Dense` for 2D features) where their channels differ, else nothing. The teacher is
     frozen and runs in inference mode. The output term is Keras's
     `keras.distillation.LogitsDistillation` with
     `loss=keras.losses.KLDivergence()` (its default string loss skips the

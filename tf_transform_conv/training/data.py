@@ -37,8 +37,8 @@ IMAGENET_MANUAL = (
     "ImageNet (imagenet2012) cannot be downloaded automatically. Download "
     "ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar from "
     "https://image-net.org/download-images (a free account is needed) and put "
-    "both files, as they are, into {manual}/ ; the first load then prepares the "
-    "dataset there (hours, about 300 GB of disk). Load it again with the same data_dir."
+    "both files, as they are, into {manual}/ ; the first load with this data_dir then "
+    "prepares the dataset there (hours, about 300 GB of disk)."
 )
 CIFAR_OFFLINE = (
     "CIFAR-10 is not prepared in {data_dir} and could not be downloaded ({error}). "
@@ -48,8 +48,8 @@ CIFAR_OFFLINE = (
     "copy DIR/cifar10/ to {data_dir}/cifar10/, or put cifar-10-binary.tar.gz into "
     "{data_dir}/downloads/manual/."
 )
-NO_TFDS = ("{dataset} reads TensorFlow Datasets, which is not installed: pip install "
-           "tensorflow-datasets (or pip install -e '.[examples]')")
+NO_TFDS = ("{dataset} is read with TensorFlow Datasets, which is not installed: pip install "
+           "tensorflow-datasets (or pip install -e '.[examples]').")
 
 
 class DatasetUnavailableError(RuntimeError):
@@ -113,7 +113,7 @@ def load_tfds(dataset, data_dir=None):
         if dataset == "imagenet2012":
             manual = pathlib.Path(shown) / "downloads" / "manual"
             raise DatasetUnavailableError(
-                IMAGENET_MANUAL.format(manual=manual) + f"\n(tfds said: {error})") from None
+                IMAGENET_MANUAL.format(manual=manual) + f"\n(tfds said: {error}).") from None
         raise DatasetUnavailableError(
             CIFAR_OFFLINE.format(data_dir=shown, error=f"{type(error).__name__}: {error}")
         ) from None
