@@ -23,12 +23,18 @@ step, epoch counter, training seconds so far; `AtomicBackupAndRestore`,
 written so that a kill never leaves it half-written) and the model to
 `<run-dir>/ckpt/last.keras`; restarting the same command (or `--resume`)
 continues where it stopped, on the same data an uninterrupted run would see
-(`training_stream`). Rerunning a finished run is refused, with a pointer to
-`--fresh`, which deletes the run's outputs and starts over; a start that fails
-before its first epoch is saved removes what it created. TensorBoard logs, a
+(`training.data.training_stream`). Rerunning a finished run is refused, with
+a pointer to `--fresh`, which deletes the run's outputs and starts over; a
+start that fails before its first epoch is saved removes what it created. TensorBoard logs, a
 CSV log and `results.json` (accuracy, parameters, multiply-adds, `.tflite`
 size, and per `TransformConv2D` its bases, transforms, conversion error and
-`.tflite` lowering) go to the run folder.
+`.tflite` lowering) go to the run folder; `final.keras` loads with a plain
+`keras.saving.load_model` once `tf_transform_conv` is imported.
+
+This script is the recipe (arguments, data, model, training, results); the
+machinery is library code in `tf_transform_conv.training` (schedules,
+callbacks, run folder, data pipelines and augmentations, strategies) and
+`tf_transform_conv.distill`.
 
 `--help` and argument errors answer before TensorFlow is imported; its
 start-up log lines are left out unless `TF_CPP_MIN_LOG_LEVEL` is set
@@ -52,18 +58,11 @@ per layer. The README lists each with its command and the published number.
 """
 
 import argparse
-import contextlib
-import csv
 import datetime
 import json
 import math
-import os
 import pathlib
-import platform
-import secrets
-import shutil
 import sys
-import time
 import warnings
 
 from tfconv import quiet_tensorflow_startup  # installed with the package; imports no TensorFlow
@@ -122,28 +121,7 @@ DEFAULTS = dict(
 )
 DATASETS = ("cifar10", "imagenet2012", "digits", "synthetic")
 MODES = ("dense", "transform", "prune", "convert")
-NUM_CLASSES = {"cifar10": 10, "imagenet2012": 1000, "digits": 10}
 FAMILIES = ("discrete", "scalar", "rotation", "affine", "general")
-# Per-channel statistics of the training images (RGB, in [0, 1]).
-MEAN_STD = {
-    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-    "imagenet2012": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-}
-IMAGENET_MANUAL = (
-    "ImageNet (imagenet2012) cannot be downloaded automatically. Download "
-    "ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar from "
-    "https://image-net.org/download-images (a free account is needed) and put "
-    "both files, as they are, into {manual}/ ; the first run then prepares the "
-    "dataset there (hours, about 300 GB of disk). Pass the same --data-dir."
-)
-CIFAR_OFFLINE = (
-    "CIFAR-10 is not prepared in {data_dir} and could not be downloaded ({error}). "
-    "On a machine with internet access run\n"
-    "    python -c \"import tensorflow_datasets as tfds; tfds.load('cifar10', data_dir='DIR')\"\n"
-    "(it fetches https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz, 163 MB) and "
-    "copy DIR/cifar10/ to {data_dir}/cifar10/, or put cifar-10-binary.tar.gz into "
-    "{data_dir}/downloads/manual/. Offline, --dataset digits or synthetic need no download."
-)
 
 
 def build_parser():
@@ -325,6 +303,11 @@ def parse_args(argv=None):
         problems.append(f"--inner-kd-weight must be >= 0 (got {args.inner_kd_weight})")
     if (args.inner_kd_weight > 0 or args.inner_kd_layers) and args.teacher is None:
         problems.append("--inner-kd-weight and --inner-kd-layers need --teacher")
+    if args.teacher is not None and args.kd_weight == 0 and args.inner_kd_weight == 0:
+        problems.append("--teacher with --kd-weight 0 needs --inner-kd-weight > 0 "
+                        "(nothing to distil)")
+    if args.dataset == "digits" and args.image_size < 8:
+        problems.append(f"--dataset digits needs --image-size >= 8 (got {args.image_size})")
     if args.resume and args.fresh:
         problems.append("--resume and --fresh contradict each other")
     if args.teacher is not None and not args.teacher.is_file():
@@ -343,11 +326,9 @@ if __name__ == "__main__":
 
 with quiet_tensorflow_startup():
     import keras
-    import numpy as np
     import tensorflow as tf
 
     from tf_transform_conv import Reconstruction
-    from tf_transform_conv import TransformConv2D
     from tf_transform_conv import UpdateTransformPruningStep
     from tf_transform_conv import build_model
     from tf_transform_conv import conv_factory
@@ -358,8 +339,24 @@ with quiet_tensorflow_startup():
     from tf_transform_conv.cli import load_model_file
     from tf_transform_conv.cost import model_cost
     from tf_transform_conv.distill import InnerDistiller
+    from tf_transform_conv.distill import last_feature_map
     from tf_transform_conv.models import DEFAULT_TRANSFORMS
     from tf_transform_conv.models import MODELS
+    from tf_transform_conv.training import augment
+    from tf_transform_conv.training import data
+    from tf_transform_conv.training import distribute
+    from tf_transform_conv.training.callbacks import TrainClock
+    from tf_transform_conv.training.callbacks import read_backup
+    from tf_transform_conv.training.files import write_json_atomic
+    from tf_transform_conv.training.report import environment
+    from tf_transform_conv.training.report import layer_details
+    from tf_transform_conv.training.runs import finished_run
+    from tf_transform_conv.training.runs import run_callbacks
+    from tf_transform_conv.training.runs import run_folder
+    from tf_transform_conv.training.runs import start_over
+    from tf_transform_conv.training.runs import trim_csv
+    from tf_transform_conv.training.schedules import learning_rate_schedule
+    from tf_transform_conv.training.schedules import pruning_schedule
     from tf_transform_conv.ops.transforms import PRESETS as TRANSFORM_PRESETS
     from tf_transform_conv.ops.transforms import resolve_transforms
 
@@ -428,283 +425,39 @@ def load_model_flag(args, flag, path, num_classes):
 
 
 # ----------------------------------------------------------------------------
-# Devices and strategy
-
-
-def configure_devices(cpu_devices):
-    """Splits the first CPU into `cpu_devices` logical devices (before TF starts them)."""
-    if cpu_devices < 1:
-        return
-    cpu = tf.config.list_physical_devices("CPU")[0]
-    try:
-        tf.config.set_logical_device_configuration(
-            cpu, [tf.config.LogicalDeviceConfiguration()] * cpu_devices
-        )
-    except RuntimeError as error:
-        raise SystemExit(
-            f"--cpu-devices {cpu_devices}: TensorFlow has already started its devices "
-            f"in this process ({error}); run the script in a fresh process."
-        ) from None
-
-
-def make_strategy(name):
-    if name == "mirrored":
-        devices = [d.name for d in tf.config.list_logical_devices("GPU")] or [
-            d.name for d in tf.config.list_logical_devices("CPU")
-        ]
-        return tf.distribute.MirroredStrategy(devices)
-    if name == "multiworker":
-        patch_keras_for_multiworker()
-        return tf.distribute.MultiWorkerMirroredStrategy()
-    return tf.distribute.get_strategy()
-
-
-def patch_keras_for_multiworker():
-    """Works around two Keras 3 bugs that stop `fit` under MultiWorkerMirroredStrategy.
-
-    Both are in `keras.src.backend.tensorflow.trainer` and only hit with
-    several workers (keras-team/keras#20585); with one worker, or
-    MirroredStrategy, Keras takes other paths and this changes nothing.
-
-    1. Before training, Keras builds the model from one batch and first
-       `strategy.reduce`s the whole `(x, y)` tuple of per-replica tensors,
-       which fails across workers ("Attempt to convert a value (PerReplica...)
-       ... to a Tensor"). The batch serves only for its shapes and dtypes: this
-       worker's own batch is passed instead.
-    2. Each step averages the replicas' metric results (scalars) with
-       `strategy.reduce("MEAN", v, axis=0)`, a mean over the batch axis too,
-       which scalars lack ("Invalid reduction dimension 0 for input with 0
-       dimensions"). The mean across replicas, `axis=None`, is what is meant.
-    """
-    from keras.src.backend.tensorflow import trainer
-
-    if getattr(trainer, "patched_for_multiworker", False):
-        return
-    missing = [name for name in ("reduce_per_replica", "_collective_all_reduce_multi_worker")
-               if not hasattr(trainer, name)]
-    if missing or not hasattr(trainer.TensorFlowTrainer, "_maybe_symbolic_build"):
-        warnings.warn(f"Keras {keras.__version__} differs from the one patched for "
-                      "--strategy multiworker; training may fail")
-        return
-
-    symbolic_build = trainer.TensorFlowTrainer._maybe_symbolic_build
-
-    def maybe_symbolic_build(self, iterator=None, data_batch=None):
-        if iterator is not None and self._distribute_strategy is not None:
-            for _, _, batches in iterator:
-                data_batch = keras.tree.map_structure(
-                    lambda v: v.values[0] if isinstance(v, tf.distribute.DistributedValues)
-                    else v, next(batches))
-                break
-            iterator = None
-        return symbolic_build(self, iterator=iterator, data_batch=data_batch)
-
-    reduce_per_replica = trainer.reduce_per_replica
-
-    def reduce_across_replicas(values, strategy, reduction):
-        if (reduction in ("auto", "mean")
-                and trainer._collective_all_reduce_multi_worker(strategy)):
-            return keras.tree.map_structure(
-                lambda v: strategy.reduce("MEAN", v, axis=None), values)
-        return reduce_per_replica(values, strategy, reduction)
-
-    trainer.TensorFlowTrainer._maybe_symbolic_build = maybe_symbolic_build
-    trainer.reduce_per_replica = reduce_across_replicas
-    trainer.patched_for_multiworker = True
-
-
-def is_chief(strategy):
-    """Whether this worker writes the run folder (always, except multiworker non-chiefs)."""
-    resolver = getattr(strategy, "cluster_resolver", None)
-    if resolver is None or not resolver.cluster_spec().as_dict():
-        return True
-    return resolver.task_type in ("chief", None) or (
-        resolver.task_type == "worker" and resolver.task_id == 0
-        and "chief" not in resolver.cluster_spec().as_dict()
-    )
-
-
-# ----------------------------------------------------------------------------
-# Data
-
-
-def normalize(image, mean_std):
-    image = tf.cast(image, tf.float32) / 255.0
-    if mean_std is None:
-        return image
-    mean, std = mean_std
-    return (image - tf.constant(mean)) / tf.constant(std)
-
-
-def cifar_train_augment(image, seed, size=32):
-    """Pads 4 pixels, crops a random `size` x `size` window, flips left-right at random.
-
-    `seed`: shape (2,) integers; the same seed gives the same crop and flip.
-    """
-    crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-    image = tf.image.resize_with_crop_or_pad(image, size + 8, size + 8)
-    image = tf.image.stateless_random_crop(image, (size, size, 3), seed=crop_seed)
-    return tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
-
-
-def imagenet_train_crop(encoded, seed, size=224):
-    """Random resized crop (area 8-100%, aspect 3/4-4/3) of a JPEG, resized, flipped.
-
-    `seed`: shape (2,) integers; the same seed gives the same crop and flip.
-    """
-    crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-    shape = tf.image.extract_jpeg_shape(encoded)
-    begin, crop, _ = tf.image.stateless_sample_distorted_bounding_box(
-        shape, bounding_boxes=tf.zeros((1, 0, 4)), seed=crop_seed, min_object_covered=0.1,
-        aspect_ratio_range=(3 / 4, 4 / 3), area_range=(0.08, 1.0),
-        max_attempts=10, use_image_if_no_bounding_boxes=True,
-    )
-    window = tf.stack([begin[0], begin[1], crop[0], crop[1]])
-    image = tf.image.decode_and_crop_jpeg(encoded, window, channels=3)
-    image = tf.image.resize(image, (size, size), method="bilinear")
-    return tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
-
-
-def imagenet_eval_crop(encoded, size=224):
-    """Resizes the shorter side to `size / 0.875` and takes the centre `size` x `size`."""
-    image = tf.image.decode_jpeg(encoded, channels=3)
-    shape = tf.cast(tf.shape(image)[:2], tf.float32)
-    scale = (size / 0.875) / tf.reduce_min(shape)
-    resized = tf.cast(tf.round(shape * scale), tf.int32)
-    image = tf.image.resize(image, resized, method="bilinear")
-    return tf.image.resize_with_crop_or_pad(image, size, size)
+# Data (tf_transform_conv.training.data, .augment)
 
 
 def load_tfds(args):
-    """`(train, test, num_train, num_test)` unbatched `(uint8 image, label)` datasets."""
+    """`(train, test, num_train, num_test)` of `--dataset` from TensorFlow Datasets, or an exit
+    with the library's message: what to install or download, and where."""
     try:
-        import tensorflow_datasets as tfds
-    except ModuleNotFoundError as error:
-        if error.name != "tensorflow_datasets":
-            raise
-        raise SystemExit(
-            f"--dataset {args.dataset} reads TensorFlow Datasets, which is not installed: "
-            "pip install tensorflow-datasets (or pip install -e '.[examples]'); offline, "
-            "--dataset digits or --dataset synthetic need neither it nor a download."
-        ) from None
-
-    data_dir = None if args.data_dir is None else str(args.data_dir)
-    shown = data_dir or os.path.expanduser("~/tensorflow_datasets")
-    kwargs = dict(data_dir=data_dir, as_supervised=True, with_info=True)
-    try:
-        if args.dataset == "imagenet2012":
-            (train, test), info = tfds.load(
-                "imagenet2012", split=["train", "validation"], download=False,
-                decoders={"image": tfds.decode.SkipDecoding()}, **kwargs,
-            )
-        else:
-            (train, test), info = tfds.load("cifar10", split=["train", "test"], **kwargs)
-    except Exception as error:  # tfds raises many kinds when offline or missing
-        if args.dataset == "imagenet2012":
-            manual = pathlib.Path(shown) / "downloads" / "manual"
-            raise SystemExit(
-                IMAGENET_MANUAL.format(manual=manual) + f"\n(tfds said: {error})"
-            ) from None
-        raise SystemExit(
-            CIFAR_OFFLINE.format(data_dir=shown, error=f"{type(error).__name__}: {error}")
-        ) from None
-    splits = info.splits
-    test_split = "validation" if args.dataset == "imagenet2012" else "test"
-    return train, test, splits["train"].num_examples, splits[test_split].num_examples
+        return data.load_tfds(args.dataset, args.data_dir)
+    except data.DatasetUnavailableError as error:
+        raise SystemExit(f"--dataset {args.dataset}: {error} Offline, --dataset digits or "
+                         "--dataset synthetic need neither TensorFlow Datasets nor a "
+                         "download.") from None
 
 
-def digits_images(size):
-    """scikit-learn's 8x8 digits, upsampled (nearest) and tiled to `size` x `size` x 3 uint8."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    digits = load_digits()
-    images = np.round(digits.images * (255 / 16)).astype("uint8")
-    factor = max(1, size // 8)
-    images = images.repeat(factor, axis=1).repeat(factor, axis=2)
-    pad = size - images.shape[1]
-    images = np.pad(images, ((0, 0), (pad // 2, pad - pad // 2), (pad // 2, pad - pad // 2)))
-    images = np.repeat(images[..., None], 3, axis=-1)
-    return train_test_split(images, digits.target.astype("int64"), test_size=0.25,
-                            stratify=digits.target, random_state=0)
-
-
-def synthetic_images(size, count, num_classes, seed):
-    """Random uint8 images with random labels: a pipeline check, nothing to learn."""
-    rng = np.random.default_rng(seed)
-    n_test = max(1, count // 4)
-    images = rng.integers(0, 256, (count + n_test, size, size, 3), dtype=np.uint8)
-    labels = rng.integers(0, num_classes, count + n_test).astype("int64")
-    return images[:count], images[count:], labels[:count], labels[count:]
-
-
-def training_stream(examples, num_train, batch_size, seed, start_batch=0, augment=None,
-                    window=50_000):
-    """The training examples from batch `start_batch` on of one endless, seeded stream.
-
-    The stream is pass after pass over `examples`, cut to whole batches (the
-    last `num_train % batch_size` examples of each pass's order sit that pass
-    out). Pass `p` permutes the examples within consecutive windows of
-    `window` examples (all of them when `num_train <= window`: CIFAR-10,
-    digits, synthetic) in an order that depends only on `(seed, p)`, and
-    `augment(image, element_seed)`, if given, gets a stateless seed made of
-    `(seed, p, index in the pass)`. So the stream is a function of `seed`
-    alone: a run restarted after `e` epochs of `s` steps, started at batch
-    `e * s`, sees exactly the examples, in the same batches and with the same
-    per-image augmentations, as the uninterrupted run did from there.
-    Starting there skips only the examples before it in its pass (before
-    any decoding or augmentation). The next window is read while the current
-    one is served: up to two windows are held in memory (for ImageNet's
-    encoded JPEGs, about 11 GB).
-
-    Returns:
-        An unbatched dataset of `(image, label)`; batch it by `batch_size`.
-    """
-    per_pass = num_train // batch_size * batch_size
-    first_pass, skip = divmod(start_batch * batch_size, per_pass)
-    window = min(num_train, window)
-    fold_in = tf.random.experimental.stateless_fold_in
-
-    def one_pass(p):
-        pass_seed = tf.stack([tf.constant(seed, tf.int64), p])
-
-        def permuted(w, block):
-            count = tf.shape(tf.nest.flatten(block)[0])[0]
-            order = tf.random.experimental.stateless_shuffle(
-                tf.range(count), seed=fold_in(pass_seed, w))
-            return tf.data.Dataset.from_tensor_slices(order).map(
-                lambda j: tf.nest.map_structure(lambda t: t[j], block))
-
-        windows = examples.batch(window).prefetch(1).enumerate()
-        ordered = windows.flat_map(permuted).take(per_pass)
-        return ordered.enumerate().map(
-            lambda i, example: (*example, fold_in(pass_seed, i)))
-
-    stream = tf.data.Dataset.range(first_pass, 2**62).flat_map(one_pass).skip(skip)
-    if augment is None:
-        return stream.map(lambda x, y, _: (x, y))
-    return stream.map(lambda x, y, element_seed: (augment(x, element_seed), y),
-                      num_parallel_calls=tf.data.AUTOTUNE)
+def make_batch_augment(args):
+    """The batch augmentation of `--rotation`, `--mixup`, `--cutmix`, or None."""
+    return augment.batch_augment(args.rotation, args.mixup, args.cutmix, seed=args.seed)
 
 
 def make_datasets(args, num_classes, start_epoch=0):
-    """`(train, test, num_train, num_test, steps_per_epoch)`: batched, augmented, prefetched.
+    """`(train, test, num_train, num_test, steps_per_epoch)`: batched, augmented, one-hot.
 
-    Labels are one-hot. `train` is endless, the batches of `training_stream`
-    from epoch `start_epoch` on (a restart continues the data of the run it
-    continues). Batch-level augmentations (`--rotation`, `--mixup`,
-    `--cutmix`) draw from Keras layers' own random streams, which restart
-    with the process.
+    `train` is endless, the batches of `data.training_stream` from epoch
+    `start_epoch` on (a restart continues the data of the run it continues).
     """
-    size, autotune = args.image_size, tf.data.AUTOTUNE
-    if args.dataset in ("cifar10", "imagenet2012"):
+    if args.dataset in data.TFDS_DATASETS:
         train, test, num_train, num_test = load_tfds(args)
     else:
         if args.dataset == "digits":
-            x_train, x_test, y_train, y_test = digits_images(size)
+            x_train, x_test, y_train, y_test = data.digits_images(args.image_size)
         else:
-            x_train, x_test, y_train, y_test = synthetic_images(
-                size, args.synthetic_size, num_classes, args.seed)
+            x_train, x_test, y_train, y_test = data.synthetic_images(
+                args.image_size, args.synthetic_size, num_classes, args.seed)
         train = tf.data.Dataset.from_tensor_slices((x_train, y_train))
         test = tf.data.Dataset.from_tensor_slices((x_test, y_test))
         num_train, num_test = len(x_train), len(x_test)
@@ -712,128 +465,15 @@ def make_datasets(args, num_classes, start_epoch=0):
         usage_error(f"--batch-size {args.batch_size} is larger than the {num_train} "
                     f"training images of {args.dataset}")
     steps_per_epoch = args.steps_per_epoch or num_train // args.batch_size
-
-    mean_std = MEAN_STD.get(args.dataset)
-    if args.dataset == "imagenet2012":
-        augment = lambda x, seed: imagenet_train_crop(x, seed, size)  # noqa: E731
-        test_map = lambda x, y: (imagenet_eval_crop(x, size), y)  # noqa: E731
-    elif args.dataset == "cifar10":
-        augment = lambda x, seed: cifar_train_augment(x, seed, size)  # noqa: E731
-        test_map = None
-    else:  # digits are not flip-invariant; synthetic has nothing to augment
-        augment = test_map = None
-
-    def finish(x, y):
-        return normalize(x, mean_std), tf.one_hot(y, num_classes)
-
-    batch_augment = make_batch_augment(args)
-
-    options = tf.data.Options()
-    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-    train = training_stream(train, num_train, args.batch_size, args.seed,
-                            start_epoch * steps_per_epoch, augment)
-    # Full batches only: one batch shape, so XLA compiles the step once.
-    train = (train.map(finish, num_parallel_calls=autotune)
-             .batch(args.batch_size, drop_remainder=True))
-    if batch_augment is not None:
-        train = train.map(batch_augment, num_parallel_calls=autotune)
-    train = train.prefetch(autotune).with_options(options)
-    if test_map is not None:
-        test = test.map(test_map, num_parallel_calls=autotune)
-    test = (test.map(finish, num_parallel_calls=autotune)
-            .batch(args.batch_size).prefetch(autotune).with_options(options))
+    train, test = data.classification_datasets(
+        train, test, num_train, args.dataset, num_classes, args.batch_size, args.image_size,
+        seed=args.seed, start_batch=start_epoch * steps_per_epoch,
+        batch_augment=make_batch_augment(args))
     return train, test, num_train, num_test, steps_per_epoch
-
-
-def make_batch_augment(args):
-    """`(images, one-hot labels) -> same` for whole batches, from Keras's augmentation layers.
-
-    A random rotation of each image (`--rotation` degrees either way, the
-    corners filled by reflection), then MixUp or CutMix (`--mixup`,
-    `--cutmix`: their alpha); with both, each batch takes one of them with
-    equal probability, as DeiT's recipe does. None when nothing is on.
-    """
-    seed = args.seed
-    rotate = mix = cut = None
-    if args.rotation:
-        rotate = keras.layers.RandomRotation(args.rotation / 360.0, fill_mode="reflect",
-                                             seed=seed)
-    if args.mixup:
-        mix = keras.layers.MixUp(alpha=args.mixup, seed=seed + 1)
-    if args.cutmix:
-        cut = keras.layers.CutMix(factor=args.cutmix, seed=seed + 2)
-    if rotate is None and mix is None and cut is None:
-        return None
-
-    def apply(layer, images, labels):
-        out = layer({"images": images, "labels": labels})
-        return out["images"], out["labels"]
-
-    def augment(images, labels):
-        if rotate is not None:
-            images = rotate(images, training=True)
-        if mix is not None and cut is not None:
-            return tf.cond(tf.random.uniform(()) < 0.5,
-                           lambda: apply(mix, images, labels),
-                           lambda: apply(cut, images, labels))
-        if mix is not None or cut is not None:
-            return apply(mix or cut, images, labels)
-        return images, labels
-
-    return augment
 
 
 # ----------------------------------------------------------------------------
 # Model
-
-
-class Distiller(keras.Model):
-    """Trains `student` on `(1 - w) * CE(y, s) + w * T^2 * KL(softmax(t/T) || softmax(s/T))`.
-
-    Calling it calls the student; the teacher is frozen and runs in
-    inference mode. The compiled loss is the cross-entropy term; the
-    distillation term is tracked as the metric `kd_loss`.
-    """
-
-    def __init__(self, student, teacher, temperature=4.0, weight=0.9, **kwargs):
-        super().__init__(**kwargs)
-        self.student = student
-        self.teacher = teacher
-        self.teacher.trainable = False
-        self.temperature = float(temperature)
-        self.weight = float(weight)
-        self.kl = keras.losses.KLDivergence(name="kd")
-        self.kd_tracker = keras.metrics.Mean(name="kd_loss")
-
-    def call(self, inputs, training=None):
-        return self.student(inputs, training=training)
-
-    def kd_loss(self, teacher_logits, student_logits):
-        """`T^2 * KL(softmax(t/T) || softmax(s/T))`, batch mean, in float32."""
-        t = self.temperature
-        p_teacher = keras.ops.softmax(keras.ops.cast(teacher_logits, "float32") / t)
-        p_student = keras.ops.softmax(keras.ops.cast(student_logits, "float32") / t)
-        return (t * t) * self.kl(p_teacher, p_student)
-
-    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
-        ce = super().compute_loss(x, y, y_pred, sample_weight, training)
-        teacher_logits = self.teacher(x, training=False)
-        kd = self.kd_loss(teacher_logits, y_pred)
-        self.kd_tracker.update_state(keras.src.losses.loss.unscale_loss_for_distribution(kd))
-        return (1.0 - self.weight) * ce + self.weight * kd
-
-    @property
-    def metrics(self):
-        return [*super().metrics, self.kd_tracker]
-
-
-def last_feature_map(model):
-    """The name of the last layer of `model` with a 4D output: the features before pooling."""
-    for layer in reversed(model.layers):
-        if not isinstance(layer, keras.layers.InputLayer) and len(layer.output.shape) == 4:
-            return layer.name
-    raise ValueError(f"Model '{model.name}' has no layer with a 4D output to distil; "
-                     "name the layers with --inner-kd-layers.")
 
 
 def model_conv(args):
@@ -866,41 +506,25 @@ def make_model(args, num_classes, steps_per_epoch, run_dir, train=None, chief=Tr
     other workers compute the same conversion (deterministic from the same
     weights) without writing.
     """
-    input_shape = (args.image_size, args.image_size, 3)
     conversion = None
     if init_model is not None:
-        model = init_model
-        origin = f"weights of {args.init_from}"
+        model, origin = init_model, f"weights of {args.init_from}"
     else:
         model = build_model(args.model, num_classes=num_classes, conv=model_conv(args),
-                            input_shape=input_shape)
+                            input_shape=(args.image_size, args.image_size, 3))
         origin = "from scratch"
         if args.mode == "convert":
             warnings.warn("--mode convert without --init-from converts a freshly "
                           "initialised dense model; pass a trained dense checkpoint.")
-    total_steps = args.epochs * steps_per_epoch
     if args.mode == "prune":
-        import tensorflow_model_optimization as tfmot  # only here: it switches tf.keras
-
-        begin = int(args.prune_begin * (total_steps - 1))
-        end = max(begin, int(args.prune_end * (total_steps - 1)))
-        if args.prune_every_epoch:
-            frequency = steps_per_epoch
-        else:
-            frequency = args.prune_frequency or max(1, (end - begin) // 20)
-        end = begin + (end - begin) // frequency * frequency  # the last step prunes
-        if end == begin:  # a schedule shorter than one pruning interval: prune once
-            end, frequency = begin + 1, 1
-        schedule = tfmot.sparsity.keras.PolynomialDecay(
-            initial_sparsity=0.0, final_sparsity=args.final_sparsity,
-            begin_step=begin, end_step=end, power=args.prune_power, frequency=frequency,
-        )
+        frequency = steps_per_epoch if args.prune_every_epoch else args.prune_frequency or None
+        schedule = pruning_schedule(args.epochs * steps_per_epoch, args.final_sparsity,
+                                    args.prune_begin, args.prune_end, args.prune_power, frequency)
         model = prune_model(model, schedule, reconstruction(args))
-        origin += (f"; pruned at steps {begin}..{end} every {frequency} "
-                   f"({args.criterion}, {args.allocation}, {args.assign})")
+        origin += (f"; pruned at steps {schedule.begin_step}..{schedule.end_step} every "
+                   f"{schedule.frequency} ({args.criterion}, {args.allocation}, {args.assign})")
     elif args.mode == "convert":
-        converted = run_dir / "converted.keras"
-        report = run_dir / "converted.json"
+        converted, report = run_dir / "converted.keras", run_dir / "converted.json"
         if resuming and converted.is_file():  # the same assignment as before
             model = load_model_file(converted)
             conversion = json.loads(report.read_text()) if report.is_file() else None
@@ -917,56 +541,30 @@ def make_model(args, num_classes, steps_per_epoch, run_dir, train=None, chief=Tr
     return model, origin, conversion
 
 
+def distil(args, model, teacher):
+    """`model` wrapped in an `InnerDistiller` of `teacher` as the `--kd-*` flags say."""
+    layers = []
+    if args.inner_kd_weight > 0:
+        layers = args.inner_kd_layers or [last_feature_map(model)]
+        print(f"inner distillation at {layers} (gamma={args.inner_kd_weight})")
+    distiller = InnerDistiller(model, teacher, layers, weight=args.inner_kd_weight,
+                               output_weight=args.kd_weight, temperature=args.kd_temperature)
+    distiller.build((None, args.image_size, args.image_size, 3))
+    print(f"distilling from {args.teacher} (T={args.kd_temperature}, w={args.kd_weight})")
+    return distiller
+
+
 # ----------------------------------------------------------------------------
 # Training
 
 
-@keras.saving.register_keras_serializable(package="train")
-class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
-    """Linear warm-up to `peak`, then a decay.
-
-    `kind` is `"cosine"` (to 0 at `total_steps`), `"step"` (10x drops at
-    `boundaries`, in steps) or `"linear-steps"` (at each boundary `b` the rate
-    becomes `peak * (1 - b / total_steps)`: a staircase under the line from
-    `peak` to 0).
-    """
-
-    def __init__(self, peak, total_steps, warmup_steps=0, kind="cosine", boundaries=()):
-        self.peak = float(peak)
-        self.total_steps = int(total_steps)
-        self.warmup_steps = int(warmup_steps)
-        self.kind = kind
-        self.boundaries = [int(b) for b in boundaries]
-
-    def __call__(self, step):
-        step = keras.ops.cast(step, "float32")
-        warm = float(max(1, self.warmup_steps))
-        warmup = self.peak * (step + 1.0) / warm
-        if self.kind == "cosine":
-            span = float(max(1, self.total_steps - self.warmup_steps))
-            progress = keras.ops.clip((step - self.warmup_steps) / span, 0.0, 1.0)
-            decayed = 0.5 * self.peak * (1.0 + keras.ops.cos(math.pi * progress))
-        elif self.kind == "step":
-            drops = sum(keras.ops.cast(step >= b, "float32") for b in self.boundaries)
-            decayed = self.peak * keras.ops.power(0.1, drops)
-        else:
-            passed = sum(keras.ops.cast(step >= b, "float32") * (b - a) for a, b in
-                         zip([0, *self.boundaries], self.boundaries))
-            decayed = self.peak * (1.0 - passed / float(max(1, self.total_steps)))
-        return keras.ops.where(step < self.warmup_steps, warmup, decayed)
-
-    def get_config(self):
-        return dict(peak=self.peak, total_steps=self.total_steps,
-                    warmup_steps=self.warmup_steps, kind=self.kind,
-                    boundaries=self.boundaries)
-
-
 def make_optimizer(args, steps_per_epoch):
+    """SGD (Nesterov) or AdamW on `learning_rate_schedule`, decoupled weight decay off biases
+    and normalisation parameters."""
     total = args.epochs * steps_per_epoch
-    schedule = WarmupSchedule(
-        args.lr, total, round(args.warmup_epochs * steps_per_epoch), args.schedule,
-        [round(f * total) for f in args.lr_steps],
-    )
+    schedule = learning_rate_schedule(
+        args.schedule, args.lr, total, warmup_steps=round(args.warmup_epochs * steps_per_epoch),
+        boundaries=[round(f * total) for f in args.lr_steps])
     if args.optimizer == "adamw":
         optimizer = keras.optimizers.AdamW(schedule, weight_decay=args.weight_decay)
     else:
@@ -990,237 +588,12 @@ def compile_model(model, args, optimizer, num_classes):
     )
 
 
-class TrainClock:
-    """Seconds of training across restarts: those before this process, plus its own."""
-
-    def __init__(self, before=0.0):
-        self.before = float(before)
-        self.started = None
-
-    def start(self):
-        """Starts counting this process's seconds (once; later calls change nothing)."""
-        if self.started is None:
-            self.started = time.perf_counter()
-
-    def seconds(self):
-        running = 0.0 if self.started is None else time.perf_counter() - self.started
-        return self.before + running
-
-
-class SaveCheckpoint(keras.callbacks.Callback):
-    """Saves `model` to `ckpt/last.keras`, and the epoch and training seconds to `ckpt/last.json`.
-
-    The `.keras` file is the model to reuse (`--init-from`, `--teacher`); the
-    backup of `AtomicBackupAndRestore` is what a restart continues from.
-    """
-
-    def __init__(self, folder, model, clock):
-        super().__init__()
-        self.folder = folder
-        self.target = model
-        self.clock = clock
-
-    def on_epoch_end(self, epoch, logs=None):
-        self.folder.mkdir(parents=True, exist_ok=True)
-        tmp = self.folder / "last.tmp.keras"
-        self.target.save(tmp)
-        os.replace(tmp, self.folder / "last.keras")
-        write_json_atomic(self.folder / "last.json",
-                          {"epoch": epoch + 1, "train_seconds": self.clock.seconds()})
-
-
-class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
-    """`BackupAndRestore` whose backup a kill never leaves half-written.
-
-    Keras 3.15 writes the weights, then `training_metadata.json`, in place: a
-    process killed inside the second write leaves an empty JSON file, on which
-    the restart fails (json.JSONDecodeError), and one killed between the two
-    pairs new weights with the previous epoch count (the epoch would run
-    twice). Here each backup's weights go to a new file named by its epoch,
-    then the metadata, naming that file, replaces the old atomically: it is
-    the commit point, and a restart always finds a complete, matching pair.
-    Older weight files are deleted after the commit. The metadata also
-    records `clock`'s training seconds (a `TrainClock`, started with
-    training if it is not yet), for a restart to count on from.
-    """
-
-    def __init__(self, backup_dir, clock=None, **kwargs):
-        super().__init__(backup_dir=backup_dir, **kwargs)
-        self.clock = TrainClock() if clock is None else clock
-
-    def on_train_begin(self, logs=None):
-        super().on_train_begin(logs)
-        self.clock.start()
-
-    def _save_model(self):
-        folder = pathlib.Path(self.backup_dir)
-        folder.mkdir(parents=True, exist_ok=True)
-        name = f"epoch-{self._current_epoch}-batch-{self._last_batch_seen}.weights.h5"
-        self.model.save_weights(str(folder / name), overwrite=True)
-        write_json_atomic(pathlib.Path(self._training_metadata_path), {
-            "epoch": self._current_epoch, "batch": self._last_batch_seen, "weights": name,
-            "train_seconds": self.clock.seconds()})
-        for old in folder.glob("*.weights.h5"):
-            if old.name != name:
-                old.unlink()
-
-    def _load_model(self):
-        backup = read_backup(pathlib.Path(self.backup_dir))
-        if backup is None:
-            return
-        if self.model.optimizer is not None and not self.model.optimizer.built:
-            self.model.optimizer.build(self.model.trainable_variables)
-        self.model.load_weights(str(pathlib.Path(self.backup_dir) / backup["weights"]))
-        self.model._initial_epoch = backup["epoch"]
-
-
-def read_backup(backup_dir):
-    """The metadata of a backup (`AtomicBackupAndRestore`): epoch, weights file,
-    training seconds (0 for a backup written without them); None without one."""
-    path = backup_dir / "training_metadata.json"
-    if not path.is_file():
-        return None
-    backup = json.loads(path.read_text())
-    backup["epoch"] = int(backup["epoch"])
-    backup.setdefault("train_seconds", 0.0)
-    return backup
-
-
-def trim_csv(path, epochs_done):
-    """Drops CSV rows of epochs after the backup (written just before a kill)."""
-    if not path.is_file():
-        return
-    with open(path, newline="") as f:
-        rows = list(csv.reader(f))
-    if not rows:
-        return
-    kept = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) < epochs_done]
-    if len(kept) != len(rows):
-        with open(path, "w", newline="") as f:
-            csv.writer(f).writerows(kept)
-
-
-# ----------------------------------------------------------------------------
-# Results
-
-
-def write_json_atomic(path, payload):
-    """Writes `payload` to `path` through a temporary file and a rename.
-
-    The temporary file is created as `open` creates files (mode 0o666 less
-    the umask), so the result has the mode of the run's other outputs.
-    """
-    tmp = path.with_name(f"{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2, default=str)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def export_final(model, path):
     """`(ExportResult, None)` of the exported `.tflite` file, or `(None, reason)` if export failed."""
     try:
         return export_tflite(model, path), None
     except Exception as error:  # recorded, never fatal: the training is done
         return None, f"{type(error).__name__}: {error}"
-
-
-def layer_details(model, conversion=None, lowerings=None):
-    """A dict per `TransformConv2D` of `model`, for `results.json`.
-
-    Its name, filters, bases, transform family and transforms; with
-    `conversion` (the report of `transform_model`, dicts) the layer's
-    reconstruction error at the conversion; with `lowerings` (of an
-    `ExportResult`) how the `.tflite` file writes it.
-    """
-    errors = {row["name"]: row["error"] for row in conversion or ()}
-    details = []
-    for layer in model._flatten_layers(include_self=False, recursive=True):
-        if not isinstance(layer, TransformConv2D):
-            continue
-        row = {"name": layer.name, "filters": layer.filters, "base_filters": layer.base_filters,
-               "transform_family": layer.transform_family, "transforms": list(layer.transforms)}
-        if conversion is not None:
-            row["reconstruction_error"] = errors.get(layer.name)
-        if lowerings is not None:
-            row["tflite_lowering"] = lowerings.get(layer.name)
-        details.append(row)
-    return details
-
-
-# ----------------------------------------------------------------------------
-# The run folder
-
-# What a run writes into its folder, besides the backups: what --fresh deletes.
-RUN_OUTPUTS = ("ckpt", "converted.keras", "converted.json", "final.keras", "model.tflite",
-               "results.json", "log.csv", "tensorboard")
-
-
-def remove_path(path):
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
-
-
-def finished_run(run_dir, backup_dir):
-    """Why restarting in `run_dir` would train from scratch over a finished run, or None.
-
-    A run is finished when `results.json` says so. A checkpoint
-    (`ckpt/last.json`) without a backup to continue from is a training that
-    ended (Keras deletes the backup then) but was stopped before writing
-    `results.json`.
-    """
-    results = run_dir / "results.json"
-    if results.is_file():
-        done = json.loads(results.read_text())
-        if done.get("finished"):
-            return (f"{run_dir} holds a finished run ({done.get('mode')}, {done.get('epochs')} "
-                    f"epochs, test accuracy {done.get('test_accuracy', float('nan')):.4f}; "
-                    "see its results.json)")
-    checkpoint = run_dir / "ckpt" / "last.json"
-    if read_backup(backup_dir) is None and checkpoint.is_file():
-        epochs = json.loads(checkpoint.read_text()).get("epoch")
-        return (f"{run_dir} holds a model trained for {epochs} epochs (ckpt/last.keras) "
-                "but no backup to continue from and no finished results.json")
-    return None
-
-
-def start_over(run_dir, backup_dir, chief):
-    """`--fresh`: deletes this worker's backup and, on the chief, the run's outputs."""
-    remove_path(backup_dir)
-    if chief:
-        for name in RUN_OUTPUTS:
-            remove_path(run_dir / name)
-
-
-@contextlib.contextmanager
-def run_folder(run_dir, backup_dir, chief):
-    """Creates `run_dir`; a start that fails before saving an epoch removes what it added.
-
-    The folder is left as this start found it (gone, if it did not exist),
-    so that a later run there does not find, say, a `converted.keras` made
-    with other arguments. Once an epoch is saved (a backup or
-    `ckpt/last.json`) everything stays, for a restart to continue.
-    """
-    found = set(run_dir.iterdir()) if run_dir.is_dir() else None
-    run_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        yield
-    except BaseException:
-        saved = read_backup(backup_dir) is not None or (run_dir / "ckpt" / "last.json").is_file()
-        if chief and not saved:
-            for path in run_dir.iterdir():
-                if found is None or path not in found:
-                    remove_path(path)
-            if found is None:
-                run_dir.rmdir()
-        raise
 
 
 # ----------------------------------------------------------------------------
@@ -1235,7 +608,10 @@ def main(argv=None, args=None):
     """
     if args is None:
         args = parse_args(argv)
-    configure_devices(args.cpu_devices)
+    try:
+        distribute.configure_cpu_devices(args.cpu_devices)
+    except RuntimeError as error:
+        raise SystemExit(f"--cpu-devices {args.cpu_devices}: {error}") from None
     previous_policy = keras.config.dtype_policy()
     if args.mixed_precision != "off":
         keras.mixed_precision.set_global_policy(args.mixed_precision)
@@ -1246,8 +622,8 @@ def main(argv=None, args=None):
 
 
 def run(args, argv):
-    strategy = make_strategy(args.strategy)
-    chief = is_chief(strategy)
+    strategy = distribute.make_strategy(args.strategy)
+    chief = distribute.is_chief(strategy)
     check_model_flags(args)
     run_dir = args.run_dir
     backup_dir = run_dir / "backup"
@@ -1275,7 +651,8 @@ def run(args, argv):
     keras.utils.set_random_seed(args.seed)
 
     # Data.
-    num_classes = NUM_CLASSES.get(args.dataset, NUM_CLASSES[PRESETS[args.preset]["dataset"]])
+    num_classes = data.NUM_CLASSES.get(args.dataset,
+                                       data.NUM_CLASSES[PRESETS[args.preset]["dataset"]])
     train, test, num_train, num_test, steps_per_epoch = make_datasets(
         args, num_classes, start_epoch=resumed_at or 0)
     print(f"{args.dataset}: {num_train} train / {num_test} test images, "
@@ -1300,19 +677,7 @@ def run(args, argv):
                 args, num_classes, steps_per_epoch, run_dir, train, chief=chief,
                 init_model=init_model, resuming=resumed_at is not None)
             print(f"model {model.name} ({args.mode}, {origin}): {model.count_params():,} parameters")
-            trained = model
-            if teacher is not None:
-                if args.inner_kd_weight > 0:
-                    layers = args.inner_kd_layers or [last_feature_map(model)]
-                    trained = InnerDistiller(model, teacher, layers, weight=args.inner_kd_weight,
-                                             output_weight=args.kd_weight,
-                                             temperature=args.kd_temperature)
-                    print(f"inner distillation at {layers} (gamma={args.inner_kd_weight})")
-                else:
-                    trained = Distiller(model, teacher, args.kd_temperature, args.kd_weight)
-                trained.build((None, args.image_size, args.image_size, 3))
-                print(f"distilling from {args.teacher} (T={args.kd_temperature}, "
-                      f"w={args.kd_weight})")
+            trained = model if teacher is None else distil(args, model, teacher)
             optimizer = make_optimizer(args, steps_per_epoch)
             compile_model(trained, args, optimizer, num_classes)
 
@@ -1321,25 +686,14 @@ def run(args, argv):
             print(f"resuming after epoch {resumed_at} from {backup_dir}")
         if chief:  # the CSV is the chief's; a non-chief's backup says nothing of it
             trim_csv(run_dir / "log.csv", resumed_at or 0)
-        # Order matters. At the end of an epoch the CSV row goes first and the
-        # backup after it: a kill in between repeats the row, which `trim_csv`
-        # drops on restart (the other order would lose it). At the start the
-        # backup is restored before the pruning callback reads the pruning step.
         clock = TrainClock(before=0.0 if backup is None else backup["train_seconds"])
-        callbacks = []
-        if chief:
-            callbacks += [
-                keras.callbacks.CSVLogger(str(run_dir / "log.csv"), append=True),
-                keras.callbacks.TensorBoard(str(run_dir / "tensorboard")),
-            ]
-        callbacks.append(AtomicBackupAndRestore(backup_dir=str(backup_dir), clock=clock))
+        pruning = []
         if args.mode == "prune":
-            callbacks.append(UpdateTransformPruningStep(
+            pruning.append(UpdateTransformPruningStep(
                 saliency_data=train if args.criterion == "taylor" else None,
                 recalibrate_data=train if args.recalibrate_batches else None,
                 recalibrate_batches=max(1, args.recalibrate_batches)))
-        if chief:
-            callbacks.append(SaveCheckpoint(run_dir / "ckpt", model, clock))
+        callbacks = run_callbacks(run_dir, model, backup_dir, clock, chief, between=pruning)
         clock.start()
         history = trained.fit(
             train, epochs=args.epochs, steps_per_epoch=steps_per_epoch,
@@ -1361,7 +715,6 @@ def run(args, argv):
         if args.tflite:
             exported, tflite_skipped = export_final(final, run_dir / "model.tflite")
         tflite_bytes = None if exported is None else int(exported.bytes)
-        last = {k: float(v[-1]) for k, v in history.history.items()}
         command = sys.argv if argv is None else [__file__, *argv]
         results = {
             "command": " ".join(str(part) for part in command),
@@ -1378,7 +731,7 @@ def run(args, argv):
             "test_accuracy": float(scores["accuracy"]),
             "test_top5": float(scores["top5"]) if "top5" in scores else None,
             "test_loss": float(scores["loss"]),
-            "last_epoch_logs": last,
+            "last_epoch_logs": {k: float(v[-1]) for k, v in history.history.items()},
             "params": int(cost.params),
             "macs": int(cost.macs),
             "dense_macs": int(cost.dense_macs),
@@ -1388,9 +741,7 @@ def run(args, argv):
                                     None if exported is None else exported.lowerings),
             "train_seconds": train_seconds,
             "replicas": strategy.num_replicas_in_sync,
-            "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count()},
-            "versions": {"python": platform.python_version(), "keras": keras.__version__,
-                         "tensorflow": tf.__version__, "numpy": np.__version__},
+            **environment(),
             "finished": epochs_done == args.epochs,
         }
         write_json_atomic(run_dir / "results.json", results)

@@ -22,6 +22,7 @@ OPTIONAL = {
     "ai_edge_litert",
     "h5py",
     "tensorflow_datasets",
+    "sklearn",
     "tensorflow",
     "jax",
 }

@@ -95,7 +95,7 @@ def free_ports(count):
 
 
 # ----------------------------------------------------------------------------
-# Fast: arguments, data, schedule, distillation
+# Fast: arguments and data
 
 
 def test_preset_defaults_and_overrides(train):
@@ -123,12 +123,6 @@ def test_paper_presets_set_the_published_recipe(train):
     args = train.parse_args([])
     assert (args.mode, args.criterion, args.min_bases, args.transform_family) == \
         ("dense", "reconstruction", 1, "discrete")
-
-
-def test_linear_steps_schedule(train):
-    linear = train.WarmupSchedule(1.0, 300, 0, "linear-steps", [25 * k for k in range(1, 12)])
-    rates = [float(linear(s)) for s in (0, 24, 25, 150, 299)]
-    assert rates == pytest.approx([1.0, 1.0, 1 - 25 / 300, 0.5, 1 - 275 / 300])
 
 
 def test_batch_augment_rotates_and_mixes(train):
@@ -160,6 +154,20 @@ def test_inner_distillation_needs_a_teacher(train, capsys):
     assert "--inner-kd-weight must be >= 0" in capsys.readouterr().err
 
 
+def test_flags_that_distil_nothing_or_shrink_digits_are_usage_errors(train, tmp_path, capsys):
+    teacher = tmp_path / "teacher.keras"
+    teacher.write_text("checked later, when the package is imported")
+    with pytest.raises(SystemExit):
+        train.parse_args(["--teacher", str(teacher), "--kd-weight", "0"])
+    assert "--teacher with --kd-weight 0 needs --inner-kd-weight > 0" in capsys.readouterr().err
+    args = train.parse_args(["--teacher", str(teacher), "--kd-weight", "0",
+                             "--inner-kd-weight", "1"])
+    assert args.inner_kd_weight == 1.0
+    with pytest.raises(SystemExit):
+        train.parse_args(["--dataset", "digits", "--image-size", "4"])
+    assert "--dataset digits needs --image-size >= 8 (got 4)" in capsys.readouterr().err
+
+
 def test_imagenet_without_files_says_what_to_download(train, tmp_path):
     args = train.parse_args(["--preset", "imagenet", "--data-dir", str(tmp_path)])
     with pytest.raises(SystemExit) as error:
@@ -181,65 +189,6 @@ def test_cifar_offline_says_what_to_download(train, tmp_path, monkeypatch):
         train.load_tfds(args)
     assert "cifar-10-binary.tar.gz" in str(error.value)
     assert str(tmp_path) in str(error.value)
-
-
-def test_augmentations_keep_shapes_and_follow_their_seed(train):
-    import tensorflow as tf
-
-    image = tf.cast(tf.random.uniform((32, 32, 3), 0, 255), tf.uint8)
-    crops = [train.cifar_train_augment(image, tf.constant(seed, tf.int64))
-             for seed in ([0, 1], [0, 1], [0, 2], [5, 1])]
-    assert crops[0].shape == (32, 32, 3)
-    np.testing.assert_array_equal(crops[0], crops[1])
-    assert any(not np.array_equal(crops[0], other) for other in crops[2:])
-    jpeg = tf.io.encode_jpeg(tf.cast(tf.random.uniform((300, 400, 3), 0, 255), tf.uint8))
-    seed = tf.constant([3, 4], tf.int64)
-    crop = train.imagenet_train_crop(jpeg, seed, 224)
-    assert crop.shape == (224, 224, 3)
-    np.testing.assert_array_equal(crop, train.imagenet_train_crop(jpeg, seed, 224))
-    assert train.imagenet_eval_crop(jpeg, 224).shape == (224, 224, 3)
-
-
-def test_schedule_warms_up_then_decays(train):
-    cosine = train.WarmupSchedule(0.1, total_steps=100, warmup_steps=10)
-    rates = [float(cosine(s)) for s in (0, 9, 10, 55, 99)]
-    assert rates[0] == pytest.approx(0.01) and rates[1] == pytest.approx(0.1)
-    assert rates[2] == pytest.approx(0.1) and rates[3] == pytest.approx(0.05, abs=1e-3)
-    assert rates[4] < 1e-3
-    step = train.WarmupSchedule(0.1, 100, 0, "step", [50, 75])
-    assert [float(step(s)) for s in (0, 50, 80)] == pytest.approx([0.1, 0.01, 0.001])
-
-
-def test_distillation_lowers_kd_loss(train):
-    import keras
-
-    keras.utils.set_random_seed(0)
-    x = np.random.default_rng(0).normal(size=(64, 8, 8, 3)).astype("float32")
-    y = keras.utils.to_categorical(np.arange(64) % 10, 10)
-
-    def cnn():
-        return keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Conv2D(8, 3),
-                                 keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(10)])
-
-    teacher = cnn()
-    teacher.layers[-1].set_weights([w * 5 for w in teacher.layers[-1].get_weights()])
-    distiller = train.Distiller(cnn(), teacher, temperature=2.0, weight=1.0)
-    distiller.compile(keras.optimizers.Adam(1e-2),
-                      keras.losses.CategoricalCrossentropy(from_logits=True))
-
-    def kd():
-        return float(distiller.kd_loss(teacher(x), distiller(x)))
-
-    before = kd()
-    teacher_weights = [w.copy() for w in teacher.get_weights()]
-    distiller.fit(x, y, batch_size=16, epochs=5, verbose=0)
-    assert kd() < 0.5 * before, (before, kd())
-    for w, w0 in zip(teacher.get_weights(), teacher_weights):
-        np.testing.assert_array_equal(w, w0)  # the teacher stays frozen
-    # w = 1: the loss is the distillation term alone.
-    kd_term = float(distiller.kd_loss(teacher(x), distiller(x)))
-    loss = float(distiller.compute_loss(x, y, distiller(x)))
-    assert loss == pytest.approx(kd_term, rel=1e-5)
 
 
 # ----------------------------------------------------------------------------
@@ -416,32 +365,6 @@ def test_a_finished_run_is_not_retrained(train, tmp_path, capsys):
     (run_dir / "ckpt" / "last.json").write_text('{"epoch": 3}')
     message = expect_usage_error(capsys, lambda: train.main(command))
     assert "holds a model trained for 3 epochs" in message and "pass --fresh" in message
-
-
-def test_fresh_deletes_the_run_outputs_only(train, tmp_path):
-    backup = tmp_path / "backup"
-    for name in train.RUN_OUTPUTS:
-        path = tmp_path / name
-        if "." in name:
-            path.write_text("x")
-        else:
-            (path / "inner").mkdir(parents=True)
-    (backup / "x").mkdir(parents=True)
-    (tmp_path / "notes.txt").write_text("mine")
-    train.start_over(tmp_path, backup, chief=True)
-    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
-
-
-def test_json_outputs_get_the_mode_of_other_files(train, tmp_path):
-    """Not 0600 as a bare temporary file: what open() gives under the umask."""
-    import stat
-
-    (tmp_path / "probe").write_text("")
-    train.write_json_atomic(tmp_path / "results.json", {"a": 1})
-    mode = stat.S_IMODE((tmp_path / "results.json").stat().st_mode)
-    assert mode == stat.S_IMODE((tmp_path / "probe").stat().st_mode)
-    assert json.loads((tmp_path / "results.json").read_text()) == {"a": 1}
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["probe", "results.json"]
 
 
 def test_a_resumed_stream_continues_the_uninterrupted_one(train, monkeypatch):
@@ -650,37 +573,6 @@ def test_multiworker_two_local_processes(tmp_path):
         "ckpt", "final.keras", "log.csv", "results.json", "tensorboard"]
 
 
-def test_backup_survives_a_kill_while_writing(train, tmp_path):
-    """A half-written newer weights file is ignored: the committed backup is restored."""
-    import keras
-
-    def model():
-        m = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
-        m.compile(optimizer="sgd", loss="mse")
-        return m
-
-    saved = model()
-    clock = train.TrainClock(before=100.0)  # seconds of earlier processes
-    backup = train.AtomicBackupAndRestore(backup_dir=str(tmp_path), clock=clock)
-    backup.set_model(saved)
-    clock.start()
-    backup.on_epoch_end(0)  # commits epoch 1
-    (tmp_path / "epoch-2-batch-0.weights.h5").write_bytes(b"\x89HDF")  # killed mid-write
-    committed = train.read_backup(tmp_path)
-    assert committed["epoch"] == 1 and committed["train_seconds"] >= 100.0
-
-    restored = model()
-    restore = train.AtomicBackupAndRestore(backup_dir=str(tmp_path))
-    restore.set_model(restored)
-    restore.on_train_begin()
-    assert restored._initial_epoch == 1
-    for a, b in zip(saved.get_weights(), restored.get_weights()):
-        np.testing.assert_array_equal(a, b)
-    backup.on_epoch_end(1)  # the next commit replaces the stray file
-    assert sorted(p.name for p in tmp_path.glob("*.weights.h5")) == ["epoch-2-batch-0.weights.h5"]
-    assert train.read_backup(tmp_path)["epoch"] == 2
-
-
 @pytest.mark.slow
 def test_killed_run_restarts_where_it_stopped(tmp_path):
     command = ["--dataset", "synthetic", "--synthetic-size", "128", "--mode", "prune",
@@ -749,7 +641,9 @@ def test_a_resumed_run_trains_on_the_data_of_an_uninterrupted_one(train, tmp_pat
         return (data.map(record), *rest)
 
     monkeypatch.setattr(train, "make_datasets", recording)
-    save_checkpoint = train.SaveCheckpoint.on_epoch_end
+    from tf_transform_conv.training.callbacks import SaveCheckpoint
+
+    save_checkpoint = SaveCheckpoint.on_epoch_end
     interrupt = {"after": None}
 
     def maybe_interrupt(self, epoch, logs=None):
@@ -757,7 +651,7 @@ def test_a_resumed_run_trains_on_the_data_of_an_uninterrupted_one(train, tmp_pat
         if epoch == interrupt["after"]:
             raise Interrupted
 
-    monkeypatch.setattr(train.SaveCheckpoint, "on_epoch_end", maybe_interrupt)
+    monkeypatch.setattr(SaveCheckpoint, "on_epoch_end", maybe_interrupt)
     steps, epochs = 3, 3
     command = ["--dataset", "synthetic", "--synthetic-size", "40", "--epochs", str(epochs),
                "--steps-per-epoch", str(steps), "--batch-size", "8", "--no-jit-compile",
@@ -803,3 +697,38 @@ def test_a_resumed_run_trains_on_the_data_of_an_uninterrupted_one(train, tmp_pat
     for a, b in zip(uninterrupted[:epochs * steps], seen[-1][:epochs * steps]):
         np.testing.assert_array_equal(a, b)
     assert csv_epochs(run_dir) == list(range(epochs))
+
+
+FRESH_LOAD = (
+    "import json, sys\n"
+    "import keras, numpy as np\n"
+    "import tf_transform_conv\n"
+    "model = keras.saving.load_model(sys.argv[1])\n"
+    "x = np.linspace(-1, 1, 2 * 32 * 32 * 3, dtype='float32').reshape(2, 32, 32, 3)\n"
+    "print('RESULT', json.dumps({'learning_rate': model.optimizer.get_config()['learning_rate'],\n"
+    "    'output': np.asarray(model(x)).tolist(), 'modules': sorted(\n"
+    "    m for m in sys.modules if m.split('.')[0] in ('examples', 'train_example'))}))\n"
+)
+
+
+@pytest.mark.slow
+def test_final_model_loads_with_plain_keras_in_a_fresh_process(train, tmp_path):
+    """final.keras, compiled with the warm-up schedule of the library, needs no train.py to load."""
+    train.main(["--dataset", "synthetic", "--synthetic-size", "32", "--mode", "transform",
+                "--schedule", "step", "--warmup-epochs", "1", "--epochs", "1",
+                "--steps-per-epoch", "2", "--no-tflite", "--run-dir", str(tmp_path), *FAST])
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    completed = subprocess.run([sys.executable, "-c", FRESH_LOAD, str(tmp_path / "final.keras")],
+                               capture_output=True, text=True, env=env, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    loaded = json.loads(completed.stdout.split("RESULT", 1)[1])
+    schedule = loaded["learning_rate"]
+    assert schedule["registered_name"] == "tf_transform_conv>LinearWarmup"
+    assert schedule["config"]["warmup_steps"] == 2
+    assert schedule["config"]["schedule"]["class_name"] == "PiecewiseConstantDecay"
+    assert loaded["modules"] == []
+    import keras
+
+    here = keras.saving.load_model(tmp_path / "final.keras", compile=False)
+    x = np.linspace(-1, 1, 2 * 32 * 32 * 3, dtype="float32").reshape(2, 32, 32, 3)
+    np.testing.assert_allclose(loaded["output"], here(x), rtol=1e-5, atol=1e-5)

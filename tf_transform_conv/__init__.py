@@ -36,6 +36,11 @@ from tf_transform_conv.reconstruction import Reconstruction
 from tf_transform_conv.structured import knapsack_removal
 from tf_transform_conv.structured import remove_filters
 
+# Imported for its registered Keras class: after `import tf_transform_conv`, a
+# `.keras` file saved with an optimizer on that learning-rate schedule (the
+# training recipe's `final.keras`) loads with a plain `keras.saving.load_model`.
+from tf_transform_conv.training import schedules as _schedules  # noqa: F401, E402
+
 __version__ = "0.2.0"
 
 __all__ = [

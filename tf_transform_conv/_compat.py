@@ -5,6 +5,7 @@ function here, so that a release that moves it breaks one file.
 """
 
 import keras
+from keras.src.losses import loss as loss_module
 from keras.src.models.functional import Functional
 
 
@@ -28,6 +29,12 @@ def compiled_by_xla():
         return False
     return bool(control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()))
 
+
+
+def unscale_loss_for_distribution(value):
+    """A loss term as one replica would report it, for a metric (Keras scales the
+    loss it differentiates by the number of replicas under a distribution strategy)."""
+    return loss_module.unscale_loss_for_distribution(value)
 
 
 def layers_of(model, recursive=True):
