@@ -22,17 +22,19 @@ def export_saved_model(model, path):
 
     Args:
         model: a built Sequential or Functional Keras model, stripped of
-            `TransformPruning` wrappers.
+            pruning wrappers (`strip_model`).
         path: the SavedModel directory to write.
 
     Returns:
         `path`.
 
     Raises:
-        ValueError: if the model holds `TransformPruning` wrappers, or
+        ValueError: if the model holds pruning wrappers, or
             `path`'s parent folder is missing or not writable.
 
-    Load and serve it with `tf.saved_model.load(path).serve(x)`.
+    Load and serve it with `loaded = tf.saved_model.load(path)`, then
+    `loaded.serve(x)` (keep `loaded`: its functions read its variables,
+    which go with it).
     """
     verb = "export_saved_model"
     path = os.fspath(path)

@@ -77,8 +77,9 @@ class ExportResult:
         batch_size: int, the static batch dimension of the file's inputs.
         op_counts: dict, operator name -> count in the file (empty when
             the interpreter could not list them).
-        lowerings: dict, `TransformConv2D` name -> `"grouped"` or
-            `"slices"`: how each was written (see `lowering.lowering_choice`).
+        lowerings: dict, `TransformConv2D` name -> `"grouped"`, `"slices"`
+            or `"dense"`: how each was written (see
+            `lowering.lowering_choice`).
         lowering_values: int, constants the lowering adds besides the
             parameters (the grouped form's spread nonzeros and its
             product convolution's zero bias), counted before the
@@ -184,8 +185,8 @@ def export_tflite(
 
     Args:
         model: a built Sequential or Functional Keras model, stripped of
-            `TransformPruning` wrappers, with fully known input dimensions
-            apart from the batch.
+            pruning wrappers (`strip_model`), with fully known input
+            dimensions apart from the batch.
         path: str or path-like, the `.tflite` file to write (its folder must
             exist and be writable; checked before converting).
         quantization: None (float32, default), `"dynamic"` (dynamic-range:
@@ -223,8 +224,8 @@ def export_tflite(
         ValueError: for an unknown `quantization` or `lowering`, `"int8"` without
             `representative_data` (or `representative_data` with another
             quantization), a `batch_size` that is not a positive int, a
-            `path` that cannot be written, a model holding `TransformPruning`
-            wrappers, or inputs of unknown size.
+            `path` that cannot be written, a model holding pruning wrappers
+            (any `PruningWrapper`), or inputs of unknown size.
 
     Example:
 
@@ -243,6 +244,7 @@ def export_tflite(
     >>> result.op_counts["CONV_2D"], result.op_counts["DENSIFY"]
     (2, 1)
     >>> x = np.random.default_rng(0).normal(size=(3, 8, 8, 16)).astype("float32")
+    >>> from tf_transform_conv.export import verify_tflite
     >>> verify_tflite(path, model, x).max_rel_diff < 1e-4
     True
     """
