@@ -178,8 +178,9 @@ def export_tflite(
 ):
     """Writes `model` as a `.tflite` file that stores only the base filters.
 
-    Every `TransformConv2D` is first switched to its factored path
-    (`factored_model`): the converter would otherwise constant-fold the
+    Every `TransformConv2D` is first rewritten in the form `lowering` picks
+    (`export.deploy.deployment_model`: grouped, slices or, where that is no
+    larger, dense): the converter would otherwise constant-fold the
     materialised kernel into the file, as large as a `Conv2D` model's. The
     file has a fixed input shape, the model's with batch `batch_size`.
 
