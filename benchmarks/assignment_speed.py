@@ -1,6 +1,6 @@
 """Speed of `fit_assignment` on one large dense kernel (numpy only, CPU).
 
-Times `tf_transform_conv.assignment.fit_assignment` on a random gaussian
+Times `tf_transform_conv.ops.assignment.fit_assignment` on a random gaussian
 kernel (default 3x3x512x512, the widest ResNet layer) at 75% sparsity
 (128 bases) with the d4 transforms, for each criterion and number of depth
 groups: one untimed warm-up, then the median (and min, max) of several runs.

@@ -347,7 +347,8 @@ def plan_budget(model, budget, data=None, reconstruction=None, layers=None,
             (default: a new in-memory one).
         dense_latency: the dense model's LiteRT latency in ms, if already
             measured (else measured here for a latency budget).
-        num_batches, batch_size: for the importance.
+        num_batches: batches of `data` the importance is summed over.
+        batch_size: the size of those batches.
         importance: optional precomputed `saliency.filter_importance`.
 
     Returns:

@@ -14,7 +14,7 @@ its filters are reconstructed by each transform at a few sparsities, against
 random filters of the same shape, and writes `analysis.json` and
 `analysis.png` (see `tf_transform_conv.analyze`); `export` writes a `.tflite`
 file whose `TransformConv2D`s are written in a compact form (only the bases
-are stored; see `lowering.lowering_choice`), prints
+are stored; see `export.lowering.lowering_choice`), prints
 its size against the parameter bytes and, for float32 and float16 files,
 checks it against the Keras model on random inputs (see
 `tf_transform_conv.export`).

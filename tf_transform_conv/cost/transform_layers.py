@@ -39,7 +39,7 @@ def parameter_formula(
     `kh * kw * c_in * base_filters`, plus `filters` when `scale`, plus
     `filters` when `use_bias`, plus, for a learned transform family, the
     family's parameters per transformed (depth group, filter) pair
-    (`families.num_params`: `kh * kw` scalar, 2 rotation, 6 affine,
+    (`ops.families.num_params`: `kh * kw` scalar, 2 rotation, 6 affine,
     `(kh * kw)**2` general). The same formula with
     `base_filters == filters` and `scale=False` is `Conv2D`'s.
 
@@ -135,7 +135,8 @@ def filter_basis_nonzeros(transform_conv, coefficients, basis, params, macs, inp
         transform_conv: the `TransformConv2D` (its path and product count).
         coefficients: `(kh * kw, c_in, bases)` array, the bases' coefficients.
         basis: `(basis_groups, kh * kw, kh * kw)` array, the basis filters.
-        params, macs: the layer's counts with the coefficients dense.
+        params: the layer's parameters with the coefficients dense.
+        macs: the layer's multiply-adds with the coefficients dense.
         input_shape: its input shape without the batch dimension.
 
     Returns:
@@ -203,7 +204,8 @@ def sparse_basis_terms(params, coefficients, basis, depth_groups, oh, ow):
         coefficients: `(kh * kw, c_in, filters)` array.
         basis: the basis filters (any shape; its nonzeros count).
         depth_groups: the number of bases.
-        oh, ow: the output's rows and columns.
+        oh: the output's rows.
+        ow: the output's columns.
     """
     c = coefficients.shape[1]
     nnz = int(np.count_nonzero(coefficients))

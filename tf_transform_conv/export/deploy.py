@@ -58,8 +58,8 @@ def factored_model(model):
         A model computing the same function (to float32 rounding).
 
     Raises:
-        ValueError: if the model holds pruning wrappers (strip it
-            first), has inputs of unknown size, or is not a built Functional
+        ValueError: if the model holds pruning wrappers (strip it first),
+            has inputs of unknown size, or is not a built Functional
             or Sequential model.
     """
     check_no_wrappers(model, "factored_model")
@@ -105,8 +105,8 @@ def deployment_model(model, lowering="auto", keep_order=True):
 
     Args:
         model: a built Sequential or Functional model, stripped of
-            pruning wrappers, with fully known input dimensions
-            apart from the batch.
+            pruning wrappers, with fully known input dimensions apart from
+            the batch.
         lowering: `"auto"` (default), `"grouped"`, `"slices"` or `"dense"`
             for every layer, or a dict from `TransformConv2D` names to one
             of these (layers not named: `"auto"`).

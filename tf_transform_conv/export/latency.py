@@ -81,7 +81,8 @@ class LatencyTable:
     Args:
         path: optional cache file (JSON).
         threads: int >= 1, interpreter threads. Defaults to 1.
-        repeats, min_seconds: as `tflite_latency` (defaults 5 and 0.05).
+        repeats: as `tflite_latency`. Defaults to 5.
+        min_seconds: as `tflite_latency`. Defaults to 0.05.
 
     Example:
 

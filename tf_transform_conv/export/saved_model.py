@@ -22,7 +22,7 @@ def export_saved_model(model, path):
 
     Args:
         model: a built Sequential or Functional Keras model, stripped of
-            pruning wrappers.
+            pruning wrappers (`strip_model`).
         path: the SavedModel directory to write.
 
     Returns:
@@ -32,7 +32,9 @@ def export_saved_model(model, path):
         ValueError: if the model holds pruning wrappers, or
             `path`'s parent folder is missing or not writable.
 
-    Load and serve it with `tf.saved_model.load(path).serve(x)`.
+    Load and serve it with `loaded = tf.saved_model.load(path)`, then
+    `loaded.serve(x)` (keep `loaded`: its functions read its variables,
+    which go with it).
     """
     verb = "export_saved_model"
     path = os.fspath(path)

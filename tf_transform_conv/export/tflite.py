@@ -77,8 +77,9 @@ class ExportResult:
         batch_size: int, the static batch dimension of the file's inputs.
         op_counts: dict, operator name -> count in the file (empty when
             the interpreter could not list them).
-        lowerings: dict, `TransformConv2D` name -> `"grouped"` or
-            `"slices"`: how each was written (see `lowering.lowering_choice`).
+        lowerings: dict, `TransformConv2D` name -> `"grouped"`, `"slices"`
+            or `"dense"`: how each was written (see
+            `lowering.lowering_choice`).
         lowering_values: int, constants the lowering adds besides the
             parameters (the grouped form's spread nonzeros and its
             product convolution's zero bias), counted before the
@@ -177,15 +178,16 @@ def export_tflite(
 ):
     """Writes `model` as a `.tflite` file that stores only the base filters.
 
-    Every `TransformConv2D` is first switched to its factored path
-    (`factored_model`): the converter would otherwise constant-fold the
+    Every `TransformConv2D` is first rewritten in the form `lowering` picks
+    (`export.deploy.deployment_model`: grouped, slices or, where that is no
+    larger, dense): the converter would otherwise constant-fold the
     materialised kernel into the file, as large as a `Conv2D` model's. The
     file has a fixed input shape, the model's with batch `batch_size`.
 
     Args:
         model: a built Sequential or Functional Keras model, stripped of
-            pruning wrappers, with fully known input dimensions
-            apart from the batch.
+            pruning wrappers (`strip_model`), with fully known input
+            dimensions apart from the batch.
         path: str or path-like, the `.tflite` file to write (its folder must
             exist and be writable; checked before converting).
         quantization: None (float32, default), `"dynamic"` (dynamic-range:
@@ -223,8 +225,8 @@ def export_tflite(
         ValueError: for an unknown `quantization` or `lowering`, `"int8"` without
             `representative_data` (or `representative_data` with another
             quantization), a `batch_size` that is not a positive int, a
-            `path` that cannot be written, a model holding pruning
-            wrappers, or inputs of unknown size.
+            `path` that cannot be written, a model holding pruning wrappers
+            (any `PruningWrapper`), or inputs of unknown size.
 
     Example:
 
@@ -243,6 +245,7 @@ def export_tflite(
     >>> result.op_counts["CONV_2D"], result.op_counts["DENSIFY"]
     (2, 1)
     >>> x = np.random.default_rng(0).normal(size=(3, 8, 8, 16)).astype("float32")
+    >>> from tf_transform_conv.export import verify_tflite
     >>> verify_tflite(path, model, x).max_rel_diff < 1e-4
     True
     """

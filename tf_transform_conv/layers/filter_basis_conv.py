@@ -33,13 +33,19 @@ class FilterBasisConv2D(keras.layers.Layer):
     Args:
         filters: int, output channels.
         kernel_size: int or pair.
-        strides, padding, data_format, dilation_rate, activation, use_bias:
-            as `keras.layers.Conv2D`.
+        strides: as `keras.layers.Conv2D`.
+        padding: as `keras.layers.Conv2D`.
+        data_format: as `keras.layers.Conv2D`.
+        dilation_rate: as `keras.layers.Conv2D`.
+        activation: as `keras.layers.Conv2D`.
+        use_bias: as `keras.layers.Conv2D`.
         depth_groups: int >= 1 dividing the input channels: the number of
             bases, one per contiguous group of input channels.
-        basis_initializer, coefficient_initializer, bias_initializer:
-            initializers (defaults: the standard basis, glorot uniform on
-            the coefficients, zeros).
+        basis_initializer: initializer of the basis. Defaults to the
+            standard basis.
+        coefficient_initializer: initializer of the coefficients.
+            Defaults to glorot uniform.
+        bias_initializer: initializer of the bias. Defaults to zeros.
 
     Input shape:
         4D `(batch, rows, cols, c_in)` (`channels_first`: `(batch, c_in,

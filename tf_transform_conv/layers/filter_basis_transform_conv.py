@@ -39,8 +39,8 @@ class FilterBasisTransformConv2D(TransformConv2D):
         basis_initializer: initializer of `basis_filters`
             `(basis_groups, kh * kw, kh * kw)`; defaults to the standard
             basis (`base_kernel` then holds the bases themselves).
-        The other arguments as `TransformConv2D` (`kernel_initializer`
-        initialises the coefficients).
+        **kwargs: the other arguments, as `TransformConv2D`
+            (`kernel_initializer` initialises the coefficients).
 
     Example:
 

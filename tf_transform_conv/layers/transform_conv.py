@@ -32,7 +32,7 @@ IMPLEMENTATIONS = ("auto", "materialized", "factored")
 # default on CPU) the factored path's slices and additions run as separate
 # operations and measured 1.1-7x slower than the materialised convolution, so
 # `auto` runs materialised there. Training steps (whose factored backward pass
-# is the dense convolution's, `factored.dense_gradient`) run factored under
+# is the dense convolution's, `ops.factored.dense_gradient`) run factored under
 # XLA from `AUTO_MIN_TRAINING_GROUP_CHANNELS` channels per group when the
 # outputs need no reordering (0.77-0.97x the materialised step measured;
 # below 64 channels, and for the scattered assignments of converted models,
@@ -158,13 +158,22 @@ class TransformConv2D(keras.layers.Layer):
         implementation: `"auto"` (default), `"materialized"` or `"factored"`.
         activation: activation function, as in `Conv2D`. Defaults to `None`.
         use_bias: bool, whether to add a bias. Defaults to `True`.
-        kernel_initializer, bias_initializer, scale_initializer: initializers
-            for the base kernel, bias and scale. The transform parameters
-            start at the identity operator.
-        kernel_regularizer, bias_regularizer, scale_regularizer,
-        transform_regularizer, activity_regularizer: optional regularizers.
-        kernel_constraint, bias_constraint, scale_constraint,
-        transform_constraint: optional constraints.
+        kernel_initializer: initializer of the base kernel. Defaults to
+            `"glorot_uniform"`. (The transform parameters start at the
+            identity operator.)
+        bias_initializer: initializer of the bias. Defaults to `"zeros"`.
+        scale_initializer: initializer of the scale. Defaults to `"ones"`.
+        kernel_regularizer: optional regularizer of the base kernel.
+        bias_regularizer: optional regularizer of the bias.
+        scale_regularizer: optional regularizer of the scale.
+        transform_regularizer: optional regularizer of a learned family's
+            transform parameters.
+        activity_regularizer: optional regularizer of the output.
+        kernel_constraint: optional constraint on the base kernel.
+        bias_constraint: optional constraint on the bias.
+        scale_constraint: optional constraint on the scale.
+        transform_constraint: optional constraint on the transform
+            parameters.
         **kwargs: base layer arguments (`name`, `dtype`, ...).
 
     Input shape:
@@ -627,7 +636,7 @@ class TransformConv2D(keras.layers.Layer):
 
         None (discrete); the multipliers `(g, taps, f)` (scalar); or the
         operators `L` as `(g, taps, taps, f)` (rotation, affine, general)
-        (`families.coefficients`). Computed in float32 at least (the
+        (`ops.families.coefficients`). Computed in float32 at least (the
         sampling weights need the precision; float64 for a float64 layer),
         then cast to `dtype`.
         """
@@ -759,7 +768,7 @@ class TransformConv2D(keras.layers.Layer):
         return _compat.compiled_by_xla() and (not training or self._train_factored)
 
     def _factored_forward(self, x, base, *extras):
-        """The factored path on channels-last `x` (`factored.forward`).
+        """The factored path on channels-last `x` (`ops.factored.forward`).
 
         `extras` are, in this order and where the layer has them, the
         coefficients of the learned operators, the scale and the bias (cast

@@ -212,7 +212,8 @@ def fit_assignment(
             channel groups with their own `(base, transform)`. Defaults to 1.
         scale: bool. When True (default) each output gets its
             least-squares scale; when False every scale is 1.
-        criterion: `"reconstruction"` (default) or `"l1"`.
+        criterion: `"reconstruction"` (default), `"l1"`, `"magnitude"` or
+            `"taylor"` (see above).
         candidates: optional sequence of distinct filter indices allowed to
             stay bases (at least `base_filters` of them); by default every
             filter. Pruning passes the current bases, since a filter once

@@ -191,7 +191,8 @@ def segment_sums(windows, plan, coefficients=None, kind=None, scale=None, bias=N
             per-tap multipliers `(groups, taps, filters)`, for
             `kind="dense"` the operators `L` as `(groups, taps_u, taps_w,
             filters)` (`families.coefficients`).
-        scale, bias: optional `(filters,)` tensors.
+        scale: optional `(filters,)` tensor.
+        bias: optional `(filters,)` tensor.
     """
     taps = len(windows)
     parts = []
@@ -252,7 +253,8 @@ def gathered_sums(products, window, index, coefficients=None, kind=None):
         window: `window(tensor, u)`, the view of `tensor` that output tap `u`
             reads.
         index: int array `(taps, groups, filters)`.
-        coefficients, kind: as `segment_sums` takes them (filters last).
+        coefficients: as `segment_sums` takes them (filters last).
+        kind: as `segment_sums` takes it.
     """
     taps, groups, filters = index.shape
     total = None
@@ -354,9 +356,11 @@ def forward(x, base, tables, geometry, depth_groups, coefficients=None, kind=Non
         tables: the layer's `layout.IndexTables` (`plan`, `factored`).
         geometry: a `Geometry`.
         depth_groups: int.
-        coefficients, kind: the learned operators, as `segment_sums` takes
+        coefficients: the learned operators, as `segment_sums` takes
             them, or None.
-        scale, bias: optional `(filters,)` tensors.
+        kind: their kind, as `segment_sums` takes it, or None.
+        scale: optional `(filters,)` tensor.
+        bias: optional `(filters,)` tensor.
     """
     h, w = x.shape[1], x.shape[2]
     if h is None or w is None:

@@ -315,9 +315,10 @@ def fit(family, targets, sources, kernel_size, starts=None):
 
     Args:
         family: one of `FAMILIES`.
-        targets, sources: arrays `(N, taps, c)`: the filter to reproduce and
-            the (discretely transformed) base it is built from, taps
+        targets: array `(N, taps, c)`, the filters to reproduce, taps
             row-major.
+        sources: array `(N, taps, c)`, the (discretely transformed) bases
+            they are built from, taps row-major.
         kernel_size: int or `(kh, kw)`.
         starts: optional `(N, num_params)`, one more starting point per row
             for the iterative fits (rotation, affine), e.g. the parameters of

@@ -226,7 +226,8 @@ def knapsack_removal(model, data, budget=None, cost="params", target=None, metho
         target: the budget in the cost's own units (parameters,
             multiply-adds, milliseconds) instead of `budget`.
         method: `"exact"` (default) or `"greedy"`, as `solve_knapsack`.
-        num_batches, batch_size: for the importance.
+        num_batches: batches of `data` the importance is summed over.
+        batch_size: the size of those batches.
         min_channels: int >= 1, the fewest channels a group keeps.
         latency_table: a `LatencyTable`, for `cost="latency"`.
         fixed_latency: for `cost="latency"`, the latency not in the measured
