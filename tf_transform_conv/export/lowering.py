@@ -104,7 +104,7 @@ def lowering_choice(layer, lowering="auto"):
       only by the dense rule, which counts the padded multiply-adds
       (`_dense_instead`);
     - slices otherwise only when the layer's shape rules the grouped form
-      out (`lowering.grouped_skip_reason`).
+      out (`export.grouped.grouped_skip_reason`).
 
     Args:
         layer: a built `TransformConv2D`.

@@ -232,7 +232,7 @@ def export_tflite(
 
     >>> import os, tempfile
     >>> import keras, numpy as np
-    >>> from tf_transform_conv import TransformConv2D, verify_tflite
+    >>> from tf_transform_conv import TransformConv2D
     >>> model = keras.Sequential([
     ...     keras.Input((8, 8, 16)),
     ...     TransformConv2D(32, 3, base_filters=8, transforms="rotations", name="tc")])

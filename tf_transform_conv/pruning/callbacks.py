@@ -48,7 +48,7 @@ class UpdateTransformPruningStep(keras.callbacks.Callback):
         self._wrappers = pruning_wrappers(self.model)
         if not self._wrappers:
             raise ValueError(
-                "UpdateTransformPruningStep found no TransformPruning layer in "
+                "UpdateTransformPruningStep found no pruning wrapper in "
                 "the model; wrap it with tf_transform_conv.prune_model first "
                 "(or prune_low_magnitude / prune_interspace)."
             )
