@@ -8,3 +8,15 @@ import hypothesis  # noqa: E402
 # for tracing, so per-example deadlines are meaningless here.
 hypothesis.settings.register_profile("project", deadline=None, print_blob=True)
 hypothesis.settings.load_profile("project")
+
+import pytest  # noqa: E402
+
+from jax_worker import JaxWorker  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def jax_backend():
+    """One process on Keras's JAX backend for the session: `jax_backend.run(code, *args)`."""
+    worker = JaxWorker()
+    yield worker
+    worker.close()

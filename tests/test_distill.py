@@ -373,10 +373,10 @@ JAX_SCRIPT = textwrap.dedent(
     import numpy as np, keras
     assert keras.backend.backend() == "jax"
     from tf_transform_conv import InnerDistiller
-    sys.path.insert(0, sys.argv[2])
+    sys.path.insert(0, args[1])
     from test_distill import bn_net, bn_updates, data
 
-    out = pathlib.Path(sys.argv[1])
+    out = pathlib.Path(args[0])
     x, y = data()
     results = {}
     for jit in (True, False):
@@ -407,20 +407,15 @@ JAX_SCRIPT = textwrap.dedent(
         again = keras.saving.load_model(folder / "trained.keras", safe_mode=True)
         row["reload_error"] = float(np.abs(np.asarray(again(x)) - np.asarray(student(x))).max())
         results[str(jit)] = row
-    print("RESULT", json.dumps(results))
+    result = results
     """
 )
 
 
 @pytest.mark.slow
-def test_every_verb_on_jax_with_and_without_jit(tmp_path):
+def test_every_verb_on_jax_with_and_without_jit(tmp_path, jax_backend):
     """fit, evaluate, predict and saving on JAX, the loss against numpy (models read back here)."""
-    env = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
-    completed = subprocess.run(
-        [sys.executable, "-c", JAX_SCRIPT, str(tmp_path), str(pathlib.Path(__file__).parent)],
-        env=env, capture_output=True, text=True, timeout=600)
-    assert completed.returncode == 0, completed.stderr[-4000:]
-    results = json.loads(completed.stdout.split("RESULT", 1)[1])
+    results = jax_backend.run(JAX_SCRIPT, tmp_path, pathlib.Path(__file__).parent)
     x, y = data()
     layers = [("features", "features"), ("pooled", "pooled")]
     for jit, row in results.items():

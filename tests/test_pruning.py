@@ -297,10 +297,38 @@ def test_layer_selection_by_type_and_predicate():
     assert len(wrappers(by_type)) == 2
 
 
-def test_unsaveable_schedule_says_how_to_fix(tmp_path):
-    wrapped = tc.prune_model(small_model(), lambda step: (False, 0.0))
-    with pytest.raises(ValueError, match="cannot be saved.*register_keras_serializable"):
-        wrapped.save(tmp_path / "m.keras")
+def never(step):
+    """A schedule function that never prunes."""
+    return False, 0.0
+
+
+@keras.saving.register_keras_serializable(package="tests")
+def halve_at_step_one(step):
+    return step == 1, 0.5
+
+
+def test_a_schedule_function_is_saved_by_name_and_found_when_loading(tmp_path):
+    """Saving never fails on a schedule (Keras truncates the file before it serialises the
+    model): a function is saved by name and passed back in `custom_objects`."""
+    wrapped = tc.prune_model(small_model(), never)
+    path = tmp_path / "m.keras"
+    path.write_bytes(b"an earlier model")
+    with pytest.warns(UserWarning, match=r"saved by its name, 'never'.*custom_objects=\{'never'"):
+        wrapped.save(path)
+    with pytest.raises(ValueError, match=r"'never' was saved by its name.*"
+                                         r"custom_objects=\{'never': schedule\}"):
+        keras.saving.load_model(path, safe_mode=True)
+    loaded = keras.saving.load_model(path, safe_mode=True, custom_objects={"never": never})
+    assert all(w.schedule is never for w in wrappers(loaded))
+    x = np.random.default_rng(0).normal(size=(2, 8, 8, 4)).astype("float32")
+    assert_close(loaded(x), wrapped(x), 1e-6)
+
+
+def test_a_registered_schedule_function_loads_by_itself(tmp_path):
+    wrapped = tc.prune_model(small_model(), halve_at_step_one)
+    wrapped.save(tmp_path / "m.keras")
+    loaded = keras.saving.load_model(tmp_path / "m.keras", safe_mode=True)
+    assert all(w.schedule is halve_at_step_one for w in wrappers(loaded))
 
 
 @keras.saving.register_keras_serializable(package="tests")

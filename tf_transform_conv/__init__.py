@@ -7,6 +7,7 @@ idea: `ops` (the math), `layers`, `graph` (walking and rewriting models),
 `analyze`, `knapsack`. See `docs/architecture.md` for the map.
 """
 
+from tf_transform_conv import _compat
 from tf_transform_conv.budget import Budget
 from tf_transform_conv.budget import plan_budget
 from tf_transform_conv.convert import transform_model
@@ -35,6 +36,10 @@ from tf_transform_conv.recalibrate import recalibrate_batch_norm
 from tf_transform_conv.reconstruction import Reconstruction
 from tf_transform_conv.structured import knapsack_removal
 from tf_transform_conv.structured import remove_filters
+
+# On the JAX backend, a training step that fails while it is traced must leave
+# the model's weights in place (`_compat.keep_jax_state_on_failure`).
+_compat.keep_jax_state_on_failure()
 
 # Imported for its registered Keras class: after `import tf_transform_conv`, a
 # `.keras` file saved with an optimizer on that learning-rate schedule (the

@@ -4,9 +4,16 @@ Every use of an API that Keras or TensorFlow does not publish goes through a
 function here, so that a release that moves it breaks one file.
 """
 
+import functools
+
 import keras
 from keras.src.losses import loss as loss_module
 from keras.src.models.functional import Functional
+
+if keras.backend.backend() == "jax":
+    from keras.src.backend.jax import trainer as jax_trainer
+else:
+    jax_trainer = None
 
 
 def compiled_by_xla():
@@ -29,6 +36,45 @@ def compiled_by_xla():
         return False
     return bool(control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()))
 
+
+
+def keep_jax_state_on_failure():
+    """Makes Keras's JAX `fit` keep the model's weights when a step fails before it returns.
+
+    Keras 3.15's JAX trainer takes the model's variables out of the model
+    (each variable's value becomes None) before the first step of an epoch,
+    passes them to the step, and puts back, in a `finally`, the state the
+    last step returned. A step that fails while it is traced (an error a
+    layer raises, such as a pruning wrapper trained without its step
+    callback) has returned nothing, so every variable stays empty: the
+    trained weights are gone and the model is unusable. Patched here, the
+    state taken out is also kept as the state to put back, so the `finally`
+    restores it; a step that returns replaces it as before. Idempotent; on
+    other backends, nothing.
+    """
+    if jax_trainer is None:
+        return
+    trainer = jax_trainer.JAXTrainer
+    if getattr(trainer._get_jax_state, "keeps_state_on_failure", False):
+        return
+    original = trainer._get_jax_state
+
+    @functools.wraps(original)
+    def get_jax_state(self, trainable_variables=False, non_trainable_variables=False,
+                      optimizer_variables=False, metrics_variables=False,
+                      purge_model_variables=False):
+        kinds = {"trainable_variables": trainable_variables,
+                 "non_trainable_variables": non_trainable_variables,
+                 "optimizer_variables": optimizer_variables,
+                 "metrics_variables": metrics_variables}
+        state = original(self, **kinds)
+        if purge_model_variables:
+            self._jax_state = dict(zip([k for k, asked in kinds.items() if asked], state))
+            self._purge_model_variables(**kinds)
+        return state
+
+    get_jax_state.keeps_state_on_failure = True
+    trainer._get_jax_state = get_jax_state
 
 
 def unscale_loss_for_distribution(value):

@@ -62,6 +62,10 @@ class UpdateTransformPruningStep(keras.callbacks.Callback):
         for wrapper in self._wrappers:
             wrapper.step_callback_attached = True
         self.step = max(int(np.asarray(w.pruning_step)) for w in self._wrappers)
+        # A fresh training function: one whose tracing failed before (a fit without
+        # this callback) cannot be traced again on TensorFlow ("Creating variables
+        # on a non-first call to a function decorated with tf.function").
+        self.model.make_train_function(force=True)
 
     def on_train_batch_begin(self, batch, logs=None):
         self.step += 1
@@ -81,6 +85,9 @@ class UpdateTransformPruningStep(keras.callbacks.Callback):
         pruned = advance(self._wrappers, self.step, scores, decisions)
         if pruned and self.recalibrate_data is not None:
             recalibrate_batch_norm(self.model, self.recalibrate_data, self.recalibrate_batches)
+        if pruned and keras.backend.backend() == "jax":
+            # A traced JAX step holds the masks as constants (pruning.magnitude).
+            self.model.make_train_function(force=True)
 
     def on_epoch_end(self, epoch, logs=None):
         if keras.backend.backend() == "jax":  # the variables are synced here

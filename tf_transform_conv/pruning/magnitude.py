@@ -41,10 +41,16 @@ class MaskedPruning(PruningWrapper):
     """A pruning wrapper with a magnitude mask over one weight (`pruned_weight`).
 
     At each pruning step the mask keeps the largest `scores` (`|w|` here;
-    subclasses may weigh them) to reach the schedule's sparsity; after every
-    step the masked weight is written back (`after_step`), and the weight's
-    constraint keeps pruned entries zero inside the optimizer's own update.
-    Subclasses call `_build_mask()` in `build`, after `super().build`.
+    subclasses may weigh them) to reach the schedule's sparsity. The layer
+    computes with `weight * mask`, the masked weight is written back after
+    every step (`after_step`), and the weight's constraint keeps pruned
+    entries zero inside the optimizer's own update. On TensorFlow the
+    constraint reads the mask variable when the step runs; on JAX the
+    optimizer's update cannot read another variable (the trainer takes the
+    variables out of the model during `fit`), so the constraint holds the
+    mask as a constant, and the step callback retraces the training step
+    after each pruning step. Subclasses call `_build_mask()` in `build`,
+    after `super().build`.
     """
 
     @property
@@ -59,17 +65,22 @@ class MaskedPruning(PruningWrapper):
             name="mask", shape=self.pruned_weight.shape, initializer="ones",
             trainable=False, dtype=self.pruned_weight.dtype,
         )
+        self._mask_now = np.ones(self.mask.shape, "float32")
         # The optimizer applies a variable's constraint after each update,
         # inside the compiled step: pruned entries stay exactly zero.
         kernel = self.pruned_weight
         inner = kernel.constraint
-        mask = self.mask
 
         def keep_pruned_zero(value):
             value = inner(value) if inner is not None else value
-            return value * ops.cast(mask, value.dtype)
+            return value * ops.cast(self._constraint_mask(), value.dtype)
 
         kernel.constraint = keep_pruned_zero
+
+    def _constraint_mask(self):
+        if keras.backend.backend() == "jax":
+            return self._mask_now  # a constant of the traced step; see the class docstring
+        return self.mask
 
     @property
     def sparsity(self):
@@ -90,6 +101,11 @@ class MaskedPruning(PruningWrapper):
         """Writes `weight * mask` back into the weight (pruned entries stay zero)."""
         kernel = self.pruned_weight
         kernel.assign(ops.cast(kernel * self.mask, kernel.dtype))
+        self._mask_now = ops.convert_to_numpy(self.mask)
+
+    def load_own_variables(self, store):
+        super().load_own_variables(store)
+        self._mask_now = ops.convert_to_numpy(self.mask)
 
     def after_step(self):
         self.apply_mask()

@@ -5,7 +5,12 @@ tensorflow-model-optimization's `PolynomialDecay` and `ConstantSparsity` as
 they are, a function, or an object with `__call__(self, step)` (as tfmot's
 `PruningSchedule` subclasses have). `check_schedule` checks the callable,
 `evaluate_schedule` what it returns, and `serialize_schedule` /
-`deserialize_schedule` save it in a wrapper's config.
+`deserialize_schedule` save it in a wrapper's config, as Keras saves custom
+objects: tfmot's schedules and objects with `get_config` by their config,
+other callables (functions, lambdas) by name, to be found again when the
+file is loaded (`@keras.saving.register_keras_serializable()`, or
+`load_model(..., custom_objects={name: schedule})`). Saving never fails on
+a schedule, so it never leaves a file half-written.
 
 tfmot itself is never imported at import time (importing it switches
 `tf.keras` to legacy Keras for the whole process); its schedule objects are
@@ -14,6 +19,7 @@ accepted as they are and rebuilt lazily when a saved model is loaded.
 
 import importlib
 import math
+import warnings
 
 import keras
 import numpy as np
@@ -35,26 +41,55 @@ _TFMOT_SCHEDULE_MODULE = (
 )
 
 
-def serialize_schedule(schedule):
-    """A JSON-able config for a schedule; see `deserialize_schedule`."""
+def _is_tfmot(schedule):
     cls = type(schedule)
-    if cls.__module__.startswith("tensorflow_model_optimization") and (
-        cls.__name__ in _TFMOT_SCHEDULES
-    ):
-        return {"tfmot": cls.__name__, "config": schedule.get_config()["config"]}
-    registered = keras.saving.get_registered_name(cls)
-    if not hasattr(schedule, "get_config") or registered == cls.__name__:
-        raise ValueError(
-            f"The pruning schedule {schedule!r} cannot be saved. Use tfmot's "
-            "PolynomialDecay or ConstantSparsity, or give your schedule class "
-            "get_config() and from_config() and register it with "
-            "@keras.saving.register_keras_serializable()."
+    return (cls.__module__.startswith("tensorflow_model_optimization")
+            and cls.__name__ in _TFMOT_SCHEDULES)
+
+
+def saved_by_name(schedule):
+    """Whether `schedule` is saved by name (a callable with no config: a function, a lambda).
+
+    Such a schedule is found again at load only if it is registered with
+    Keras or passed in `custom_objects`.
+    """
+    return not (_is_tfmot(schedule) or hasattr(schedule, "get_config"))
+
+
+def serialize_schedule(schedule):
+    """A JSON-able config for a schedule; see `deserialize_schedule`.
+
+    tfmot's `PolynomialDecay` and `ConstantSparsity` are saved by their
+    config, an object with `get_config` as Keras saves custom objects (the
+    class must be registered, or passed in `custom_objects` at load), and
+    any other callable by name, with a warning when it is not registered
+    (loading then needs `custom_objects={name: schedule}`).
+    """
+    if _is_tfmot(schedule):
+        return {"tfmot": type(schedule).__name__,
+                "config": schedule.get_config()["config"]}
+    if hasattr(schedule, "get_config"):
+        return {"keras": keras.saving.serialize_keras_object(schedule)}
+    named = schedule if hasattr(schedule, "__name__") else type(schedule)
+    name = keras.saving.get_registered_name(named)
+    if keras.saving.get_registered_object(name) is not named:
+        warnings.warn(
+            f"The pruning schedule {schedule!r} is saved by its name, {name!r}: the file "
+            f"loads with keras.saving.load_model(path, custom_objects={{{name!r}: "
+            "schedule}). Register it (@keras.saving.register_keras_serializable()) or "
+            "use tfmot's PolynomialDecay or ConstantSparsity to load it without.",
+            stacklevel=3,
         )
-    return {"keras": keras.saving.serialize_keras_object(schedule)}
+    return {"by_name": name}
 
 
 def deserialize_schedule(config):
-    """Rebuilds a schedule saved by `serialize_schedule` (tfmot imported lazily)."""
+    """Rebuilds a schedule saved by `serialize_schedule` (tfmot imported lazily).
+
+    Raises:
+        ValueError: for a schedule saved by name that is neither registered
+            nor in the `custom_objects` of the load, naming what to pass.
+    """
     if "tfmot" in config:
         name = config["tfmot"]
         if name not in _TFMOT_SCHEDULES:
@@ -63,6 +98,17 @@ def deserialize_schedule(config):
             )
         module = importlib.import_module(_TFMOT_SCHEDULE_MODULE)
         return getattr(module, name)(**config["config"])
+    if "by_name" in config:
+        name = config["by_name"]
+        schedule = keras.saving.get_registered_object(name)
+        if schedule is None:
+            raise ValueError(
+                f"The pruning schedule {name!r} was saved by its name (a function or a "
+                "callable without get_config): pass it when loading, "
+                f"keras.saving.load_model(path, custom_objects={{{name!r}: schedule}}), "
+                "or register it with @keras.saving.register_keras_serializable()."
+            )
+        return schedule
     return keras.saving.deserialize_keras_object(config["keras"])
 
 

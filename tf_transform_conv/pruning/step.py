@@ -16,6 +16,7 @@ from tf_transform_conv import _compat
 from tf_transform_conv.ops.assignment import allocate_globally
 from tf_transform_conv.ops.assignment import kept_filters
 from tf_transform_conv.pruning.schedules import evaluate_schedule
+from tf_transform_conv.pruning.schedules import saved_by_name
 from tf_transform_conv.pruning.schedules import serialize_schedule
 from tf_transform_conv.pruning.transform_pruning import TransformPruning
 from tf_transform_conv.pruning.wrapper import PruningWrapper
@@ -108,22 +109,15 @@ def advance(wrappers, step, scores, decisions=None):
 
 
 def _check_one_schedule(wrappers):
-    configs = {json.dumps(serialize_schedule(w.schedule), sort_keys=True, default=str)
-               if _saveable(w.schedule) else id(w.schedule) for w in wrappers}
+    configs = {id(w.schedule) if saved_by_name(w.schedule)
+               else json.dumps(serialize_schedule(w.schedule), sort_keys=True, default=str)
+               for w in wrappers}
     if len(configs) > 1:
         raise ValueError(
             "Wrappers with allocation='global' prune together and need one schedule; "
             f"{[w.name for w in wrappers]} have different ones. Pass the same schedule "
             "to every wrapper (prune_model does)."
         )
-
-
-def _saveable(schedule):
-    try:
-        serialize_schedule(schedule)
-    except ValueError:
-        return False
-    return True
 
 
 def prune_globally(wrappers, sparsity, step=None, scores=None):

@@ -56,7 +56,7 @@ class PruningWrapper(keras.layers.Wrapper):
 
     Attributes:
         schedule: the schedule.
-        pruning_step: int64 weight, the last step the callback ran (-1
+        pruning_step: int32 weight, the last step the callback ran (-1
             before the first); saved with the model, so a resumed run
             continues from it.
         step_callback_attached: bool, set by the step callback while it
@@ -82,7 +82,7 @@ class PruningWrapper(keras.layers.Wrapper):
     def build(self, input_shape):
         super().build(input_shape)
         self.pruning_step = self.add_weight(
-            name="pruning_step", shape=(), dtype="int64", initializer="zeros",
+            name="pruning_step", shape=(), dtype="int32", initializer="zeros",
             trainable=False,
         )
         self.pruning_step.assign(-1)
