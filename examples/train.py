@@ -92,7 +92,8 @@ PRESETS = {
 _PAPER = dict(
     mode="prune", epochs=300, prune_begin=0.0, prune_end=40 / 300, prune_power=1.0,
     prune_every_epoch=True, depth_groups=2, allocation="global", assign="modulo",
-    transform_family="scalar", scale=False, warmup_epochs=0, label_smoothing=0.0,
+    transforms="identity", transform_family="scalar", scale=False, warmup_epochs=0,
+    label_smoothing=0.0,
 )
 _PAPER_CIFAR = dict(
     _PAPER, dataset="cifar10", image_size=32, batch_size=128, optimizer="sgd", lr=0.1,
@@ -143,7 +144,7 @@ def build_parser():
         help="transform/convert: fraction of filters learned as bases (0.25)")
     add("--transforms", default=None,
         help="transform: a preset or comma-separated names (default for the ratio); "
-        "prune/convert: the candidates (d4)")
+        "prune/convert: the candidates (d4; paper-*: identity)")
     add("--depth-groups", type=int, help="TransformConv2D depth groups (1; paper-*: 2)")
     add("--transform-family", choices=FAMILIES,
         help="transforms of the rebuilt filters: discrete, or a learned family "

@@ -307,3 +307,28 @@ def test_package_cli_main_still_parses_with_the_launchers_parser(capsys):
         cli.main(["--help"])
     assert error.value.code == 0
     assert "usage: tfconv" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["cost", "{model}", "--json", "{tmp}/missing/c.json"],
+     "--json {tmp}/missing/c.json: the folder {tmp}/missing does not exist"),
+    (["cost", "{model}", "--json", "{tmp}"], "--json {tmp}: is a folder, not a file"),
+    (["analyze", "{model}", "--out-dir", "{model}"], "--out-dir {model}: is a file, not a folder"),
+    (["analyze", "{model}", "--out-dir", "{model}/sub"],
+     "--out-dir {model}/sub: cannot be made: {model} is a file, not a folder"),
+    (["export", "{model}", "{tmp}/missing/m.tflite"],
+     "output {tmp}/missing/m.tflite: the folder {tmp}/missing does not exist"),
+    (["export", "{model}", "{tmp}"], "output {tmp}: is a folder, not a file"),
+])
+def test_unusable_output_paths_are_one_line_usage_errors_before_any_work(
+        tmp_path, capsys, argv, message):
+    model = keras.Sequential([keras.Input((8, 8, 4)), keras.layers.Conv2D(8, 3)])
+    model.save(tmp_path / "m.keras")
+    fill = dict(model=tmp_path / "m.keras", tmp=tmp_path)
+    with pytest.raises(SystemExit) as error:
+        cli.main([part.format(**fill) for part in argv])
+    assert error.value.code == 2
+    out, err = capsys.readouterr()
+    assert out == ""  # nothing computed or printed before the check
+    (line,) = err.splitlines()
+    assert line == f"tfconv {argv[0]}: error: {message.format(**fill)}", line

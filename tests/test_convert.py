@@ -223,3 +223,19 @@ def test_model_verbs_need_a_built_keras_model(verb, tmp_path):
     built = _unbuilt_sequential()
     built.build((None, 8, 8, 3))  # built without an Input: accepted
     run(built)
+
+
+def test_models_with_a_lambda_layer_are_rewritten_in_memory():
+    """Cloning for a rewrite loads nothing: a Lambda layer is kept as it is (no safe-mode error)."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(8, 3, name="c")(inputs)
+    x = keras.layers.Lambda(lambda t: t * 2.0, name="double")(x)
+    model = keras.Model(inputs, keras.layers.Conv2D(4, 3, name="d")(x))
+    x = np.random.default_rng(0).normal(size=(2, 8, 8, 3)).astype("float32")
+    converted, report = tc.transform_model(model, base_ratio=1.0)
+    assert [r.converted for r in report] == [True, True]
+    np.testing.assert_allclose(converted(x), model(x), rtol=1e-5, atol=1e-5)
+    wrapped = tc.prune_model(model, lambda step: (False, 0.0))
+    assert converted.get_layer("double") is model.get_layer("double")
+    np.testing.assert_allclose(tc.strip_model(wrapped)(x), model(x), rtol=1e-5, atol=1e-5)

@@ -257,10 +257,16 @@ def test_summaries_callback_writes_tensorboard_events(data, tmp_path):
 # Clear errors
 
 
-def test_training_without_the_step_callback_fails(data):
-    wrapped = tc.prune_model(small_model(), tfmot.sparsity.keras.ConstantSparsity(0.5, 0))
+@pytest.mark.parametrize("verb", ["prune_model", "prune_low_magnitude", "prune_interspace"])
+def test_training_without_the_step_callback_fails_and_the_advice_works(data, verb):
+    """The fix the message gives, as written, works without recompiling (TensorFlow; the
+    JAX backend's in test_jax_backend.py)."""
+    wrapped = getattr(tc, verb)(small_model(), tfmot.sparsity.keras.ConstantSparsity(0.5, 0))
     with pytest.raises(ValueError, match="without its pruning step callback.*UpdateTransformPruningStep"):
         compile_fit(wrapped, data, callbacks=[])
+    wrapped.fit(*data, batch_size=4, verbose=0, callbacks=[tc.UpdateTransformPruningStep()])
+    assert all(abs(w.sparsity - 0.5) <= 0.07 for w in wrapped.layers
+               if isinstance(w, tc.pruning.PruningWrapper))
 
 
 def test_schedule_sparsity_out_of_range(data):

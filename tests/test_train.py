@@ -111,6 +111,7 @@ def test_paper_presets_set_the_published_recipe(train):
     assert (args.mode, args.model, args.epochs, args.optimizer) == ("prune", "resnet56", 300, "sgd")
     assert (args.criterion, args.allocation, args.assign) == ("magnitude", "global", "modulo")
     assert (args.transform_family, args.depth_groups, args.min_bases) == ("scalar", 2, 8)
+    assert args.transforms == "identity"  # the scalar family after the identity
     assert args.prune_end == pytest.approx(40 / 300) and args.prune_power == 1.0
     assert args.rotation > 0 and args.prune_every_epoch
     assert train.parse_args(["--preset", "paper-vgg16"]).criterion == "taylor"
@@ -500,6 +501,9 @@ def test_paper_preset_runs_a_short_epoch(train, tmp_path, preset):
     final = keras.saving.load_model(tmp_path / "final.keras", compile=False)
     layers = [l for l in final._flatten_layers() if type(l).__name__ == "TransformConv2D"]
     assert layers and all(l.transform_family == "scalar" for l in layers)
+    # The scalar family after the identity: no discrete transform in front.
+    assert all(tuple(l.transforms) == ("identity",) for l in layers)
+    assert not any(l.scale for l in layers)
     stem = layers[0]
     assert stem.depth_groups == 1  # 3 input channels do not split in 2
     assert {l.depth_groups for l in layers[1:]} == {2}

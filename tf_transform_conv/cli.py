@@ -118,7 +118,36 @@ def _load(path):
         raise UsageError(str(error)) from None
 
 
+def _check_output_file(path, flag):
+    """A UsageError unless a file can be written at `path` (checked before any work)."""
+    if os.path.isdir(path):
+        raise UsageError(f"{flag} {path}: is a folder, not a file")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        what = "is a file, not a folder" if os.path.exists(folder) else "does not exist"
+        raise UsageError(f"{flag} {path}: the folder {folder} {what}")
+    if not os.access(folder, os.W_OK):
+        raise UsageError(f"{flag} {path}: the folder {folder} is not writable")
+
+
+def _check_output_folder(path, flag):
+    """A UsageError unless `path` is a folder, or one can be made there (checked before any work)."""
+    if os.path.exists(path):
+        if not os.path.isdir(path):
+            raise UsageError(f"{flag} {path}: is a file, not a folder")
+        return
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UsageError(f"{flag} {path}: cannot be made: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK):
+        raise UsageError(f"{flag} {path}: cannot be made: {parent} is not writable")
+
+
 def _cost(args):
+    if args.json:
+        _check_output_file(args.json, "--json")
     cost = model_cost(_load(args.model))
     cost.summary()
     file_bytes = os.path.getsize(args.model)
@@ -130,6 +159,7 @@ def _cost(args):
 
 
 def _analyze(args):
+    _check_output_folder(args.out_dir, "--out-dir")
     model = _load(args.model)
     rows = analyze.analyze_model(model, sparsities=args.sparsities, seed=args.seed)
     if not rows:
@@ -153,6 +183,7 @@ def _analyze(args):
 
 
 def _export(args):
+    _check_output_file(args.output, "output")
     if args.quantization == "int8" and not args.representative:
         raise UsageError(
             "--quantization int8 (full integer) calibrates the activation ranges on "

@@ -58,6 +58,10 @@ def select_layers(model, layers, eligible):
 def rewrite_model(model, replace):
     """Clones `model` (nested models included), every layer keeping its weights.
 
+    `Lambda` layers are not rebuilt: the clone calls them as they are (they
+    hold no weights, and rebuilding their function from its config would need
+    unsafe deserialisation).
+
     Args:
         replace: `layer -> None | (new_layer, weights)`; a layer for which it
             returns a pair is replaced by `new_layer`, which then gets
@@ -69,6 +73,11 @@ def rewrite_model(model, replace):
         result = replace(layer)
         if result is not None:
             new, new_weights = result
+        elif isinstance(layer, keras.layers.Lambda):
+            # Rebuilt from its config, a Lambda's function would go through Keras's
+            # safe-mode check on deserialisation, though nothing is loaded: the
+            # clone calls the same layer (it holds no weights).
+            return layer
         else:
             new = layer.__class__.from_config(layer.get_config())
             new_weights = layer.get_weights() if layer.weights else None
