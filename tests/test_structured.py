@@ -207,6 +207,45 @@ def test_unfollowed_layers_make_groups_unprunable():
         remove_filters(model, {"conv": 2})
 
 
+def test_unfollowed_convolutions_are_listed_unprunable_with_their_reason():
+    # channels_first: every layer is unfollowed, yet each convolution is a group.
+    inputs = keras.Input((3, 8, 8))
+    x = keras.layers.Conv2D(8, 3, data_format="channels_first", name="c1")(inputs)
+    x = keras.layers.Conv2D(4, 3, data_format="channels_first", name="c2")(x)
+    model = keras.Model(
+        inputs, keras.layers.GlobalAveragePooling2D(data_format="channels_first")(x))
+    groups = channel_groups(model)
+    assert [(g.name, g.channels, g.prunable) for g in groups] == [
+        ("c1", 8, False), ("c2", 4, False)]
+    assert "'c1'" in groups[0].reason and "channels_first" in groups[0].reason
+    with pytest.raises(ValueError, match="group 'c1' cannot be pruned.*channels_first"):
+        remove_filters(model, {"c1": 4})
+    # Keeping every channel of such a group is allowed and changes nothing
+    # (compared by weights: TensorFlow runs no channels_first Conv2D on a CPU).
+    same = remove_filters(model, {"c1": 8})
+    for a, b in zip(same.get_weights(), model.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+    # channels_last: grouped, transposed and depth-multiplied layers sit in
+    # running order among the followed groups.
+    inputs = keras.Input((8, 8, 4))
+    x = keras.layers.Conv2D(8, 1, name="a")(inputs)
+    x = keras.layers.Conv2D(8, 3, groups=2, name="g2")(x)
+    x = keras.layers.DepthwiseConv2D(3, depth_multiplier=2, name="dw2")(x)
+    x = keras.layers.Conv2DTranspose(6, 3, name="up")(x)
+    x = keras.layers.Conv2D(5, 1, name="b")(x)
+    model = keras.Model(inputs, keras.layers.Dense(2, name="head")(
+        keras.layers.GlobalAveragePooling2D()(x)))
+    groups = channel_groups(model)
+    assert [(g.name, g.channels) for g in groups] == [
+        ("a", 8), ("g2", 8), ("dw2", 16), ("up", 6), ("b", 5), ("head", 2)]
+    reasons = {g.name: g.reason for g in groups}
+    assert "groups=2" in reasons["g2"] and "depth_multiplier=2" in reasons["dw2"]
+    assert "Conv2DTranspose" in reasons["up"]
+    assert not any(g.prunable for g in groups[:4])
+    assert groups[4].prunable
+
+
 def test_bad_keep_is_rejected():
     model = residual_model()
     with pytest.raises(TypeError, match="Expected a dict"):

@@ -21,6 +21,9 @@ custom layers, ...), a layer called more than once, a convolution with
 the groups inside it are followed) make their whole group unprunable, with
 the reason in `ChannelGroup.reason`. Only `channels_last` models are
 followed (a `channels_first` layer is a layer this module does not follow).
+A convolution or `Dense` that is not followed (`channels_first`, grouped,
+a depth multiplier other than 1, separable, transposed, called more than
+once, ...) still has its own group, unprunable, with the reason.
 
 `GroupAnalysis` (from `analyze_groups`) is what removal, DAFP, the knapsack
 and the group saliencies read: the groups, each tensor's place in them, and
@@ -157,6 +160,8 @@ class GroupAnalysis:
         for c, reason in self.blocked.items():
             blocked_roots.setdefault(self.graph.find(c), reason)
         self.groups, self.group_roots, self.root_position = [], {}, {}
+        starts = []  # index in self.calls of each group's first producer
+        call_index = {id(call): i for i, call in enumerate(self.calls)}
         for first, indices in sorted(members.items()):
             widest = max(indices, key=lambda i: len(set(roots_of[i].tolist())))
             order = roots_of[widest]
@@ -186,6 +191,7 @@ class GroupAnalysis:
                     continue
                 if any(int(r) in roots for r in self.roots(self.classes[call.inputs[0]])):
                     (batch_norms if call.kind == "batch_norm" else consumers).append(call.path)
+            starts.append(call_index[id(producers[first])])
             self.groups.append(ChannelGroup(
                 name=name,
                 producers=tuple(producers[i].path for i in indices),
@@ -198,6 +204,26 @@ class GroupAnalysis:
             self.group_roots[name] = order
             for p, r in enumerate(order):
                 self.root_position[int(r)] = (name, p)
+        # A layer that writes channels but is not followed (a channels_first
+        # or grouped convolution, a depth multiplier, a shared layer, ...) is
+        # listed too, unprunable, so a user asking for it learns why.
+        named = {group.name for group in self.groups}
+        for index, call in enumerate(self.calls):
+            channels = _written_channels(call)
+            if call.kind != "opaque" or channels is None or call.path in named:
+                continue
+            named.add(call.path)
+            starts.append(index)
+            self.groups.append(ChannelGroup(
+                name=call.path,
+                producers=(call.path,),
+                consumers=(),
+                channels=channels,
+                prunable=False,
+                reason=f"structured removal does not follow '{call.path}' ({call.reason})",
+            ))
+        self.groups = [group for _, group in sorted(
+            zip(starts, self.groups), key=lambda pair: pair[0])]
 
     def group(self, name):
         """The `ChannelGroup` named `name` (a KeyError if none)."""
@@ -221,6 +247,25 @@ class GroupAnalysis:
             if call.path == path:
                 return call
         raise KeyError(path)
+
+
+def _written_channels(call):
+    """How many output channels a convolution or `Dense` call writes (None for other layers)."""
+    layer = call.layer
+    if isinstance(layer, keras.layers.Dense):
+        return int(layer.units)
+    if isinstance(layer, (keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D)):
+        shape = call.input_shapes[0] if call.input_shapes else ()
+        axis = 0 if getattr(layer, "data_format", None) == "channels_first" else -1
+        if not shape or shape[axis] is None:
+            return None
+        return int(shape[axis]) * int(layer.depth_multiplier)
+    if isinstance(layer, (TransformConv2D, keras.layers.Conv1D, keras.layers.Conv2D,
+                          keras.layers.Conv3D, keras.layers.Conv1DTranspose,
+                          keras.layers.Conv2DTranspose, keras.layers.Conv3DTranspose,
+                          keras.layers.SeparableConv1D, keras.layers.SeparableConv2D)):
+        return int(layer.filters)
+    return None
 
 
 def _kind(layer, node):

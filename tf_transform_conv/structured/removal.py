@@ -54,8 +54,8 @@ def _resolve_keep(analysis, keep):
                     f"{group.channels} channels; expected a count in [1, "
                     f"{group.channels}]. Received keep[{name!r}]={value!r}."
                 )
-            if count == group.channels:
-                kept = np.arange(count)
+            if count == group.channels or not group.prunable:
+                kept = np.arange(count)  # an unprunable group raises below
             else:
                 scores = group_norms(analysis, name)
                 kept = np.sort(np.argsort(-scores, kind="stable")[:count])
@@ -82,7 +82,8 @@ def _resolve_keep(analysis, keep):
                     f"pruned: {group.reason}. Received keep[{name!r}] with "
                     f"{len(kept)} of {group.channels} channels."
                 )
-            out[name] = kept.astype(np.int64)
+            if name in analysis.group_roots:  # an unfollowed layer's group, kept whole
+                out[name] = kept.astype(np.int64)
     return out
 
 
