@@ -1,6 +1,7 @@
 """Generalised pruning: the wrapper, the callbacks, tfmot schedules, strip_model."""
 
 import glob
+import warnings
 
 import keras
 import numpy as np
@@ -267,6 +268,44 @@ def test_training_without_the_step_callback_fails_and_the_advice_works(data, ver
     wrapped.fit(*data, batch_size=4, verbose=0, callbacks=[tc.UpdateTransformPruningStep()])
     assert all(abs(w.sparsity - 0.5) <= 0.07 for w in wrapped.layers
                if isinstance(w, tc.pruning.PruningWrapper))
+
+
+@pytest.mark.parametrize("verb", ["prune_model", "prune_low_magnitude", "prune_interspace"])
+def test_wrapping_a_frozen_model_warns_once_naming_its_layers(data, verb):
+    """A teacher frozen by keras.distillation.Distiller, cloned, would be pruned untrained."""
+    teacher = small_model()
+    keras.distillation.Distiller(teacher=teacher, student=small_model(1),
+                                 distillation_losses=keras.distillation.LogitsDistillation())
+    assert not teacher.trainable  # what Keras's Distiller does to the user's model
+    frozen = keras.models.clone_model(teacher)
+    with pytest.warns(tc.pruning.FrozenLayerWarning) as caught:
+        wrapped = getattr(tc, verb)(frozen, lambda step: (True, 0.5))
+    assert len(caught) == 1 and caught[0].filename == __file__
+    assert f"{verb}: 'conv_a', 'conv_b'" in str(caught[0].message)
+    assert "Set `layer.trainable = True` on each" in str(caught[0].message)
+    # What the warning is about: the schedule prunes, the kept weights never train.
+    before = [w.numpy().copy() for w in wrapped.weights if "kernel" in w.path]
+    compile_fit(wrapped, data)
+    after = [w.numpy() for w in wrapped.weights if "kernel" in w.path]
+    assert all(np.all((a == b) | (a == 0)) for a, b in zip(after, before))
+    # The advice works: no warning, and the kernels train.
+    assert frozen.trainable  # why `frozen.trainable = True` would change nothing here
+    for layer in frozen.layers:
+        layer.trainable = True
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", tc.pruning.FrozenLayerWarning)
+        wrapped = getattr(tc, verb)(frozen, lambda step: (True, 0.5))
+    before = [w.numpy().copy() for w in wrapped.weights if "kernel" in w.path]
+    compile_fit(wrapped, data)
+    after = [w.numpy() for w in wrapped.weights if "kernel" in w.path]
+    assert any(np.any((a != b) & (a != 0)) for a, b in zip(after, before))
+
+
+def test_a_wrapper_of_a_frozen_layer_warns_at_the_callers_line():
+    conv = keras.layers.Conv2D(4, 3, name="frozen_conv", trainable=False)
+    with pytest.warns(tc.pruning.FrozenLayerWarning, match="MagnitudePruning: 'frozen_conv'") as caught:
+        tc.MagnitudePruning(conv, lambda step: (True, 0.5))
+    assert caught[0].filename == __file__
 
 
 def test_schedule_sparsity_out_of_range(data):

@@ -3,7 +3,8 @@
 - `schedules`: the schedule contract (tfmot's `PolynomialDecay` /
   `ConstantSparsity` as they are, or any `schedule(step) -> (should_prune,
   sparsity)`), saving schedules, and `ScaledSchedule` for budgets.
-- `wrapper`: `PruningWrapper`, the one protocol every wrapper follows.
+- `wrapper`: `PruningWrapper`, the one protocol every wrapper follows, and
+  `FrozenLayerWarning` (a wrapped layer with `trainable=False`).
 - `transform_pruning`: `TransformPruning`, filters rebuilt from kept bases.
 - `magnitude`, `interspace`: unstructured pruning, `MagnitudePruning` and
   `InterspacePruning` (filter-basis coefficients).
@@ -31,9 +32,11 @@ from tf_transform_conv.pruning.step import prune_globally
 from tf_transform_conv.pruning.step import taylor_scores
 from tf_transform_conv.pruning.step import update_pruning_step
 from tf_transform_conv.pruning.transform_pruning import TransformPruning
+from tf_transform_conv.pruning.wrapper import FrozenLayerWarning
 from tf_transform_conv.pruning.wrapper import PruningWrapper
 
 __all__ = [
+    "FrozenLayerWarning",
     "InterspacePruning",
     "MagnitudePruning",
     "PruningWrapper",

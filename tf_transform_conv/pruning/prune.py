@@ -28,6 +28,7 @@ from tf_transform_conv.pruning.schedules import final_sparsity
 from tf_transform_conv.pruning.step import transform_wrappers
 from tf_transform_conv.pruning.transform_pruning import TransformPruning
 from tf_transform_conv.pruning.wrapper import PruningWrapper
+from tf_transform_conv.pruning.wrapper import frozen_layers_checked
 from tf_transform_conv.reconstruction import CONVOLUTIONS
 from tf_transform_conv.reconstruction import Reconstruction
 
@@ -119,7 +120,10 @@ def prune_model(model, schedule, reconstruction=None, layers=None, budget=None):
         wrapped.append(layer.name)
         return wrapper, None
 
-    new_model = rewrite_model(model, replace)
+    with frozen_layers_checked(
+            [layer for layer in _compat.layers_of(model) if layer.name in chosen],
+            "prune_model"):
+        new_model = rewrite_model(model, replace)
     if not wrapped:
         inside = {id(w.layer) for w in transform_wrappers(model)}
         left = {
@@ -208,7 +212,10 @@ def _wrap_model(model, verb, layers, skip_reason, make, what):
         wrapped.append(layer.name)
         return make(_copy(layer)), None
 
-    new_model = rewrite_model(model, replace)
+    with frozen_layers_checked(
+            [layer for layer in _compat.layers_of(model) if layer.name in chosen],
+            verb):
+        new_model = rewrite_model(model, replace)
     if not wrapped:
         raise ValueError(
             f"{verb} wrapped no layer of model '{model.name}': it wraps {what} that "

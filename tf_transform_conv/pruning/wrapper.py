@@ -6,6 +6,10 @@ rebuilt from bases), `MagnitudePruning` and `InterspacePruning` (unstructured
 masks) all derive from it, and so can a user's own wrapper.
 """
 
+import contextlib
+import sys
+import warnings
+
 import keras
 
 from tf_transform_conv.pruning.schedules import check_schedule
@@ -13,7 +17,50 @@ from tf_transform_conv.pruning.schedules import deserialize_schedule
 from tf_transform_conv.pruning.schedules import evaluate_schedule
 from tf_transform_conv.pruning.schedules import serialize_schedule
 
-__all__ = ["PruningWrapper"]
+__all__ = ["FrozenLayerWarning", "PruningWrapper", "frozen_layers_checked"]
+
+
+class FrozenLayerWarning(UserWarning):
+    """A pruning wrapper holds a layer with `trainable=False`: the schedule prunes it, nothing trains."""
+
+
+_FROZEN_ADVICE = (
+    "(trainable=False): the schedule will prune {them}, and nothing will train to "
+    "make up for it. Set `layer.trainable = True` on each before wrapping "
+    "(keras.distillation.Distiller freezes its teacher, and "
+    "keras.models.clone_model copies each layer's flag; on TensorFlow, "
+    "`model.trainable = True` on such a clone does nothing, as the clone's own "
+    "flag already reads True)."
+)
+
+
+def _user_stacklevel():
+    """The `stacklevel` of the first caller outside this package, Keras and contextlib."""
+    frame, level = sys._getframe(1), 1  # the frame calling warnings.warn
+    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] in (
+            "tf_transform_conv", "keras", "contextlib"):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+@contextlib.contextmanager
+def frozen_layers_checked(layers, verb):
+    """Warns once about every frozen layer a verb wraps; its wrappers stay quiet within.
+
+    Args:
+        layers: the layers the verb is about to wrap.
+        verb: the verb's name, for the message.
+    """
+    names = [layer.name for layer in layers if not layer.trainable]
+    if names:
+        listed = ", ".join(repr(name) for name in names)
+        warnings.warn(
+            f"{verb}: {listed} {'is' if len(names) == 1 else 'are'} not trainable "
+            + _FROZEN_ADVICE.format(them="it" if len(names) == 1 else "them"),
+            FrozenLayerWarning, stacklevel=_user_stacklevel())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FrozenLayerWarning)
+        yield
 
 
 class PruningWrapper(keras.layers.Wrapper):
@@ -75,6 +122,11 @@ class PruningWrapper(keras.layers.Wrapper):
         if isinstance(schedule, dict):
             schedule = deserialize_schedule(schedule)
         check_schedule(schedule)
+        if not layer.trainable:
+            warnings.warn(
+                f"{type(self).__name__}: '{layer.name}' is not trainable "
+                + _FROZEN_ADVICE.format(them="it"), FrozenLayerWarning,
+                stacklevel=_user_stacklevel())
         self.schedule = schedule
         self.step_callback_attached = False
         self.pruning_history = []
