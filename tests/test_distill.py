@@ -106,6 +106,15 @@ def test_bad_arguments():
         InnerDistiller(student, teacher, ["features"], output_weight=1.5)
     with pytest.raises(ValueError, match="non-empty list"):
         InnerDistiller(student, teacher, "features")
+    # A teacher that is the student, or shares its layers, would freeze it.
+    with pytest.raises(ValueError, match="`teacher`: it is the student itself"):
+        InnerDistiller(student, student, ["features"])
+    inputs = keras.Input((8, 8, 3))
+    shared = keras.Model(inputs, student.get_layer("logits")(
+        keras.layers.GlobalAveragePooling2D()(student.get_layer("features")(inputs))))
+    with pytest.raises(ValueError, match="shares 4 weights with the student"):
+        InnerDistiller(student, shared, ["features"])
+    assert student.trainable and student.get_layer("features").trainable
 
 
 # ----------------------------------------------------------------------------

@@ -181,6 +181,16 @@ class InnerDistiller(keras.distillation.Distiller):
                     f"Invalid value for argument `{name}`. Expected a built Functional or "
                     f"Sequential keras.Model. Received {type(model).__name__}."
                 )
+        shared = {id(v) for v in student.weights} & {id(v) for v in teacher.weights}
+        if student is teacher or shared:
+            what = ("is the student itself" if student is teacher
+                    else f"shares {len(shared)} weights with the student")
+            raise ValueError(
+                f"Invalid value for argument `teacher`: it {what}. The distiller "
+                "freezes the teacher, so the student would not train. Distil from "
+                "another model (a copy: keras.models.clone_model(model) with "
+                "set_weights(model.get_weights()))."
+            )
         weight = _check_weight(weight, "weight")
         output_weight = _check_weight(output_weight, "output_weight", high=1)
         if not is_number(temperature) or temperature <= 0:
