@@ -307,6 +307,9 @@ def parse_args(argv=None):
     if args.teacher is not None and args.kd_weight == 0 and args.inner_kd_weight == 0:
         problems.append("--teacher with --kd-weight 0 needs --inner-kd-weight > 0 "
                         "(nothing to distil)")
+    if args.subtract_mean and args.allocation != "global":
+        problems.append("--subtract-mean needs --allocation global (got "
+                        f"--allocation {args.allocation})")
     if args.dataset == "digits" and args.image_size < 8:
         problems.append(f"--dataset digits needs --image-size >= 8 (got {args.image_size})")
     if args.resume and args.fresh:

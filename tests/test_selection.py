@@ -248,6 +248,9 @@ def test_taylor_through_the_callback_and_its_errors(data):
         (dict(min_bases=2.5), "Received min_bases=2.5."),
         (dict(assign="nearest"), "Expected one of ['fit', 'modulo']. Received assign='nearest'."),
         (dict(subtract_mean="yes"), "Expected True or False. Received subtract_mean='yes'."),
+        (dict(subtract_mean=True),
+         "needs allocation='global' (per layer, a shift changes no ranking). Received "
+         "subtract_mean=True with allocation='per_layer'."),
     ],
 )
 def test_selection_arguments_are_checked(kwargs, message):
@@ -257,6 +260,20 @@ def test_selection_arguments_are_checked(kwargs, message):
         tc.prune_model(three_convs(), lambda step: (True, 0.5), tc.Reconstruction(**kwargs))
     with pytest.raises(ValueError, match=re.escape(message)):
         tc.transform_model(three_convs(), sparsity=0.5, reconstruction=tc.Reconstruction(**kwargs))
+
+
+def test_min_bases_that_keep_whole_layers_warn_and_the_others_prune(data):
+    rec = tc.Reconstruction(min_bases=16, criterion="magnitude")
+    with pytest.warns(UserWarning, match=r"prune_model: min_bases=16 is at least the filters "
+                      r"of 'conv0' \(16\), 'conv2' \(8\), so they keep every filter") as caught:
+        wrapped = tc.prune_model(three_convs(), tfmot.sparsity.keras.ConstantSparsity(0.75, 0),
+                                 rec)
+    assert caught[0].filename == __file__
+    compile_fit(wrapped, data, tc.UpdateTransformPruningStep())
+    # What it warns about: those layers stay whole, conv1 (24 filters) keeps its 16.
+    assert [w.sparsity for w in wrappers(wrapped)] == [0.0, pytest.approx(8 / 24), 0.0]
+    with pytest.warns(UserWarning, match=r"transform_model: min_bases=16 .* 'conv0' \(16\)"):
+        tc.transform_model(three_convs(), sparsity=0.75, reconstruction=rec)
 
 
 def test_new_options_round_trip_through_keras_files(data, tmp_path):

@@ -144,6 +144,10 @@ def test_bad_arguments_exit_with_a_message(train, capsys):
     with pytest.raises(SystemExit):
         train.parse_args(["--final-sparsity", "1.5"])
     assert "--final-sparsity" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train.parse_args(["--mode", "prune", "--subtract-mean"])
+    assert "--subtract-mean needs --allocation global" in capsys.readouterr().err
+    assert train.parse_args(["--subtract-mean", "--allocation", "global"]).subtract_mean
 
 
 def test_inner_distillation_needs_a_teacher(train, capsys):

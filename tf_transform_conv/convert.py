@@ -285,6 +285,10 @@ def transform_model(
             "UpdateTransformPruningStep(saliency_data=...), or 'magnitude'."
         )
     chosen = select_layers(model, layers, lambda l: not reconstruction.skip_reason(l))
+    if budget is None:  # a budget's plan sets the bases itself
+        reconstruction.warn_if_min_bases_keep_all(
+            [layer for layer in _compat.layers_of(model) if layer.name in chosen],
+            "transform_model")
     report = {}
 
     def bases_for(filters, name=None):

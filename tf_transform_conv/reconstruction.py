@@ -15,6 +15,7 @@ lists, converted or not.
 """
 
 import dataclasses
+import warnings
 
 import keras
 
@@ -149,6 +150,13 @@ class Reconstruction:
         set_field("min_bases", check_positive_int(self.min_bases, "min_bases",
                                                   expected="an int >= 1"))
         set_field("subtract_mean", check_bool(self.subtract_mean, "subtract_mean"))
+        if self.subtract_mean and self.allocation != "global":
+            raise ValueError(
+                "Invalid value for argument `subtract_mean`: it ranks each filter "
+                "against its layer's mean in one ranking over all layers, so it needs "
+                "allocation='global' (per layer, a shift changes no ranking). Received "
+                f"subtract_mean=True with allocation={self.allocation!r}."
+            )
 
     @classmethod
     def get(cls, value):
@@ -179,6 +187,19 @@ class Reconstruction:
         if channels % self.depth_groups == 0:
             return self
         return self.replace(depth_groups=1)
+
+    def warn_if_min_bases_keep_all(self, layers, verb):
+        """Warns when `min_bases` is at least the filters of some of `layers`: they are never pruned."""
+        whole = [f"'{layer.name}' ({layer.filters})" for layer in layers
+                 if self.min_bases >= layer.filters]
+        if whole:
+            warnings.warn(
+                f"{verb}: min_bases={self.min_bases} is at least the filters of "
+                f"{', '.join(whole)}, so {'it keeps' if len(whole) == 1 else 'they keep'} "
+                "every filter whatever the sparsity. Lower `min_bases` below the "
+                "filters of the layers to prune.",
+                stacklevel=3,
+            )
 
     def skip_reason(self, layer):
         """Why `layer` cannot be rebuilt with these transforms ("" when it can); see `skip_reason`."""

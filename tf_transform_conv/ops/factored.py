@@ -163,7 +163,7 @@ def products(x, base, depth_groups):
 
 def shifted_window(tensor, u, kernel_size, strides, dilation_rate, output_size):
     """The view of `tensor` that output tap `u` (row-major) reads."""
-    (kh, kw), (sh, sw), (dh, dw) = kernel_size, strides, dilation_rate
+    (_, kw), (sh, sw), (dh, dw) = kernel_size, strides, dilation_rate
     oh, ow = output_size
     i, j = divmod(u, kw)
     return tensor[

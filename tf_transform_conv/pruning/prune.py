@@ -108,6 +108,8 @@ def prune_model(model, schedule, reconstruction=None, layers=None, budget=None):
                 layer_schedule[choice.name] = ScaledSchedule(schedule, sparsity / final)
         layers = sorted(layer_schedule) or (lambda layer: False)
     chosen = select_layers(model, layers, lambda l: not reconstruction.skip_reason(l))
+    reconstruction.warn_if_min_bases_keep_all(
+        [layer for layer in _compat.layers_of(model) if layer.name in chosen], "prune_model")
     wrapped = []
 
     def replace(layer):
