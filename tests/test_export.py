@@ -174,6 +174,16 @@ def test_verify_reports_a_mismatch(tmp_path):
     # rtol=inf measures without failing.
     check = export.verify_tflite(result.path, other, inputs_for(model), rtol=float("inf"))
     assert check.max_rel_diff > 1e-2
+    # A tolerance that is not one is an argument error, not a mismatch.
+    for rtol in (-1, float("nan"), "1e-4", None):
+        with pytest.raises(ValueError, match=r"Expected a number >= 0") as err:
+            export.verify_tflite(result.path, model, inputs_for(model), rtol=rtol)
+        assert not isinstance(err.value, export.TFLiteMismatchError)
+    for threads in (0, -1, 1.5):
+        with pytest.raises(ValueError, match=r"`num_threads`. Expected None or an int >= 1"):
+            export.verify_tflite(result.path, model, inputs_for(model), num_threads=threads)
+    assert export.verify_tflite(result.path, model, inputs_for(model), rtol=0.01,
+                                num_threads=1).max_rel_diff < RTOL
 
 
 # ----------------------------------------------------------------------------

@@ -105,6 +105,21 @@ def test_sparsity_never_decreases_and_replaced_filters_stay_replaced():
         assert not (before & ~after).any(), "a replaced filter came back"
 
 
+def test_the_step_must_be_an_int_at_least_zero():
+    model = keras.Sequential([keras.Input((6, 6, 2)), keras.layers.Conv2D(8, 3, name="c")])
+    wrapped = tc.prune_model(model, lambda step: (True, 0.5))
+    for step in (-1, 1.5, "3", None, True):
+        with pytest.raises(ValueError, match=r"`step`. Expected an int >= 0"):
+            tc.update_pruning_step(wrapped, step)
+    assert wrappers(wrapped)[0].sparsity == 0.0  # nothing pruned by the refused calls
+    with pytest.raises(ValueError, match=r"`scores`. Expected None or a dict"):
+        tc.update_pruning_step(wrapped, 0, scores=[1.0])
+    # A scalar integer tensor (an optimizer's iterations) is read as its value.
+    assert tc.update_pruning_step(wrapped, keras.Variable(np.int64(2), dtype="int64")) == ["transform_pruning_c"]
+    assert int(wrappers(wrapped)[0].pruning_step) == 2
+    assert wrappers(wrapped)[0].sparsity == 0.5
+
+
 def test_gradients_reach_bases_through_reconstructed_filters():
     rng = np.random.default_rng(1)
     model = keras.Sequential([keras.Input((7, 7, 4)), keras.layers.Conv2D(8, 3, name="c")])

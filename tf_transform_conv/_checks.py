@@ -37,6 +37,27 @@ def check_positive_int(value, name, expected="a strictly positive int"):
     return int(value)
 
 
+def check_nonnegative_int(value, name, expected="an int >= 0"):
+    """`value` as an int; a ValueError naming `name` unless it is an int >= 0 (not a bool)."""
+    if not is_int(value) or value < 0:
+        raise ValueError(
+            f"Invalid value for argument `{name}`. Expected {expected}. "
+            f"Received {name}={value!r}."
+        )
+    return int(value)
+
+
+def check_tolerance(value, name):
+    """`value` as a float; a ValueError naming `name` unless it is a number >= 0
+    (`float("inf")` allowed, NaN not)."""
+    if not is_number(value) or not value >= 0:
+        raise ValueError(
+            f"Invalid value for argument `{name}`. Expected a number >= 0 "
+            f"(float('inf') to only measure). Received {name}={value!r}."
+        )
+    return float(value)
+
+
 def check_bool(value, name):
     """`value` as a bool; a ValueError naming `name` unless it is True or False."""
     if not isinstance(value, (bool, np.bool_)):

@@ -15,6 +15,8 @@ import os
 import keras
 import numpy as np
 
+from tf_transform_conv._checks import check_positive_int
+from tf_transform_conv._checks import check_tolerance
 from tf_transform_conv.export.checks import inputs_struct
 
 __all__ = ["TFLiteMismatchError", "VerifyResult", "run_tflite", "tflite_op_counts", "verify_tflite"]
@@ -67,6 +69,8 @@ def _read_flatbuffer(path, verb):
 
 
 def _interpreter(content, num_threads=None, delegates=True):
+    if num_threads is not None:
+        check_positive_int(num_threads, "num_threads", expected="None or an int >= 1")
     from ai_edge_litert.interpreter import Interpreter
     from ai_edge_litert.interpreter import OpResolverType
 
@@ -254,19 +258,21 @@ def verify_tflite(path, model, inputs, rtol=1e-4, num_threads=None):
         model: the Keras model it was exported from.
         inputs: what `model` takes: an array (one input), or a list or dict
             of arrays structured like the model's inputs.
-        rtol: float, the largest relative difference accepted. Defaults to
-            `1e-4` (float32).
+        rtol: float >= 0, the largest relative difference accepted
+            (`float("inf")`: only measure). Defaults to `1e-4` (float32).
         num_threads: interpreter threads (None: the interpreter's default).
 
     Returns:
         A `VerifyResult` (max_abs_diff, max_rel_diff, output_scale, samples).
 
     Raises:
-        ValueError: if `path` is missing or not a TFLite flatbuffer (its
-            bytes 4:8 are not `b"TFL3"`), or the inputs do not fit the file.
+        ValueError: if `rtol` is negative or NaN, `path` is missing or not
+            a TFLite flatbuffer (its bytes 4:8 are not `b"TFL3"`), or the
+            inputs do not fit the file.
         TFLiteMismatchError: (a `ValueError` and an `AssertionError`) if
             the relative difference exceeds `rtol`, or is NaN.
     """
+    rtol = check_tolerance(rtol, "rtol")
     content = _read_flatbuffer(path, "verify_tflite")
     signatures = _interpreter(content).get_signature_list()
     names = next(iter(signatures.values()))["inputs"] if signatures else []

@@ -13,6 +13,7 @@ import json
 import keras
 
 from tf_transform_conv import _compat
+from tf_transform_conv._checks import check_nonnegative_int
 from tf_transform_conv.ops.assignment import allocate_globally
 from tf_transform_conv.ops.assignment import kept_filters
 from tf_transform_conv.pruning.schedules import evaluate_schedule
@@ -54,13 +55,25 @@ def update_pruning_step(model, step, scores=None):
     Args:
         model: a model holding pruning wrappers (`TransformPruning`,
             `MagnitudePruning`, `InterspacePruning`: any `PruningWrapper`).
-        step: int, the training step.
+        step: int >= 0, the training step (a scalar integer tensor or
+            variable, such as `optimizer.iterations`, is read as its value).
         scores: optional dict from wrapper names to per-filter saliencies,
             for wrappers with `criterion="taylor"` (`taylor_scores`).
 
     Returns:
         The names of the wrappers that pruned at this step.
+
+    Raises:
+        ValueError: if `step` is not an integer >= 0 or `scores` not a dict.
     """
+    if hasattr(step, "dtype") and hasattr(step, "shape") and tuple(step.shape) == ():
+        step = keras.ops.convert_to_numpy(step).item()
+    step = check_nonnegative_int(step, "step", expected="an int >= 0 (the training step)")
+    if scores is not None and not isinstance(scores, dict):
+        raise ValueError(
+            "Invalid value for argument `scores`. Expected None or a dict from wrapper "
+            f"names to per-filter saliencies (taylor_scores). Received scores={scores!r}."
+        )
     return advance(pruning_wrappers(model), step, scores or {})
 
 
