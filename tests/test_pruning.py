@@ -481,10 +481,41 @@ def test_prune_model_that_would_wrap_nothing_says_why():
         tc.prune_model(keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)]), lambda step: (True, 0.5))
     schedule = tfmot.sparsity.keras.ConstantSparsity(0.5, 0)  # a wrapped model is cloned by its config
     wrapped = tc.prune_model(small_model(), schedule)
-    with pytest.raises(ValueError, match=r"'conv_a': 'already wrapped'.*'pointwise': '1x1 kernel"):
+    already = r"'conv_a': 'already wrapped by TransformPruning'.*'pointwise': '1x1 kernel"
+    with pytest.raises(ValueError, match=r"prune_model wrapped no layer.*" + already):
         tc.prune_model(wrapped, schedule)
+    # transform_model of it: the same error, where it returned (model, []) without a word.
+    with pytest.raises(ValueError, match=r"transform_model converted no layer.*" + already):
+        tc.transform_model(wrapped, sparsity=0.5)
     with pytest.raises(ValueError, match=r"'conv_a': 'not chosen by `layers`'"):
         tc.prune_model(small_model(), lambda step: (True, 0.5), layers=lambda layer: False)
+    with pytest.raises(ValueError, match=r"transform_model converted no layer.*'grouped': 'grouped"):
+        tc.transform_model(model, sparsity=0.5)
+    # A name of a layer that cannot be chosen says why.
+    with pytest.raises(ValueError, match=r"No eligible layer is named \['grouped', 'zz'\] \('grouped': "
+                       r"grouped convolution \(groups=2\): not supported; 'zz': no layer of model"):
+        tc.prune_model(model, lambda step: (True, 0.5), layers=["grouped", "zz"])
+    with pytest.raises(ValueError, match=r"'conv_a': already wrapped by TransformPruning\)"):
+        tc.transform_model(wrapped, sparsity=0.5, layers=["conv_a"])
+
+
+def test_prune_model_says_which_convolutions_its_transforms_leave():
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(8, 3, name="square")(inputs)
+    x = keras.layers.Conv2D(8, (3, 5), padding="same", name="wide")(x)
+    x = keras.layers.Conv2D(8, 1, name="pointwise")(x)  # never eligible: no warning for it
+    model = keras.Model(inputs, x)
+    with pytest.warns(UserWarning, match=r"prune_model leaves 'wide' \(kernel \(3, 5\): .*\) dense: "
+                      r"transforms=\[.*\] do not apply to its kernel") as caught:
+        wrapped = tc.prune_model(model, lambda step: (True, 0.5))
+    assert [w.filename for w in caught] == [__file__]
+    assert [w.layer.name for w in wrappers(wrapped)] == ["square"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # transforms that apply to every kernel: quiet
+        mirrored = tc.prune_model(model, lambda step: (True, 0.5),
+                                  tc.Reconstruction(transforms="flips"))
+        tc.prune_model(model, lambda step: (True, 0.5), layers=["square"])
+    assert [w.layer.name for w in wrappers(mirrored)] == ["square", "wide"]
 
 
 # ----------------------------------------------------------------------------

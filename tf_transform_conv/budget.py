@@ -377,7 +377,7 @@ def plan_budget(model, budget, data=None, reconstruction=None, layers=None,
     fitting = Reconstruction.get(reconstruction).replace(
         transform_family="discrete", criterion="reconstruction", assign="fit")
     kind = budget.kind
-    chosen = select_layers(model, layers, lambda l: not fitting.skip_reason(l))
+    chosen = select_layers(model, layers, fitting.skip_reason)
     convs = [l for l in _compat.layers_of(model) if l.name in chosen]
     if not convs:
         raise ValueError(

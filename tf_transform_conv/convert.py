@@ -11,6 +11,7 @@ pruning wrapper, budgets).
 
 import dataclasses
 
+import keras
 import numpy as np
 
 from tf_transform_conv import _compat
@@ -19,6 +20,7 @@ from tf_transform_conv.cost import parameter_formula
 from tf_transform_conv.graph.nodes import check_graph_model
 from tf_transform_conv.graph.rewrite import rewrite_model
 from tf_transform_conv.graph.rewrite import select_layers
+from tf_transform_conv.graph.rewrite import unless_wrapped
 from tf_transform_conv.layers.transform_conv import TransformConv2D
 from tf_transform_conv.ops.assignment import allocate_globally
 from tf_transform_conv.ops.assignment import kept_filters
@@ -30,6 +32,7 @@ from tf_transform_conv.saliency import filter_saliency
 __all__ = [
     "LayerReport",
     "format_report",
+    "nothing_rebuilt_error",
     "resolve_budget",
     "transform_conv_from_conv2d",
     "transform_model",
@@ -137,6 +140,28 @@ def transform_conv_from_conv2d(
     return layer, weights
 
 
+def nothing_rebuilt_error(verb, did, model, reason):
+    """The error of a verb that rebuilt no layer of `model`, with why it left each convolution.
+
+    Args:
+        verb: `"prune_model"` or `"transform_model"`.
+        did: what it does to a layer (`"wrapped"`, `"converted"`).
+        reason: `layer -> str`, why a layer is not eligible ("" when it is;
+            `unless_wrapped` of the reconstruction's `skip_reason`).
+    """
+    left = {
+        layer.name: reason(layer) or "not chosen by `layers`"
+        for layer in _compat.layers_of(model)
+        if isinstance(layer, CONVOLUTIONS)
+    }
+    return ValueError(
+        f"{verb} {did} no layer of model '{model.name}': it takes the "
+        "keras.layers.Conv2D layers with groups=1 and a kernel larger than 1x1 "
+        "that `layers` chooses and that no wrapper holds already. "
+        + (f"Its convolutions: {left}." if left else "It has no Conv2D layer.")
+    )
+
+
 def resolve_budget(budget, model, reconstruction, layers):
     """The `BudgetPlan` a verb's `budget` argument gives for `model`.
 
@@ -222,7 +247,10 @@ def transform_model(
             argument of the wrong type or out of range (each message names
             it and what is allowed), something other than a built
             Sequential or Functional model (a path: load it with
-            `keras.saving.load_model` first) or a name matching no layer.
+            `keras.saving.load_model` first), a name in `layers` of a layer
+            that cannot be converted (the message says why), and, without
+            `budget`, when no layer gets converted (the message lists the
+            model's convolutions and why each was left: as `prune_model`'s).
 
     Example:
 
@@ -284,7 +312,8 @@ def transform_model(
             "reconstruction=Reconstruction(criterion='taylor')) with "
             "UpdateTransformPruningStep(saliency_data=...), or 'magnitude'."
         )
-    chosen = select_layers(model, layers, lambda l: not reconstruction.skip_reason(l))
+    reason = unless_wrapped(model, reconstruction.skip_reason)
+    chosen = select_layers(model, layers, reason)
     if budget is None:  # a budget's plan sets the bases itself
         reconstruction.warn_if_min_bases_keep_all(
             [layer for layer in _compat.layers_of(model) if layer.name in chosen],
@@ -317,15 +346,17 @@ def transform_model(
         allotted = {}
 
     def replace(layer):
+        if isinstance(layer, keras.layers.Wrapper) and isinstance(layer.layer, CONVOLUTIONS):
+            layer = layer.layer  # reported as already wrapped, and left in its wrapper
         if not isinstance(layer, CONVOLUTIONS):
             return None
         before = layer.count_params()
-        reason = reconstruction.skip_reason(layer)
-        if not reason and layer.name not in chosen:
-            reason = "not selected by `layers`"
-        if reason:
+        why = reason(layer)
+        if not why and layer.name not in chosen:
+            why = "not selected by `layers`"
+        if why:
             report[layer.name] = LayerReport(
-                layer.name, type(layer).__name__, False, reason, before, before
+                layer.name, type(layer).__name__, False, why, before, before
             )
             return None
         kernel = np.asarray(layer.kernel)
@@ -349,6 +380,8 @@ def transform_model(
         return new, weights
 
     new_model = rewrite_model(model, replace)
+    if budget is None and not any(entry.converted for entry in report.values()):
+        raise nothing_rebuilt_error("transform_model", "converted", model, reason)
     if recalibrate is not None:
         recalibrate_batch_norm(new_model, recalibrate, recalibrate_batches)
     ordered = [

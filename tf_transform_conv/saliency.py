@@ -183,7 +183,9 @@ def filter_importance(model, data, layers=None, num_batches=8, batch_size=32):
         )
     num_batches = check_positive_int(num_batches, "num_batches")
     batch_size = check_positive_int(batch_size, "batch_size")
-    chosen = select_layers(model, layers, _scored_layer)
+    chosen = select_layers(
+        model, layers,
+        lambda l: "" if _scored_layer(l) else "no kernel with its outputs on the last axis")
     scored = [layer for layer in _compat.layers_of(model)
               if layer.name in chosen and _scored_layer(layer)]
     totals = gradient_saliency(

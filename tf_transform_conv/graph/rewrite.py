@@ -4,7 +4,8 @@
 layers a function chooses while every other layer keeps its weights: what
 conversion, pruning, stripping, structured removal and export are built on.
 `select_layers` resolves the `layers` argument every verb takes (names,
-classes or a predicate).
+classes or a predicate), and `unless_wrapped` makes a layer that a wrapper
+already holds ineligible, saying so.
 """
 
 import warnings
@@ -14,17 +15,20 @@ import keras
 from tf_transform_conv import _compat
 
 
-def select_layers(model, layers, eligible):
-    """The names of the layers of `model` that `layers` chooses among `eligible` ones.
+def select_layers(model, layers, skip_reason):
+    """The names of the layers of `model` that `layers` chooses among the eligible ones.
 
     Args:
         layers: None (every eligible layer), a name or list of names, a layer
             class or tuple of classes, or a predicate `layer -> bool`.
+        skip_reason: `layer -> str`, why a layer is not eligible ("" when it
+            is); a name in `layers` for a layer that is not eligible raises
+            with it.
     """
     candidates = [
         layer
         for layer in _compat.layers_of(model)
-        if eligible(layer)
+        if not skip_reason(layer)
     ]
     classes = isinstance(layers, type) or (
         isinstance(layers, tuple) and layers and all(isinstance(t, type) for t in layers)
@@ -48,11 +52,34 @@ def select_layers(model, layers, eligible):
     eligible_names = {layer.name for layer in candidates}
     missing = [name for name in names if name not in eligible_names]
     if missing:
+        by_name = {layer.name: layer for layer in _compat.layers_of(model)}
+        why = "; ".join(
+            f"{name!r}: {skip_reason(by_name[name])}" if name in by_name
+            else f"{name!r}: no layer of model '{model.name}' has this name"
+            for name in missing
+        )
         raise ValueError(
-            f"No eligible layer is named {missing}. Eligible layers are "
+            f"No eligible layer is named {missing} ({why}). Eligible layers are "
             f"{sorted(eligible_names)}."
         )
     return set(names)
+
+
+def unless_wrapped(model, skip_reason):
+    """`skip_reason` for `select_layers` that also refuses the layers a wrapper of
+    `model` already holds (a `keras.layers.Wrapper`: a pruning wrapper)."""
+    holders = {
+        id(layer.layer): type(layer).__name__
+        for layer in _compat.layers_of(model)
+        if isinstance(layer, keras.layers.Wrapper)
+    }
+
+    def reason(layer):
+        if id(layer) in holders:
+            return f"already wrapped by {holders[id(layer)]}"
+        return skip_reason(layer)
+
+    return reason
 
 
 def rewrite_model(model, replace):

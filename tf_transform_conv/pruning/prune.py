@@ -7,15 +7,19 @@ layer or a whole model; `strip_model` replaces every `PruningWrapper` by
 the plain layer it trained (`PruningWrapper.strip`).
 """
 
+import warnings
+
 import keras
 
 from tf_transform_conv import _compat
 from tf_transform_conv._checks import check_choice
 from tf_transform_conv._checks import check_positive_int
+from tf_transform_conv.convert import nothing_rebuilt_error
 from tf_transform_conv.convert import resolve_budget
 from tf_transform_conv.graph.nodes import check_graph_model
 from tf_transform_conv.graph.rewrite import rewrite_model
 from tf_transform_conv.graph.rewrite import select_layers
+from tf_transform_conv.graph.rewrite import unless_wrapped
 from tf_transform_conv.layers.transform_conv import TransformConv2D
 from tf_transform_conv.ops.basis import BASES
 from tf_transform_conv.pruning.interspace import InterspacePruning
@@ -25,12 +29,11 @@ from tf_transform_conv.pruning.magnitude import sp_skip_reason
 from tf_transform_conv.pruning.schedules import ScaledSchedule
 from tf_transform_conv.pruning.schedules import check_schedule
 from tf_transform_conv.pruning.schedules import final_sparsity
-from tf_transform_conv.pruning.step import transform_wrappers
 from tf_transform_conv.pruning.transform_pruning import TransformPruning
 from tf_transform_conv.pruning.wrapper import PruningWrapper
 from tf_transform_conv.pruning.wrapper import frozen_layers_checked
-from tf_transform_conv.reconstruction import CONVOLUTIONS
 from tf_transform_conv.reconstruction import Reconstruction
+from tf_transform_conv.reconstruction import shape_skip_reason
 
 __all__ = ["prune_interspace", "prune_low_magnitude", "prune_model", "strip_model"]
 
@@ -107,7 +110,10 @@ def prune_model(model, schedule, reconstruction=None, layers=None, budget=None):
                 sparsity = (choice.filters - choice.bases) / choice.filters
                 layer_schedule[choice.name] = ScaledSchedule(schedule, sparsity / final)
         layers = sorted(layer_schedule) or (lambda layer: False)
-    chosen = select_layers(model, layers, lambda l: not reconstruction.skip_reason(l))
+    reason = unless_wrapped(model, reconstruction.skip_reason)
+    chosen = select_layers(model, layers, reason)
+    if layers is None:
+        _warn_if_transforms_skip(model, reconstruction)
     reconstruction.warn_if_min_bases_keep_all(
         [layer for layer in _compat.layers_of(model) if layer.name in chosen], "prune_model")
     wrapped = []
@@ -127,20 +133,29 @@ def prune_model(model, schedule, reconstruction=None, layers=None, budget=None):
             "prune_model"):
         new_model = rewrite_model(model, replace)
     if not wrapped:
-        inside = {id(w.layer) for w in transform_wrappers(model)}
-        left = {
-            layer.name: "already wrapped" if id(layer) in inside
-            else reconstruction.skip_reason(layer) or "not chosen by `layers`"
-            for layer in _compat.layers_of(model)
-            if isinstance(layer, CONVOLUTIONS)
-        }
-        raise ValueError(
-            f"prune_model wrapped no layer of model '{model.name}': it wraps the "
-            "keras.layers.Conv2D layers with groups=1 and a kernel larger than 1x1 "
-            "that `layers` chooses. "
-            + (f"Its convolutions: {left}." if left else "It has no Conv2D layer.")
-        )
+        raise nothing_rebuilt_error("prune_model", "wrapped", model, reason)
     return new_model
+
+
+def _warn_if_transforms_skip(model, reconstruction):
+    """Warns about the convolutions that `prune_model` leaves only because the
+    reconstruction's transforms do not apply to their kernels."""
+    left = {
+        layer.name: reconstruction.skip_reason(layer)
+        for layer in _compat.layers_of(model)
+        if isinstance(layer, keras.layers.Conv2D)
+        and reconstruction.skip_reason(layer)
+        and not shape_skip_reason(layer.kernel_size, layer.groups, "identity")
+    }
+    if left:
+        warnings.warn(
+            f"prune_model leaves {', '.join(f'{n!r} ({why})' for n, why in left.items())} "
+            f"dense: transforms={list(reconstruction.transforms)} do not apply to "
+            f"{'its kernel' if len(left) == 1 else 'their kernels'}. Pass transforms that "
+            "do (e.g. 'flips' or 'identity' for a non-square kernel), or name the layers "
+            "to prune with `layers`.",
+            stacklevel=3,
+        )
 
 
 def _strip_subclassed_advice(model):
@@ -201,11 +216,7 @@ def _input_shape_of(layer):
 
 def _wrap_model(model, verb, layers, skip_reason, make, what):
     check_graph_model(model, verb)
-    inside = {id(layer.layer) for layer in _compat.layers_of(model)
-              if isinstance(layer, keras.layers.Wrapper)}
-    chosen = select_layers(
-        model, layers, lambda l: id(l) not in inside and not skip_reason(l)
-    )
+    chosen = select_layers(model, layers, unless_wrapped(model, skip_reason))
     wrapped = []
 
     def replace(layer):
