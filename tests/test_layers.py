@@ -56,6 +56,8 @@ def layer_cases(draw):
     square = preset in ("rotations", "d4", "all")
     sizes = [(1, 1), (3, 3), (5, 5)] + ([] if square else [(3, 5), (2, 3)])
     kernel_size = draw(st.sampled_from(sizes))
+    if transforms_lib.degenerate_reason(names, kernel_size):
+        names = ("identity",)  # every other transform is refused on a 1x1 kernel
     strides = draw(st.sampled_from([1, 2]))
     dilation = 1 if strides > 1 else draw(st.sampled_from([1, 2]))
     padding = draw(st.sampled_from(["valid", "same"]))
@@ -712,6 +714,13 @@ def test_runs_and_matches_on_jax_backend(jax_backend):
         (dict(filters=8, kernel_size=3, implementation="fast"), r"implementation.*'auto', 'materialized', 'factored'.*'fast'"),
         (dict(filters=8, kernel_size=3, padding="causal"), r"padding.*'valid' or 'same'.*'causal'"),
         (dict(filters=8, kernel_size=(3, 5)), r"need a square kernel"),
+        (dict(filters=10, kernel_size=1, transforms="shifts", base_filters=2),
+         r"`transforms`: transforms \['shift_up', 'shift_down', 'shift_left', 'shift_right'\] move "
+         r"every tap of a 1x1 kernel out: their filters would be zero"),
+        (dict(filters=8, kernel_size=1), r"on a 1x1 kernel transforms 'rot90' = 'identity', 'rot180' = "
+         r"'identity', 'rot270' = 'identity': their filters would be copies"),
+        (dict(filters=8, kernel_size=(1, 3), transforms="flips"),
+         r"'flip_v' = 'identity', 'rot180' = 'flip_h'.*Received transforms=\['identity', 'flip_h'"),
         (dict(filters=8, kernel_size=3, transforms=["spin"]), r"Unknown transform 'spin'"),
         (dict(filters=8, kernel_size=3, strides=2, dilation_rate=2), r"strides > 1.*dilation_rate > 1"),
         (dict(filters=8, kernel_size=3, depth_groups=0), r"depth_groups.*strictly positive"),

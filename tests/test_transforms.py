@@ -93,6 +93,27 @@ def test_rotation_of_non_square_kernel_is_rejected():
     assert T.resolve_transforms("flips", (3, 5)) == T.PRESETS["flips"]
 
 
+@pytest.mark.parametrize("kernel_size", [(1, 1), (1, 3), (3, 1), (2, 2), (3, 3), (3, 5), (5, 5)])
+@pytest.mark.parametrize("preset", ["rotations", "flips", "shifts", "d4", "all"])
+def test_degenerate_transforms_are_exactly_the_zero_or_repeated_kernels(preset, kernel_size):
+    try:
+        names = T.resolve_transforms(preset, kernel_size)
+    except ValueError:
+        return  # needs a square kernel
+    rng = np.random.default_rng(0)
+    kernel = rng.normal(size=kernel_size + (2, 3))
+    moved = [T.apply_transform(kernel, n) for n in names]
+    zero = any(not m.any() for m in moved)
+    repeated = any(np.array_equal(moved[i], moved[j])
+                   for i in range(len(moved)) for j in range(i))
+    reason = T.degenerate_reason(preset, kernel_size)
+    assert bool(reason) == (zero or repeated), reason
+    if zero:
+        assert "would be zero" in reason
+    elif repeated:
+        assert "would be copies" in reason
+
+
 def test_bad_transform_lists():
     with pytest.raises(ValueError, match="at least one transform"):
         T.resolve_transforms([])

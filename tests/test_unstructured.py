@@ -676,7 +676,7 @@ def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="depth_groups=4 must divide the layer's depth_groups=2"):
         tc.InterspacePruning(grouped, schedule, depth_groups=4)
     with pytest.raises(ValueError, match="1x1 kernel"):
-        tc.InterspacePruning(tc.TransformConv2D(8, 1, base_filters=2), schedule)
+        tc.InterspacePruning(tc.TransformConv2D(8, 1, transforms="identity"), schedule)
     with pytest.raises(ValueError, match="basis_groups=2 must divide depth_groups=1"):
         tc.FilterBasisTransformConv2D(8, 3, base_filters=2, basis_groups=2)
     with pytest.raises(ValueError, match="already in a filter basis"):

@@ -280,4 +280,5 @@ def shape_skip_reason(kernel_size, groups, transforms):
         transforms_lib.resolve_transforms(transforms, kernel_size)
     except ValueError as e:
         return f"kernel {kernel_size}: {e}"
-    return ""
+    degenerate = transforms_lib.degenerate_reason(transforms, kernel_size)
+    return f"kernel {kernel_size}: {degenerate}" if degenerate else ""

@@ -135,6 +135,10 @@ class TransformConv2D(keras.layers.Layer):
             omitted: then `base_filters = filters / len(transforms)`.
         transforms: a preset (`"rotations"` (default), `"d4"`, `"flips"`,
             `"shifts"`, `"all"`), a transform name or a list of names.
+            Transforms that need a square kernel are refused for another,
+            and so are those that would build zero filters or copies on
+            this kernel (`ops.transforms.degenerate_reason`: shifts or
+            rotations of a 1x1 kernel, `flip_v` of a 1xk one).
         transform_family: `"discrete"` (default), `"scalar"`, `"rotation"`,
             `"affine"` or `"general"`.
         templates: optional bool array `(filters,)` or
@@ -269,6 +273,14 @@ class TransformConv2D(keras.layers.Layer):
         self.transforms = transforms_lib.resolve_transforms(
             transforms, self.kernel_size
         )
+        degenerate = transforms_lib.degenerate_reason(self.transforms, self.kernel_size)
+        if degenerate:
+            raise ValueError(
+                f"Invalid value for argument `transforms`: {degenerate}. Pass transforms "
+                f"whose tap tables differ on this kernel (e.g. transforms='identity' for "
+                f"a 1x1 kernel). Received "
+                f"transforms={list(self.transforms)}, kernel_size={self.kernel_size}."
+            )
         self.transform_family = families_lib.check_family(transform_family)
         self.depth_groups = check_positive_int(depth_groups, "depth_groups")
         if implementation not in IMPLEMENTATIONS:

@@ -154,6 +154,42 @@ def resolve_transforms(transforms, kernel_size=None):
     return tuple(names)
 
 
+def degenerate_reason(transforms, kernel_size):
+    """Why `transforms` build useless filters on a `kernel_size` kernel ("" when they do not).
+
+    A transform that moves every tap out (a shift along an axis of length 1)
+    builds zero filters, and one that gives the same tap table as an
+    earlier one (every rotation of a 1x1 kernel, `flip_v` of a 1xk kernel)
+    builds copies.
+
+    Args:
+        transforms: names or a preset, valid for `kernel_size`
+            (`resolve_transforms`).
+        kernel_size: int or `(kh, kw)`.
+    """
+    names = resolve_transforms(transforms, kernel_size)
+    kh, kw = standardize_kernel_size(kernel_size)
+    grid = np.arange(kh * kw, dtype=np.int32).reshape(kh, kw)
+    tables = [np.asarray(_DEFINITIONS[name][0](grid, -1)).reshape(-1) for name in names]
+    zero = [name for name, table in zip(names, tables) if (table < 0).all()]
+    if zero:
+        return (
+            f"transforms {zero} move every tap of a {kh}x{kw} kernel out: "
+            "their filters would be zero"
+        )
+    copies = []
+    for i, table in enumerate(tables):
+        same = next((names[j] for j in range(i) if np.array_equal(tables[j], table)), None)
+        if same is not None:
+            copies.append(f"{names[i]!r} = {same!r}")
+    if copies:
+        return (
+            f"on a {kh}x{kw} kernel transforms {', '.join(copies)}: their filters "
+            "would be copies"
+        )
+    return ""
+
+
 def apply_transform(kernel, name):
     """Applies transform `name` to a numpy kernel on its axes (0, 1).
 
