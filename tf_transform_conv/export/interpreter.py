@@ -18,6 +18,8 @@ import numpy as np
 from tf_transform_conv._checks import check_positive_int
 from tf_transform_conv._checks import check_tolerance
 from tf_transform_conv.export.checks import inputs_struct
+from tf_transform_conv.export.deploy import float32_model
+from tf_transform_conv.graph.nodes import is_graph_model
 
 __all__ = ["TFLiteMismatchError", "VerifyResult", "run_tflite", "tflite_op_counts", "verify_tflite"]
 
@@ -247,7 +249,9 @@ def verify_tflite(path, model, inputs, rtol=1e-4, num_threads=None):
 
     Runs the file with the LiteRT interpreter on `inputs` (looping over the
     samples when the file's batch is smaller) and compares with
-    `model(inputs, training=False)`, output by output. The difference that
+    `model(inputs, training=False)`, output by output; a mixed-precision
+    model through its float32 twin (`float32_model`, what `export_tflite`
+    converts: the file computes in float32). The difference that
     counts is relative to the output's scale: `max|tflite - keras| /
     max|keras|`. Float32 files agree to about 1e-6; float16 weights give
     about 1e-3; for dynamic-range and int8 files pass a looser `rtol`
@@ -280,7 +284,8 @@ def verify_tflite(path, model, inputs, rtol=1e-4, num_threads=None):
     if len(names) > 1 and not all(n.startswith("args_0") for n in names):
         feed = _named_inputs(model, inputs)  # files from export_tflite
     got = run_tflite(path, feed, num_threads=num_threads)
-    reference = model(inputs, training=False)
+    twin = float32_model(model) if is_graph_model(model) else model
+    reference = twin(inputs, training=False)
     reference = [np.asarray(keras.ops.convert_to_numpy(r), np.float32)
                  for r in keras.tree.flatten(reference)]
     if len(got) != len(reference) or any(g.shape != r.shape for g, r in zip(got, reference)):
