@@ -10,6 +10,8 @@ import pytest
 
 import reference
 from tf_transform_conv import TransformConv2D
+from tf_transform_conv.layers import ChannelGather
+from tf_transform_conv.models import cifar_resnet
 from tf_transform_conv.cost import (
     LayerCost,
     ModelCost,
@@ -652,6 +654,19 @@ def test_layers_without_a_formula_are_marked_not_counted():
     assert data["uncounted"] == cost.uncounted
     assert [layer["macs_counted"] for layer in data["layers"]] == [
         counted[layer.name] for layer in cost.layers]
+
+
+def test_the_packages_channel_layers_are_counted_as_no_work():
+    """ChannelPad (the CIFAR ResNets' shortcuts) and ChannelGather only move values."""
+    model = cifar_resnet(8, num_classes=3, input_shape=(8, 8, 3))
+    cost = model_cost(model)
+    pads = [layer for layer in cost.layers if layer.class_name == "ChannelPad"]
+    assert pads and cost.uncounted == []
+    assert all(layer.macs_counted and layer.macs == layer.params == 0 for layer in pads)
+    inputs = keras.Input((4, 4, 3))
+    gathered = ChannelGather([2, 0, 1], name="gather")(inputs)
+    layer = model_cost(keras.Model(inputs, gathered)).layers[-1]
+    assert (layer.name, layer.macs_counted, layer.macs, layer.params) == ("gather", True, 0, 0)
 
 
 # ----------------------------------------------------------------------

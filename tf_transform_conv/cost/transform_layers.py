@@ -1,4 +1,6 @@
-"""Cost rules of the package's layers: `TransformConv2D` and the filter-basis layers.
+"""Cost rules of the package's layers: `TransformConv2D`, the filter-basis layers,
+and `ChannelPad` and `ChannelGather` (no parameters, no multiply-adds: they
+only move values).
 
 `parameter_formula` is the parameter count of a `TransformConv2D`;
 `transform_conv_cost` costs one call on the path the layer runs (the layer's
@@ -17,6 +19,8 @@ from tf_transform_conv.cost.core import image_dims
 from tf_transform_conv.cost.core import pair
 from tf_transform_conv.cost.core import register_layer_cost
 from tf_transform_conv.cost.keras_layers import check_image_input
+from tf_transform_conv.layers.channel_gather import ChannelGather
+from tf_transform_conv.layers.channel_pad import ChannelPad
 from tf_transform_conv.layers.filter_basis_conv import FilterBasisConv2D
 from tf_transform_conv.layers.filter_basis_transform_conv import FilterBasisTransformConv2D
 from tf_transform_conv.layers.transform_conv import TransformConv2D
@@ -212,3 +216,10 @@ def sparse_basis_terms(params, coefficients, basis, depth_groups, oh, ow):
     zeros = coefficients.size - nnz
     sparse = oh * ow * (c // depth_groups * int(np.count_nonzero(basis)) + nnz)
     return {"nonzeros": params - zeros, "nonzero_macs": sparse}
+
+
+@register_layer_cost(ChannelPad)
+@register_layer_cost(ChannelGather)
+def _channel_move_cost(layer, input_shape, output_shape):
+    """Zero-padding or reordering channels: copies, no multiply-adds."""
+    return CostTerms(params=layer.count_params(), macs=0)
