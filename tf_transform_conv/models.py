@@ -40,12 +40,19 @@ them within 2% with `cost.model_cost`, which counts the multiply-adds of
 `Conv2D`, `DepthwiseConv2D` and `Dense` as published counts do; the
 parameters include the BatchNorm moving statistics):
 
-| model | params | MACs |
-|---|---|---|
-| `cifar_resnet(20 / 32 / 56 / 110)` | 0.27M / 0.46M / 0.85M / 1.7M | 41M / 69M / 125M / 253M |
-| `cifar_vgg16()` | 14.7M | 313M |
-| `imagenet_resnet(18 / 34 / 50)` | 11.7M / 21.8M / 25.6M | 1.8G / 3.6G / 4.1G |
-| `mobilenet_v2()` | 3.5M | 300M |
+| model | published params | built params | published MACs | built MACs |
+|---|---|---|---|---|
+| `cifar_resnet(20)` | 0.27M | 271,098 | 41M | 40,551,040 |
+| `cifar_resnet(32)` | 0.46M | 466,426 | 69M | 68,862,592 |
+| `cifar_resnet(56)` | 0.85M | 857,082 | 125M | 125,485,696 |
+| `cifar_resnet(110)` | 1.7M | 1,736,058 | 253M | 252,887,680 |
+| `cifar_vgg16()` | 14.7M | 14,732,490 | 313M | 313,201,664 |
+| `imagenet_resnet(18)` | 11.7M | 11,699,112 | 1.8G | 1,814,073,344 |
+| `imagenet_resnet(34)` | 21.8M | 21,814,696 | 3.6G | 3,663,761,408 |
+| `imagenet_resnet(50)` | 25.6M | 25,610,152 | 4.1G | 4,089,184,256 |
+| `mobilenet_v2()` | 3.5M | 3,538,984 | 300M | 300,774,272 |
+
+(The published figures are rounded: ResNet-56's 0.85M is 857,082 here.)
 """
 
 import functools
@@ -412,7 +419,9 @@ def cifar_resnet(depth, num_classes=10, conv=None, input_shape=(32, 32, 3)):
 
     Reference: K. He, X. Zhang, S. Ren, J. Sun, "Deep Residual Learning for
     Image Recognition", CVPR 2016 (Table 6: ResNet-20/32/56/110 have
-    0.27M/0.46M/0.85M/1.7M parameters; 41M/69M/125M/253M multiply-adds).
+    0.27M/0.46M/0.85M/1.7M parameters, rounded; built here: 271,098 /
+    466,426 / 857,082 / 1,736,058, with 40.6M / 68.9M / 125.5M / 252.9M
+    multiply-adds).
 
     Args:
         depth: int, `6 n + 2` for `n >= 1` basic blocks per stage
