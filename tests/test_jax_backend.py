@@ -129,6 +129,41 @@ result = dict(message=message, unchanged=unchanged, predicted=list(predicted.sha
     assert all(abs(s - 0.5) <= 0.07 for s in result["sparsities"]), result["sparsities"]
 
 
+def test_any_call_that_fails_while_traced_leaves_the_model_usable_on_jax(jax_backend):
+    """Keras's JAX evaluate and predict took the variables out and did not put them
+    back when the step raised: every later call failed with 'NoneType' object is not
+    callable."""
+    result = jax_backend.run(PRELUDE + """
+calls = {
+    "fit_bad_labels": lambda m: m.fit(x, np.zeros((16, 3)), verbose=0,
+                                      callbacks=[tc.UpdateTransformPruningStep()]),
+    "evaluate_bad_labels": lambda m: m.evaluate(x, np.zeros((16, 3)), verbose=0),
+    "predict_bad_inputs": lambda m: m.predict(np.zeros((4, 8, 8, 5), "float32"), verbose=0),
+    "test_on_batch_bad_labels": lambda m: m.test_on_batch(x, np.zeros((16, 3))),
+}
+result = {}
+for name, call in calls.items():
+    wrapped = wrap("prune_model", model(), tfmot.sparsity.keras.ConstantSparsity(0.5, 0))
+    wrapped.compile("adam", "mse")
+    wrapped.fit(x, np.eye(2)[y], verbose=0, callbacks=[tc.UpdateTransformPruningStep()])
+    trained = lambda: [np.asarray(w) for w in wrapped.trainable_weights]  # not the step
+    before, predicted = trained(), wrapped.predict(x, verbose=0)
+    try:
+        call(wrapped)
+        raised = False
+    except Exception:
+        raised = True
+    kept = all(np.array_equal(a, b) for a, b in zip(before, trained()))
+    same = bool(np.array_equal(wrapped.predict(x, verbose=0), predicted))
+    wrapped.evaluate(x, np.eye(2)[y], verbose=0)
+    wrapped.fit(x, np.eye(2)[y], verbose=0, callbacks=[tc.UpdateTransformPruningStep()])
+    result[name] = [raised, kept, same, len(tc.strip_model(wrapped).layers)]
+""")
+    assert {name: got[:3] for name, got in result.items()} == {
+        name: [True, True, True] for name in result}, result
+    assert len(result) == 4
+
+
 def test_conversion_and_its_export_on_jax(jax_backend):
     result = jax_backend.run(PRELUDE + """
 converted, report = tc.transform_model(model(), sparsity=0.75,

@@ -39,18 +39,21 @@ def compiled_by_xla():
 
 
 def keep_jax_state_on_failure():
-    """Makes Keras's JAX `fit` keep the model's weights when a step fails before it returns.
+    """Makes Keras's JAX `fit`, `evaluate` and `predict` keep the model's weights when a
+    step fails before it returns.
 
     Keras 3.15's JAX trainer takes the model's variables out of the model
-    (each variable's value becomes None) before the first step of an epoch,
-    passes them to the step, and puts back, in a `finally`, the state the
-    last step returned. A step that fails while it is traced (an error a
-    layer raises, such as a pruning wrapper trained without its step
-    callback) has returned nothing, so every variable stays empty: the
-    trained weights are gone and the model is unusable. Patched here, the
-    state taken out is also kept as the state to put back, so the `finally`
-    restores it; a step that returns replaces it as before. Idempotent; on
-    other backends, nothing.
+    (each variable's value becomes None) before the first step, passes them
+    to the step, and puts back the state the last step returned: `fit` in a
+    `finally`, `evaluate` and `predict` only when they end normally. A step
+    that fails while it is traced (an error a layer raises, such as a
+    pruning wrapper trained without its step callback; labels of the wrong
+    shape; an input the model does not take) has returned nothing, so every
+    variable stays empty: the trained weights are gone and the model is
+    unusable. Patched here, the state taken out is also kept as the state to
+    put back (a step that returns replaces it as before), and `evaluate` and
+    `predict` put it back when they raise. Idempotent; on other backends,
+    nothing.
     """
     if jax_trainer is None:
         return
@@ -75,6 +78,24 @@ def keep_jax_state_on_failure():
 
     get_jax_state.keeps_state_on_failure = True
     trainer._get_jax_state = get_jax_state
+    for name in ("evaluate", "predict"):
+        setattr(trainer, name, _restoring_on_failure(getattr(trainer, name)))
+
+
+def _restoring_on_failure(method):
+    """`method` of the JAX trainer that puts the model's state back when it raises."""
+
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except BaseException:
+            if getattr(self, "_jax_state", None) and not getattr(self, "_jax_state_synced", True):
+                self.jax_state_sync()
+            self._jax_state = None
+            raise
+
+    return run
 
 
 def unscale_loss_for_distribution(value):
