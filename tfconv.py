@@ -94,10 +94,23 @@ def _positive_int(text):
     return value
 
 
+def _seed(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return value
+
+
 def _sparsity(text):
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
     if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"sparsity must be in [0, 1), got {text}")
+        raise argparse.ArgumentTypeError(f"sparsity must be a number in [0, 1), got {text!r}")
     return value
 
 
@@ -126,7 +139,7 @@ def build_parser():
         "--sparsities", type=_sparsity, nargs="+", default=[0.25, 0.5, 0.75],
         help="fractions of filters to reconstruct (0.25 0.5 0.75)",
     )
-    analyze.add_argument("--seed", type=int, default=0, help="seed of the random baseline")
+    analyze.add_argument("--seed", type=_seed, default=0, help="seed of the random baseline")
     export = commands.add_parser(
         "export", help="write a .tflite file holding only the base filters, and check it"
     )
@@ -152,7 +165,7 @@ def build_parser():
         "--verify-samples", type=_positive_int, default=8,
         help="random inputs for the float check (8)",
     )
-    export.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+    export.add_argument("--seed", type=_seed, default=0, help="seed of the random inputs")
     return parser
 
 

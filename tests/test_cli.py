@@ -121,6 +121,16 @@ def test_a_model_keras_cannot_rebuild_is_a_usage_error(tmp_path, capsys):
                            "Keras could not load it (")
 
 
+def test_analyze_of_a_model_without_a_convolution_to_analyse_is_a_usage_error(tmp_path, capsys):
+    keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)]).save(tmp_path / "d.keras")
+    with pytest.raises(SystemExit) as error:
+        cli.main(["analyze", str(tmp_path / "d.keras"), "--out-dir", str(tmp_path)])
+    assert error.value.code == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line == (f"tfconv analyze: error: {tmp_path / 'd.keras'}: the model has no Conv2D "
+                    "layer with groups=1 and a kernel larger than 1x1 to analyse")
+
+
 def test_export_int8_without_samples_names_the_flag(tmp_path, capsys):
     model = keras.Sequential([keras.Input((8, 8, 4)), keras.layers.Conv2D(8, 3)])
     model.save(tmp_path / "m.keras")
@@ -213,6 +223,9 @@ def test_installed_tfconv_help_does_not_import_tensorflow():
     (["cost"], 2),
     (["export", "m.keras", "m.tflite", "--batch-size", "0"], 2),
     (["analyze", "m.keras", "--sparsities", "1.5"], 2),
+    (["analyze", "m.keras", "--sparsities", "half"], 2),
+    (["analyze", "m.keras", "--seed", "-1"], 2),
+    (["export", "m.keras", "m.tflite", "--seed", "x"], 2),
 ])
 def test_launcher_help_and_argument_errors_do_not_import_tensorflow(argv, status):
     import subprocess
@@ -319,6 +332,7 @@ def test_package_cli_main_still_parses_with_the_launchers_parser(capsys):
     (["export", "{model}", "{tmp}/missing/m.tflite"],
      "output {tmp}/missing/m.tflite: the folder {tmp}/missing does not exist"),
     (["export", "{model}", "{tmp}"], "output {tmp}: is a folder, not a file"),
+    (["export", "{model}", "{model}"], "output {model}: expected a path ending in .tflite"),
 ])
 def test_unusable_output_paths_are_one_line_usage_errors_before_any_work(
         tmp_path, capsys, argv, message):

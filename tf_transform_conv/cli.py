@@ -163,9 +163,9 @@ def _analyze(args):
     model = _load(args.model)
     rows = analyze.analyze_model(model, sparsities=args.sparsities, seed=args.seed)
     if not rows:
-        raise SystemExit(
-            "tfconv analyze: the model has no Conv2D layer with groups=1 and a "
-            "kernel larger than 1x1 to analyse."
+        raise UsageError(
+            f"{args.model}: the model has no Conv2D layer with groups=1 and a "
+            "kernel larger than 1x1 to analyse"
         )
     print(analyze.format_rows(rows))
     os.makedirs(args.out_dir, exist_ok=True)
@@ -184,6 +184,9 @@ def _analyze(args):
 
 def _export(args):
     _check_output_file(args.output, "output")
+    if not args.output.endswith(".tflite"):
+        # Not a .keras file, the model's own included, overwritten by a flatbuffer.
+        raise UsageError(f"output {args.output}: expected a path ending in .tflite")
     if args.quantization == "int8" and not args.representative:
         raise UsageError(
             "--quantization int8 (full integer) calibrates the activation ranges on "
