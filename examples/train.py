@@ -61,6 +61,7 @@ import argparse
 import datetime
 import json
 import math
+import os
 import pathlib
 import sys
 import warnings
@@ -276,6 +277,26 @@ def parse_args(argv=None):
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         args.run_dir = pathlib.Path("runs") / f"{args.dataset}-{args.model}-{args.mode}-{stamp}"
     problems = []
+    not_finite = [f"--{key.replace('_', '-')} {value}" for key, value in vars(args).items()
+                  for value in (value if isinstance(value, list) else [value])
+                  if isinstance(value, float) and not math.isfinite(value)]
+    if not_finite:
+        problems.append(f"numbers must be finite (got {', '.join(not_finite)})")
+    if args.lr <= 0 or args.prune_power <= 0:
+        problems.append(f"--lr and --prune-power must be > 0 (got {args.lr:g}, "
+                        f"{args.prune_power:g})")
+    if not 0 <= args.momentum < 1 or not 0 <= args.label_smoothing < 1:
+        problems.append(f"--momentum and --label-smoothing must be in [0, 1) (got "
+                        f"{args.momentum:g}, {args.label_smoothing:g})")
+    if args.warmup_epochs < 0 or args.weight_decay < 0:
+        problems.append(f"--warmup-epochs and --weight-decay must be >= 0 (got "
+                        f"{args.warmup_epochs:g}, {args.weight_decay:g})")
+    if args.seed < 0 or args.cpu_devices < 0 or args.prune_frequency < 0:
+        problems.append(f"--seed, --cpu-devices and --prune-frequency must be >= 0 (got "
+                        f"{args.seed}, {args.cpu_devices}, {args.prune_frequency})")
+    if args.lr_steps and not all(0 <= f <= 1 for f in args.lr_steps):
+        problems.append(f"--lr-steps are fractions of training, in [0, 1] (got "
+                        f"{' '.join(f'{f:g}' for f in args.lr_steps)})")
     if args.epochs < 1 or args.batch_size < 1:
         problems.append(f"--epochs and --batch-size must be >= 1 (got {args.epochs}, "
                         f"{args.batch_size})")
@@ -314,6 +335,13 @@ def parse_args(argv=None):
         problems.append(f"--dataset digits needs --image-size >= 8 (got {args.image_size})")
     if args.resume and args.fresh:
         problems.append("--resume and --fresh contradict each other")
+    existing = next(p for p in [args.run_dir, *args.run_dir.absolute().parents] if p.exists())
+    if not existing.is_dir():
+        problems.append(f"--run-dir {args.run_dir}: "
+                        + ("is a file, not a folder" if existing == args.run_dir
+                           else f"cannot be made: {existing} is a file, not a folder"))
+    elif not os.access(existing, os.W_OK):
+        problems.append(f"--run-dir {args.run_dir}: {existing} is not writable")
     if args.teacher is not None and not args.teacher.is_file():
         problems.append(f"--teacher {args.teacher}: no such file")
     if args.init_from is not None and not args.init_from.is_file():

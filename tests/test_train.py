@@ -148,6 +148,21 @@ def test_bad_arguments_exit_with_a_message(train, capsys):
         train.parse_args(["--mode", "prune", "--subtract-mean"])
     assert "--subtract-mean needs --allocation global" in capsys.readouterr().err
     assert train.parse_args(["--subtract-mean", "--allocation", "global"]).subtract_mean
+    for argv, message in [
+        (["--lr", "-1"], "--lr and --prune-power must be > 0 (got -1, 3)"),
+        (["--lr", "nan"], "numbers must be finite (got --lr nan)"),
+        (["--momentum", "1.5"], "--momentum and --label-smoothing must be in [0, 1)"),
+        (["--weight-decay", "-0.1"], "--warmup-epochs and --weight-decay must be >= 0"),
+        (["--seed", "-1"], "--seed, --cpu-devices and --prune-frequency must be >= 0"),
+        (["--lr-steps", "0.5", "1.5"], "--lr-steps are fractions of training, in [0, 1]"),
+        (["--mixup", "inf"], "numbers must be finite (got --mixup inf)"),
+        (["--run-dir", __file__], f"--run-dir {__file__}: is a file, not a folder"),
+        (["--run-dir", f"{__file__}/run"], f"cannot be made: {__file__} is a file, not a folder"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            train.parse_args(argv)
+        assert exit_info.value.code == 2
+        assert message in capsys.readouterr().err, argv
 
 
 def test_inner_distillation_needs_a_teacher(train, capsys):
