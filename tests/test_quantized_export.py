@@ -193,3 +193,23 @@ def test_dropping_the_sparse_inputs_scales_keeps_the_outputs(files):
             f.write(flatbuffer)
         outputs.append(tc_export.run_tflite(path, x))
     np.testing.assert_array_equal(outputs[0], outputs[1])
+
+
+def test_an_int8_sparse_dense_layer_runs_as_a_convolution(tmp_path):
+    """XNNPACK cannot prepare an int8 FULLY_CONNECTED whose kernel a DENSIFY
+    rebuilds: a sparse `Dense` kernel is written as a 1x1 convolution, and
+    the file runs with the default delegates, close to Keras."""
+    keras.utils.set_random_seed(3)
+    inputs = keras.Input((4, 4, 8))
+    x = keras.layers.Flatten()(inputs)
+    outputs = keras.layers.Dense(64, activation="relu", name="fc")(x)
+    model = keras.Model(inputs, outputs)
+    kernel = np.asarray(model.get_layer("fc").kernel)
+    kernel[np.random.default_rng(0).random(kernel.shape) < 0.8] = 0.0
+    model.get_layer("fc").kernel.assign(kernel)
+    x = np.random.default_rng(4).normal(size=(8, 4, 4, 8)).astype("float32")
+    result = tc.export_tflite(model, tmp_path / "fc.tflite", quantization="int8",
+                              representative_data=x)
+    assert result.sparse_encoding and result.op_counts.get("DENSIFY", 0) == 1
+    assert "FULLY_CONNECTED" not in result.op_counts and result.op_counts["CONV_2D"] == 1
+    tc_export.verify_tflite(result.path, model, x, rtol=0.2)
