@@ -55,9 +55,10 @@ CASES = {
 NONZEROS_PER_TAP = {"discrete": 1, "scalar": 1, "rotation": 4, "affine": 4, "general": None}
 
 
-def layer_model(config, seed=0):
+def layer_model(config, seed=0, channels=8):
     rng = np.random.default_rng(seed)
-    shape = (8, 11, 11) if config.get("data_format") == "channels_first" else (11, 11, 8)
+    shape = ((channels, 11, 11) if config.get("data_format") == "channels_first"
+             else (11, 11, channels))
     inputs = keras.Input(shape)
     outputs = TransformConv2D(**config, name="tc")(inputs)
     model = keras.Model(inputs, outputs)
@@ -254,14 +255,16 @@ def test_auto_writes_a_lopsided_assignment_grouped(tmp_path):
     assignment = np.zeros((1, 12, 2), np.int64)
     assignment[0, :, 1] = np.arange(12) % 4
     assignment[0, 10:, 0] = [1, 2]  # base 0 builds 10 filters, bases 1 and 2 one each
+    # 32 input channels: the grouped form is then smaller than the dense
+    # kernel in the file too (`lowering_choice` weighs that last).
     model = layer_model(dict(filters=12, kernel_size=3, base_filters=3, transforms="rotations",
-                             padding="same", assignment=assignment.tolist()))
+                             padding="same", assignment=assignment.tolist()), channels=32)
     layer = model.get_layer("tc")
     form, reason = lowering.lowering_choice(layer)
     assert form == "grouped" and "padded to 2.50x the filters" in reason, reason
     # 30 spread outputs for 12 filters.
     assert grouped_lib.grouped_plan(layer).spread_outputs() == 30
-    x = np.random.default_rng(1).normal(size=(2, 11, 11, 8)).astype("float32")
+    x = np.random.default_rng(1).normal(size=(2, 11, 11, 32)).astype("float32")
     result = export.export_tflite(model, tmp_path / "m.tflite")
     assert result.lowerings == {"tc": "grouped"}
     # The spread kernel and the 0/1 selection of the 12 filters, both stored sparse.

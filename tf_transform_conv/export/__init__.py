@@ -4,6 +4,10 @@
 - `grouped`: the grouped TFLite form of a `TransformConv2D` (two
   convolutions), `GroupedTransformConv2D`.
 - `lowering`: which form each layer takes (grouped, slices, dense).
+- `file_bytes`: the bytes each form of a layer adds to a file, per
+  quantization (what `lowering="auto"` weighs).
+- `sparse_scales`: drops the duplicate scales of sparse constants in int8
+  files.
 - `channel_order`: the graph pass that keeps grouped layers' channel order
   and folds batch norm into them.
 - `deploy`: the model rewrites export converts (`deployment_model`,

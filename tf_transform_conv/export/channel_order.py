@@ -361,7 +361,7 @@ def _permuted_grouped(layer, in_order, out_order, fold):
         filters=layer.filters, kernel_size=layer.kernel_size, strides=layer.strides,
         padding=layer.padding, dilation_rate=layer.dilation_rate,
         data_format=layer.data_format, activation=layer.activation, bias=bias,
-        plan=new_plan, name=layer.name, dtype=layer.dtype_policy,
+        plan=new_plan, product_op=layer.product_op, name=layer.name, dtype=layer.dtype_policy,
     )
 
 

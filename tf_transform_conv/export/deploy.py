@@ -16,20 +16,26 @@ from tf_transform_conv._checks import check_bool
 from tf_transform_conv.export import channel_order
 from tf_transform_conv.export.checks import check_no_wrappers
 from tf_transform_conv.export.checks import check_static_inputs
+from tf_transform_conv.export.file_bytes import default_product_op
 from tf_transform_conv.export.grouped import GroupedTransformConv2D
 from tf_transform_conv.export.lowering import LOWERINGS
+from tf_transform_conv.export.lowering import LoweringDecision
+from tf_transform_conv.export.lowering import basis_decision
 from tf_transform_conv.export.lowering import lowering_decision
 from tf_transform_conv.graph.nodes import is_graph_model
 from tf_transform_conv.graph.rewrite import rewrite_model
+from tf_transform_conv.layers.filter_basis_conv import FilterBasisConv2D
 from tf_transform_conv.layers.transform_conv import TransformConv2D
 
 __all__ = [
+    "PointwiseDense",
     "deploy",
     "deployment_model",
     "factored_model",
     "float32_model",
     "lowering_per_layer",
     "lowering_values",
+    "sparse_dense_as_convolutions",
 ]
 
 
@@ -91,7 +97,7 @@ def factored(model):
     return rewrite_model(model, replace)
 
 
-def deployment_model(model, lowering="auto", keep_order=True):
+def deployment_model(model, lowering="auto", keep_order=True, quantization=None):
     """The model as `export_tflite` converts it, and the form each `TransformConv2D` took.
 
     Each `TransformConv2D` is replaced by its grouped form
@@ -116,6 +122,11 @@ def deployment_model(model, lowering="auto", keep_order=True):
             norm, activations and residual additions (no reorder operators)
             and batch norms fold into the convolutions before them. False
             keeps every layer's filter order, for comparisons.
+        quantization: the file's quantization (None, `"dynamic"`,
+            `"float16"` or `"int8"`; default None): `"auto"` weighs the
+            forms' bytes in such a file, and in a quantized one the grouped
+            form writes its products as a fully-connected operator (which
+            has no bias operand; see `export.grouped`).
 
     Returns:
         `(deployed, choices)`: the rewritten model, and a dict from each
@@ -130,18 +141,30 @@ def deployment_model(model, lowering="auto", keep_order=True):
     check_bool(keep_order, "keep_order")
     check_no_wrappers(model, "deployment_model")
     check_static_inputs(model, "deployment_model")
-    return deploy(model, requested, keep_order)
+    deployed, decisions = deploy(model, requested, keep_order, quantization)
+    return deployed, {name: (d.form, d.reason) for name, d in decisions.items()}
 
 
-def deploy(model, requested, keep_order=True):
+def deploy(model, requested, keep_order=True, quantization=None):
     """`deployment_model` on a model already checked (`check_no_wrappers`,
-    `check_static_inputs`); `requested`: `layer -> lowering`."""
+    `check_static_inputs`); `requested`: `layer -> lowering`; `quantization`:
+    the file's, whose bytes `"auto"` weighs and which picks how the grouped
+    form writes its products (`file_bytes.default_product_op`).
+
+    Returns `(deployed, decisions)`: decisions maps each rewritten layer's
+    name to its `lowering.LoweringDecision`.
+    """
     layers = [
         layer
         for layer in _compat.layers_of(model)
         if isinstance(layer, TransformConv2D)
     ]
-    if not layers:
+    bases = [
+        layer
+        for layer in _compat.layers_of(model)
+        if isinstance(layer, FilterBasisConv2D) and layer.built
+    ]
+    if not layers and not (bases and is_graph_model(model)):
         if keep_order and channel_order.rewrites(model):
             # A clone: the pass calls the layers it leaves unchanged.
             clone = rewrite_model(model, lambda layer: None)
@@ -150,18 +173,25 @@ def deploy(model, requested, keep_order=True):
     if not is_graph_model(model):
         # Raises the subclassed-model error unless every layer already runs factored.
         return factored(model), {
-            layer.name: ("slices", "a subclassed model: its layers already run factored")
+            layer.name: LoweringDecision(
+                "slices", "a subclassed model: its layers already run factored", None, {})
             for layer in layers
         }
     choices = {}
 
     def replace(layer):
+        if isinstance(layer, FilterBasisConv2D) and layer.built:
+            decision = basis_decision(layer, quantization)
+            choices[layer.name] = decision
+            return _dense_twin(layer) if decision.form == "dense" else None
         if not isinstance(layer, TransformConv2D):
             return None
-        form, reason, plan = lowering_decision(layer, requested(layer))
-        choices[layer.name] = (form, reason)
+        decision = lowering_decision(layer, requested(layer), quantization, keep_order)
+        choices[layer.name] = decision
+        form = decision.form
         if form == "grouped":
-            return GroupedTransformConv2D.from_layer(layer, plan=plan), None
+            return GroupedTransformConv2D.from_layer(
+                layer, plan=decision.plan, product_op=default_product_op(quantization)), None
         if form == "dense":
             return _dense_twin(layer)
         config = layer.get_config()
@@ -175,7 +205,8 @@ def deploy(model, requested, keep_order=True):
 
 
 def _dense_twin(layer):
-    """A `Conv2D` holding the layer's materialised kernel, and its weights."""
+    """A `Conv2D` holding the layer's materialised kernel, and its weights (a
+    `TransformConv2D` or a `FilterBasisConv2D`)."""
     conv = keras.layers.Conv2D(
         layer.filters,
         layer.kernel_size,
@@ -264,3 +295,60 @@ def lowering_values(deployed):
         for layer in _compat.layers_of(deployed)
         if isinstance(layer, GroupedTransformConv2D)
     )
+
+
+class PointwiseDense(keras.layers.Layer):
+    """A `Dense` layer written as a 1x1 convolution, for int8 files with sparse kernels.
+
+    XNNPACK (TF 2.21) fails to prepare an int8 FULLY_CONNECTED whose weights
+    come from a DENSIFY (a sparse-encoded kernel): the file does not run
+    with the default delegates. An int8 CONV_2D with a densified kernel
+    runs, so `export_tflite` writes such a `Dense` as a reshape, a 1x1
+    convolution and a reshape (`sparse_dense_as_convolutions`). For export
+    only: it holds its weights as constants.
+    """
+
+    def __init__(self, kernel, bias, activation, **kwargs):
+        super().__init__(**kwargs)
+        self.kernel_value = np.asarray(kernel, np.float32)
+        self.bias_value = None if bias is None else np.asarray(bias, np.float32)
+        self.activation = activation
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape[:-1]) + (self.kernel_value.shape[-1],)
+
+    def call(self, inputs):
+        lead = tuple(inputs.shape[1:-1])
+        rows = int(np.prod(lead)) if lead else 1
+        units = self.kernel_value.shape[-1]
+        x = keras.ops.reshape(inputs, (-1, rows, 1, inputs.shape[-1]))
+        kernel = keras.ops.convert_to_tensor(self.kernel_value[None, None], inputs.dtype)
+        y = keras.ops.conv(x, kernel, 1, "valid", data_format="channels_last")
+        if self.bias_value is not None:
+            y = y + keras.ops.convert_to_tensor(self.bias_value, inputs.dtype)
+        y = keras.ops.reshape(y, (-1,) + lead + (units,))
+        if self.activation is not None:
+            y = self.activation(y)
+        return y
+
+
+def sparse_dense_as_convolutions(model, min_zeros):
+    """`model` with every `Dense` whose kernel has at least `min_zeros` zeros as a
+    `PointwiseDense`, and their names (the model itself where there is none)."""
+    names = [
+        layer.name
+        for layer in _compat.layers_of(model)
+        if type(layer) is keras.layers.Dense and layer.built
+        and np.mean(np.asarray(layer.kernel) == 0) >= min_zeros
+    ]
+    if not names or not is_graph_model(model):
+        return model, []
+
+    def replace(layer):
+        if layer.name not in names:
+            return layer, None  # shared: a grouped layer cannot be rebuilt from its config
+        bias = None if layer.bias is None else np.asarray(layer.bias)
+        return PointwiseDense(np.asarray(layer.kernel), bias, layer.activation,
+                              name=layer.name, dtype=layer.dtype_policy), None
+
+    return rewrite_model(model, replace), names

@@ -62,9 +62,11 @@ from tf_transform_conv.ops import transforms as transforms_lib
 __all__ = [
     "ELEMENTWISE_ACTIVATIONS",
     "PHASE_MAX_PRODUCT_FRACTION",
+    "PRODUCT_OPS",
     "GroupedPlan",
     "GroupedTransformConv2D",
     "Phase",
+    "fully_connected_products",
     "grouped_plan",
     "grouped_skip_reason",
 ]
@@ -192,6 +194,11 @@ class GroupedPlan:
         """Channels the second convolution writes (padded slots included)."""
         return self.spread_kernel.shape[-1]
 
+
+# How the stride-1 products are written: a 1x1 CONV_2D, or a FULLY_CONNECTED
+# (without the zero bias the converter gives a convolution; see
+# `GroupedTransformConv2D`).
+PRODUCT_OPS = ("conv", "fully_connected")
 
 # A stride-2 layer computes its products per pixel phase when that multiplies
 # at most this fraction of what products at every input pixel do.
@@ -323,6 +330,14 @@ def grouped_plan(layer):
     )
 
 
+def fully_connected_products(plan):
+    """Whether `product_op="fully_connected"` writes `plan`'s products as a
+    matrix product: one depth group, products at every pixel (no pixel
+    phases) and dense bases (not a filter basis, whose sparse coefficients
+    a fully-connected operator would read sparse, outside XNNPACK)."""
+    return plan.phases is None and plan.basis_kernel is None and plan.output_index.shape[0] == 1
+
+
 class GroupedTransformConv2D(keras.layers.Layer):
     """A `TransformConv2D` in the grouped form, for TFLite export (`keras.ops`: any backend).
 
@@ -332,8 +347,13 @@ class GroupedTransformConv2D(keras.layers.Layer):
     """
 
     def __init__(self, filters, kernel_size, strides, padding, dilation_rate, data_format,
-                 activation, bias, plan, **kwargs):
+                 activation, bias, plan, product_op="conv", **kwargs):
         super().__init__(**kwargs)
+        if product_op not in PRODUCT_OPS:
+            raise ValueError(
+                f"Invalid value for argument `product_op`. Expected one of {list(PRODUCT_OPS)}. "
+                f"Received product_op={product_op!r}."
+            )
         self.filters = filters
         self.kernel_size = tuple(kernel_size)
         self.strides = tuple(strides)
@@ -343,13 +363,16 @@ class GroupedTransformConv2D(keras.layers.Layer):
         self.activation = activation
         self._bias = bias
         self.plan = plan
+        self.product_op = product_op
 
     @classmethod
-    def from_layer(cls, layer, plan=None):
+    def from_layer(cls, layer, plan=None, product_op="conv"):
         """The grouped form of a built `TransformConv2D` (its current weights).
 
         `plan`: the layer's `GroupedPlan` when the caller already built it
         (`lowering_decision` does), else None to build it here.
+        `product_op`: how the products are written, one of `PRODUCT_OPS`
+        (see `GroupedTransformConv2D`).
         """
         reason = grouped_skip_reason(layer)
         if reason is not None:
@@ -371,6 +394,7 @@ class GroupedTransformConv2D(keras.layers.Layer):
             activation=layer.activation,
             bias=bias,
             plan=plan,
+            product_op=product_op,
             name=layer.name,
             dtype=layer.dtype_policy,
         )
@@ -403,8 +427,7 @@ class GroupedTransformConv2D(keras.layers.Layer):
         if plan.phases is not None:
             y = self._phase_sum(x, dtype)
         else:
-            products = ops.conv(x, ops.convert_to_tensor(plan.product_kernel, dtype), 1,
-                                "valid", data_format="channels_last")
+            products = self._products(x, dtype)
             if plan.basis_kernel is not None:
                 products = self._tap_products(products, dtype)
             # One group per base: the kernel's input depth is the group's width.
@@ -431,6 +454,16 @@ class GroupedTransformConv2D(keras.layers.Layer):
         if self.activation is not None and not early:
             y = self.activation(y)
         return y
+
+    def _products(self, x, dtype):
+        """The stride-1 products `P` (channels_last `x`): a 1x1 convolution, or a
+        matrix product where `product_op="fully_connected"` allows it."""
+        kernel = self.plan.product_kernel
+        if self.product_op == "fully_connected" and fully_connected_products(self.plan):
+            # TFLite: FULLY_CONNECTED (no bias operand), then a RESHAPE.
+            return ops.einsum("bhwc,cd->bhwd", x, ops.convert_to_tensor(kernel[0, 0], dtype))
+        return ops.conv(x, ops.convert_to_tensor(kernel, dtype), 1, "valid",
+                        data_format="channels_last")
 
     def _tap_products(self, products, dtype):
         """Products with the coefficients -> products with the bases' taps (filter basis)."""

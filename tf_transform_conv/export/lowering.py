@@ -15,16 +15,26 @@ adds), and `lowering_decision` the same with the `GroupedPlan` it built, which
 so that each layer's plan is built once.
 """
 
+import collections
+
+from tf_transform_conv.export.file_bytes import QUANTIZATIONS
+from tf_transform_conv.export.file_bytes import basis_conv_bytes
+from tf_transform_conv.export.file_bytes import dense_conv_bytes
+from tf_transform_conv.export.file_bytes import form_bytes
 from tf_transform_conv.export.grouped import grouped_plan
 from tf_transform_conv.export.grouped import grouped_skip_reason
 from tf_transform_conv.ops import families as families_lib
 
 __all__ = [
+    "AUTO_BYTES_MARGIN",
+    "AUTO_BYTES_MARGIN_FRACTION",
     "AUTO_DENSE_MAX_GROWTH",
     "AUTO_MIN_GROUPED_SLOTS",
     "AUTO_SLICES_MIN_CHANNELS",
     "LOWERINGS",
     "LOWERING_VALUE_BYTES",
+    "LoweringDecision",
+    "basis_decision",
     "lowering_choice",
     "lowering_decision",
 ]
@@ -51,9 +61,30 @@ LOWERINGS = ("auto", "grouped", "slices", "dense")
 AUTO_MIN_GROUPED_SLOTS = 4
 AUTO_SLICES_MIN_CHANNELS = 32
 AUTO_DENSE_MAX_GROWTH = 1.5
+# `"auto"` keeps a compact form only where its predicted bytes
+# (`export.file_bytes.form_bytes`, for the file's quantization) are below the
+# dense form's by this margin: the predictions' error (see
+# `tests/test_quantized_export.py`), so that a near tie goes dense, no larger.
+AUTO_BYTES_MARGIN = 256
+AUTO_BYTES_MARGIN_FRACTION = 0.05
 
 
-def lowering_choice(layer, lowering="auto"):
+LoweringDecision = collections.namedtuple(
+    "LoweringDecision", ["form", "reason", "plan", "form_bytes"])
+LoweringDecision.__doc__ = """How one `TransformConv2D` is written (see `lowering_decision`).
+
+Attributes:
+    form: `"grouped"`, `"slices"` or `"dense"`.
+    reason: str, why.
+    plan: the layer's `GroupedPlan` where `form` is `"grouped"` and it was
+        built here (pass it to `GroupedTransformConv2D.from_layer`), else None.
+    form_bytes: dict, form -> the bytes it was predicted to add to the file
+        (`export.file_bytes.form_bytes`): the written form and the dense
+        form, and for `"auto"` every form it weighed.
+"""
+
+
+def lowering_choice(layer, lowering="auto", quantization=None):
     """`(form, reason)`: how `export_tflite` writes a built `TransformConv2D`.
 
     `form` is `"grouped"` (two convolutions; see `export.grouped`)
@@ -64,8 +95,8 @@ def lowering_choice(layer, lowering="auto"):
     (`benchmarks/tflite_lowering.py`, XNNPACK, batch 1; docs/benchmarks/tflite_lowering.md):
 
     - dense when the dense convolution does no more multiply-adds than the
-      grouped form and its kernel is at most `AUTO_DENSE_MAX_GROWTH` (1.5)
-      times the grouped form's constants in bytes: few input channels, as
+      grouped form and takes at most `AUTO_DENSE_MAX_GROWTH` (1.5) times
+      the grouped form's bytes in the file: few input channels, as
       in a stem (3 channels: the grouped form was 2.2x the dense
       MobileNetV2 at ratio 1/2, all of it the stem), where the spread
       convolution alone costs `kh*kw / c_in` of the dense layer;
@@ -104,57 +135,120 @@ def lowering_choice(layer, lowering="auto"):
       only by the dense rule, which counts the padded multiply-adds
       (`_dense_instead`);
     - slices otherwise only when the layer's shape rules the grouped form
-      out (`export.grouped.grouped_skip_reason`).
+      out (`export.grouped.grouped_skip_reason`);
+    - and whichever of these it picks, a compact form only where the file
+      being written holds it in fewer bytes than the dense form
+      (`export.file_bytes.form_bytes` for `quantization`, by
+      `AUTO_BYTES_MARGIN` bytes and `AUTO_BYTES_MARGIN_FRACTION` of the
+      dense form's): otherwise the other compact form where that is
+      smaller, else dense. Quantized files spend bytes per output channel
+      and per tensor that float32 files do not (int8: 28 bytes per
+      channel of the product convolution, whose weights take `c_in`
+      bytes), so a layer that is compact in float32 may not be in int8:
+      a pruned model's 16-64-channel layers at ratio 1/2 took up to 1.9x
+      their dense layers' bytes in int8 and 2x in dynamic range.
 
     Args:
         layer: a built `TransformConv2D`.
         lowering: `"auto"`, `"grouped"`, `"slices"` or `"dense"`; the last
             three are taken as asked (`"grouped"` raises for a layer that
             cannot take it).
+        quantization: the file's quantization (`export_tflite`'s
+            `quantization`: None, `"dynamic"`, `"float16"` or `"int8"`),
+            whose bytes `"auto"` weighs. Defaults to None (float32).
     """
-    form, reason, _ = lowering_decision(layer, lowering)
-    return form, reason
+    decision = lowering_decision(layer, lowering, quantization)
+    return decision.form, decision.reason
 
 
-def lowering_decision(layer, lowering="auto"):
-    """`(form, reason, plan)`: `lowering_choice` with the `GroupedPlan` it built.
+def lowering_decision(layer, lowering="auto", quantization=None, keep_order=True):
+    """`lowering_choice` with what it weighed: a `LoweringDecision`.
 
-    `plan` is the layer's `GroupedPlan` when `form` is `"grouped"` and the
-    `"auto"` rule built it to decide (pass it to
-    `GroupedTransformConv2D.from_layer(layer, plan=plan)` so that it is built
-    once), else None.
+    Its `plan` is the layer's `GroupedPlan` when the form is `"grouped"`
+    (pass it to `GroupedTransformConv2D.from_layer(layer, plan=plan)` so
+    that it is built once), else None; its `form_bytes` the predicted bytes
+    of the forms it priced, for `quantization`. `keep_order`: whether the
+    channel-order pass runs on the model (`export_tflite`'s `keep_order`),
+    which removes a grouped layer's reorder.
     """
     if lowering not in LOWERINGS:
         raise ValueError(
             "Invalid value for argument `lowering`. Expected one of "
             f"{list(LOWERINGS)}. Received lowering={lowering!r}."
         )
-    if lowering in ("slices", "dense"):
-        return lowering, "requested", None
-    reason = grouped_skip_reason(layer)
-    if reason is not None:
-        if lowering == "grouped":
-            raise ValueError(
-                f"Layer {layer.name!r} cannot be written in the grouped form: {reason}. "
-                "Use lowering='auto' (which falls back to 'slices') or 'slices'."
-            )
-        return "slices", reason, None
-    if lowering == "grouped":
-        return "grouped", "requested", None
-    plan = grouped_plan(layer)
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(
+            "Invalid value for argument `quantization`. Expected one of "
+            f"{list(QUANTIZATIONS)}. Received quantization={quantization!r}."
+        )
+    skip = grouped_skip_reason(layer)
+    if skip is not None and lowering == "grouped":
+        raise ValueError(
+            f"Layer {layer.name!r} cannot be written in the grouped form: {skip}. "
+            "Use lowering='auto' (which falls back to 'slices') or 'slices'."
+        )
+    plan = grouped_plan(layer) if skip is None and lowering in ("auto", "grouped") else None
+
+    def price(form):
+        return form_bytes(layer, form, quantization, plan=plan, keep_order=keep_order)
+
+    if lowering != "auto":
+        priced = {form: price(form) for form in dict.fromkeys((lowering, "dense"))}
+        return LoweringDecision(lowering, "requested", plan if lowering == "grouped" else None,
+                                priced)
+    priced = {"dense": price("dense")}
+    if plan is not None:
+        priced["grouped"] = price("grouped")
+    form, reason = _preferred(layer, plan, skip)
+    if form != "dense":
+        form, reason = _no_larger_than_dense(layer, form, reason, plan, priced, price,
+                                             quantization)
+    return LoweringDecision(form, reason, plan if form == "grouped" else None, priced)
+
+
+def basis_decision(layer, quantization=None):
+    """How `export_tflite` writes a built `FilterBasisConv2D`: a `LoweringDecision`.
+
+    `"basis"`, its own form (a depthwise convolution with the basis, then
+    the sparse coefficients), where that takes fewer bytes in a file of
+    `quantization` than `"dense"`, a `Conv2D` holding its materialised
+    kernel, by the margin `"auto"` asks of a `TransformConv2D`'s compact
+    forms; else dense (also faster: one operator instead of eight). In
+    dynamic-range files the coefficients cannot be stored sparse (see
+    `export.file_bytes`), and there the basis form is larger.
+    """
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(
+            "Invalid value for argument `quantization`. Expected one of "
+            f"{list(QUANTIZATIONS)}. Received quantization={quantization!r}."
+        )
+    priced = {"basis": basis_conv_bytes(layer, quantization),
+              "dense": dense_conv_bytes(layer, quantization)}
+    kind = {None: "a float32", "dynamic": "a dynamic-range", "float16": "a float16", "int8": "an int8"}[quantization]
+    compare = (f"in {kind} file the basis form would take {priced['basis']:,} bytes against "
+               f"the dense form's {priced['dense']:,}")
+    if _smaller(priced, "basis"):
+        return LoweringDecision("basis", compare, None, priced)
+    return LoweringDecision("dense", compare, None, priced)
+
+
+def _preferred(layer, plan, skip):
+    """`(form, reason)`: the form measured fastest that stores the bases (or dense for a stem)."""
+    if skip is not None:
+        return "slices", skip
     if plan.basis_kernel is not None:
         return "grouped", (
             "bases in a filter basis: the grouped form stores the coefficients (sparse) "
             "and the basis, where the other forms would store dense bases or filters"
-        ), plan
+        )
     dense = _dense_instead(layer, plan)
     if dense is not None:
-        return "dense", dense, None
+        return "dense", dense
     if families_lib.coefficient_kind(layer.transform_family) == "dense":
         return "grouped", (
             f"the {layer.transform_family} family as slices would add a multiply-add per "
             "pair of taps (about ten times the operators)"
-        ), plan
+        )
     padding = plan.spread_outputs() / (layer.filters * layer.depth_groups)
     channels = layer.base_kernel.shape[2] // layer.depth_groups
     segments, slices = _slices_plan(layer)
@@ -167,13 +261,41 @@ def lowering_decision(layer, lowering="auto"):
             f"convolution padded to {padding:.2f}x the filters); as slices it would sum "
             f"{segments if segments is not None else 'many'} segments"
             + (f" ({slices} shifted slices)" if slices is not None else "")
-        ), plan
+        )
     if plan.slots < AUTO_MIN_GROUPED_SLOTS and channels >= AUTO_SLICES_MIN_CHANNELS:
         return "slices", (
             f"{plan.slots} filters per base (< {AUTO_MIN_GROUPED_SLOTS}) with {channels} "
             f"input channels per group (>= {AUTO_SLICES_MIN_CHANNELS}): slices measured faster"
-        ), None
-    return "grouped", f"{plan.slots} filters per base, {channels} input channels per group", plan
+        )
+    return "grouped", f"{plan.slots} filters per base, {channels} input channels per group"
+
+
+def _smaller(priced, form):
+    """Whether `form` is predicted smaller than the dense form by the margin."""
+    dense = priced["dense"]
+    margin = max(AUTO_BYTES_MARGIN, AUTO_BYTES_MARGIN_FRACTION * dense)
+    return priced[form] + margin <= dense
+
+
+def _no_larger_than_dense(layer, form, reason, plan, priced, price, quantization):
+    """`(form, reason)`: `form` where its file bytes are below the dense form's, else
+    the other compact form where that is (slices not for the dense-operator
+    families), else dense."""
+    if form not in priced:
+        priced[form] = price(form)
+    if _smaller(priced, form):
+        return form, reason
+    kind = {None: "a float32", "dynamic": "a dynamic-range", "float16": "a float16", "int8": "an int8"}[quantization]
+    why = (f"in {kind} file the {form} form would take {priced[form]:,} bytes against "
+           f"the dense form's {priced['dense']:,}")
+    other = "slices" if form == "grouped" else "grouped" if plan is not None else None
+    dense_family = families_lib.coefficient_kind(layer.transform_family) == "dense"
+    if other is not None and not (other == "slices" and dense_family):
+        if other not in priced:
+            priced[other] = price(other)
+        if _smaller(priced, other):
+            return other, f"{why}; the {other} form {priced[other]:,}"
+    return "dense", why
 
 
 def _slices_plan(layer):
@@ -189,9 +311,11 @@ def _dense_instead(layer, plan):
     """Why `"auto"` writes `layer` with its materialised kernel, or None.
 
     When the dense convolution does no more multiply-adds than the grouped
-    form, and its kernel takes at most `AUTO_DENSE_MAX_GROWTH` times the
-    bytes of the grouped form's constants: a layer with few input channels
-    (a stem), where the grouped form is both slower and hardly smaller.
+    form, and its float32 kernel takes at most `AUTO_DENSE_MAX_GROWTH` times
+    the bytes of the grouped form's float32 constants: a layer with few
+    input channels (a stem), where the grouped form is both slower and
+    hardly smaller. (A speed rule; what each form takes in the file being
+    written is weighed afterwards, `_no_larger_than_dense`.)
     """
     kh, kw = layer.kernel_size
     sh, sw = layer.strides

@@ -32,6 +32,7 @@ import dataclasses
 import math
 import os
 import tempfile
+import warnings
 
 import keras
 import numpy as np
@@ -48,13 +49,16 @@ from tf_transform_conv.export.deploy import deploy
 from tf_transform_conv.export.deploy import float32_model
 from tf_transform_conv.export.deploy import lowering_per_layer
 from tf_transform_conv.export.deploy import lowering_values
+from tf_transform_conv.export.deploy import sparse_dense_as_convolutions
+from tf_transform_conv.export.file_bytes import QUANTIZATIONS
+from tf_transform_conv.export.file_bytes import SPARSE_MIN_ZEROS
+from tf_transform_conv.export.file_bytes import sparse_encoding_saving
 from tf_transform_conv.export.interpreter import tflite_op_counts
+from tf_transform_conv.export.sparse_scales import drop_sparse_input_scales
 from tf_transform_conv.layers.filter_basis_conv import FilterBasisConv2D
 from tf_transform_conv.layers.filter_basis_transform_conv import FilterBasisTransformConv2D
 
 __all__ = ["ExportResult", "QUANTIZATIONS", "SPARSE_FRACTION", "export_tflite", "sparse_layers"]
-
-QUANTIZATIONS = (None, "dynamic", "float16", "int8")
 
 # Bytes per stored parameter, as `export_tflite` counts `param_bytes`.
 _BYTES_PER_PARAM = {None: 4, "float16": 2, "dynamic": 1, "int8": 1}
@@ -84,6 +88,18 @@ class ExportResult:
             parameters (the grouped form's spread nonzeros and its
             product convolution's zero bias), counted before the
             converter deduplicates identical ones.
+        lowering_bytes: dict, layer name -> {form: bytes}: what each form
+            the export weighed for the layer was predicted to add to a file
+            of this quantization (`export.file_bytes`), the written form and
+            `"dense"` among them; `FilterBasisConv2D` layers too (forms
+            `"basis"` and `"dense"`).
+        larger_than_dense: tuple of the layer names written in a form
+            predicted larger in this file than their dense form (only
+            where `lowering` asked for that form; `export_tflite` then
+            warns).
+        sparse_encoding: bool, whether the file stores its sparse kernels
+            in TFLite's sparse encoding (where that saves bytes in this
+            quantization; never for dynamic range).
     """
 
     path: str
@@ -95,6 +111,9 @@ class ExportResult:
     op_counts: dict = dataclasses.field(default_factory=dict)
     lowerings: dict = dataclasses.field(default_factory=dict)
     lowering_values: int = 0
+    lowering_bytes: dict = dataclasses.field(default_factory=dict)
+    larger_than_dense: tuple = ()
+    sparse_encoding: bool = False
 
     @property
     def num_ops(self):
@@ -276,12 +295,32 @@ def export_tflite(
     check_static_inputs(model, verb)
     params = _count_params(model)
     deployed = float32_model(model)
-    lowerings = {}
+    decisions = {}
     if factored:
         # `model` was checked above; its float32 twin has the same layers and inputs.
-        deployed, choices = deploy(
-            deployed, lowering_per_layer(deployed, lowering), keep_order)
-        lowerings = {name: form for name, (form, _) in choices.items()}
+        deployed, decisions = deploy(
+            deployed, lowering_per_layer(deployed, lowering), keep_order, quantization)
+    lowerings = {name: d.form for name, d in decisions.items()}
+    larger = tuple(
+        name for name, d in decisions.items()
+        if d.form != "dense" and d.form_bytes.get(d.form, 0) > d.form_bytes.get("dense", math.inf)
+    )
+    if larger:
+        kind = "float32" if quantization is None else quantization
+        warnings.warn(
+            f"export_tflite: in this {kind} file the forms asked for layers "
+            + ", ".join(f"{name!r} ({decisions[name].form}: "
+                        f"{decisions[name].form_bytes[decisions[name].form]:,} bytes against "
+                        f"{decisions[name].form_bytes['dense']:,} dense)" for name in larger)
+            + " are predicted larger than the dense form; lowering='auto' writes a "
+            "layer compact only where that is smaller.",
+            stacklevel=2,
+        )
+    sparse = (quantization != "dynamic" and sparse_encoding_saving(
+        _compat.layers_of(deployed), quantization) > 0)
+    if sparse and quantization == "int8":
+        # XNNPACK cannot prepare an int8 FULLY_CONNECTED with a densified kernel.
+        deployed, _ = sparse_dense_as_convolutions(deployed, SPARSE_MIN_ZEROS)
     dataset = (
         _representative_dataset(model, representative_data, batch_size)
         if quantization == "int8"
@@ -297,13 +336,13 @@ def export_tflite(
         optimizations = []
         if quantization is not None:
             optimizations.append(tf.lite.Optimize.DEFAULT)
-        if quantization != "dynamic" and ("grouped" in lowerings.values()
-                                          or sparse_layers(model)):
+        if sparse:
             # The grouped form's spread kernels are 1 - 1/(kh*kw) zeros:
-            # stored sparse, densified once when the interpreter is prepared.
-            # (Not with dynamic-range weights: XNNPACK then fails to prepare
-            # the densified hybrid convolution, TF 2.21.) Likewise kernels
-            # that are mostly zeros (unstructured pruning).
+            # stored sparse, densified once when the interpreter is prepared,
+            # where that saves bytes (`file_bytes.sparse_encoding_saving`:
+            # an int8 kernel half zeros is larger sparse). Not with
+            # dynamic-range weights: XNNPACK then fails to prepare the
+            # densified hybrid convolution, TF 2.21.
             optimizations.append(tf.lite.Optimize.EXPERIMENTAL_SPARSITY)
         converter.optimizations = optimizations
         if quantization == "float16":
@@ -312,6 +351,10 @@ def export_tflite(
             converter.representative_dataset = dataset
             converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
         flatbuffer = converter.convert()
+    if sparse and quantization == "int8":
+        # The sparse constants' scales are written twice: drop the copy
+        # DENSIFY does not read (`export.sparse_scales`).
+        flatbuffer, _ = drop_sparse_input_scales(flatbuffer)
 
     with open(path, "wb") as f:
         f.write(flatbuffer)
@@ -325,6 +368,9 @@ def export_tflite(
         op_counts=tflite_op_counts(flatbuffer),
         lowerings=lowerings,
         lowering_values=lowering_values(deployed),
+        lowering_bytes={name: dict(d.form_bytes) for name, d in decisions.items()},
+        larger_than_dense=larger,
+        sparse_encoding=sparse,
     )
 
 
