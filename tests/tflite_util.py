@@ -33,8 +33,8 @@ from tf_transform_conv.export.lowering import LOWERING_VALUE_BYTES
 #   `overhead_allowance(num_ops, lowering_values)`. Against the 2.95 MB of
 #   that model's dense kernel it is 1.7%, so a file holding the materialised
 #   kernel cannot pass `bytes <= 1.10 * param_bytes + FIXED_OVERHEAD`. (The
-#   real size-test export: 390,532 bytes for 370,688 parameter bytes in the
-#   grouped form, 409,220 as slices.) Quantized files spend more per tensor
+#   real size-test export: 390,488 bytes for 370,688 parameter bytes in the
+#   grouped form, 409,224 as slices, TF 2.21.) Quantized files spend more per tensor
 #   (scales and zero points): about 40 KB (float16), 47 KB (dynamic) and
 #   55 KB (int8) for the same graph as slices.
 FILE_OVERHEAD_BYTES = 1024
