@@ -1,7 +1,10 @@
 """Does LiteRT's XNNPACK run our pruned 1x1 convolutions faster? Dense against sparse files.
 
 A MobileNetV2 (keras.applications, random weights) at 224x224 (width 1.0)
-and a smaller one (width 0.5, 128x128), every 1x1 `Conv2D` pruned one-shot
+and a smaller one (width 0.5, 128x128), and the same two built in the shape
+`PruneForLatencyOnXNNPack` checks (`xnnpack_*`: stride-2 convolutions after
+`ZeroPadding2D`, "valid"; global average pooling with `keepdims=True`),
+every 1x1 `Conv2D` pruned one-shot
 by magnitude (`ops.masks.magnitude_mask`) to each rate, the rest dense (the
 3x3 stem, the depthwise convolutions and the classifier), then exported:
 
@@ -17,8 +20,8 @@ delegates, i.e. XNNPACK, `num_threads=1`, batch 1, a fixed random input);
 the timing is interleaved: every round times every file once (a loop of
 calls lasting at least `--min-seconds`), over `--rounds` rounds, and the
 median per call is reported with the ratio to the dense file of the same
-network. Outputs are compared with Keras' to check every file computes the
-same network.
+network. Outputs (the 1000 logits, no softmax) are compared with Keras' to
+check every file computes the same network.
 
 Usage:
     python benchmarks/sparse_inference.py [--rates 0.75 0.9] [--rounds 9]
@@ -39,16 +42,71 @@ import common  # noqa: E402  (benchmarks/common.py, beside this script)
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "sparse_inference.json"
 
-#: (name, width multiplier, input side)
-NETWORKS = (("mobilenet_v2_1.0_224", 1.0, 224), ("mobilenet_v2_0.5_128", 0.5, 128))
+#: (name, width multiplier, input side): keras.applications' MobileNetV2, and the
+#: same network in the shape `PruneForLatencyOnXNNPack` checks ("xnnpack_").
+NETWORKS = (("mobilenet_v2_1.0_224", 1.0, 224), ("mobilenet_v2_0.5_128", 0.5, 128),
+            ("xnnpack_v2_1.0_224", 1.0, 224), ("xnnpack_v2_0.5_128", 0.5, 128))
+
+#: MobileNetV2's inverted residual blocks: (expansion, filters, repeats, stride).
+BLOCKS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1),
+          (6, 160, 3, 2), (6, 320, 1, 1))
 
 
-def network(alpha, side):
+def _divisible(value, by=8):
+    return max(by, int(value + by / 2) // by * by)
+
+
+def xnnpack_mobilenet_v2(alpha, side):
+    """MobileNetV2 as XNNPACK's sparse inference wants it (`PruneForLatencyOnXNNPack`
+    accepts it): every stride-2 3x3 convolution is `ZeroPadding2D(1)` then
+    `"valid"`, and the network ends in `GlobalAveragePooling2D(keepdims=True)`
+    before the classifier."""
+    import keras
+    from keras import layers
+
+    def bn_relu(x, relu=True):
+        x = layers.BatchNormalization()(x)
+        return layers.ReLU(6.0)(x) if relu else x
+
+    inputs = keras.Input((side, side, 3))
+    x = layers.ZeroPadding2D(1)(inputs)
+    x = bn_relu(layers.Conv2D(_divisible(32 * alpha), 3, strides=2, use_bias=False)(x))
+    channels = _divisible(32 * alpha)
+    for expansion, filters, repeats, stride in BLOCKS:
+        out = _divisible(filters * alpha)
+        for index in range(repeats):
+            strides = stride if index == 0 else 1
+            y = x
+            if expansion != 1:
+                y = bn_relu(layers.Conv2D(channels * expansion, 1, use_bias=False)(y))
+            if strides == 2:
+                y = layers.DepthwiseConv2D(3, strides=2, use_bias=False)(layers.ZeroPadding2D(1)(y))
+            else:
+                y = layers.DepthwiseConv2D(3, padding="same", use_bias=False)(y)
+            y = bn_relu(y)
+            y = bn_relu(layers.Conv2D(out, 1, use_bias=False)(y), relu=False)
+            x = layers.Add()([x, y]) if strides == 1 and channels == out else y
+            channels = out
+    x = bn_relu(layers.Conv2D(1280 if alpha <= 1 else _divisible(1280 * alpha), 1,
+                              use_bias=False)(x))
+    x = layers.GlobalAveragePooling2D(keepdims=True)(x)
+    outputs = layers.Dense(1000)(layers.Flatten()(x))  # logits: outputs compared below
+    return keras.Model(inputs, outputs)
+
+
+def network(name, alpha, side):
     import keras
 
     keras.utils.set_random_seed(0)
+    if name.startswith("xnnpack"):
+        from tf_transform_conv.sparsity import PruneForLatencyOnXNNPack
+
+        model = xnnpack_mobilenet_v2(alpha, side)
+        PruneForLatencyOnXNNPack().ensure_model_supports_pruning(model)
+        return model
     return keras.applications.MobileNetV2(
-        input_shape=(side, side, 3), alpha=alpha, weights=None, classes=1000)
+        input_shape=(side, side, 3), alpha=alpha, weights=None, classes=1000,
+        classifier_activation=None)
 
 
 def prune_pointwise(model, rate):
@@ -123,7 +181,7 @@ def main(argv=None):
         for name, alpha, side in NETWORKS:
             if name not in args.networks:
                 continue
-            model = network(alpha, side)
+            model = network(name, alpha, side)
             x = np.random.default_rng(0).normal(size=(1, side, side, 3)).astype("float32")
             variants = [("dense", 0.0, model)]
             for rate in args.rates:

@@ -1,5 +1,6 @@
 """`tf_transform_conv.sparsity` (tfmot's names on Keras 3): block and M-by-N masks, schedules, custom layers, against tfmot."""
 
+import json
 import os
 import subprocess
 import sys
@@ -160,9 +161,9 @@ def test_a_custom_prunable_layer_is_pruned_saved_and_stripped(tmp_path):
                                rtol=1e-6)
     # alone: the wrapper of a single layer
     alone = tc.prune_low_magnitude(Scale(name="lone"), lambda step: (True, 0.5))
-    keras.Sequential([keras.Input((6,)), alone])
+    lone_model = keras.Sequential([keras.Input((6,)), alone])
     alone.layer.v.assign(np.arange(8, dtype="float32"))
-    tc.update_pruning_step(keras.Sequential([keras.Input((6,)), alone]), 0)
+    tc.update_pruning_step(lone_model, 0)
     assert np.asarray(alone.layer.v).tolist() == [0, 0, 0, 0, 4, 5, 6, 7]
 
 
@@ -223,3 +224,71 @@ def test_bad_patterns_are_named():
         sparsity.prune_low_magnitude(keras.layers.Dense(2), block_pooling_type="MIN")
     with pytest.raises(ValueError, match="sparsity_m_by_n"):
         sparsity.prune_low_magnitude(keras.layers.Dense(2), sparsity_m_by_n=(4, 4))
+
+
+JAX_SNIPPET = """
+import os, tempfile
+import numpy as np, keras
+import tf_transform_conv as tc
+from tf_transform_conv import sparsity
+
+@keras.saving.register_keras_serializable(package="jax_tests")
+class Scale(keras.layers.Layer, sparsity.PrunableLayer):
+    def build(self, input_shape):
+        self.w = self.add_weight(shape=(input_shape[-1], 4), initializer="glorot_uniform")
+    def call(self, x):
+        return keras.ops.matmul(x, self.w)
+    def get_prunable_weights(self):
+        return [self.w]
+
+import json
+block, pooling, m_by_n = json.loads(args[0])
+pattern = dict(block_size=tuple(block), block_pooling_type=pooling,
+               sparsity_m_by_n=tuple(m_by_n) if m_by_n else None)
+keras.utils.set_random_seed(1)
+inputs = keras.Input((6, 6, 4))
+h = keras.layers.Conv2D(8, 3, padding="same", name="conv")(inputs)
+h = keras.layers.DepthwiseConv2D(3, padding="same", name="dw")(h)
+h = keras.layers.GlobalAveragePooling2D()(h)
+h = Scale(name="scale")(h)
+model = keras.Model(inputs, keras.layers.Dense(4, name="head")(h))
+pruned = tc.prune_low_magnitude(model, sparsity.ConstantSparsity(0.5, 0, frequency=1), **pattern)
+x = np.random.default_rng(0).normal(size=(4, 6, 6, 4)).astype("float32")
+pruned.compile("sgd", "mse")
+pruned.fit(x, np.zeros((4, 4), "f"), batch_size=2, epochs=2, verbose=0,
+           callbacks=[sparsity.UpdatePruningStep()])
+# an error inside the traced step leaves the model usable
+try:
+    pruned.fit(x, np.zeros((4, 5), "f"), batch_size=2, epochs=1, verbose=0,
+               callbacks=[sparsity.UpdatePruningStep()])
+except Exception:
+    pass
+before = pruned.predict(x, verbose=0)
+path = os.path.join(tempfile.mkdtemp(), "p.keras")
+pruned.save(path)
+loaded = keras.saving.load_model(path, safe_mode=True)
+stripped = tc.strip_model(loaded)
+wrappers = [l for l in pruned.layers if isinstance(l, tc.MagnitudePruning)]
+result = dict(
+    names=sorted(w.layer.name for w in wrappers),
+    zeros={w.layer.name: float(np.mean(np.asarray(w.pruned_weight) == 0)) for w in wrappers},
+    masks_kept=all(np.array_equal(np.asarray(w.pruned_weight) == 0, np.asarray(w.mask) == 0)
+                   for w in wrappers),
+    loaded_diff=float(np.abs(loaded.predict(x, verbose=0) - before).max()),
+    stripped_diff=float(np.abs(stripped.predict(x, verbose=0) - before).max()),
+)
+"""
+
+
+@pytest.mark.parametrize("block, pooling, m_by_n", [
+    ((2, 2), "AVG", None), ((1, 1), "AVG", (2, 4)),
+    pytest.param((4, 1), "MAX", None, marks=pytest.mark.slow)])
+def test_patterns_and_a_custom_layer_on_jax(jax_backend, block, pooling, m_by_n):
+    result = jax_backend.run(JAX_SNIPPET, json.dumps([block, pooling, m_by_n]))
+    assert result["names"] == ["conv", "dw", "head", "scale"]
+    for name, zeros in result["zeros"].items():
+        assert zeros >= 0.4, (name, zeros)  # half the blocks (edge blocks cut), or 2 of 4
+        if m_by_n:
+            assert zeros == pytest.approx(0.5, abs=0.15), name
+    assert result["masks_kept"]
+    assert result["loaded_diff"] <= 1e-6 and result["stripped_diff"] <= 1e-5

@@ -33,7 +33,7 @@ class PrunableLayer(abc.ABC):
     ...         return [self.w]
     >>> wrapper = tc.prune_low_magnitude(Scale(), lambda step: (True, 0.5))
     >>> model = keras.Sequential([keras.Input((4,)), wrapper])
-    >>> wrapper.layer.w.assign([1.0, 4.0, 2.0, 3.0])
+    >>> _ = wrapper.layer.w.assign([1.0, 4.0, 2.0, 3.0])
     >>> _ = tc.update_pruning_step(model, 0)
     >>> np.asarray(wrapper.layer.w).tolist()
     [0.0, 4.0, 0.0, 3.0]
