@@ -292,3 +292,25 @@ def test_patterns_and_a_custom_layer_on_jax(jax_backend, block, pooling, m_by_n)
             assert zeros == pytest.approx(0.5, abs=0.15), name
     assert result["masks_kept"]
     assert result["loaded_diff"] <= 1e-6 and result["stripped_diff"] <= 1e-5
+
+
+def test_summaries_scope_and_a_list_of_layers(tmp_path):
+    layers = sparsity.prune_low_magnitude(
+        [keras.layers.Dense(4, name="a"), keras.layers.ReLU(), keras.layers.Dense(2, name="b")],
+        pruning_schedule=sparsity.ConstantSparsity(0.5, 1, frequency=1))
+    assert [type(l).__name__ for l in layers] == ["MagnitudePruning", "ReLU", "MagnitudePruning"]
+    model = keras.Sequential([keras.Input((3,))] + layers)
+    model.compile("sgd", "mse")
+    x = np.random.default_rng(0).normal(size=(4, 3)).astype("float32")
+    model.fit(x, np.zeros((4, 2), "f"), batch_size=2, verbose=0,
+              callbacks=[sparsity.UpdatePruningStep(),
+                         sparsity.PruningSummaries(str(tmp_path / "logs"), update_freq=1)])
+    assert [float(l.sparsity) for l in model.layers if isinstance(l, tc.MagnitudePruning)] == [
+        0.5, 0.5]
+    assert list((tmp_path / "logs").glob("events.out.tfevents.*"))
+    model.save(tmp_path / "m.keras")
+    with sparsity.prune_scope():
+        loaded = keras.saving.load_model(tmp_path / "m.keras", safe_mode=True)
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0))
+    with pytest.raises(ValueError, match="log_dir"):
+        sparsity.PruningSummaries("")
