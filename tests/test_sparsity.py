@@ -314,3 +314,54 @@ def test_summaries_scope_and_a_list_of_layers(tmp_path):
     np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0))
     with pytest.raises(ValueError, match="log_dir"):
         sparsity.PruningSummaries("")
+
+
+MIGRATION_SCRIPT = """
+import os, sys
+os.environ["TF_USE_LEGACY_KERAS"] = "1"
+import numpy as np, tf_keras as keras, tensorflow_model_optimization as tfmot
+out = sys.argv[1]
+keras.utils.set_random_seed(0)
+model = keras.Sequential([keras.Input((6, 6, 3)), keras.layers.Conv2D(8, 3, name="conv"),
+                          keras.layers.BatchNormalization(name="bn"),
+                          keras.layers.Flatten(), keras.layers.Dense(4, name="head")])
+pruned = tfmot.sparsity.keras.prune_low_magnitude(
+    model, pruning_schedule=tfmot.sparsity.keras.ConstantSparsity(0.75, 0, frequency=1))
+pruned.compile("sgd", "mse")
+x = np.random.default_rng(0).normal(size=(8, 6, 6, 3)).astype("float32")
+pruned.fit(x, np.zeros((8, 4), "f"), batch_size=4, verbose=0,
+           callbacks=[tfmot.sparsity.keras.UpdatePruningStep()])
+stripped = tfmot.sparsity.keras.strip_pruning(pruned)
+stripped.save_weights(os.path.join(out, "weights.h5"))
+stripped.save(os.path.join(out, "model.h5"))
+np.savez(os.path.join(out, "ref.npz"), x=x, y=stripped.predict(x, verbose=0),
+         conv=stripped.get_layer("conv").kernel.numpy())
+"""
+
+
+@pytest.mark.slow
+def test_a_stripped_tfmot_models_h5_files_load_and_prune_on(tmp_path):
+    """The guide's migration: tfmot strips and saves HDF5; Keras 3 loads it and prunes on."""
+    (tmp_path / "run_migration.py").write_text(MIGRATION_SCRIPT)
+    env = {**os.environ, "TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "3"}
+    proc = subprocess.run([sys.executable, str(tmp_path / "run_migration.py"), str(tmp_path)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    reference = np.load(tmp_path / "ref.npz")
+    model = keras.Sequential([keras.Input((6, 6, 3)), keras.layers.Conv2D(8, 3, name="conv"),
+                              keras.layers.BatchNormalization(name="bn"),
+                              keras.layers.Flatten(), keras.layers.Dense(4, name="head")])
+    model.load_weights(tmp_path / "weights.h5")
+    np.testing.assert_array_equal(np.asarray(model.get_layer("conv").kernel), reference["conv"])
+    np.testing.assert_allclose(model.predict(reference["x"], verbose=0), reference["y"],
+                               atol=1e-6)
+    whole = keras.saving.load_model(tmp_path / "model.h5", compile=False)
+    np.testing.assert_allclose(whole.predict(reference["x"], verbose=0), reference["y"],
+                               atol=1e-6)
+    pruned = sparsity.prune_low_magnitude(
+        model, pruning_schedule=sparsity.ConstantSparsity(0.75, 0, frequency=1))
+    pruned.compile("sgd", "mse")
+    pruned.fit(reference["x"], np.zeros((8, 4), "f"), batch_size=4, verbose=0,
+               callbacks=[sparsity.UpdatePruningStep()])
+    conv = pruned.get_layer("magnitude_pruning_conv")
+    np.testing.assert_array_equal(np.asarray(conv.mask) == 0, reference["conv"] == 0)
