@@ -269,7 +269,12 @@ pruned.save(path)
 loaded = keras.saving.load_model(path, safe_mode=True)
 stripped = tc.strip_model(loaded)
 wrappers = [l for l in pruned.layers if isinstance(l, tc.MagnitudePruning)]
+# TFLite: the layers this package exports (the custom layer is left out of the file)
+plain = keras.Model(stripped.input, stripped.get_layer("dw").output)
+exported = tc.export_tflite(plain, os.path.join(tempfile.mkdtemp(), "p.tflite"))
+tc.verify_tflite(exported.path, plain, x[:1])
 result = dict(
+    densify=exported.op_counts.get("DENSIFY", 0),
     names=sorted(w.layer.name for w in wrappers),
     zeros={w.layer.name: float(np.mean(np.asarray(w.pruned_weight) == 0)) for w in wrappers},
     masks_kept=all(np.array_equal(np.asarray(w.pruned_weight) == 0, np.asarray(w.mask) == 0)
@@ -291,6 +296,7 @@ def test_patterns_and_a_custom_layer_on_jax(jax_backend, block, pooling, m_by_n)
         if m_by_n:
             assert zeros == pytest.approx(0.5, abs=0.15), name
     assert result["masks_kept"]
+    assert result["densify"] >= 1  # the sparse encoding
     assert result["loaded_diff"] <= 1e-6 and result["stripped_diff"] <= 1e-5
 
 
