@@ -4,7 +4,8 @@ The names a user needs are here; the rest is in the subpackages, each one
 idea: `ops` (the math), `layers`, `graph` (walking and rewriting models),
 `cost`, `saliency`, `pruning`, `structured`, `export`, and the modules
 `reconstruction`, `convert`, `budget`, `distill`, `recalibrate`, `models`,
-`analyze`, `knapsack`. See `docs/architecture.md` for the map.
+`analyze`, `knapsack`, and `sparsity` (tfmot's `sparsity.keras` names).
+See `docs/architecture.md` for the map.
 """
 
 from tf_transform_conv import _compat
@@ -45,6 +46,10 @@ _compat.keep_jax_state_on_failure()
 # `.keras` file saved with an optimizer on that learning-rate schedule (the
 # training recipe's `final.keras`) loads with a plain `keras.saving.load_model`.
 from tf_transform_conv.training import schedules as _schedules  # noqa: F401, E402
+
+# `tf_transform_conv.sparsity` mirrors `tfmot.sparsity` (`import tf_transform_conv
+# as tfmot` runs a tfmot script's `tfmot.sparsity.keras.*` here).
+from tf_transform_conv import sparsity  # noqa: F401, E402
 
 __version__ = "0.2.0"
 

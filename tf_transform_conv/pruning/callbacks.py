@@ -1,4 +1,8 @@
-"""The pruning callbacks: `UpdateTransformPruningStep` drives the wrappers, `TransformPruningSummaries` logs them."""
+"""The pruning callbacks: `UpdateTransformPruningStep` drives the wrappers, `TransformPruningSummaries` logs them.
+
+`UpdatePruningStep` and `PruningSummaries` are the same callbacks under
+tfmot's names, `UpdatePruningStep` numbering the batches as tfmot does.
+"""
 
 import keras
 import numpy as np
@@ -10,7 +14,12 @@ from tf_transform_conv.pruning.step import step_decisions
 from tf_transform_conv.pruning.step import taylor_scores
 from tf_transform_conv.recalibrate import recalibrate_batch_norm
 
-__all__ = ["TransformPruningSummaries", "UpdateTransformPruningStep"]
+__all__ = [
+    "PruningSummaries",
+    "TransformPruningSummaries",
+    "UpdatePruningStep",
+    "UpdateTransformPruningStep",
+]
 
 
 class UpdateTransformPruningStep(keras.callbacks.Callback):
@@ -148,3 +157,44 @@ class TransformPruningSummaries(keras.callbacks.Callback):
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+
+
+class UpdatePruningStep(UpdateTransformPruningStep):
+    """tfmot's `UpdatePruningStep`: `UpdateTransformPruningStep`, the first batch numbered 1.
+
+    tfmot's callback sets a fresh wrapper's step to 0 when training begins,
+    and the wrapper counts each training batch from there, so the first
+    batch is step 1 (`UpdateTransformPruningStep` numbers it 0). The same
+    schedule then prunes at the same batches as in tfmot, and an M-by-N
+    wrapper (`sparsity_m_by_n`) makes its mask at the first batch. A
+    resumed run continues from the saved step.
+    """
+
+    def __init__(self):
+        super().__init__()
+
+    def on_train_begin(self, logs=None):
+        for wrapper in pruning_wrappers(self.model):
+            if int(np.asarray(wrapper.pruning_step)) < 0:
+                wrapper.pruning_step.assign(0)
+        super().on_train_begin(logs)
+
+
+class PruningSummaries(TransformPruningSummaries):
+    """tfmot's `PruningSummaries`: each wrapper's sparsity written to TensorBoard.
+
+    `TransformPruningSummaries` under tfmot's name and arguments: the
+    scalars are `{wrapper}/sparsity` (tfmot's are named after its mask and
+    threshold variables; this package keeps no threshold).
+
+    Args:
+        log_dir: a non-empty string, the TensorBoard log directory.
+        update_freq: `"epoch"` (default) or a number of batches.
+    """
+
+    def __init__(self, log_dir, update_freq="epoch"):
+        if not isinstance(log_dir, str) or not log_dir:
+            raise ValueError(
+                "Invalid value for argument `log_dir`. Expected a non-empty string. "
+                f"Received log_dir={log_dir!r}.")
+        super().__init__(log_dir, update_freq=update_freq)

@@ -24,7 +24,10 @@ from tf_transform_conv.layers.transform_conv import TransformConv2D
 from tf_transform_conv.ops.basis import BASES
 from tf_transform_conv.pruning.interspace import InterspacePruning
 from tf_transform_conv.pruning.interspace import ip_skip_reason
+from tf_transform_conv.pruning.magnitude import BLOCK_POOLING_TYPES
 from tf_transform_conv.pruning.magnitude import MagnitudePruning
+from tf_transform_conv.pruning.magnitude import check_block_size
+from tf_transform_conv.pruning.magnitude import check_m_by_n
 from tf_transform_conv.pruning.magnitude import sp_skip_reason
 from tf_transform_conv.pruning.schedules import ScaledSchedule
 from tf_transform_conv.pruning.schedules import check_schedule
@@ -199,8 +202,10 @@ def _copy(layer):
 
 
 def _input_shape_of(layer):
-    """The build shape of a built `Conv2D`, `DepthwiseConv2D`, `Dense` or `TransformConv2D`."""
-    if isinstance(layer, TransformConv2D):
+    """The build shape of a built `Conv2D`, `DepthwiseConv2D`, `Dense` or `TransformConv2D`
+    (of another layer, such as a `PrunableLayer`, the shape it was built with)."""
+    if isinstance(layer, TransformConv2D) or not isinstance(
+            layer, (keras.layers.Conv2D, keras.layers.DepthwiseConv2D, keras.layers.Dense)):
         # The spatial size too: the layer picks its execution path from it.
         return tuple(layer.get_build_config()["input_shape"])
     if isinstance(layer, keras.layers.Dense):
@@ -244,20 +249,26 @@ def _to_prune(to_prune, verb):
     return "model"
 
 
-def prune_low_magnitude(to_prune, schedule, layers=None):
-    """Standard unstructured magnitude pruning, tfmot's `prune_low_magnitude` for Keras 3.
+def prune_low_magnitude(to_prune, schedule, layers=None, block_size=(1, 1),
+                        block_pooling_type="AVG", sparsity_m_by_n=None):
+    """Magnitude pruning, tfmot's `prune_low_magnitude` for Keras 3: unstructured, blocks or M-by-N.
 
     Args:
-        to_prune: a layer (`Conv2D`, `DepthwiseConv2D` or `Dense`: returns
-            its `MagnitudePruning` wrapper) or a built Sequential or
-            Functional model (returns a new model in which the chosen layers
-            are wrapped, with the same weights).
+        to_prune: a layer (`Conv2D`, `DepthwiseConv2D`, `Dense` or a
+            `PrunableLayer`: returns its `MagnitudePruning` wrapper) or a
+            built Sequential or Functional model (returns a new model in
+            which the chosen layers are wrapped, with the same weights).
         schedule: a callable `schedule(step) -> (should_prune, sparsity)`:
             tfmot's `PolynomialDecay` / `ConstantSparsity` as they are, a
             function or an object with `__call__`.
         layers: for a model, which layers: None (every `Conv2D`,
-            `DepthwiseConv2D` and `Dense`), a name or list of names, a layer
-            class or a predicate `layer -> bool`.
+            `DepthwiseConv2D`, `Dense` and `PrunableLayer`), a name or list
+            of names, a layer class or a predicate `layer -> bool`.
+        block_size: `(height, width)`: prune whole blocks of each kernel
+            (`MagnitudePruning`), `(1, 1)` (default) entry by entry.
+        block_pooling_type: `"AVG"` (default) or `"MAX"`, a block's score.
+        sparsity_m_by_n: None (default) or `(m, n)`: `m` zeros in every
+            `n` consecutive weights (2:4 is `(2, 4)`), made at step 1.
 
     Returns:
         The wrapper, or the new model; train it with
@@ -284,12 +295,20 @@ def prune_low_magnitude(to_prune, schedule, layers=None):
     [0.5, 0.5]
     """
     check_schedule(schedule)
+    pattern = dict(block_size=check_block_size(block_size),
+                   block_pooling_type=block_pooling_type,
+                   sparsity_m_by_n=check_m_by_n(sparsity_m_by_n))
+    if block_pooling_type not in BLOCK_POOLING_TYPES:
+        raise ValueError(
+            "Invalid value for argument `block_pooling_type`. Expected one of "
+            f"{list(BLOCK_POOLING_TYPES)}. Received block_pooling_type={block_pooling_type!r}."
+        )
     if _to_prune(to_prune, "prune_low_magnitude") == "layer":
-        return MagnitudePruning(to_prune, schedule)
+        return MagnitudePruning(to_prune, schedule, **pattern)
     return _wrap_model(
         to_prune, "prune_low_magnitude", layers, sp_skip_reason,
-        lambda inner: MagnitudePruning(inner, schedule),
-        "the keras.layers.Conv2D, DepthwiseConv2D and Dense layers",
+        lambda inner: MagnitudePruning(inner, schedule, **pattern),
+        "the keras.layers.Conv2D, DepthwiseConv2D and Dense layers and the PrunableLayers",
     )
 
 

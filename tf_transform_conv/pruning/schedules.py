@@ -1,8 +1,9 @@
 """Pruning schedules: the contract, checking, saving, and the scaled schedule of budgets.
 
 A schedule is any callable `schedule(step) -> (should_prune, sparsity)`:
-tensorflow-model-optimization's `PolynomialDecay` and `ConstantSparsity` as
-they are, a function, or an object with `__call__(self, step)` (as tfmot's
+this module's `PolynomialDecay` and `ConstantSparsity` (tfmot's two
+schedules, same arguments and arithmetic, without tfmot),
+tensorflow-model-optimization's own as they are, a function, or an object with `__call__(self, step)` (as tfmot's
 `PruningSchedule` subclasses have). `check_schedule` checks the callable,
 `evaluate_schedule` what it returns, and `serialize_schedule` /
 `deserialize_schedule` save it in a wrapper's config, as Keras saves custom
@@ -24,9 +25,12 @@ import warnings
 import keras
 import numpy as np
 
+from tf_transform_conv._checks import is_int
 from tf_transform_conv._checks import is_number
 
 __all__ = [
+    "ConstantSparsity",
+    "PolynomialDecay",
     "ScaledSchedule",
     "check_schedule",
     "deserialize_schedule",
@@ -214,3 +218,147 @@ class ScaledSchedule:
     @classmethod
     def from_config(cls, config):
         return cls(**config)
+
+
+def _check_steps(begin_step, end_step, frequency, allow_open_end):
+    if not (is_int(begin_step) and begin_step >= 0):
+        raise ValueError(
+            f"Invalid value for argument `begin_step`. Expected an int >= 0. "
+            f"Received begin_step={begin_step!r}.")
+    if not is_int(end_step) or (end_step != -1 or not allow_open_end) and end_step < begin_step:
+        allowed = "-1 (no end) or an int >= begin_step" if allow_open_end else "an int >= begin_step"
+        raise ValueError(
+            f"Invalid value for argument `end_step`. Expected {allowed}. "
+            f"Received end_step={end_step!r} (begin_step={begin_step!r}).")
+    if not (is_int(frequency) and frequency > 0):
+        raise ValueError(
+            f"Invalid value for argument `frequency`. Expected an int > 0. "
+            f"Received frequency={frequency!r}.")
+
+
+def _check_sparsity(value, name):
+    if not (is_number(value) and 0.0 <= value < 1.0):
+        raise ValueError(
+            f"Invalid value for argument `{name}`. Expected a number in [0, 1). "
+            f"Received {name}={value!r}.")
+
+
+def _prunes_at(step, begin_step, end_step, frequency):
+    """tfmot's rule: from `begin_step` to `end_step` (-1: no end), every `frequency` steps."""
+    step = int(np.asarray(step))
+    in_range = step >= begin_step and (end_step < 0 or step <= end_step)
+    return np.bool_(in_range and (step - begin_step) % frequency == 0)
+
+
+def _flat(config):
+    """A schedule's config, flat (Keras' form) or nested as tfmot's `get_config` gives it."""
+    return dict(config.get("config", config)) if "class_name" in config else dict(config)
+
+
+@keras.saving.register_keras_serializable(package="tf_transform_conv")
+class ConstantSparsity:
+    """tfmot's `ConstantSparsity` without tfmot: `target_sparsity` at every pruning step.
+
+    Prunes at `begin_step` and every `frequency` steps after, up to
+    `end_step` (-1: no end); the sparsity is always `target_sparsity`
+    (as a float32, as tfmot returns it).
+
+    Args:
+        target_sparsity: float in [0, 1).
+        begin_step: int >= 0.
+        end_step: int >= begin_step, or -1 (default) for no end.
+        frequency: int > 0. Defaults to 100.
+
+    Example:
+
+    >>> schedule = ConstantSparsity(0.5, begin_step=2, frequency=3)
+    >>> [bool(schedule(step)[0]) for step in range(7)]
+    [False, False, True, False, False, True, False]
+    """
+
+    def __init__(self, target_sparsity, begin_step, end_step=-1, frequency=100):
+        _check_sparsity(target_sparsity, "target_sparsity")
+        _check_steps(begin_step, end_step, frequency, allow_open_end=True)
+        self.target_sparsity = float(target_sparsity)
+        self.begin_step, self.end_step, self.frequency = begin_step, end_step, frequency
+
+    def __call__(self, step):
+        return (_prunes_at(step, self.begin_step, self.end_step, self.frequency),
+                np.float32(self.target_sparsity))
+
+    def get_config(self):
+        return {"target_sparsity": self.target_sparsity, "begin_step": self.begin_step,
+                "end_step": self.end_step, "frequency": self.frequency}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**_flat(config))
+
+    def __repr__(self):
+        return f"ConstantSparsity({self.get_config()})"
+
+
+@keras.saving.register_keras_serializable(package="tf_transform_conv")
+class PolynomialDecay:
+    """tfmot's `PolynomialDecay` without tfmot: sparsity rising from `initial_` to `final_sparsity`.
+
+    At step `t`, with `p = clip((t - begin_step) / (end_step - begin_step),
+    0, 1)`, the sparsity is `final + (initial - final) * (1 - p) ** power`,
+    computed in float32 as tfmot computes it; it prunes at `begin_step`
+    and every `frequency` steps after, up to `end_step`. With `end_step ==
+    begin_step` the sparsity is `final_sparsity` from `begin_step` on
+    (tfmot's is NaN there).
+
+    Args:
+        initial_sparsity, final_sparsity: floats in [0, 1).
+        begin_step: int >= 0.
+        end_step: int >= begin_step.
+        power: the exponent. Defaults to 3.
+        frequency: int > 0. Defaults to 100.
+
+    Example:
+
+    >>> schedule = PolynomialDecay(0.0, 0.8, begin_step=0, end_step=10, power=1, frequency=5)
+    >>> [(bool(p), round(float(s), 2)) for p, s in map(schedule, (0, 5, 10, 15))]
+    [(True, 0.0), (True, 0.4), (True, 0.8), (False, 0.8)]
+    """
+
+    def __init__(self, initial_sparsity, final_sparsity, begin_step, end_step, power=3,
+                 frequency=100):
+        _check_sparsity(initial_sparsity, "initial_sparsity")
+        _check_sparsity(final_sparsity, "final_sparsity")
+        _check_steps(begin_step, end_step, frequency, allow_open_end=False)
+        if not is_number(power):
+            raise ValueError(
+                f"Invalid value for argument `power`. Expected a number. Received power={power!r}.")
+        self.initial_sparsity = float(initial_sparsity)
+        self.final_sparsity = float(final_sparsity)
+        self.begin_step, self.end_step = begin_step, end_step
+        self.power, self.frequency = power, frequency
+
+    def __call__(self, step):
+        step = int(np.asarray(step))
+        span = np.float32(self.end_step - self.begin_step)
+        if span == 0:  # tfmot divides 0 by 0 here (NaN); the schedule is at its end
+            p = np.float32(1.0 if step >= self.begin_step else 0.0)
+        else:
+            p = np.float32(step - self.begin_step) / span
+        p = np.float32(min(np.float32(1.0), max(np.float32(0.0), p)))
+        sparsity = (np.float32(self.initial_sparsity - self.final_sparsity)
+                    * np.power(np.float32(1.0) - p, np.float32(self.power))
+                    + np.float32(self.final_sparsity))
+        return (_prunes_at(step, self.begin_step, self.end_step, self.frequency),
+                np.float32(sparsity))
+
+    def get_config(self):
+        return {"initial_sparsity": self.initial_sparsity,
+                "final_sparsity": self.final_sparsity, "power": self.power,
+                "begin_step": self.begin_step, "end_step": self.end_step,
+                "frequency": self.frequency}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**_flat(config))
+
+    def __repr__(self):
+        return f"PolynomialDecay({self.get_config()})"

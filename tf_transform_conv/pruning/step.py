@@ -80,12 +80,12 @@ def update_pruning_step(model, step, scores=None):
 def step_decisions(wrappers, step):
     """`(should_prune, sparsity)` per wrapper at `step`, each schedule evaluated once.
 
-    The global wrappers share the first global wrapper's schedule.
+    A per-layer wrapper decides through its `decision(step)`; the global
+    wrappers share the first global wrapper's schedule.
     """
     together = [w for w in wrappers if w.allocation == "global"]
     shared = evaluate_schedule(together[0].schedule, step) if together else None
-    return [shared if w.allocation == "global" else evaluate_schedule(w.schedule, step)
-            for w in wrappers]
+    return [shared if w.allocation == "global" else w.decision(step) for w in wrappers]
 
 
 def advance(wrappers, step, scores, decisions=None):

@@ -159,6 +159,15 @@ class PruningWrapper(keras.layers.Wrapper):
         """Prunes to `sparsity` (or, for a global wrapper, to `count` kept units) at `step`."""
         raise NotImplementedError(f"{type(self).__name__} does not define `prune_to`.")
 
+    def decision(self, step):
+        """`(should_prune, sparsity)` at `step`: the schedule's, checked (`evaluate_schedule`).
+
+        The step callback asks each per-layer wrapper through this method, so
+        a wrapper may decide otherwise (an M-by-N `MagnitudePruning` prunes
+        at step 1 only).
+        """
+        return evaluate_schedule(self.schedule, step)
+
     def saliency(self, scores=None):
         """Per-unit saliencies for a global ranking (wrappers with `allocation="global"`)."""
         raise NotImplementedError(
@@ -189,7 +198,7 @@ class PruningWrapper(keras.layers.Wrapper):
         Returns:
             Whether the schedule said to prune at `step`.
         """
-        should_prune, sparsity = evaluate_schedule(self.schedule, step)
+        should_prune, sparsity = self.decision(step)
         if should_prune and self.allocation == "per_layer":
             self.prune_to(sparsity, step, scores=scores)
         self.after_step()
