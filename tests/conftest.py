@@ -11,6 +11,10 @@ hypothesis.settings.load_profile("project")
 
 import pytest  # noqa: E402
 
+# A script that test_sparsity.py runs with tfmot's or this package's imports
+# prepended: on its own (as --doctest-modules would import it) it has neither.
+collect_ignore = ["tfmot_script.py"]
+
 from jax_worker import JaxWorker  # noqa: E402
 
 
