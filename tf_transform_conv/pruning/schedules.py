@@ -310,7 +310,8 @@ class PolynomialDecay:
     (tfmot's is NaN there).
 
     Args:
-        initial_sparsity, final_sparsity: floats in [0, 1).
+        initial_sparsity: float in [0, 1), the sparsity at `begin_step`.
+        final_sparsity: float in [0, 1), the sparsity from `end_step` on.
         begin_step: int >= 0.
         end_step: int >= begin_step.
         power: the exponent. Defaults to 3.
