@@ -141,6 +141,10 @@ def build_parser():
     add("--image-size", type=int, help="input height and width (the preset's: 32 or 224)")
     add("--model", help="a name of tf_transform_conv.models.MODELS (the preset's)")
     add("--mode", choices=MODES, help="how the model is made (dense; paper-*: prune)")
+    add("--width", type=float, default=1.0,
+        help="factor on every layer's filters of the model built (1); with --mode dense, "
+        "the thin network a compressed model of equal parameters must beat (its "
+        "results.json names that width thin_width)")
     add("--base-ratio", type=float, default=0.25,
         help="transform/convert: fraction of filters learned as bases (0.25)")
     add("--transforms", default=None,
@@ -346,6 +350,11 @@ def parse_args(argv=None):
         problems.append(f"--teacher {args.teacher}: no such file")
     if args.init_from is not None and not args.init_from.is_file():
         problems.append(f"--init-from {args.init_from}: no such file")
+    if not 0 < args.width <= 4:
+        problems.append(f"--width must be in (0, 4], got {args.width}")
+    if args.width != 1 and args.init_from is not None:
+        problems.append("--width builds a model from scratch; --init-from brings its own "
+                        "widths")
     if problems:
         parser.error("; ".join(problems))
     if args.transforms and "," in args.transforms:
@@ -374,6 +383,8 @@ with quiet_tensorflow_startup():
     from tf_transform_conv.distill import last_feature_map
     from tf_transform_conv.models import DEFAULT_TRANSFORMS
     from tf_transform_conv.models import MODELS
+    from tf_transform_conv.models import WIDTH_MODELS
+    from tf_transform_conv.models import thin_width
     from tf_transform_conv.training import augment
     from tf_transform_conv.training import data
     from tf_transform_conv.training import distribute
@@ -398,6 +409,9 @@ def check_model_flags(args):
     if args.model not in MODELS:
         usage_error(f"--model {args.model}: no such model; the models are "
                     f"{', '.join(sorted(MODELS))}")
+    if args.width != 1 and args.model not in WIDTH_MODELS:
+        usage_error(f"--width: {args.model} has no width; the models with one are "
+                    f"{', '.join(WIDTH_MODELS)}")
     if args.mode != "transform":
         return
     ratio = args.base_ratio
@@ -525,6 +539,23 @@ def reconstruction(args):
         min_bases=args.min_bases, subtract_mean=args.subtract_mean)
 
 
+def equal_size_thin_network(args, num_classes, params):
+    """`{"thin_width", "thin_params"}`: the dense `--model` of `params` parameters.
+
+    A compressed model is worth its name only if it beats this network
+    trained as long; None for a dense run at its own width, and where the
+    model has no width or is smaller than any width builds.
+    """
+    if args.mode == "dense" or args.model not in WIDTH_MODELS:
+        return dict(thin_width=None, thin_params=None)
+    try:
+        width, thin_params = thin_width(args.model, params, num_classes=num_classes,
+                                        input_shape=(args.image_size, args.image_size, 3))
+    except ValueError:  # more parameters than the dense model: no thinner network
+        return dict(thin_width=None, thin_params=None)
+    return dict(thin_width=width, thin_params=thin_params)
+
+
 def make_model(args, num_classes, steps_per_epoch, run_dir, train=None, chief=True,
                init_model=None, resuming=False):
     """`(model, origin, conversion)`: the model to train (wrapped for pruning, converted, ...).
@@ -542,8 +573,9 @@ def make_model(args, num_classes, steps_per_epoch, run_dir, train=None, chief=Tr
     if init_model is not None:
         model, origin = init_model, f"weights of {args.init_from}"
     else:
+        widths = {} if args.width == 1 else dict(width=args.width)
         model = build_model(args.model, num_classes=num_classes, conv=model_conv(args),
-                            input_shape=(args.image_size, args.image_size, 3))
+                            input_shape=(args.image_size, args.image_size, 3), **widths)
         origin = "from scratch"
         if args.mode == "convert":
             warnings.warn("--mode convert without --init-from converts a freshly "
@@ -747,6 +779,7 @@ def run(args, argv):
         if args.tflite:
             exported, tflite_skipped = export_final(final, run_dir / "model.tflite")
         tflite_bytes = None if exported is None else int(exported.bytes)
+        thin = equal_size_thin_network(args, num_classes, int(cost.params))
         command = sys.argv if argv is None else [__file__, *argv]
         results = {
             "command": " ".join(str(part) for part in command),
@@ -767,6 +800,7 @@ def run(args, argv):
             "params": int(cost.params),
             "macs": int(cost.macs),
             "dense_macs": int(cost.dense_macs),
+            **thin,
             "tflite_bytes": tflite_bytes,
             "tflite_skipped": None if exported is not None else tflite_skipped,
             "layers": layer_details(final, conversion,
@@ -781,6 +815,10 @@ def run(args, argv):
         print(f"\n{final.name} ({args.mode}): test accuracy {results['test_accuracy']:.4f}{top5}, "
               f"{results['params']:,} parameters, {results['macs']:,} multiply-adds, .tflite "
               + (f"{tflite_bytes:,} bytes" if tflite_bytes is not None else f"skipped ({tflite_skipped})"))
+        if thin.get("thin_width") is not None:
+            print(f"the dense {args.model} of equal size, the network to beat: --mode dense "
+                  f"--width {thin['thin_width']:g} ({thin['thin_params']:,} parameters), "
+                  f"trained {args.epochs} epochs")
         print(f"run folder: {run_dir}")
         return results
 

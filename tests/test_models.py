@@ -16,6 +16,7 @@ from tf_transform_conv.models import (
     conv_factory,
     imagenet_resnet,
     mobilenet_v2,
+    thin_width,
 )
 
 # Published sizes: (parameters, multiply-adds, exact trainable parameters of the
@@ -347,3 +348,49 @@ def test_transformed_resnet_saves_and_loads(tmp_path):
     assert isinstance(loaded.get_layer("stage2_block1_pad"), ChannelPad)
     assert isinstance(loaded.get_layer("stage1_block1_conv1"), TransformConv2D)
     np.testing.assert_array_equal(np.asarray(loaded(x, training=False)), expected)
+
+
+@pytest.mark.parametrize("name, width", [("resnet20", 0.5), ("vgg16_cifar", 0.3),
+                                         ("resnet18", 0.25)])
+def test_width_scales_every_convolution_and_leaves_the_rest(name, width):
+    full = build_model(name, input_shape=(32, 32, 3))
+    thin = build_model(name, input_shape=(32, 32, 3), width=width)
+    convs = [layer for layer in full.layers if isinstance(layer, keras.layers.Conv2D)]
+    thin_convs = [layer for layer in thin.layers if isinstance(layer, keras.layers.Conv2D)]
+    assert [c.name for c in convs] == [c.name for c in thin_convs]
+    for wide, narrow in zip(convs, thin_convs):
+        assert narrow.filters == max(1, round(wide.filters * width)), wide.name
+        assert narrow.kernel_size == wide.kernel_size and narrow.strides == wide.strides
+    assert thin.output_shape == full.output_shape
+    assert thin.name == f"{full.name}_w{width:g}"
+    out = thin(np.zeros((1, 32, 32, 3), "float32"))
+    assert tuple(out.shape) == (1, full.output_shape[-1])
+
+
+def test_width_one_builds_the_published_model():
+    assert cifar_resnet(20, width=1.0).count_params() == 271098
+    assert cifar_resnet(20, width=1.0).name == "cifar_resnet20"
+
+
+@pytest.mark.parametrize("width", [0, -0.5, 5, "half", None])
+def test_width_errors(width):
+    with pytest.raises(ValueError, match="`width`. Expected a number in \\(0, 4\\]"):
+        cifar_resnet(20, width=width)
+
+
+def test_thin_width_is_the_width_nearest_the_parameters():
+    target = 271098 // 4
+    width, params = thin_width("resnet20", target)
+    assert cifar_resnet(20, width=width).count_params() == params
+    # No width from 1/100 to 1 in steps of 1/1000 comes nearer.
+    miss = abs(params - target)
+    assert miss / target < 0.02
+    counts = {cifar_resnet(20, width=w / 1000).count_params() for w in range(440, 560, 4)}
+    assert min(abs(c - target) for c in counts) >= miss
+
+
+def test_thin_width_errors():
+    with pytest.raises(ValueError, match="whose builder takes `width`"):
+        thin_width("mobilenet_v2", 1000)
+    with pytest.raises(ValueError, match=r"Expected a number in \(0, 271098\]"):
+        thin_width("resnet20", 300000)

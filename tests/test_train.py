@@ -298,6 +298,18 @@ def test_unknown_model_and_unusable_base_ratio_are_usage_errors(train, tmp_path,
         ["--mode", "transform", "--transforms", "rot45", "--dataset", "synthetic",
          "--run-dir", str(run_dir)]))
     assert "--transforms rot45: " in message
+    message = expect_usage_error(capsys, lambda: train.main(
+        ["--model", "mobilenet_v2", "--width", "0.5", "--dataset", "synthetic",
+         "--run-dir", str(run_dir)]))
+    assert "--width: mobilenet_v2 has no width" in message and "resnet20" in message
+    message = expect_usage_error(capsys, lambda: train.main(
+        ["--width", "0", "--dataset", "synthetic", "--run-dir", str(run_dir)]))
+    assert "--width must be in (0, 4], got 0.0" in message
+    (tmp_path / "m.keras").write_bytes(b"checked later")
+    message = expect_usage_error(capsys, lambda: train.main(
+        ["--width", "0.5", "--mode", "prune", "--init-from", str(tmp_path / "m.keras"),
+         "--dataset", "synthetic", "--run-dir", str(run_dir)]))
+    assert "--init-from brings its own widths" in message
     assert not run_dir.exists()
 
 
@@ -488,6 +500,15 @@ def test_prune_and_convert_from_dense_checkpoint(train, dense_run, tmp_path, mod
     check_results(tmp_path, 1, mode)
     assert results["tflite_skipped"] == "--no-tflite"
     assert results["params"] < dense["params"] / 2
+    # The dense network of equal size, the one to beat: its width builds it.
+    assert dense["thin_width"] is None and 0 < results["thin_width"] < 1
+    assert abs(results["thin_params"] - results["params"]) < 0.05 * results["params"]
+    if mode == "prune":
+        thin = train.main(["--dataset", "digits", "--mode", "dense", "--width",
+                           str(results["thin_width"]), "--epochs", "1", "--steps-per-epoch",
+                           "1", "--no-tflite", "--run-dir", str(tmp_path / "thin"), *FAST])
+        assert thin["params"] == results["thin_params"]
+        assert thin["model"] == f"cifar_resnet20_w{results['thin_width']:g}"
     import keras
 
     final = keras.saving.load_model(tmp_path / "final.keras", compile=False)

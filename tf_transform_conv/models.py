@@ -74,6 +74,7 @@ from tf_transform_conv.reconstruction import shape_skip_reason
 __all__ = [
     "DEFAULT_TRANSFORMS",
     "MODELS",
+    "WIDTH_MODELS",
     "ConvFactory",
     "build_model",
     "cifar_resnet",
@@ -81,6 +82,7 @@ __all__ = [
     "conv_factory",
     "imagenet_resnet",
     "mobilenet_v2",
+    "thin_width",
 ]
 
 #: The transforms `conv_factory` uses for a base ratio when none are given:
@@ -373,6 +375,24 @@ def _check_input_shape(input_shape):
     return shape
 
 
+def _check_width(width):
+    if not is_number(width) or not 0 < width <= 4:
+        raise ValueError(
+            "Invalid value for argument `width`. Expected a number in (0, 4], the "
+            f"factor on every layer's filters. Received width={width!r}."
+        )
+    return float(width)
+
+
+def _scaled(filters, width):
+    """`filters` times `width`, rounded, at least 1."""
+    return max(1, round(filters * width))
+
+
+def _widened(name, width):
+    return name if width == 1 else f"{name}_w{width:g}"
+
+
 def _head(x, num_classes):
     x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
     return keras.layers.Dense(num_classes, name="logits")(x)
@@ -405,7 +425,7 @@ def _cifar_basic_block(x, conv, filters, strides, name):
     return keras.layers.ReLU(name=f"{name}_out")(y)
 
 
-def cifar_resnet(depth, num_classes=10, conv=None, input_shape=(32, 32, 3)):
+def cifar_resnet(depth, num_classes=10, conv=None, input_shape=(32, 32, 3), width=1.0):
     """The CIFAR ResNet of He et al. (2016), section 4.2.
 
     A 3x3 stem convolution with 16 filters, three stages of `(depth - 2) / 6`
@@ -429,14 +449,18 @@ def cifar_resnet(depth, num_classes=10, conv=None, input_shape=(32, 32, 3)):
         num_classes: int, the classifier's outputs (logits). Defaults to 10.
         conv: a conv factory (see `conv_factory`), or None for `Conv2D`.
         input_shape: `(rows, cols, channels)`. Defaults to `(32, 32, 3)`.
+        width: float in (0, 4], the factor on every layer's filters
+            (rounded, at least 1): the thin network of a given size.
+            Defaults to 1.
 
     Returns:
         A Functional `keras.Model` named `cifar_resnet{depth}` (with
-        `_transformed` appended when `conv` makes `TransformConv2D`).
+        `_w{width}` appended for a width other than 1, and `_transformed`
+        when `conv` makes `TransformConv2D`).
 
     Raises:
         ValueError: for a depth that is not `6 n + 2`, or bad `num_classes`,
-            `conv` or `input_shape`.
+            `conv`, `input_shape` or `width`.
 
     Example:
 
@@ -450,20 +474,23 @@ def cifar_resnet(depth, num_classes=10, conv=None, input_shape=(32, 32, 3)):
             f"(e.g. 20, 32, 56, 110). Received depth={depth!r}."
         )
     check_positive_int(num_classes, "num_classes")
+    width = _check_width(width)
     conv = _resolve_factory(conv)
     blocks = (depth - 2) // 6
     inputs = keras.Input(_check_input_shape(input_shape), name="image")
-    x = _conv(inputs, conv, 16, 3, name="stem_conv")
+    x = _conv(inputs, conv, _scaled(16, width), 3, name="stem_conv")
     x = _bn(x, "stem_bn")
     x = keras.layers.ReLU(name="stem_relu")(x)
     for stage, filters in enumerate((16, 32, 64), start=1):
         for block in range(blocks):
             strides = 2 if stage > 1 and block == 0 else 1
             x = _cifar_basic_block(
-                x, conv, filters, strides, name=f"stage{stage}_block{block + 1}"
+                x, conv, _scaled(filters, width), strides,
+                name=f"stage{stage}_block{block + 1}",
             )
     outputs = _head(x, num_classes)
-    return keras.Model(inputs, outputs, name=_model_name(f"cifar_resnet{depth}", conv))
+    return keras.Model(
+        inputs, outputs, name=_model_name(_widened(f"cifar_resnet{depth}", width), conv))
 
 
 #: VGG-16 on CIFAR: numbers are 3x3 convolutions (+BN+ReLU), "M" 2x2 max pools.
@@ -473,7 +500,7 @@ VGG16_CIFAR_LAYERS = (
 )
 
 
-def cifar_vgg16(num_classes=10, conv=None, input_shape=(32, 32, 3)):
+def cifar_vgg16(num_classes=10, conv=None, input_shape=(32, 32, 3), width=1.0):
     """VGG-16 for CIFAR, with BatchNorm and a single dense classifier.
 
     Thirteen 3x3 convolutions (64, 64, pool, 128, 128, pool, 256 x3, pool,
@@ -491,14 +518,18 @@ def cifar_vgg16(num_classes=10, conv=None, input_shape=(32, 32, 3)):
         num_classes: int, the classifier's outputs (logits). Defaults to 10.
         conv: a conv factory (see `conv_factory`), or None for `Conv2D`.
         input_shape: `(rows, cols, channels)`. Defaults to `(32, 32, 3)`.
+        width: float in (0, 4], the factor on every layer's filters
+            (rounded, at least 1). Defaults to 1.
 
     Returns:
-        A Functional `keras.Model` named `cifar_vgg16`.
+        A Functional `keras.Model` named `cifar_vgg16` (`cifar_vgg16_w{width}`
+        for a width other than 1).
 
     Raises:
-        ValueError: for bad `num_classes`, `conv` or `input_shape`.
+        ValueError: for bad `num_classes`, `conv`, `input_shape` or `width`.
     """
     check_positive_int(num_classes, "num_classes")
+    width = _check_width(width)
     conv = _resolve_factory(conv)
     inputs = keras.Input(_check_input_shape(input_shape), name="image")
     x = inputs
@@ -509,11 +540,11 @@ def cifar_vgg16(num_classes=10, conv=None, input_shape=(32, 32, 3)):
             x = keras.layers.MaxPooling2D(2, name=f"pool{pool}")(x)
             continue
         index += 1
-        x = _conv(x, conv, item, 3, name=f"conv{index}")
+        x = _conv(x, conv, _scaled(item, width), 3, name=f"conv{index}")
         x = _bn(x, f"bn{index}")
         x = keras.layers.ReLU(name=f"relu{index}")(x)
     outputs = _head(x, num_classes)
-    return keras.Model(inputs, outputs, name=_model_name("cifar_vgg16", conv))
+    return keras.Model(inputs, outputs, name=_model_name(_widened("cifar_vgg16", width), conv))
 
 
 # ----------------------------------------------------------------------
@@ -566,7 +597,7 @@ def _bottleneck_block(x, conv, filters, strides, name):
     return keras.layers.ReLU(name=f"{name}_out")(y)
 
 
-def imagenet_resnet(depth, num_classes=1000, conv=None, input_shape=(224, 224, 3)):
+def imagenet_resnet(depth, num_classes=1000, conv=None, input_shape=(224, 224, 3), width=1.0):
     """The ImageNet ResNet of He et al. (2016), as in torchvision (v1.5).
 
     A 7x7 stride-2 stem convolution with 64 filters, BatchNorm, ReLU and a
@@ -590,13 +621,16 @@ def imagenet_resnet(depth, num_classes=1000, conv=None, input_shape=(224, 224, 3
             The 1x1 convolutions ask it too (it keeps them `Conv2D`).
         input_shape: `(rows, cols, channels)`. Defaults to `(224, 224, 3)`;
             any size of at least 32 works (the network downsamples by 32).
+        width: float in (0, 4], the factor on every layer's filters
+            (rounded, at least 1). Defaults to 1.
 
     Returns:
-        A Functional `keras.Model` named `resnet{depth}`.
+        A Functional `keras.Model` named `resnet{depth}` (`resnet{depth}_w{width}`
+        for a width other than 1).
 
     Raises:
-        ValueError: for an unsupported depth, or bad `num_classes`, `conv`
-            or `input_shape`.
+        ValueError: for an unsupported depth, or bad `num_classes`, `conv`,
+            `input_shape` or `width`.
     """
     if depth not in IMAGENET_RESNETS:
         raise ValueError(
@@ -604,11 +638,12 @@ def imagenet_resnet(depth, num_classes=1000, conv=None, input_shape=(224, 224, 3
             f"{sorted(IMAGENET_RESNETS)}. Received depth={depth!r}."
         )
     check_positive_int(num_classes, "num_classes")
+    width = _check_width(width)
     conv = _resolve_factory(conv)
     kind, blocks = IMAGENET_RESNETS[depth]
     make_block = _imagenet_basic_block if kind == "basic" else _bottleneck_block
     inputs = keras.Input(_check_input_shape(input_shape), name="image")
-    x = _conv(inputs, conv, 64, 7, 2, name="stem_conv")
+    x = _conv(inputs, conv, _scaled(64, width), 7, 2, name="stem_conv")
     x = _bn(x, "stem_bn")
     x = keras.layers.ReLU(name="stem_relu")(x)
     # Zero padding before the max pool is exact: the inputs are >= 0 after ReLU.
@@ -617,9 +652,10 @@ def imagenet_resnet(depth, num_classes=1000, conv=None, input_shape=(224, 224, 3
     for stage, (count, filters) in enumerate(zip(blocks, (64, 128, 256, 512)), start=1):
         for block in range(count):
             strides = 2 if stage > 1 and block == 0 else 1
-            x = make_block(x, conv, filters, strides, name=f"stage{stage}_block{block + 1}")
+            x = make_block(x, conv, _scaled(filters, width), strides,
+                           name=f"stage{stage}_block{block + 1}")
     outputs = _head(x, num_classes)
-    return keras.Model(inputs, outputs, name=_model_name(f"resnet{depth}", conv))
+    return keras.Model(inputs, outputs, name=_model_name(_widened(f"resnet{depth}", width), conv))
 
 
 def _make_divisible(value, divisor=8):
@@ -735,7 +771,8 @@ def mobilenet_v2(num_classes=1000, conv=None, alpha=1.0, input_shape=(224, 224, 
 
 
 #: Model builders by name; each takes `num_classes=`, `conv=` and its own
-#: keyword arguments (`input_shape`, `alpha`).
+#: keyword arguments (`input_shape`; `width` for the ResNets and VGG, `alpha`
+#: for MobileNetV2).
 MODELS = {
     "resnet20": functools.partial(cifar_resnet, 20),
     "resnet32": functools.partial(cifar_resnet, 32),
@@ -758,7 +795,8 @@ def build_model(name, num_classes=None, conv=None, **kwargs):
         num_classes: int, or None (default) for the model's own default
             (10 for the CIFAR models, 1000 for the ImageNet ones).
         conv: a conv factory (see `conv_factory`), or None for `Conv2D`.
-        **kwargs: the builder's other arguments (`input_shape`, `alpha`).
+        **kwargs: the builder's other arguments (`input_shape`; `width` for
+            the ResNets and VGG, `alpha` for MobileNetV2).
 
     Returns:
         A Functional `keras.Model`.
@@ -779,3 +817,67 @@ def build_model(name, num_classes=None, conv=None, **kwargs):
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
     return MODELS[name](conv=conv, **kwargs)
+
+
+#: The registered models whose builder takes `width` (MobileNetV2 has `alpha`).
+WIDTH_MODELS = ("resnet20", "resnet32", "resnet56", "resnet110", "vgg16_cifar", "resnet18",
+                 "resnet34", "resnet50")
+
+
+def thin_width(name, params, num_classes=None, **kwargs):
+    """The width at which the registered model `name` has `params` parameters.
+
+    The network a compressed model must beat is the same architecture made
+    thin to the same size and trained as long: this finds its `width`
+    (every layer's filters times it, see `cifar_resnet`) by bisection, to
+    the width whose parameter count is nearest `params`.
+
+    Args:
+        name: a key of `MODELS` whose builder takes `width` (the ResNets and
+            `"vgg16_cifar"`).
+        params: int > 0, the parameters to match (e.g. a pruned, stripped
+            model's `count_params()`), at most the model's at width 1.
+        num_classes: as for `build_model`.
+        **kwargs: the builder's other arguments (`input_shape`).
+
+    Returns:
+        `(width, params)`: the width (to 4 decimals where that builds the
+        same model) and the parameters of the model it builds.
+
+    Raises:
+        ValueError: for a model without `width`, or `params` outside
+            `(0, its parameters at width 1]`.
+
+    Example:
+
+    >>> width, count = thin_width("resnet20", 271098 // 4)
+    >>> width, count
+    (0.4922, 68738)
+    >>> build_model("resnet20", width=width).count_params() == count
+    True
+    """
+    if name not in WIDTH_MODELS:
+        raise ValueError(
+            f"thin_width needs a model whose builder takes `width`, one of "
+            f"{list(WIDTH_MODELS)}. Received name={name!r}."
+        )
+
+    def count(width):
+        model = build_model(name, num_classes, width=width, **kwargs)
+        return int(model.count_params())
+
+    full = count(1.0)
+    if not is_number(params) or not 0 < params <= full:
+        raise ValueError(
+            f"Invalid value for argument `params`. Expected a number in (0, {full}], "
+            f"the parameters of {name!r} at width 1. Received params={params!r}."
+        )
+    low, high = 1 / 1024, 1.0
+    while high - low > 5e-4:
+        middle = (low + high) / 2
+        low, high = (middle, high) if count(middle) < params else (low, middle)
+    scored = [(abs(count(w) - params), w) for w in (low, high)]
+    width = min(scored)[1]
+    nearest = count(width)
+    short = round(width, 4)  # a width a user can type, where it builds the same model
+    return (short, nearest) if count(short) == nearest else (width, nearest)
