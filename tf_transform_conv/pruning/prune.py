@@ -117,8 +117,8 @@ def prune_model(model, schedule, reconstruction=None, layers=None, budget=None):
     chosen = select_layers(model, layers, reason)
     if layers is None:
         _warn_if_transforms_skip(model, reconstruction)
-    reconstruction.warn_if_min_bases_keep_all(
-        [layer for layer in _compat.layers_of(model) if layer.name in chosen], "prune_model")
+    chosen_layers = [layer for layer in _compat.layers_of(model) if layer.name in chosen]
+    reconstruction.warn_if_min_bases_keep_all(chosen_layers, "prune_model")
     wrapped = []
 
     def replace(layer):
@@ -131,9 +131,7 @@ def prune_model(model, schedule, reconstruction=None, layers=None, budget=None):
         wrapped.append(layer.name)
         return wrapper, None
 
-    with frozen_layers_checked(
-            [layer for layer in _compat.layers_of(model) if layer.name in chosen],
-            "prune_model"):
+    with frozen_layers_checked(chosen_layers, "prune_model"):
         new_model = rewrite_model(model, replace)
     if not wrapped:
         raise nothing_rebuilt_error("prune_model", "wrapped", model, reason)
@@ -143,13 +141,13 @@ def prune_model(model, schedule, reconstruction=None, layers=None, budget=None):
 def _warn_if_transforms_skip(model, reconstruction):
     """Warns about the convolutions that `prune_model` leaves only because the
     reconstruction's transforms do not apply to their kernels."""
-    left = {
+    reasons = {
         layer.name: reconstruction.skip_reason(layer)
         for layer in _compat.layers_of(model)
         if isinstance(layer, keras.layers.Conv2D)
-        and reconstruction.skip_reason(layer)
         and not shape_skip_reason(layer.kernel_size, layer.groups, "identity")
     }
+    left = {name: why for name, why in reasons.items() if why}
     if left:
         warnings.warn(
             f"prune_model leaves {', '.join(f'{n!r} ({why})' for n, why in left.items())} "
