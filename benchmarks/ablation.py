@@ -18,6 +18,18 @@ linearly (tfmot `PolynomialDecay`, power 1) from 0 to the row's rate over the
 first 40% of the steps, every quarter epoch, as the paper does over its first
 40 of 300 epochs. Rows, at pruning rates 0.7 and 0.9:
 
+    thin            the equal-size baseline: the dense network with every
+                    width scaled by one factor so that its convolution
+                    parameters match (within 3%) the mean of the
+                    `--thin-match` route's (scalar) at the rate, trained from
+                    scratch for as many epochs as the longest route of the
+                    run trains in all (a knapsack row: the dense model's
+                    epochs, then its own). Every other row is also reported
+                    as its difference from `thin` in points, paired by seed,
+                    with the standard deviation of the differences
+    thin-macs       the same, matched on the route's multiply-adds
+    thin+kd         `thin` distilled from the dense model of the seed, the
+                    baseline of the `+kd` rows
     removed         a thinner network (each layer keeps `kept_filters(F, rate)`)
     zeroed          magnitude filter pruning: the smallest-L2 filters of each
                     layer are zeroed and kept at zero (no reconstruction)
@@ -26,6 +38,7 @@ first 40% of the steps, every quarter epoch, as the paper does over its first
     scalar          the paper's scalar family (per-tap multipliers), our selection
     rotation        learned rotations, our selection
     affine          learned affine maps, our selection
+    general         a general 9x9 tap matrix per filter, our selection
     discrete+scalar the scalar family after a d4 transform, our selection
     paper           the scalar family with the paper's selection: one global
                     magnitude ranking (at least 2 bases per layer), `o mod n`
@@ -75,7 +88,8 @@ first 40% of the steps, every quarter epoch, as the paper does over its first
                     `feasible: false`
     ours-knapsack-macs  the same at the `removed` row's multiply-adds
 
-and, once: `dense`, and `quarter`. One-shot rows (no training after the
+and, once: `dense`, and `quarter`. `--task shapes` runs every row on a
+second task instead, ten cluttered shapes (`cluttered_shapes`). One-shot rows (no training after the
 conversion) take each seed's dense model through `transform_model` (d4 with
 a scale; scalar) and score it as converted, after `recalibrate_batch_norm`
 (20 batches of 64 training images), and after fitting each converted layer
@@ -89,6 +103,8 @@ Usage:
     python benchmarks/ablation.py                      # 3 seeds, every row
     python benchmarks/ablation.py --quick              # 1 seed, a few rows, short
     python benchmarks/ablation.py --seeds 5 --rows dense removed scalar
+    python benchmarks/ablation.py --rates 0.77 0.92 --no-one-shot \
+        --rows dense thin thin+kd scalar scalar+kd    # at 1/4 and 1/10 of the parameters
 """
 
 import argparse
@@ -127,9 +143,13 @@ PRUNED = {
     "rotation": dict(transforms="identity", transform_family="rotation", **SELECTION_OURS),
     "affine": dict(transforms="identity", transform_family="affine", **SELECTION_OURS),
     "discrete+scalar": dict(transforms="d4", transform_family="scalar", **SELECTION_OURS),
+    "general": dict(transforms="identity", transform_family="general", **SELECTION_OURS),
     "paper": dict(transforms="identity", transform_family="scalar", **SELECTION_PAPER),
 }
-KD_ROWS = ("removed+kd", "scalar+kd", "paper+kd")
+KD_ROWS = ("removed+kd", "scalar+kd", "affine+kd", "paper+kd", "thin+kd")
+# The equal-size baselines: row -> the cost its widths match to the reference route's.
+THIN = {"thin": "params", "thin-macs": "macs", "thin+kd": "params"}
+THIN_TOLERANCE = 0.03  # the largest relative miss of a thin row's matched cost
 # Unstructured rows: row -> None (prune_low_magnitude) or prune_interspace's basis.
 UNSTRUCTURED = {"sp": None, "ip": "standard", "ip-dct": "dct"}
 # Rows of TransformConv2D networks trained from scratch: row -> None (plain) or
@@ -144,8 +164,8 @@ KNAPSACK = {"knapsack+ikd": "params", "knapsack-macs+ikd": "macs", "knapsack-l2+
 OURS_KNAPSACK = {"ours-knapsack": "params", "ours-knapsack-macs": "macs"}
 KNAPSACK_RATIOS = (1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2)
 INNER_KD_LAYERS, INNER_KD_WEIGHT = ("bn0", "bn1", "bn2", "bn3"), 1.0
-ROWS = ("dense", "quarter", "removed", "zeroed", *PRUNED, *KD_ROWS, *UNSTRUCTURED, *DAFP,
-        *KNAPSACK, *OURS_KNAPSACK, *TRANSFORM)
+ROWS = ("dense", "quarter", "thin", "thin-macs", "removed", "zeroed", *PRUNED, *KD_ROWS,
+        *UNSTRUCTURED, *DAFP, *KNAPSACK, *OURS_KNAPSACK, *TRANSFORM)
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "ablation.json"
 QUICK_OUT = DEFAULT_OUT.with_name("ablation_quick.json")
 
@@ -161,6 +181,17 @@ def parse_args(argv=None):
     parser.add_argument("--train-size", type=int, default=12800,
                         help="training images (12800: 200 steps of 64 per epoch)")
     parser.add_argument("--test-size", type=int, default=2000, help="test images (2000)")
+    parser.add_argument("--task", choices=sorted(TASKS), default="digits",
+                        help="digits (cluttered digits, default) or shapes (the second task: "
+                        "10 cluttered shapes)")
+    parser.add_argument("--thin-match", choices=ROWS, default="scalar",
+                        help="the route whose size the thin rows match at each rate "
+                        "(scalar; the first route run at the rate if it is not run)")
+    parser.add_argument("--prune-fraction", type=float, default=PRUNE_FRACTION,
+                        help="share of the training steps over which the pruning "
+                        f"schedule rises to the rate ({PRUNE_FRACTION})")
+    parser.add_argument("--no-one-shot", action="store_true",
+                        help="skip the one-shot conversions of each dense model")
     parser.add_argument("--workers", type=int, default=2,
                         help="worker processes, one thread each (2)")
     parser.add_argument("--quick", action="store_true",
@@ -169,21 +200,29 @@ def parse_args(argv=None):
     parser.add_argument("--out", type=Path, default=None,
                         help="JSON output (results/ablation.json, or ablation_quick.json)")
     parser.add_argument("--replot", action="store_true",
-                        help="only redraw the PNG from the JSON of --out")
+                        help="only report again (table, targets, JSON summary, PNG) from "
+                        "the runs saved in the JSON of --out")
     args = parser.parse_args(argv)
     if args.quick:
         args.seeds, args.epochs, args.train_size = 1, 1, 12800
-        args.rows = args.rows or ["dense", "quarter", "removed", "discrete", "scalar", "paper"]
+        args.rows = args.rows or ["dense", "quarter", "thin", "removed", "discrete", "scalar",
+                                  "paper"]
     args.rows = list(args.rows or ROWS)
     if "dense" not in args.rows:
         args.rows.insert(0, "dense")
     if args.out is None:
         args.out = QUICK_OUT if args.quick else DEFAULT_OUT
+    if args.replot:  # everything else comes from the JSON
+        return args
     problems = []
     if args.seeds < 1 or args.epochs < 1 or args.workers < 1:
         problems.append("--seeds, --epochs and --workers must be >= 1")
     if args.train_size < BATCH or args.train_size % BATCH:
         problems.append(f"--train-size must be a positive multiple of {BATCH}")
+    if not 0 < args.prune_fraction <= 1:
+        problems.append(f"--prune-fraction must be in (0, 1], got {args.prune_fraction}")
+    if args.thin_match in ("dense", "quarter", *THIN):
+        problems.append(f"--thin-match must be a route, not {args.thin_match!r}")
     if any(not 0 < r < 1 for r in args.rates):
         problems.append(f"--rates must be in (0, 1), got {args.rates}")
     elif "tc" in args.rows:
@@ -202,6 +241,39 @@ def parse_args(argv=None):
 
 def _whole(value):
     return abs(value - round(value)) < 1e-9
+
+
+def widths_cost(widths):
+    """`(params, macs)` of the network's convolutions at `widths`, counted from their shapes."""
+    params = macs = 0
+    channels, side = 1, SIZE
+    for index, filters in enumerate(widths):
+        params += 9 * channels * filters
+        macs += 9 * channels * filters * side * side
+        channels = filters
+        if index in (1, 3):
+            side //= 2
+    return params, macs
+
+
+def thin_widths(target, cost):
+    """The widths, every one scaled by one factor, whose `cost` is nearest `target`.
+
+    Returns `(widths, relative miss)`; `cost` is "params" or "macs".
+    """
+    which = 0 if cost == "params" else 1
+    best = None
+    for factor in np.linspace(0.02, 1.0, 981):
+        widths = tuple(max(1, round(w * factor)) for w in WIDTHS)
+        miss = abs(widths_cost(widths)[which] - target) / target
+        if best is None or miss < best[1]:
+            best = (widths, float(miss))
+    return best
+
+
+def total_epochs(row, epochs):
+    """Epochs a row's network trains in all: the knapsack rows start from a trained dense model."""
+    return 2 * epochs if row in KNAPSACK or row in OURS_KNAPSACK else epochs
 
 
 # ----------------------------------------------------------------------------
@@ -242,6 +314,74 @@ def cluttered_digits(count, split, seed=0):
         np.maximum(window, digit, out=window)
         canvas += rng.normal(0.0, 0.15, canvas.shape).astype(np.float32)
     return images[..., None], labels
+
+
+SHAPES = ("disc", "ring", "square", "frame", "triangle", "plus", "cross", "equals", "ell", "tee")
+
+
+def _shape_mask(name, u, v, radius, stroke):
+    """Whether points `(u, v)` of a shape's own frame lie in shape `name` of `radius`."""
+    r, box = np.hypot(u, v), np.maximum(abs(u), abs(v))
+    bar = lambda a, b, half: (abs(a) < half) & (abs(b) < radius)  # noqa: E731
+    if name == "disc":
+        return r < radius
+    if name == "ring":
+        return (r < radius) & (r > radius - stroke)
+    if name == "square":
+        return box < 0.85 * radius
+    if name == "frame":
+        return (box < 0.85 * radius) & (box > 0.85 * radius - stroke)
+    if name == "triangle":
+        return (v > -0.5 * radius) & (np.sqrt(3) * abs(u) + v < radius)
+    if name == "plus":
+        return bar(u, v, stroke / 2) | bar(v, u, stroke / 2)
+    if name == "cross":
+        a, b = (u + v) / np.sqrt(2), (u - v) / np.sqrt(2)
+        return bar(a, b, stroke / 2) | bar(b, a, stroke / 2)
+    if name == "equals":
+        return ((abs(v - 0.45 * radius) < stroke / 2) | (abs(v + 0.45 * radius) < stroke / 2)) \
+            & (abs(u) < radius)
+    if name == "ell":
+        return (bar(u + radius - stroke / 2, v, stroke / 2)
+                | ((abs(v + radius - stroke / 2) < stroke / 2) & (abs(u) < radius)))
+    return bar(u, v, stroke / 2) | ((abs(v - radius + stroke / 2) < stroke / 2)
+                                    & (abs(u) < radius))  # tee
+
+
+def cluttered_shapes(count, split, seed=0):
+    """`(images, labels)`: 20x20x1 images of one of 10 outlined or filled shapes.
+
+    The second task: each shape (`SHAPES`) has a random radius (3-6 pixels),
+    stroke (1-2), rotation (up to 20 degrees either way), brightness and
+    place, drawn at twice the resolution and averaged down, over four random
+    line segments and Gaussian noise (sigma 0.35). `split` only seeds it.
+    """
+    rng = np.random.default_rng((seed, 2 if split == "train" else 3))
+    fine = (np.arange(2 * SIZE) + 0.5) / 2
+    rows, cols = np.meshgrid(fine, fine, indexing="ij")
+    images = np.zeros((count, SIZE, SIZE), np.float32)
+    labels = rng.integers(0, len(SHAPES), count)
+    for i in range(count):
+        canvas = np.zeros((2 * SIZE, 2 * SIZE), np.float32)
+        for _ in range(4):  # clutter: line segments
+            (r0, c0), angle = rng.uniform(0, SIZE, 2), rng.uniform(0, np.pi)
+            along = (rows - r0) * np.sin(angle) + (cols - c0) * np.cos(angle)
+            across = (rows - r0) * np.cos(angle) - (cols - c0) * np.sin(angle)
+            canvas += 0.7 * ((abs(across) < 0.6) & (abs(along) < rng.uniform(2, 5)))
+        radius, stroke = rng.uniform(3, 6), rng.uniform(1, 2)
+        centre = rng.uniform(radius, SIZE - radius, 2)
+        angle = np.deg2rad(rng.uniform(-20, 20))
+        dr, dc = rows - centre[0], cols - centre[1]
+        u = dc * np.cos(angle) + dr * np.sin(angle)
+        v = -(dr * np.cos(angle) - dc * np.sin(angle))  # up is +v
+        shape = _shape_mask(SHAPES[labels[i]], u, v, radius, stroke)
+        canvas = np.maximum(canvas, rng.uniform(0.6, 1.0) * shape)
+        images[i] = canvas.reshape(SIZE, 2, SIZE, 2).mean(axis=(1, 3))
+        images[i] += rng.normal(0.0, 0.35, (SIZE, SIZE)).astype(np.float32)
+    return images[..., None], labels
+
+
+TASKS = {"digits": cluttered_digits, "shapes": cluttered_shapes}
 
 
 # ----------------------------------------------------------------------------
@@ -383,8 +523,21 @@ def dafp_removal(model, tuner, rate, match):
     return tc.remove_filters(model, keep) if keep else model, high, budget
 
 
+def deployed(final, task):
+    """`{}`, or with `task["export"]` (a `.tflite` path): the file written there and its bytes."""
+    if not task.get("export"):
+        return {}
+    import tf_transform_conv as tc
+
+    written = tc.export_tflite(final, task["export"])
+    return dict(tflite=str(written.path), tflite_bytes=written.bytes)
+
+
 def knapsack_run(task, x, y, x_test, y_test):
-    """A knapsack row: from the seed's trained dense model, to the `removed` row's cost."""
+    """A knapsack row: from the seed's trained dense model, to the `removed` row's cost.
+
+    `task["target"]`, where given, is the cost to reach instead.
+    """
     import keras
     import tensorflow_model_optimization as tfmot
 
@@ -403,7 +556,7 @@ def knapsack_run(task, x, y, x_test, y_test):
     teacher.compile(loss=loss)
     dense_cost = tc.model_cost(teacher)
     thinner = tc.model_cost(cnn(tuple(kept_filters(w, rate) for w in WIDTHS), seed))
-    target = thinner.params if match == "params" else thinner.macs
+    target = task.get("target") or (thinner.params if match == "params" else thinner.macs)
     importance = tc.saliency.filter_importance(teacher, (x, y), num_batches=16,
                                                batch_size=BATCH)
     optimizer = keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(
@@ -432,7 +585,7 @@ def knapsack_run(task, x, y, x_test, y_test):
                                                      base_ratios=(min(KNAPSACK_RATIOS),)))
             extra["feasible"] = False
         frequency = max(1, steps_per_epoch // 4)
-        end = max(frequency, int(PRUNE_FRACTION * total) // frequency * frequency)
+        end = max(frequency, int(cfg["prune_fraction"] * total) // frequency * frequency)
         schedule = tfmot.sparsity.keras.PolynomialDecay(0.0, rate, 0, end, power=1,
                                                         frequency=frequency)
         model = tc.prune_model(
@@ -453,7 +606,8 @@ def knapsack_run(task, x, y, x_test, y_test):
     return dict(row=row, rate=rate, seed=seed, accuracy=accuracy,
                 conv_params=conv_params(final), dense_conv_params=conv_params(teacher),
                 params=int(final_cost.params), macs=int(final_cost.macs),
-                target=int(target), match=match, seconds=time.perf_counter() - start,
+                target=int(target), match=match, epochs=total_epochs(row, cfg["epochs"]),
+                seconds=time.perf_counter() - start, **deployed(final, task),
                 **extra)
 
 
@@ -467,15 +621,19 @@ def run_one(task):
 
     row, rate, seed, cfg = task["row"], task["rate"], task["seed"], task["config"]
     start = time.perf_counter()
-    x, y = cluttered_digits(cfg["train_size"], "train")
-    x_test, y_test = cluttered_digits(cfg["test_size"], "test")
+    data = TASKS[cfg.get("task", "digits")]
+    x, y = data(cfg["train_size"], "train")
+    x_test, y_test = data(cfg["test_size"], "test")
     if row in KNAPSACK or row in OURS_KNAPSACK:
         return knapsack_run(task, x, y, x_test, y_test)
+    epochs = task.get("epochs", cfg["epochs"])
     steps_per_epoch = cfg["train_size"] // BATCH
-    total = cfg["epochs"] * steps_per_epoch
+    total = epochs * steps_per_epoch
     base = row.removesuffix("+kd")
     widths = WIDTHS
-    if base == "quarter":
+    if row in THIN:
+        widths = tuple(task["widths"])
+    elif base == "quarter":
         widths = tuple(w // 2 for w in WIDTHS)
     elif base == "removed":
         widths = tuple(kept_filters(w, rate) for w in WIDTHS)
@@ -486,7 +644,7 @@ def run_one(task):
     dense_params = conv_params(cnn(WIDTHS, seed))
 
     frequency = max(1, steps_per_epoch // 4)
-    end = max(frequency, int(PRUNE_FRACTION * total) // frequency * frequency)
+    end = max(frequency, int(cfg["prune_fraction"] * total) // frequency * frequency)
     final_sparsity = rate or 0.0
     if base == "tc-ip":  # the coefficients of the bases: tc's nonzero bases at this rate
         final_sparsity = 1 - (1 - rate) / TC_IP_RATIO
@@ -532,10 +690,10 @@ def run_one(task):
                               threshold=DAFP_THRESHOLD, frequency=frequency)
         callbacks.append(tuner)
     if base in DAFP:  # with one epoch: penalty, removal, no training after it
-        model.fit(x, targets, batch_size=BATCH, epochs=max(1, cfg["epochs"] - 1), verbose=0,
+        model.fit(x, targets, batch_size=BATCH, epochs=max(1, epochs - 1), verbose=0,
                   shuffle=True, callbacks=callbacks)
         model, fraction, budget = dafp_removal(model, tuner, rate, DAFP[base])
-        if cfg["epochs"] > 1:
+        if epochs > 1:
             decay = keras.optimizers.schedules.CosineDecay(LEARNING_RATE, total)
             model.compile(
                 optimizer=keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(
@@ -544,7 +702,7 @@ def run_one(task):
             )
             model.fit(x, targets, batch_size=BATCH, epochs=1, verbose=0, shuffle=True)
     else:
-        model.fit(x, targets, batch_size=BATCH, epochs=cfg["epochs"], verbose=0,
+        model.fit(x, targets, batch_size=BATCH, epochs=epochs, verbose=0,
                   shuffle=True, callbacks=callbacks)
     stripped = base in PRUNED or base in UNSTRUCTURED or base == "tc-ip"
     final = tc.strip_model(model) if stripped else model
@@ -554,9 +712,13 @@ def run_one(task):
     result = dict(row=row, rate=rate, seed=seed, accuracy=accuracy,
                   conv_params=(nonzero_conv_params(final) if sparse
                                else conv_params(final)), dense_conv_params=dense_params,
-                  seconds=time.perf_counter() - start)
+                  macs=int(tc.model_cost(final).macs), epochs=epochs,
+                  seconds=time.perf_counter() - start, **deployed(final, task))
+    if row in THIN:
+        result.update(widths=list(widths), match=THIN[row], target=task["target"],
+                      match_miss=task["match_miss"], matched_to=task["matched_to"])
     if base in DAFP:
-        result.update(macs=int(tc.model_cost(final).macs), dafp_fraction=fraction,
+        result.update(dafp_fraction=fraction,
                       budget=int(budget), match=DAFP[base],
                       widths=[l.filters for l in final.layers if type(l).__name__ == "Conv2D"],
                       tuner=tuner.history)
@@ -565,7 +727,8 @@ def run_one(task):
         result["kept_filters"] = alive
     if row == "dense":
         final.save(task["teacher"])
-        result["one_shot"] = one_shot(final, x, x_test, y_test, cfg["rates"])
+        if cfg["one_shot"]:
+            result["one_shot"] = one_shot(final, x, x_test, y_test, cfg["rates"])
     return result
 
 
@@ -658,9 +821,39 @@ def summarize(runs, rates):
     return out
 
 
+def thin_reference(row, runs):
+    """The thin row a row is compared with: `thin+kd` for a distilled route where it ran."""
+    if row != "thin+kd" and row.endswith("+kd") and any(run["row"] == "thin+kd" for run in runs):
+        return "thin+kd"
+    return "thin"
+
+
+def versus_thin(runs):
+    """`{(row, rate): (mean, std, reference)}`: accuracy minus the thin row's, in points.
+
+    Paired by seed (the same seed's thin run at the same rate); the
+    standard deviation is over the seeds' differences.
+    """
+    thin = {(run["row"], run["rate"], run["seed"]): run["accuracy"] for run in runs
+            if run["row"] in THIN}
+    groups = {}
+    for run in runs:
+        reference = thin_reference(run["row"], runs)
+        key = (reference, run["rate"], run["seed"])
+        if run["rate"] is not None and run["row"] != reference and key in thin:
+            groups.setdefault((run["row"], run["rate"], reference), []).append(
+                100 * (run["accuracy"] - thin[key]))
+    return {(row, rate): (float(np.mean(d)), float(np.std(d, ddof=1)) if len(d) > 1 else 0.0,
+                          reference)
+            for (row, rate, reference), d in groups.items()}
+
+
 def report(runs, rows, rates):
     summary = summarize(runs, rates)
-    lines = [f"{'row':<18}" + "".join(f"{'rate ' + str(r):>26}" for r in rates)]
+    versus = versus_thin(runs)
+    lines = [f"{'row':<18}" + "".join(f"{'rate ' + str(r):>42}" for r in rates),
+             f"{'':<18}" + "".join(f"{'accuracy [conv params] vs thin (points)':>42}"
+                                   for r in rates)]
     for row in rows:
         if row in ("dense", "quarter"):
             mean, std, n, fraction = summary[(row, None)]
@@ -670,15 +863,22 @@ def report(runs, rows, rates):
         for rate in rates:
             if (row, rate) in summary:
                 mean, std, n, fraction = summary[(row, rate)]
-                cells.append(f"{mean:.3f} +- {std:.3f} [{fraction:.2f}]")
+                cell = f"{mean:.3f} +- {std:.3f} [{fraction:.3f}]"
+                if (row, rate) in versus:
+                    diff, diff_std, reference = versus[(row, rate)]
+                    cell += f" {diff:+5.1f} +- {diff_std:.1f}" + ("k" if "kd" in reference
+                                                                  else " ")
+                cells.append(cell)
             else:
                 cells.append("-")
-        lines.append(f"{row:<18}" + "".join(f"{c:>26}" for c in cells))
-    return "\n".join(lines), summary
+        lines.append(f"{row:<18}" + "".join(f"{c:>42}" for c in cells))
+    if any("kd" in v[2] for v in versus.values()):
+        lines.append("(k: against thin+kd, the thin network distilled from the same teacher)")
+    return "\n".join(lines), summary, versus
 
 
 def one_shot_report(runs):
-    rows = [r for run in runs if run["row"] == "dense" for r in run["one_shot"]]
+    rows = [r for run in runs if run["row"] == "dense" for r in run.get("one_shot", [])]
     groups = {}
     for r in rows:
         groups.setdefault((r["family"], r["rate"]), []).append(r)
@@ -695,9 +895,21 @@ def one_shot_report(runs):
     return "\n".join(lines), table
 
 
-def targets(summary, rates):
-    """The issue's targets, evaluated on the measured means."""
+def targets(summary, rates, versus=None):
+    """The issues' targets, evaluated on the measured means."""
     checks = {}
+    for rate in rates:  # the best route no larger than the thin network (within tolerance)
+        if ("thin", rate) not in summary:
+            continue
+        limit = summary[("thin", rate)][3] * (1 + THIN_TOLERANCE)
+        routes = {row: v for (row, r), v in (versus or {}).items()
+                  if r == rate and row not in THIN and summary[(row, rate)][3] <= limit}
+        if routes:
+            best = max(routes, key=lambda row: summary[(row, rate)][0])  # most accurate
+            checks[f"best route of equal size ({best}) - {routes[best][2]} at {rate} "
+                   ">= 1.5 points"] = routes[best][0]
+            checks[f"dense - best route of equal size ({best}) at {rate}"] = \
+                (summary[("dense", None)][0] - summary[(best, rate)][0]) * 100
     dense = summary[("dense", None)][0]
     if ("quarter", None) in summary:
         checks["dense - quarter >= 5 points"] = (dense - summary[("quarter", None)][0]) * 100
@@ -729,7 +941,10 @@ def targets(summary, rates):
     return checks
 
 
-def plot(summary, rows, rates, path):
+TITLES = {"digits": "Cluttered digits", "shapes": "Cluttered shapes"}
+
+
+def plot(summary, rows, rates, path, task="digits"):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -755,23 +970,74 @@ def plot(summary, rows, rates, path):
     ax.set_ylabel("test accuracy (mean, std over seeds)")
     lows = [summary[k][0] for k in summary]
     ax.set_ylim(max(0.0, min(lows) - 0.08), min(1.0, max(lows) + 0.16))
-    ax.set_title("Cluttered digits, 4-conv CNN: pruned filters removed, zeroed or rebuilt")
+    ax.set_title(f"{TITLES[task]}, 4-conv CNN: pruned filters removed, zeroed or rebuilt")
     ax.legend(fontsize=8, loc="upper center", ncol=2)
     fig.tight_layout()
     common.save_figure(fig, path)
 
 
+def thin_tasks(runs, rows, args, config, teacher, epochs):
+    """The thin rows' runs: at each rate, widths matched to the reference route's mean cost.
+
+    The reference is `--thin-match` where it ran at the rate, else the
+    first route that did; with no route at all, the dense network's cost
+    times `1 - rate`. Every thin row trains `epochs`, the most any route
+    of this run trains in all (pretraining included).
+    """
+    dense = widths_cost(WIDTHS)
+    tasks = []
+    for rate in args.rates:
+        at_rate = [run for run in runs if run["rate"] == rate]
+        names = [args.thin_match] + [run["row"] for run in at_rate]
+        reference = next((name for name in names
+                          if any(run["row"] == name for run in at_rate)), None)
+        matched = [run for run in at_rate if run["row"] == reference]
+        for row in rows:
+            cost = THIN[row]
+            if matched:
+                target = float(np.mean([run["conv_params" if cost == "params" else "macs"]
+                                        for run in matched]))
+            else:
+                target = (1 - rate) * dense[0 if cost == "params" else 1]
+            widths, miss = thin_widths(target, cost)
+            if miss > THIN_TOLERANCE:
+                print(f"warning: {row} at {rate} misses its {cost} target by {miss:.1%}")
+            tasks += [dict(row=row, rate=rate, seed=s, config=config, teacher=teacher[s],
+                           widths=widths, target=target, match_miss=miss,
+                           matched_to=reference, epochs=epochs)
+                      for s in range(args.seeds)]
+    return tasks
+
+
+def summary_json(summary, versus):
+    return [dict(row=k[0], rate=k[1], mean=v[0], std=v[1], seeds=v[2],
+                 conv_param_fraction=v[3],
+                 **({} if k not in versus else dict(
+                     versus_thin_points=versus[k][0], versus_thin_std=versus[k][1],
+                     versus=versus[k][2])))
+            for k, v in summary.items()]
+
+
 def main(argv=None):
     args = parse_args(argv)
-    if args.replot:
+    if args.replot:  # the report again, from the runs saved in the JSON
         saved = json.loads(args.out.read_text())
         rates = saved["config"]["rates"]
         rows = list(dict.fromkeys(run["row"] for run in saved["runs"]))
-        plot(summarize(saved["runs"], rates), rows, rates, args.out.with_suffix(".png"))
-        print(f"wrote {args.out.with_suffix('.png')}")
+        text, summary, versus = report(saved["runs"], rows, rates)
+        checks = targets(summary, rates, versus)
+        print(text + "\n\ntargets (points):")
+        for name, value in checks.items():
+            print(f"  {name}: {value:+.1f}")
+        saved.update(summary=summary_json(summary, versus), targets_points=checks)
+        common.write_json(args.out, saved)
+        plot(summary, rows, rates, args.out.with_suffix(".png"),
+             saved["config"].get("task", "digits"))
+        print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
         return
     config = dict(train_size=args.train_size, test_size=args.test_size, epochs=args.epochs,
-                  rates=args.rates)
+                  rates=args.rates, prune_fraction=args.prune_fraction,
+                  one_shot=not args.no_one_shot, task=args.task)
     workdir = Path(tempfile.mkdtemp(prefix="ablation-"))
     teacher = {seed: str(workdir / f"dense-{seed}.keras") for seed in range(args.seeds)}
     first = [dict(row="dense", rate=None, seed=s, config=config, teacher=teacher[s])
@@ -779,24 +1045,29 @@ def main(argv=None):
     if "quarter" in args.rows:
         first += [dict(row="quarter", rate=None, seed=s, config=config, teacher=None)
                   for s in range(args.seeds)]
+    routes = [row for row in args.rows if row not in ("dense", "quarter", *THIN)]
     rest = [dict(row=row, rate=rate, seed=s, config=config, teacher=teacher[s])
-            for row in args.rows if row not in ("dense", "quarter")
-            for rate in args.rates for s in range(args.seeds)]
+            for row in routes for rate in args.rates for s in range(args.seeds)]
+    thin_rows = [row for row in args.rows if row in THIN]
+    thin_epochs = max([total_epochs(row, args.epochs) for row in routes], default=args.epochs)
     started = time.perf_counter()
     runs = []
     context = __import__("multiprocessing").get_context("spawn")
     with futures.ProcessPoolExecutor(args.workers, mp_context=context,
                                      initializer=_init_worker) as pool:
-        for batch in (first, rest):  # the KD rows need the dense teachers
+        # The KD rows need the dense teachers; the thin rows, the routes' sizes.
+        for batch in (first, rest, "thin"):
+            if batch == "thin":
+                batch = thin_tasks(runs, thin_rows, args, config, teacher, thin_epochs)
             for result in pool.map(run_one, batch):
                 runs.append(result)
                 rate = "" if result["rate"] is None else f" at {result['rate']}"
                 print(f"{result['row']}{rate}, seed {result['seed']}: "
                       f"{result['accuracy']:.4f} ({result['seconds']:.0f} s)", flush=True)
     minutes = (time.perf_counter() - started) / 60
-    text, summary = report(runs, args.rows, args.rates)
+    text, summary, versus = report(runs, args.rows, args.rates)
     shot_text, shot_table = one_shot_report(runs)
-    checks = targets(summary, args.rates)
+    checks = targets(summary, args.rates, versus)
     print("\ntest accuracy, mean +- std over seeds [conv params / dense]:")
     print(text)
     print("\n" + shot_text)
@@ -816,18 +1087,18 @@ def main(argv=None):
         "versions": {"tensorflow": tf.__version__, "keras": keras.__version__,
                      "numpy": np.__version__},
         "config": {**config, "seeds": args.seeds, "widths": WIDTHS, "batch": BATCH,
-                   "learning_rate": LEARNING_RATE, "prune_fraction": PRUNE_FRACTION,
+                   "thin_match": args.thin_match, "thin_epochs": thin_epochs,
+                   "learning_rate": LEARNING_RATE,
                    "kd": [KD_TEMPERATURE, KD_WEIGHT], "min_bases_paper": MIN_BASES_PAPER,
                    "workers": args.workers},
         "minutes": minutes,
-        "summary": [dict(row=k[0], rate=k[1], mean=v[0], std=v[1], seeds=v[2],
-                         conv_param_fraction=v[3]) for k, v in summary.items()],
+        "summary": summary_json(summary, versus),
         "one_shot": shot_table,
         "targets_points": checks,
         "runs": runs,
     }
     common.write_json(args.out, payload)
-    plot(summary, args.rows, args.rates, args.out.with_suffix(".png"))
+    plot(summary, args.rows, args.rates, args.out.with_suffix(".png"), args.task)
     print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
 
 

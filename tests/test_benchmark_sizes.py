@@ -1,0 +1,102 @@
+"""The equal-size comparisons of benchmarks/ablation.py and benchmarks/frontier.py.
+
+Every accuracy the two scripts report is a difference from a thin network of
+the same size: these tests check that the sizes really match (counted by the
+package's own cost model on built Keras models) and that the differences are
+paired as the reports say.
+"""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import tf_transform_conv as tc
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import ablation  # noqa: E402
+import frontier  # noqa: E402
+
+
+@pytest.mark.parametrize("widths", [ablation.WIDTHS, (16, 16, 32, 32), (3, 5, 7, 11)])
+def test_widths_cost_counts_what_model_cost_counts_on_the_built_network(widths):
+    model = ablation.cnn(widths, seed=0)
+    cost = tc.model_cost(model)
+    params, macs = ablation.widths_cost(widths)
+    assert params == ablation.conv_params(model)
+    assert macs == cost.macs - 10 * widths[-1]  # less the classifier's
+
+
+@pytest.mark.parametrize("cost", ["params", "macs"])
+@pytest.mark.parametrize("share", [0.5, 0.25, 0.125, 0.108, 0.0625])
+def test_thin_widths_match_the_target_within_the_tolerance(share, cost):
+    which = 0 if cost == "params" else 1
+    target = share * ablation.widths_cost(ablation.WIDTHS)[which]
+    widths, miss = ablation.thin_widths(target, cost)
+    measured = ablation.widths_cost(widths)[which]
+    assert miss == pytest.approx(abs(measured - target) / target)
+    assert miss <= ablation.THIN_TOLERANCE
+    # One factor scales every width: the ratios of the dense network stay.
+    assert widths[0] == widths[1] and widths[2] == widths[3]
+    assert abs(widths[2] - 2 * widths[0]) <= 1
+
+
+def test_thin_rows_train_as_long_as_the_longest_route():
+    assert ablation.total_epochs("scalar", 3) == 3
+    assert ablation.total_epochs("knapsack+ikd", 3) == 6  # the dense model's epochs, then its own
+
+
+def _run(row, seed, accuracy, rate=0.5):
+    return dict(row=row, rate=rate, seed=seed, accuracy=accuracy)
+
+
+def test_versus_thin_pairs_each_route_with_the_same_seeds_thin_run():
+    runs = [_run("thin", 0, 0.70), _run("thin", 1, 0.60), _run("thin", 2, 0.65),
+            _run("scalar", 0, 0.72), _run("scalar", 1, 0.63), _run("scalar", 2, 0.66),
+            _run("scalar+kd", 0, 0.75), _run("scalar+kd", 1, 0.66),
+            _run("thin+kd", 0, 0.74), _run("thin+kd", 1, 0.60),
+            _run("scalar", 0, 0.9, rate=0.9)]  # no thin run at 0.9
+    versus = ablation.versus_thin(runs)
+    mean, std, reference = versus[("scalar", 0.5)]
+    assert reference == "thin"
+    assert mean == pytest.approx(np.mean([2, 3, 1]))
+    assert std == pytest.approx(np.std([2, 3, 1], ddof=1))
+    # A distilled route against the thin network distilled from the same teacher.
+    mean, std, reference = versus[("scalar+kd", 0.5)]
+    assert (reference, mean) == ("thin+kd", pytest.approx(np.mean([1, 6])))
+    assert ("scalar", 0.9) not in versus and ("thin", 0.5) not in versus
+    assert versus[("thin+kd", 0.5)][2] == "thin"
+
+
+def test_cluttered_shapes_is_a_balanced_ten_class_task_that_a_seed_repeats():
+    x, y = ablation.cluttered_shapes(400, "train")
+    again, labels = ablation.cluttered_shapes(400, "train")
+    test, _ = ablation.cluttered_shapes(400, "test")
+    assert x.shape == (400, ablation.SIZE, ablation.SIZE, 1) and x.dtype == np.float32
+    np.testing.assert_array_equal(x, again)
+    np.testing.assert_array_equal(y, labels)
+    assert not np.allclose(x, test)
+    assert set(np.unique(y)) == set(range(len(ablation.SHAPES)))
+    assert np.bincount(y).min() >= 20
+    # Each class's mean image differs from every other's: the labels carry the shapes.
+    means = np.stack([x[y == c].mean(axis=0) for c in range(len(ablation.SHAPES))])
+    gaps = [np.abs(means[a] - means[b]).max() for a in range(10) for b in range(a)]
+    assert min(gaps) > 0.05
+
+
+def test_ours_rate_gives_the_share_of_the_dense_parameters():
+    rate = frontier.ours_rate(0.25)
+    dense = ablation.cnn(ablation.WIDTHS, 0)
+    model = tc.prune_model(dense, lambda step: (True, rate),
+                           tc.Reconstruction(scale=True, **ablation.PRUNED[frontier.ROW["ours"]]))
+    tc.update_pruning_step(model, 0)
+    stripped = tc.strip_model(model)
+    share = ablation.conv_params(stripped) / ablation.conv_params(dense)
+    assert any(isinstance(layer, tc.TransformConv2D) for layer in stripped.layers)
+    assert share == pytest.approx(0.25, rel=0.1)
+
+
+def test_the_measured_route_is_the_recommended_reconstruction():
+    ours = tc.Reconstruction(scale=True, **ablation.PRUNED[frontier.ROW["ours"]])
+    assert ours == tc.Reconstruction.recommended()
