@@ -42,6 +42,12 @@ first 40% of the steps, every quarter epoch, as the paper does over its first
     discrete+scalar the scalar family after a d4 transform, our selection
     paper           the scalar family with the paper's selection: one global
                     magnitude ranking (at least 2 bases per layer), `o mod n`
+    hybrid-0.75     channels removed and filters rebuilt: the network with
+                    every width x0.75 (24-24-48-48), pruned by the affine
+                    route at the rate (bisected before training) that gives
+                    it the affine row's convolution parameters at the
+                    column's rate
+    hybrid-0.6      the same at widths x0.6 (19-19-38-38)
     ... +kd         the same, distilled from the dense model of the seed
                     (T = 4, weight 0.9 on the distillation term)
     sp              unstructured magnitude pruning of the convolution kernels
@@ -105,6 +111,8 @@ Usage:
     python benchmarks/ablation.py --seeds 5 --rows dense removed scalar
     python benchmarks/ablation.py --rates 0.77 0.92 --no-one-shot \
         --rows dense thin thin+kd scalar scalar+kd    # at 1/4 and 1/10 of the parameters
+    python benchmarks/ablation.py --epochs 12 --rates 0.77 --no-one-shot \
+        --rows dense thin affine hybrid-0.75 hybrid-0.6   # remove channels or rebuild filters
 """
 
 import argparse
@@ -146,6 +154,10 @@ PRUNED = {
     "general": dict(transforms="identity", transform_family="general", **SELECTION_OURS),
     "paper": dict(transforms="identity", transform_family="scalar", **SELECTION_PAPER),
 }
+# Hybrid rows: row -> the factor on every width; the narrower network is pruned
+# by the affine route to the affine route's parameters at the column's rate.
+HYBRID = {"hybrid-0.75": 0.75, "hybrid-0.6": 0.6}
+HYBRID_ROUTE = "affine"
 KD_ROWS = ("removed+kd", "scalar+kd", "affine+kd", "paper+kd", "thin+kd")
 # The equal-size baselines: row -> the cost its widths match to the reference route's.
 THIN = {"thin": "params", "thin-macs": "macs", "thin+kd": "params"}
@@ -164,8 +176,8 @@ KNAPSACK = {"knapsack+ikd": "params", "knapsack-macs+ikd": "macs", "knapsack-l2+
 OURS_KNAPSACK = {"ours-knapsack": "params", "ours-knapsack-macs": "macs"}
 KNAPSACK_RATIOS = (1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2)
 INNER_KD_LAYERS, INNER_KD_WEIGHT = ("bn0", "bn1", "bn2", "bn3"), 1.0
-ROWS = ("dense", "quarter", "thin", "thin-macs", "removed", "zeroed", *PRUNED, *KD_ROWS,
-        *UNSTRUCTURED, *DAFP, *KNAPSACK, *OURS_KNAPSACK, *TRANSFORM)
+ROWS = ("dense", "quarter", "thin", "thin-macs", "removed", "zeroed", *PRUNED, *HYBRID,
+        *KD_ROWS, *UNSTRUCTURED, *DAFP, *KNAPSACK, *OURS_KNAPSACK, *TRANSFORM)
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "ablation.json"
 QUICK_OUT = DEFAULT_OUT.with_name("ablation_quick.json")
 
@@ -269,6 +281,38 @@ def thin_widths(target, cost):
         if best is None or miss < best[1]:
             best = (widths, float(miss))
     return best
+
+
+def pruned_params(widths, rate, row=HYBRID_ROUTE):
+    """Convolution parameters of the network at `widths` once `row`'s route prunes it to `rate`.
+
+    The network is untrained, pruned at once and stripped: which bases a
+    layer keeps depends on the rate, not on the weights.
+    """
+    import tf_transform_conv as tc
+
+    model = tc.prune_model(cnn(widths, 0), lambda step: (True, rate),
+                           tc.Reconstruction(scale=True, **PRUNED[row]))
+    tc.update_pruning_step(model, 0)
+    return conv_params(tc.strip_model(model))
+
+
+def rate_for_params(widths, target, row=HYBRID_ROUTE):
+    """The pruning rate (4 places) at which `pruned_params(widths, rate, row)` is nearest `target`.
+
+    Found by bisection (the parameters fall as the rate grows).
+    """
+    low, high = 0.0, 0.99
+    for _ in range(12):
+        middle = (low + high) / 2
+        low, high = (middle, high) if pruned_params(widths, middle, row) > target else (low, middle)
+    low, high = round(low, 4), round(high, 4)
+    misses = {rate: abs(pruned_params(widths, rate, row) - target) for rate in (low, high)}
+    return min(misses, key=misses.get)
+
+
+def hybrid_widths(row):
+    return tuple(round(w * HYBRID[row]) for w in WIDTHS)
 
 
 def total_epochs(row, epochs):
@@ -631,7 +675,7 @@ def run_one(task):
     total = epochs * steps_per_epoch
     base = row.removesuffix("+kd")
     widths = WIDTHS
-    if row in THIN:
+    if row in THIN or base in HYBRID:
         widths = tuple(task["widths"])
     elif base == "quarter":
         widths = tuple(w // 2 for w in WIDTHS)
@@ -645,7 +689,7 @@ def run_one(task):
 
     frequency = max(1, steps_per_epoch // 4)
     end = max(frequency, int(cfg["prune_fraction"] * total) // frequency * frequency)
-    final_sparsity = rate or 0.0
+    final_sparsity = task.get("prune_rate", rate) or 0.0
     if base == "tc-ip":  # the coefficients of the bases: tc's nonzero bases at this rate
         final_sparsity = 1 - (1 - rate) / TC_IP_RATIO
     schedule = tfmot.sparsity.keras.PolynomialDecay(0.0, final_sparsity, 0, end, power=1,
@@ -660,8 +704,9 @@ def run_one(task):
         else:
             model = tc.prune_interspace(model, schedule, basis=UNSTRUCTURED[base])
         callbacks.append(tc.UpdateTransformPruningStep())
-    elif base in PRUNED:
-        model = tc.prune_model(model, schedule, tc.Reconstruction(scale=True, **PRUNED[base]))
+    elif base in PRUNED or base in HYBRID:
+        settings = PRUNED[HYBRID_ROUTE if base in HYBRID else base]
+        model = tc.prune_model(model, schedule, tc.Reconstruction(scale=True, **settings))
         callbacks.append(tc.UpdateTransformPruningStep())
     elif base == "zeroed":
         zeroing = MagnitudeZeroing(model, schedule)
@@ -704,7 +749,7 @@ def run_one(task):
     else:
         model.fit(x, targets, batch_size=BATCH, epochs=epochs, verbose=0,
                   shuffle=True, callbacks=callbacks)
-    stripped = base in PRUNED or base in UNSTRUCTURED or base == "tc-ip"
+    stripped = base in PRUNED or base in HYBRID or base in UNSTRUCTURED or base == "tc-ip"
     final = tc.strip_model(model) if stripped else model
     accuracy = float(np.mean(np.argmax(final.predict(x_test, batch_size=256, verbose=0), -1)
                              == y_test))
@@ -717,6 +762,8 @@ def run_one(task):
     if row in THIN:
         result.update(widths=list(widths), match=THIN[row], target=task["target"],
                       match_miss=task["match_miss"], matched_to=task["matched_to"])
+    if base in HYBRID:
+        result.update(widths=list(widths), prune_rate=final_sparsity)
     if base in DAFP:
         result.update(dafp_fraction=fraction,
                       budget=int(budget), match=DAFP[base],
@@ -821,9 +868,12 @@ def summarize(runs, rates):
     return out
 
 
-def thin_reference(row, runs):
-    """The thin row a row is compared with: `thin+kd` for a distilled route where it ran."""
-    if row != "thin+kd" and row.endswith("+kd") and any(run["row"] == "thin+kd" for run in runs):
+def thin_reference(row, ran):
+    """The thin row `row` is compared with: `thin+kd` for a distilled route, where it ran.
+
+    `ran` holds the names of the rows that ran.
+    """
+    if row != "thin+kd" and row.endswith("+kd") and "thin+kd" in ran:
         return "thin+kd"
     return "thin"
 
@@ -836,9 +886,10 @@ def versus_thin(runs):
     """
     thin = {(run["row"], run["rate"], run["seed"]): run["accuracy"] for run in runs
             if run["row"] in THIN}
+    ran = {run["row"] for run in runs}
     groups = {}
     for run in runs:
-        reference = thin_reference(run["row"], runs)
+        reference = thin_reference(run["row"], ran)
         key = (reference, run["rate"], run["seed"])
         if run["rate"] is not None and run["row"] != reference and key in thin:
             groups.setdefault((run["row"], run["rate"], reference), []).append(
@@ -976,6 +1027,22 @@ def plot(summary, rows, rates, path, task="digits"):
     common.save_figure(fig, path)
 
 
+def hybrid_settings(row, rate):
+    """A hybrid row's task settings at `rate`: its widths and its own pruning rate (else {})."""
+    if row.removesuffix("+kd") not in HYBRID:
+        return {}
+    widths = hybrid_widths(row)
+    target = pruned_params(WIDTHS, rate)
+    prune_rate = rate_for_params(widths, target)
+    reached = pruned_params(widths, prune_rate)
+    print(f"{row} at {rate}: widths {widths}, pruned at {prune_rate} to {reached} conv params "
+          f"({HYBRID_ROUTE}: {target})", flush=True)
+    if abs(reached - target) > THIN_TOLERANCE * target:  # e.g. narrower than the route's size
+        print(f"warning: {row} at {rate} misses the {HYBRID_ROUTE} row's parameters by "
+              f"{abs(reached - target) / target:.1%}", flush=True)
+    return dict(widths=list(widths), prune_rate=prune_rate)
+
+
 def thin_tasks(runs, rows, args, config, teacher, epochs):
     """The thin rows' runs: at each rate, widths matched to the reference route's mean cost.
 
@@ -1046,7 +1113,9 @@ def main(argv=None):
         first += [dict(row="quarter", rate=None, seed=s, config=config, teacher=None)
                   for s in range(args.seeds)]
     routes = [row for row in args.rows if row not in ("dense", "quarter", *THIN)]
-    rest = [dict(row=row, rate=rate, seed=s, config=config, teacher=teacher[s])
+    hybrid = {(row, rate): hybrid_settings(row, rate) for row in routes for rate in args.rates}
+    rest = [dict(row=row, rate=rate, seed=s, config=config, teacher=teacher[s],
+                 **hybrid[row, rate])
             for row in routes for rate in args.rates for s in range(args.seeds)]
     thin_rows = [row for row in args.rows if row in THIN]
     thin_epochs = max([total_epochs(row, args.epochs) for row in routes], default=args.epochs)

@@ -117,29 +117,11 @@ def parse_args(argv=None):
 def ours_rate(share, row=None):
     """The pruning rate at which a route's stripped network has `share` of the dense parameters.
 
-    `row` names the route's `ablation.PRUNED` settings (default: `ours`').
-
-    Found by bisection on an untrained network pruned at once to the rate
-    and stripped: the kept bases depend on the rate alone.
+    `row` names the route's `ablation.PRUNED` settings (default: `ours`');
+    found by bisection on an untrained network (`ablation.rate_for_params`).
     """
-    import tf_transform_conv as tc
-
-    dense = ablation.cnn(ablation.WIDTHS, 0)
-    target = share * ablation.conv_params(dense)
-    reconstruction = tc.Reconstruction(scale=True, **ablation.PRUNED[row or ROW["ours"]])
-
-    def params(rate):
-        model = tc.prune_model(dense, lambda step: (True, rate), reconstruction)
-        tc.update_pruning_step(model, 0)
-        return ablation.conv_params(tc.strip_model(model))
-
-    low, high = 0.0, 0.99
-    for _ in range(12):
-        middle = (low + high) / 2
-        low, high = (middle, high) if params(middle) > target else (low, middle)
-    # The nearer of the two ends, as a rate rounded to 4 places.
-    low, high = round(low, 4), round(high, 4)
-    return low if abs(params(low) - target) < abs(params(high) - target) else high
+    target = share * ablation.conv_params(ablation.cnn(ablation.WIDTHS, 0))
+    return ablation.rate_for_params(ablation.WIDTHS, target, row or ROW["ours"])
 
 
 def tasks(args, config, teacher, workdir):
@@ -198,7 +180,7 @@ def summarize(runs):
     out = []
     for (method, share), items in sorted(groups.items(), key=lambda kv: (kv[0][0], -kv[0][1])):
         acc = np.array([i["accuracy"] for i in items])
-        reference = ablation.thin_reference(method, [dict(row=m) for m, _, _ in thin])
+        reference = ablation.thin_reference(method, {m for m, _, _ in thin})
         diffs = [100 * (i["accuracy"] - thin[(reference, share, i["seed"])]) for i in items
                  if (reference, share, i["seed"]) in thin and method != reference]
         out.append(dict(

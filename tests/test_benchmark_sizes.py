@@ -69,6 +69,24 @@ def test_versus_thin_pairs_each_route_with_the_same_seeds_thin_run():
     assert versus[("thin+kd", 0.5)][2] == "thin"
 
 
+def test_the_frontier_pairs_a_distilled_method_with_the_distilled_thin_network():
+    def point(method, seed, accuracy):
+        return dict(method=method, share=0.25, seed=seed, accuracy=accuracy, conv_params=1,
+                    dense_conv_params=4, latency_ms=0.1, tflite_bytes=10, epochs=3)
+
+    runs = [point("thin", 0, 0.70), point("thin", 1, 0.60),
+            point("thin+kd", 0, 0.74), point("thin+kd", 1, 0.64),
+            point("ours", 0, 0.73), point("ours", 1, 0.62),
+            point("ours+kd", 0, 0.75), point("ours+kd", 1, 0.69)]
+    rows = {row["method"]: row for row in frontier.summarize(runs)}
+    assert rows["ours"]["versus"] == "thin"
+    assert rows["ours"]["versus_thin_points"] == pytest.approx(2.5)
+    assert rows["ours+kd"]["versus"] == "thin+kd"
+    assert rows["ours+kd"]["versus_thin_points"] == pytest.approx(3.0)
+    assert rows["ours+kd"]["versus_thin_std"] == pytest.approx(np.std([1, 5], ddof=1))
+    assert rows["thin+kd"]["versus"] == "thin" and rows["thin"]["versus"] is None
+
+
 def test_cluttered_shapes_is_a_balanced_ten_class_task_that_a_seed_repeats():
     x, y = ablation.cluttered_shapes(400, "train")
     again, labels = ablation.cluttered_shapes(400, "train")
@@ -100,3 +118,14 @@ def test_ours_rate_gives_the_share_of_the_dense_parameters():
 def test_the_measured_route_is_the_recommended_reconstruction():
     ours = tc.Reconstruction(scale=True, **ablation.PRUNED[frontier.ROW["ours"]])
     assert ours == tc.Reconstruction.recommended()
+
+
+def test_a_hybrid_row_is_pruned_to_the_affine_rows_size_from_narrower_widths():
+    settings = ablation.hybrid_settings("hybrid-0.75", 0.77)
+    assert settings["widths"] == [24, 24, 48, 48]
+    # The narrower network keeps more of its filters to reach the same size.
+    assert 0 < settings["prune_rate"] < 0.77
+    target = ablation.pruned_params(ablation.WIDTHS, 0.77)
+    reached = ablation.pruned_params(settings["widths"], settings["prune_rate"])
+    assert reached == pytest.approx(target, rel=ablation.THIN_TOLERANCE)
+    assert ablation.hybrid_settings("affine", 0.77) == {}

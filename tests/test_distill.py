@@ -509,3 +509,30 @@ def test_distiller_saves_and_reloads_compiled(tmp_path):
     expected = distiller.evaluate(x, y, batch_size=len(x), verbose=0, return_dict=True)
     got = again.evaluate(x, y, batch_size=len(x), verbose=0, return_dict=True)
     assert got == pytest.approx(expected, rel=1e-5)
+
+
+def test_the_recommended_route_distilled_from_the_dense_model():
+    """The recipe the README recommends: the student wrapped by `prune_model` with
+    `Reconstruction.recommended()`, trained inside an output-only `InnerDistiller`
+    with the pruning callback, then stripped (JAX: tests/test_jax_backend.py)."""
+    import tf_transform_conv as tc
+    from tf_transform_conv.sparsity import PolynomialDecay
+
+    x, y = data()
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    teacher = net(8, 1, "teacher")
+    teacher.compile("adam", loss)
+    teacher.fit(x, y, verbose=0)
+    student = tc.prune_model(net(8, 0, "student"), PolynomialDecay(0.0, 0.75, 0, 4, frequency=2),
+                             tc.Reconstruction.recommended())
+    distiller = InnerDistiller(student, teacher, layers=[], output_weight=0.9, temperature=4.0)
+    distiller.compile("adam", loss)
+    before = [np.asarray(w) for w in teacher.weights]
+    history = distiller.fit(x, y, batch_size=4, epochs=2, verbose=0,
+                            callbacks=[tc.UpdateTransformPruningStep()])
+    stripped = tc.strip_model(student)
+    (layer,) = [l for l in stripped.layers if isinstance(l, tc.TransformConv2D)]
+    assert sorted(history.history) == ["kd_loss", "loss"]
+    assert (layer.filters, layer.base_filters, layer.transform_family) == (8, 2, "affine")
+    np.testing.assert_allclose(stripped(x), student(x), rtol=1e-5, atol=1e-5)
+    assert all(np.array_equal(a, np.asarray(b)) for a, b in zip(before, teacher.weights))

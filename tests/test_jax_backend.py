@@ -232,3 +232,36 @@ def test_global_pruning_with_recalibration_then_export_on_jax(tmp_path, jax_back
     assert result["strip_error"] <= 1e-5 * max(1.0, result["scale"])
     assert "grouped" in result["lowerings"].values(), result["lowerings"]
     assert result["tflite_error"] <= 1e-4 * max(1.0, result["scale"])
+
+
+def test_the_recommended_route_distilled_from_the_dense_model_on_jax(jax_backend):
+    """The recipe the README recommends: the student wrapped by `prune_model` with
+    `Reconstruction.recommended()`, trained inside an output-only `InnerDistiller`
+    with the pruning callback, then stripped (TensorFlow: tests/test_distill.py)."""
+    result = jax_backend.run(PRELUDE + """
+loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+teacher = model()
+teacher.compile("adam", loss)
+teacher.fit(x, y, verbose=0)
+schedule = tfmot.sparsity.keras.PolynomialDecay(0.0, 0.75, begin_step=0, end_step=4, frequency=2)
+student = tc.prune_model(model(), schedule, tc.Reconstruction.recommended())
+distiller = tc.InnerDistiller(student, teacher, layers=[], output_weight=0.9, temperature=4.0)
+distiller.compile("adam", loss)
+before = weights(teacher)
+history = distiller.fit(x, y, batch_size=4, epochs=2, verbose=0,
+                        callbacks=[tc.UpdateTransformPruningStep()])
+stripped = tc.strip_model(student)
+layers = [l for l in stripped.layers if isinstance(l, tc.TransformConv2D)]
+scale = float(np.abs(np.asarray(student(x))).max())
+result = dict(
+    history=sorted(history.history),
+    bases=[l.base_filters for l in layers], families=[l.transform_family for l in layers],
+    strip_error=float(np.abs(np.asarray(stripped(x)) - np.asarray(student(x))).max()) / scale,
+    teacher_unchanged=all(np.array_equal(a, b) for a, b in zip(before, weights(teacher))),
+)
+""")
+    assert result["history"] == ["kd_loss", "loss"]
+    assert result["bases"] == [2, 2]  # 8 filters pruned at 0.75 keep 2 bases each
+    assert result["families"] == ["affine", "affine"]
+    assert result["strip_error"] <= 1e-5
+    assert result["teacher_unchanged"]
