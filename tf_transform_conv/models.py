@@ -876,8 +876,8 @@ def thin_width(name, params, num_classes=None, **kwargs):
     while high - low > 5e-4:
         middle = (low + high) / 2
         low, high = (middle, high) if count(middle) < params else (low, middle)
-    scored = [(abs(count(w) - params), w) for w in (low, high)]
-    width = min(scored)[1]
-    nearest = count(width)
+    counts = {w: count(w) for w in (low, high)}
+    width = min(counts, key=lambda w: (abs(counts[w] - params), w))
+    nearest = counts[width]
     short = round(width, 4)  # a width a user can type, where it builds the same model
     return (short, nearest) if count(short) == nearest else (width, nearest)
