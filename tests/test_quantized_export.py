@@ -23,6 +23,7 @@ import tf_transform_conv as tc
 from tf_transform_conv import export as tc_export
 from tf_transform_conv.export import file_bytes
 from tf_transform_conv.export import lowering as lowering_lib
+from tf_transform_conv.export import product_scales
 from tf_transform_conv.export import sparse_scales
 
 QUANTIZATIONS = (None, "dynamic", "float16", "int8")
@@ -193,6 +194,101 @@ def test_dropping_the_sparse_inputs_scales_keeps_the_outputs(files):
             f.write(flatbuffer)
         outputs.append(tc_export.run_tflite(path, x))
     np.testing.assert_array_equal(outputs[0], outputs[1])
+
+
+def _weight_scales(flatbuffer):
+    """`[(rows, scales)]` of the stored int8 weights of every convolution and
+    fully-connected operator: the kernel's output channels and its scales."""
+    from tensorflow.lite.python import schema_py_generated as schema
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    model = flatbuffer_utils.read_model_from_bytearray(bytearray(flatbuffer))
+    kinds = {schema.BuiltinOperator.CONV_2D, schema.BuiltinOperator.FULLY_CONNECTED}
+    graph, found = model.subgraphs[0], {}
+    for op in graph.operators:
+        code = model.operatorCodes[op.opcodeIndex]
+        if max(code.builtinCode, code.deprecatedBuiltinCode) not in kinds:
+            continue
+        tensor = graph.tensors[op.inputs[1]]
+        data = model.buffers[tensor.buffer].data
+        if data is not None and len(data) and tensor.quantization is not None:
+            found[int(op.inputs[1])] = (int(tensor.shape[0]), len(tensor.quantization.scale))
+    return list(found.values())
+
+
+def _products(model):
+    deployed, _ = tc_export.deployment_model(model, lowering="grouped", quantization="int8")
+    return tc_export.tflite._product_kernels(deployed)
+
+
+def test_int8_product_kernels_have_one_scale(files):
+    """The grouped form's products (144 = 16 bases x 9 taps for `conv_a`; the
+    stride-2 `conv_b` per pixel phase) are quantized with one scale; every
+    other kernel keeps one per output channel."""
+    result, _ = files["transform_model", "grouped", "int8"]
+    scales = _weight_scales(open(result.path, "rb").read())
+    assert (144, 1) in scales
+    per_tensor = [rows for rows, n in scales if n == 1]
+    assert len(per_tensor) >= 1 + 2  # conv_a's products and conv_b's distinct phases
+    assert all(n in (1, rows) for rows, n in scales)
+    assert sum(rows for rows, n in scales if n == rows) < sum(rows for rows, _ in scales) - 200
+
+
+def test_per_tensor_products_keep_the_outputs_and_leave_other_kernels(files, tmp_path,
+                                                                     monkeypatch):
+    """Requantizing the products per tensor: the file computes what Keras does
+    as closely as the per-channel file (within 1.5x its error), a file
+    without those kernels is left as it is, and a second pass finds nothing."""
+    transformed = compact_models(dense_model())["transform_model"]
+    kernels = _products(transformed)
+    result, _ = files["transform_model", "grouped", "int8"]
+    written = open(result.path, "rb").read()
+    assert product_scales.per_tensor_products(written, kernels) == (written, 0)
+    dense_file = open(files["transform_model", "dense", "int8"][0].path, "rb").read()
+    assert product_scales.per_tensor_products(dense_file, kernels) == (dense_file, 0)
+    # The converter's file, per channel: rebuilt by exporting without the pass.
+    with monkeypatch.context() as patch:
+        patch.setattr(tc_export.tflite, "per_tensor_products",
+                      lambda flatbuffer, kernels: (flatbuffer, 0))
+        per_channel = export(transformed, tmp_path / "per_channel.tflite", "int8", "grouped")[0]
+    converted = open(per_channel.path, "rb").read()
+    again, count = product_scales.per_tensor_products(converted, kernels)
+    assert count >= 3  # conv_a's products, conv_b's distinct phases
+    assert len(converted) - len(again) >= 12 * (144 - 1)
+    assert _weight_scales(again) == _weight_scales(written)
+    x = np.random.default_rng(5).normal(size=(16,) + SHAPE).astype("float32")
+    reference = np.asarray(transformed(x))
+    errors = [np.abs(tc_export.run_tflite(path, x) - reference).mean()
+              for path in (per_channel.path, result.path)]
+    assert errors[1] <= 1.5 * errors[0] + 1e-6, errors
+
+
+def test_small_layers_compact_int8_file_is_smaller(tmp_path):
+    """16-32-channel layers (a 15k-parameter CNN) pruned to a quarter by
+    `prune_model`'s defaults: the int8 file `"auto"` writes is smaller than
+    the dense model's, and the grouped layers it keeps carry one product scale."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((16, 16, 3))
+    x = inputs
+    for k, width in enumerate((16, 32, 32)):
+        x = keras.layers.Conv2D(width, 3, padding="same", strides=2 if k == 1 else 1,
+                                name=f"c{k}")(x)
+        x = keras.layers.BatchNormalization()(x)
+        x = keras.layers.ReLU()(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    model = keras.Model(inputs, keras.layers.Dense(10)(x))
+    compact = stripped(tc.prune_model(model, lambda step: (True, 0.75)))
+    data = np.random.default_rng(1).normal(size=(8, 16, 16, 3)).astype("float32")
+    sizes = {}
+    for name, m in (("dense", model), ("compact", compact)):
+        sizes[name] = tc.export_tflite(m, tmp_path / f"{name}.tflite", quantization="int8",
+                                       representative_data=data)
+    assert sizes["compact"].bytes < sizes["dense"].bytes, (sizes["compact"].lowerings,
+                                                           sizes["compact"].bytes,
+                                                           sizes["dense"].bytes)
+    assert "grouped" in sizes["compact"].lowerings.values()
+    scales = _weight_scales(open(sizes["compact"].path, "rb").read())
+    assert any(n == 1 and rows > 1 for rows, n in scales)
 
 
 def test_an_int8_sparse_dense_layer_runs_as_a_convolution(tmp_path):

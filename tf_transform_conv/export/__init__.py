@@ -6,6 +6,8 @@
 - `lowering`: which form each layer takes (grouped, slices, dense).
 - `file_bytes`: the bytes each form of a layer adds to a file, per
   quantization (what `lowering="auto"` weighs).
+- `product_scales`: one scale per product kernel of the grouped form in
+  int8 files.
 - `sparse_scales`: drops the duplicate scales of sparse constants in int8
   files.
 - `channel_order`: the graph pass that keeps grouped layers' channel order

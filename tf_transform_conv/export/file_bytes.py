@@ -7,9 +7,11 @@ weight:
 
 - int8 weights carry a float32 scale and an int64 zero point per output
   channel (12 bytes), their bias is int32 with its own 12 bytes per channel,
-  and every activation tensor carries a scale and a zero point; a 1x1
-  product convolution with `kh*kw` output channels per base therefore pays
-  `c_in + 28` bytes per channel where its float32 weights take `4 * c_in`;
+  and every activation tensor carries a scale and a zero point; the
+  grouped form's spread convolution pays 28 bytes per output channel (and
+  per padded slot of a fitted assignment) on top of its `kh*kw` int8 values
+  per filter, while its products, quantized with one scale
+  (`export.product_scales`), pay only their `c_in` bytes per channel;
 - sparse-encoded kernels (the grouped form's spread kernels, pruned kernels)
   store an index byte or two per nonzero, a segment per row, and, quantized,
   the per-channel scales again on the densified tensor: at half zeros an
@@ -160,13 +162,22 @@ class _File:
         self.operator(1)
         self.tensor(rank)
 
-    def weight(self, stats, dense_only=False):
-        """A kernel, sparse-encoded where the file does that (then with its DENSIFY)."""
+    def stored_sparse(self, stats, dense_only=False):
+        """Whether the file stores this kernel sparse-encoded."""
+        return (self.sparse and not dense_only and self.quantization != "dynamic"
+                and stats.zeros() >= SPARSE_MIN_ZEROS)
+
+    def weight(self, stats, dense_only=False, per_tensor=False):
+        """A kernel, sparse-encoded where the file does that (then with its DENSIFY).
+
+        `per_tensor`: a grouped form's product kernel, which int8 files
+        quantize with one scale where it is stored dense
+        (`export.product_scales`).
+        """
         q = self.quantization
         quantized = q == "int8" or (q == "dynamic" and stats.size >= DYNAMIC_MIN_ELEMENTS)
         scales = stats.channels if quantized else 0
-        if (self.sparse and not dense_only and q != "dynamic"
-                and stats.zeros() >= SPARSE_MIN_ZEROS):
+        if self.stored_sparse(stats, dense_only):
             values = _value_bytes(q) * stats.nonzeros
             rows = stats.size // max(stats.inner, 1)
             indices = (stats.nonzeros * _index_bytes(stats.inner)
@@ -181,16 +192,17 @@ class _File:
             return
         width = _value_bytes(q) if quantized or q == "float16" else 4
         self.buffer(width * stats.size)
-        self.tensor(stats.rank, scales)
+        self.tensor(stats.rank, 1 if per_tensor and q == "int8" else scales)
         if q == "float16":
             self._float16_dequantize(stats.rank)
 
-    def bias(self, channels):
-        """A convolution's bias (the converter gives one, of zeros, to a bias-less one)."""
+    def bias(self, channels, per_tensor=False):
+        """A convolution's bias (the converter gives one, of zeros, to a bias-less one);
+        `per_tensor`: a product convolution's (`weight`)."""
         q = self.quantization
         if q == "int8":
             self.buffer(4 * channels)
-            self.tensor(1, channels)
+            self.tensor(1, 1 if per_tensor else channels)
         elif q == "float16":
             self.buffer(2 * channels)
             self.tensor(1)
@@ -307,17 +319,18 @@ def _grouped(file, layer, plan, product_op, keep_order):
     outputs = plan.spread_outputs()
     if plan.phases is not None:
         for phase in _distinct(p.product_kernel for p in plan.phases):
-            file.weight(WeightStats.of(phase), dense_only=False)
+            file.weight(WeightStats.of(phase), per_tensor=True)
         if layer.padding == "same":
             file.index_constant(8)
             file.operator(2)
             file.activation()
         for phase in plan.phases:
+            dense_product = not file.stored_sparse(WeightStats.of(phase.product_kernel))
             file.index_constant(4)  # slice bounds (the strides are shared)
             file.index_constant(4)
             file.operator(4)
             file.activation()
-            file.bias(phase.product_kernel.shape[-1])
+            file.bias(phase.product_kernel.shape[-1], per_tensor=dense_product)
             file.operator(3)
             file.activation()
             file.weight(WeightStats.of(phase.spread_kernel))
@@ -331,15 +344,15 @@ def _grouped(file, layer, plan, product_op, keep_order):
     else:
         product = WeightStats.of(plan.product_kernel)
         if product_op == "fully_connected" and fully_connected_products(plan):
-            file.weight(product, dense_only=True)
+            file.weight(product, dense_only=True, per_tensor=True)
             file.operator(3)
             file.activation(2)
             file.index_constant(4)  # RESHAPE back to (batch, rows, cols, channels)
             file.operator(2)
             file.activation()
         else:
-            file.weight(product)
-            file.bias(product.channels)
+            file.weight(product, per_tensor=True)
+            file.bias(product.channels, per_tensor=not file.stored_sparse(product))
             file.operator(3)
             file.activation()
         if plan.basis_kernel is not None:

@@ -143,10 +143,12 @@ def lowering_choice(layer, lowering="auto", quantization=None):
       dense form's): otherwise the other compact form where that is
       smaller, else dense. Quantized files spend bytes per output channel
       and per tensor that float32 files do not (int8: 28 bytes per
-      channel of the product convolution, whose weights take `c_in`
-      bytes), so a layer that is compact in float32 may not be in int8:
-      a pruned model's 16-64-channel layers at ratio 1/2 took up to 1.9x
-      their dense layers' bytes in int8 and 2x in dynamic range.
+      channel of the spread convolution, padded slots included, where a
+      filter's weights take `kh*kw` bytes), so a layer that is compact in
+      float32 may not be in int8: a pruned model's 16-64-channel layers at
+      ratio 1/2 took up to 1.9x their dense layers' bytes in int8 and 2x
+      in dynamic range (with one scale per product kernel, a 32-channel
+      layer at 1/2 grouped still made its file 2% larger than dense).
 
     Args:
         layer: a built `TransformConv2D`.

@@ -53,7 +53,9 @@ from tf_transform_conv.export.deploy import sparse_dense_as_convolutions
 from tf_transform_conv.export.file_bytes import QUANTIZATIONS
 from tf_transform_conv.export.file_bytes import SPARSE_MIN_ZEROS
 from tf_transform_conv.export.file_bytes import sparse_encoding_saving
+from tf_transform_conv.export.grouped import GroupedTransformConv2D
 from tf_transform_conv.export.interpreter import tflite_op_counts
+from tf_transform_conv.export.product_scales import per_tensor_products
 from tf_transform_conv.export.sparse_scales import drop_sparse_input_scales
 from tf_transform_conv.layers.filter_basis_conv import FilterBasisConv2D
 from tf_transform_conv.layers.filter_basis_transform_conv import FilterBasisTransformConv2D
@@ -355,6 +357,10 @@ def export_tflite(
         # The sparse constants' scales are written twice: drop the copy
         # DENSIFY does not read (`export.sparse_scales`).
         flatbuffer, _ = drop_sparse_input_scales(flatbuffer)
+    if quantization == "int8":
+        # One scale per product kernel instead of one per channel
+        # (`export.product_scales`).
+        flatbuffer, _ = per_tensor_products(flatbuffer, _product_kernels(deployed))
 
     with open(path, "wb") as f:
         f.write(flatbuffer)
@@ -372,6 +378,19 @@ def export_tflite(
         larger_than_dense=larger,
         sparse_encoding=sparse,
     )
+
+
+def _product_kernels(model):
+    """The product kernels of the grouped layers in `model` (a deployment model)."""
+    kernels = []
+    for layer in _compat.layers_of(model):
+        if isinstance(layer, GroupedTransformConv2D):
+            plan = layer.plan
+            if plan.phases is None:
+                kernels.append(plan.product_kernel)
+            else:
+                kernels.extend(phase.product_kernel for phase in plan.phases)
+    return kernels
 
 
 def _count_params(model):
