@@ -36,12 +36,17 @@ $(DOCS_STAMP): setup.cfg
 demo: $(STAMP)
 	$(BIN)/python examples/digits_demo.py
 
-# The test suite, the README's and the documentation pages' `>>>` examples.
+# The test suite, the README's and the documentation pages' `>>>` examples,
+# in TEST_WORKERS processes (pytest-xdist; a file's tests share a process, so
+# its module fixtures are built once).
+TEST_WORKERS ?= 2
+PYTEST := $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
+
 test: $(STAMP)
-	$(BIN)/python -m pytest tf_transform_conv tests README.md docs
+	$(PYTEST) tf_transform_conv tests README.md docs
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest tf_transform_conv tests README.md docs -m "not slow"
+	$(PYTEST) tf_transform_conv tests README.md docs -m "not slow"
 
 # The site in site/; --strict turns every warning (a broken link, anchor or
 # API reference) into a failure. NO_MKDOCS_2_WARNING drops a banner that
