@@ -14,11 +14,12 @@ tensor, quantized with one scale for all its channels, and the bases they
 come from are filters of one layer, of similar magnitude.
 `per_tensor_products` requantizes each product kernel with one scale
 (`max |w| / 127`, zero point 0, the converter's symmetric int8 weights),
-from its float32 values, and rescales the operator's bias to match. On the
-probe model of `tests/test_quantized_export.py`'s small-layer test it
-changed the output error against the float32 model from 0.00166 to
-0.00167 (default preset) and from 0.00203 to 0.00211 (the recommended one),
-with outputs of about 0.3.
+from its float32 values, and rescales the operator's bias to match. On a
+15k-parameter CNN (16-32-32 channels, 32x32 inputs) trained briefly and
+pruned to a half, every layer grouped, it changed the int8 file's mean
+largest output error against Keras from 0.00166 to 0.00167 (`prune_model`'s
+defaults) and from 0.00203 to 0.00211 (`Reconstruction.recommended()`),
+for outputs of about 0.3.
 """
 
 import numpy as np
@@ -51,10 +52,10 @@ def per_tensor_products(flatbuffer, kernels):
     if not candidates:
         return flatbuffer, 0
     model = flatbuffer_utils.read_model_from_bytearray(bytearray(flatbuffer))
+    builtins = {getattr(schema.BuiltinOperator, name) for name in _WEIGHT_OPS}
     codes = {
         index for index, code in enumerate(model.operatorCodes)
-        if max(code.builtinCode, code.deprecatedBuiltinCode)
-        in (getattr(schema.BuiltinOperator, name) for name in _WEIGHT_OPS)
+        if max(code.builtinCode, code.deprecatedBuiltinCode) in builtins
     }
     requantized = 0
     for subgraph in model.subgraphs:
