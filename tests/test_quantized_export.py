@@ -218,7 +218,9 @@ def _weight_scales(flatbuffer):
 
 def _products(model):
     deployed, _ = tc_export.deployment_model(model, lowering="grouped", quantization="int8")
-    return tc_export.tflite._product_kernels(deployed)
+    return [kernel for layer in deployed.layers
+            if isinstance(layer, tc_export.GroupedTransformConv2D)
+            for kernel in layer.plan.product_kernels()]
 
 
 def test_int8_product_kernels_have_one_scale(files):

@@ -182,6 +182,13 @@ class GroupedPlan:
             values += self.spread_outputs()
         return values
 
+    def product_kernels(self):
+        """The product kernels a file holds: `[product_kernel]`, or one per
+        pixel phase (identical ones are stored once)."""
+        if self.phases is None:
+            return [self.product_kernel]
+        return [phase.product_kernel for phase in self.phases]
+
     def product_taps(self):
         """Base taps multiplied per output pixel (per base and input channel):
         `kh*kw` at every input pixel, or the phases' when the layer has them."""

@@ -385,11 +385,7 @@ def _product_kernels(model):
     kernels = []
     for layer in _compat.layers_of(model):
         if isinstance(layer, GroupedTransformConv2D):
-            plan = layer.plan
-            if plan.phases is None:
-                kernels.append(plan.product_kernel)
-            else:
-                kernels.extend(phase.product_kernel for phase in plan.phases)
+            kernels.extend(layer.plan.product_kernels())
     return kernels
 
 
