@@ -318,8 +318,8 @@ def _grouped(file, layer, plan, product_op, keep_order):
     spread = plan.spread_kernel
     outputs = plan.spread_outputs()
     if plan.phases is not None:
-        for phase in _distinct(p.product_kernel for p in plan.phases):
-            file.weight(WeightStats.of(phase), per_tensor=True)
+        for kernel in plan.product_kernels():
+            file.weight(WeightStats.of(kernel), per_tensor=True)
         if layer.padding == "same":
             file.index_constant(8)
             file.operator(2)
@@ -403,13 +403,6 @@ def _grouped(file, layer, plan, product_op, keep_order):
         file.vector(layer.filters)
         file.operator(2)
         file.activation()
-
-
-def _distinct(arrays):
-    seen = {}
-    for a in arrays:
-        seen.setdefault((a.shape, a.tobytes()), a)
-    return list(seen.values())
 
 
 # Slices: a fully-connected product, then per tap and segment a STRIDED_SLICE
@@ -521,7 +514,7 @@ def _layer_constants(layer):
         if plan.phases is not None:
             for phase in plan.phases:
                 yield WeightStats.of(phase.spread_kernel)
-            for kernel in _distinct(p.product_kernel for p in plan.phases):
+            for kernel in plan.product_kernels():
                 yield WeightStats.of(kernel)
         else:
             yield WeightStats.of(plan.spread_kernel)

@@ -173,21 +173,23 @@ class GroupedPlan:
             # Each phase's product convolution has its own zero bias, and
             # phases reading different base taps store those taps' values
             # again (the converter stores identical kernels once).
-            distinct = {phase.product_kernel.tobytes(): phase.product_kernel
-                        for phase in self.phases}
             values += sum(phase.product_kernel.shape[-1] for phase in self.phases)
-            values += sum(k.size for k in distinct.values()) - self.product_kernel.size
+            values += sum(k.size for k in self.product_kernels()) - self.product_kernel.size
             values -= self.product_kernel.shape[-1]
         if self.spread_bias is None:
             values += self.spread_outputs()
         return values
 
     def product_kernels(self):
-        """The product kernels a file holds: `[product_kernel]`, or one per
-        pixel phase (identical ones are stored once)."""
+        """The distinct product kernels a file holds: `[product_kernel]`, or
+        the pixel phases' (the converter stores identical kernels once)."""
         if self.phases is None:
             return [self.product_kernel]
-        return [phase.product_kernel for phase in self.phases]
+        distinct = {}
+        for phase in self.phases:
+            kernel = phase.product_kernel
+            distinct.setdefault((kernel.shape, kernel.tobytes()), kernel)
+        return list(distinct.values())
 
     def product_taps(self):
         """Base taps multiplied per output pixel (per base and input channel):
