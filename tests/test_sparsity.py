@@ -55,7 +55,10 @@ def test_schedules_are_tfmots_without_tfmot():
         ours, theirs = sparsity.PolynomialDecay(*args), tfmot_ref.sparsity.keras.PolynomialDecay(*args)
         for step in range(0, 1100, 7):
             (a, s), (b, t) = ours(step), theirs(step)
-            assert bool(a) == bool(b.numpy()) and np.float32(s) == t.numpy(), (args, step)
+            # tfmot's power runs in TensorFlow, whose float32 pow can round the
+            # last bit apart from numpy's on some CPUs (seen on AVX-512 EPYC).
+            assert bool(a) == bool(b.numpy()), (args, step)
+            np.testing.assert_array_max_ulp(np.float32(s), t.numpy(), maxulp=1)
     ours, theirs = sparsity.ConstantSparsity(0.3, 4, 40, 3), tfmot_ref.sparsity.keras.ConstantSparsity(
         0.3, 4, 40, 3)
     for step in range(60):
