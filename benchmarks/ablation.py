@@ -16,7 +16,8 @@ initialisation for the same epochs on the same images (Adam, cosine decay,
 batch 64, XLA), one seed per run; the pruning rows prune during training,
 linearly (tfmot `PolynomialDecay`, power 1) from 0 to the row's rate over the
 first 40% of the steps, every quarter epoch, as the paper does over its first
-40 of 300 epochs. Rows, at pruning rates 0.7 and 0.9:
+40 of 300 epochs (with `--lr-restart pruning`, their learning rate's cosine
+starts again from its peak where the schedule ends). Rows, at pruning rates 0.7 and 0.9:
 
     thin            the equal-size baseline: the dense network with every
                     width scaled by one factor so that its convolution
@@ -113,6 +114,8 @@ Usage:
         --rows dense thin thin+kd scalar scalar+kd    # at 1/4 and 1/10 of the parameters
     python benchmarks/ablation.py --epochs 12 --rates 0.77 --no-one-shot \
         --rows dense thin affine hybrid-0.75 hybrid-0.6   # remove channels or rebuild filters
+    python benchmarks/ablation.py --epochs 12 --rates 0.77 --no-one-shot --task shapes \
+        --rows dense thin affine --lr-restart pruning  # the rate restarted where pruning ends
 """
 
 import argparse
@@ -136,6 +139,7 @@ RATES = (0.7, 0.9)
 BATCH = 64
 LEARNING_RATE = 3e-3
 PRUNE_FRACTION = 0.4  # the schedule ends at this fraction of the training steps
+LR_RESTARTS = ("none", "pruning", "all")
 KD_TEMPERATURE, KD_WEIGHT = 4.0, 0.9
 MIN_BASES_PAPER = 2
 RECALIBRATE_BATCHES = 20
@@ -202,6 +206,12 @@ def parse_args(argv=None):
     parser.add_argument("--prune-fraction", type=float, default=PRUNE_FRACTION,
                         help="share of the training steps over which the pruning "
                         f"schedule rises to the rate ({PRUNE_FRACTION})")
+    parser.add_argument("--lr-restart", choices=LR_RESTARTS, default="none",
+                        help="where the cosine learning rate starts again from its peak at "
+                        "the step the pruning schedule ends (tc.training.CosineRestart): "
+                        "none (default), pruning (the rows that prune during training), "
+                        "all (every row from scratch, the thin ones included: the "
+                        "restart's effect on networks that are not pruned)")
     parser.add_argument("--no-one-shot", action="store_true",
                         help="skip the one-shot conversions of each dense model")
     parser.add_argument("--workers", type=int, default=2,
@@ -662,6 +672,7 @@ def run_one(task):
 
     import tf_transform_conv as tc
     from tf_transform_conv.ops.assignment import kept_filters
+    from tf_transform_conv.training import CosineRestart
 
     row, rate, seed, cfg = task["row"], task["rate"], task["seed"], task["config"]
     start = time.perf_counter()
@@ -721,11 +732,13 @@ def run_one(task):
         logits = teacher.predict(x, batch_size=256, verbose=0)
         targets = np.concatenate([np.eye(10, dtype="float32")[y], logits], axis=1)
         loss = kd_loss
-    model.compile(
-        optimizer=keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(
-            LEARNING_RATE, total)),
-        loss=loss, jit_compile=True,
-    )
+    learning_rate = keras.optimizers.schedules.CosineDecay(LEARNING_RATE, total)
+    restart = cfg.get("lr_restart", "none")
+    prunes = base in PRUNED or base in HYBRID or base in UNSTRUCTURED or base == "tc-ip"
+    if restart == "all" and base not in DAFP or restart == "pruning" and (
+            prunes or base == "zeroed"):
+        learning_rate = CosineRestart(LEARNING_RATE, total, end)
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=loss, jit_compile=True)
     if base in DAFP:
         from tf_transform_conv.structured import SparsityTuner
 
@@ -749,8 +762,7 @@ def run_one(task):
     else:
         model.fit(x, targets, batch_size=BATCH, epochs=epochs, verbose=0,
                   shuffle=True, callbacks=callbacks)
-    stripped = base in PRUNED or base in HYBRID or base in UNSTRUCTURED or base == "tc-ip"
-    final = tc.strip_model(model) if stripped else model
+    final = tc.strip_model(model) if prunes else model
     accuracy = float(np.mean(np.argmax(final.predict(x_test, batch_size=256, verbose=0), -1)
                              == y_test))
     sparse = base in UNSTRUCTURED or base in TRANSFORM
@@ -1104,6 +1116,7 @@ def main(argv=None):
         return
     config = dict(train_size=args.train_size, test_size=args.test_size, epochs=args.epochs,
                   rates=args.rates, prune_fraction=args.prune_fraction,
+                  lr_restart=args.lr_restart,
                   one_shot=not args.no_one_shot, task=args.task)
     workdir = Path(tempfile.mkdtemp(prefix="ablation-"))
     teacher = {seed: str(workdir / f"dense-{seed}.keras") for seed in range(args.seeds)}

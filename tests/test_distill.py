@@ -523,16 +523,25 @@ def test_the_recommended_route_distilled_from_the_dense_model():
     teacher = net(8, 1, "teacher")
     teacher.compile("adam", loss)
     teacher.fit(x, y, verbose=0)
-    student = tc.prune_model(net(8, 0, "student"), PolynomialDecay(0.0, 0.75, 0, 4, frequency=2),
-                             tc.Reconstruction.recommended())
+    schedule = PolynomialDecay(0.0, 0.75, 0, 4, frequency=2)
+    student = tc.prune_model(net(8, 0, "student"), schedule, tc.Reconstruction.recommended())
     distiller = InnerDistiller(student, teacher, layers=[], output_weight=0.9, temperature=4.0)
-    distiller.compile("adam", loss)
+    learning_rate = tc.training.CosineRestart(1e-3, 8, restart_step=schedule.end_step)
+    distiller.compile(keras.optimizers.Adam(learning_rate), loss)
     before = [np.asarray(w) for w in teacher.weights]
-    history = distiller.fit(x, y, batch_size=4, epochs=2, verbose=0,
-                            callbacks=[tc.UpdateTransformPruningStep()])
+    rates = []
+    history = distiller.fit(x, y, batch_size=4, epochs=2, verbose=0, callbacks=[
+        tc.UpdateTransformPruningStep(), keras.callbacks.LambdaCallback(
+            on_train_batch_begin=lambda batch, logs: rates.append(
+                float(distiller.optimizer.learning_rate)))])
     stripped = tc.strip_model(student)
     (layer,) = [l for l in stripped.layers if isinstance(l, tc.TransformConv2D)]
     assert sorted(history.history) == ["kd_loss", "loss"]
+    # The rate of each of the 8 steps: a cosine over 8 cut at the pruning's end
+    # (step 4), then one over the last 4 from the peak again.
+    cosine = [0.5e-3 * (1 + np.cos(np.pi * t / 8)) for t in range(4)]
+    np.testing.assert_allclose(rates, cosine + [0.5e-3 * (1 + np.cos(np.pi * t / 4))
+                                                for t in range(4)], rtol=1e-5)
     assert (layer.filters, layer.base_filters, layer.transform_family) == (8, 2, "affine")
     np.testing.assert_allclose(stripped(x), student(x), rtol=1e-5, atol=1e-5)
     assert all(np.array_equal(a, np.asarray(b)) for a, b in zip(before, teacher.weights))

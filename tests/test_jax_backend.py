@@ -246,10 +246,14 @@ teacher.fit(x, y, verbose=0)
 schedule = tfmot.sparsity.keras.PolynomialDecay(0.0, 0.75, begin_step=0, end_step=4, frequency=2)
 student = tc.prune_model(model(), schedule, tc.Reconstruction.recommended())
 distiller = tc.InnerDistiller(student, teacher, layers=[], output_weight=0.9, temperature=4.0)
-distiller.compile("adam", loss)
+learning_rate = tc.training.CosineRestart(1e-3, 8, restart_step=schedule.end_step)
+distiller.compile(keras.optimizers.Adam(learning_rate), loss)
 before = weights(teacher)
-history = distiller.fit(x, y, batch_size=4, epochs=2, verbose=0,
-                        callbacks=[tc.UpdateTransformPruningStep()])
+rates = []  # after each epoch of 4 steps (JAX syncs the optimizer's step there)
+history = distiller.fit(x, y, batch_size=4, epochs=2, verbose=0, callbacks=[
+    tc.UpdateTransformPruningStep(), keras.callbacks.LambdaCallback(
+        on_epoch_end=lambda epoch, logs: rates.append(
+            float(distiller.optimizer.learning_rate)))])
 stripped = tc.strip_model(student)
 layers = [l for l in stripped.layers if isinstance(l, tc.TransformConv2D)]
 scale = float(np.abs(np.asarray(student(x))).max())
@@ -258,9 +262,13 @@ result = dict(
     bases=[l.base_filters for l in layers], families=[l.transform_family for l in layers],
     strip_error=float(np.abs(np.asarray(stripped(x)) - np.asarray(student(x))).max()) / scale,
     teacher_unchanged=all(np.array_equal(a, b) for a, b in zip(before, weights(teacher))),
+    rates=rates,
 )
 """)
     assert result["history"] == ["kd_loss", "loss"]
+    # The learning rate restarts from its peak where pruning ends (step 4 of 8):
+    # a single cosine over the 8 steps would be at half the peak there.
+    assert result["rates"] == pytest.approx([1e-3, 0.0], rel=1e-5, abs=1e-9)
     assert result["bases"] == [2, 2]  # 8 filters pruned at 0.75 keep 2 bases each
     assert result["families"] == ["affine", "affine"]
     assert result["strip_error"] <= 1e-5

@@ -13,6 +13,7 @@ import keras
 import numpy as np
 import pytest
 
+from tf_transform_conv.training.schedules import CosineRestart
 from tf_transform_conv.training.schedules import LinearWarmup
 from tf_transform_conv.training.schedules import learning_rate_schedule
 from tf_transform_conv.training.schedules import pruning_schedule
@@ -168,3 +169,51 @@ def test_bad_pruning_schedule_arguments():
         pruning_schedule(10, 0.5, begin=0.6, end=0.5)
     with pytest.raises(ValueError, match="frequency"):
         pruning_schedule(10, 0.5, frequency=0)
+
+
+def restart_rate(step, peak, total, restart):
+    """`CosineRestart`'s rate in plain Python: two half cosines, the second from `restart`."""
+    if step < restart:
+        start, span = 0, total
+    else:
+        start, span = restart, total - restart
+    progress = min((step - start) / span, 1.0)
+    return 0.5 * peak * (1.0 + math.cos(math.pi * progress))
+
+
+@pytest.mark.parametrize("total, restart", [(100, 40), (2400, 950), (10, 0), (10, 9)])
+def test_cosine_restart_rates(total, restart):
+    schedule = CosineRestart(3e-3, total, restart)
+    for step in range(total + 3):
+        assert float(schedule(step)) == pytest.approx(
+            restart_rate(step, 3e-3, total, restart), rel=1e-5, abs=1e-9), step
+    if restart:  # the peak again at the restart, after a partial decay
+        assert float(schedule(restart)) == pytest.approx(3e-3)
+        assert float(schedule(restart - 1)) < 3e-3
+
+
+def test_cosine_restart_is_registered_and_trains_on_a_restored_optimizer(tmp_path):
+    schedule = CosineRestart(0.05, decay_steps=20, restart_step=8)
+    assert keras.saving.get_registered_name(CosineRestart) == "tf_transform_conv>CosineRestart"
+    again = keras.optimizers.schedules.deserialize(keras.optimizers.schedules.serialize(schedule))
+    assert type(again) is CosineRestart and again.get_config() == schedule.get_config()
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    model.compile(keras.optimizers.SGD(schedule), "mse")
+    x = np.ones((4, 3), "float32")
+    model.fit(x, np.zeros((4, 2), "float32"), epochs=9, batch_size=4, verbose=0)
+    model.save(tmp_path / "m.keras")
+    loaded = keras.saving.load_model(tmp_path / "m.keras")
+    rate = loaded.optimizer.learning_rate  # at the restored iteration 9: past the restart
+    assert int(loaded.optimizer.iterations) == 9
+    assert float(rate) == pytest.approx(restart_rate(9, 0.05, 20, 8), rel=1e-5)
+
+
+def test_bad_cosine_restart_arguments():
+    with pytest.raises(ValueError, match=r"`initial_learning_rate`.*Received initial_learning_rate=0"):
+        CosineRestart(0, 10, 5)
+    with pytest.raises(ValueError, match=r"`decay_steps`.*Received decay_steps=0"):
+        CosineRestart(0.1, 0, 0)
+    with pytest.raises(ValueError, match=r"`restart_step`.*below decay_steps=10.*restart_step=10"):
+        CosineRestart(0.1, 10, 10)
+    with pytest.raises(ValueError, match=r"`restart_step`.*Received restart_step=2.5"):
+        CosineRestart(0.1, 10, 2.5)

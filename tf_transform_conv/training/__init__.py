@@ -3,7 +3,7 @@
 One idea per module:
 
 - `schedules`: learning-rate schedules on Keras's own (`learning_rate_schedule`,
-  `LinearWarmup`);
+  `LinearWarmup`, `CosineRestart`: the decay restarted where pruning ends);
 - `callbacks`: a backup a kill cannot corrupt (`AtomicBackupAndRestore`),
   a checkpoint per epoch (`SaveCheckpoint`), training seconds across
   restarts (`TrainClock`);
@@ -39,11 +39,13 @@ from tf_transform_conv.training.runs import finished_run
 from tf_transform_conv.training.runs import run_folder
 from tf_transform_conv.training.runs import start_over
 from tf_transform_conv.training.runs import trim_csv
+from tf_transform_conv.training.schedules import CosineRestart
 from tf_transform_conv.training.schedules import LinearWarmup
 from tf_transform_conv.training.schedules import learning_rate_schedule
 
 __all__ = [
     "AtomicBackupAndRestore",
+    "CosineRestart",
     "LinearWarmup",
     "RUN_OUTPUTS",
     "SaveCheckpoint",

@@ -18,7 +18,10 @@ so a model saved with its optimizer loads with `keras.saving.load_model`
 once `tf_transform_conv` is imported.
 
 `pruning_schedule` places tfmot's `PolynomialDecay` (what `prune_model`
-takes) by fractions of the training.
+takes) by fractions of the training, and `CosineRestart` starts the cosine
+decay again, from its peak, at the step where pruning ends: the rate the
+network that pruning left trains on (measured in `benchmarks/ablation.py`,
+its `--lr-restart`).
 """
 
 import keras
@@ -27,7 +30,8 @@ from keras import ops
 from tf_transform_conv._checks import is_int
 from tf_transform_conv._checks import is_number
 
-__all__ = ["LinearWarmup", "SCHEDULES", "learning_rate_schedule", "pruning_schedule"]
+__all__ = ["CosineRestart", "LinearWarmup", "SCHEDULES", "learning_rate_schedule",
+           "pruning_schedule"]
 
 SCHEDULES = ("cosine", "step", "linear-steps")
 
@@ -115,6 +119,81 @@ class LinearWarmup(keras.optimizers.schedules.LearningRateSchedule):
             "schedule": keras.optimizers.schedules.serialize(self.schedule),
             "warmup_steps": self.warmup_steps,
             "initial_learning_rate": self.initial_learning_rate,
+        }
+
+
+@keras.saving.register_keras_serializable(package="tf_transform_conv")
+class CosineRestart(keras.optimizers.schedules.LearningRateSchedule):
+    """A cosine decay that starts again from its peak at one step: where pruning ends.
+
+    Before `restart_step` the rate is Keras's
+    `CosineDecay(initial_learning_rate, decay_steps)`; from `restart_step`
+    on, a second cosine decay from `initial_learning_rate` to 0 over the
+    remaining `decay_steps - restart_step` steps. Pass the pruning
+    schedule's last step (`end_step` of tfmot's `PolynomialDecay`): the
+    network that pruning leaves then trains from the full rate, where a
+    single decay would have spent part of it. Measured with the affine
+    family pruned over the first 40% of 12 epochs to a quarter and a
+    tenth of the convolution parameters (`benchmarks/ablation.py
+    --lr-restart`, two tasks, 3 seeds), it added 0.2 to 1.45 points; a
+    dense network of the same size, restarted at the same step, gained
+    about as much. `restart_step=0` is the plain cosine decay.
+
+    Args:
+        initial_learning_rate: float > 0, the rate at step 0 and again at
+            `restart_step`.
+        decay_steps: int >= 1, the optimizer steps of the whole training;
+            the rate reaches 0 there and stays 0.
+        restart_step: int in `[0, decay_steps)`, the step where the second
+            decay starts.
+
+    Returns:
+        Called with the optimizer's step, the learning rate, a float32
+        scalar tensor.
+
+    Raises:
+        ValueError: for a rate that is not positive, or step counts that
+            are not ints in range.
+
+    Example:
+
+    >>> schedule = CosineRestart(0.1, decay_steps=100, restart_step=40)
+    >>> [round(float(schedule(step)), 4) for step in (0, 39, 40, 70, 100)]
+    [0.1, 0.0669, 0.1, 0.05, 0.0]
+    """
+
+    def __init__(self, initial_learning_rate, decay_steps, restart_step):
+        super().__init__()
+        if not is_number(initial_learning_rate) or initial_learning_rate <= 0:
+            raise ValueError(
+                "Invalid value for argument `initial_learning_rate`. Expected a number "
+                f"> 0. Received initial_learning_rate={initial_learning_rate!r}."
+            )
+        self.initial_learning_rate = float(initial_learning_rate)
+        self.decay_steps = _check_steps(decay_steps, "decay_steps", low=1)
+        self.restart_step = _check_steps(restart_step, "restart_step")
+        if self.restart_step >= self.decay_steps:
+            raise ValueError(
+                "Invalid value for argument `restart_step`. Expected an int below "
+                f"decay_steps={self.decay_steps}. Received restart_step={restart_step!r}."
+            )
+        self._first = keras.optimizers.schedules.CosineDecay(
+            self.initial_learning_rate, self.decay_steps)
+        self._second = keras.optimizers.schedules.CosineDecay(
+            self.initial_learning_rate, self.decay_steps - self.restart_step)
+
+    def __call__(self, step):
+        step = ops.cast(step, "float32")
+        restart = float(self.restart_step)
+        first = ops.cast(self._first(step), "float32")
+        second = ops.cast(self._second(ops.maximum(step - restart, 0.0)), "float32")
+        return ops.where(step < restart, first, second)
+
+    def get_config(self):
+        return {
+            "initial_learning_rate": self.initial_learning_rate,
+            "decay_steps": self.decay_steps,
+            "restart_step": self.restart_step,
         }
 
 
