@@ -390,3 +390,44 @@ def test_auto_writes_dense_operator_families_grouped(family):
     learned(inputs)
     form, reason = lowering.lowering_choice(learned)
     assert form == "grouped" and "pair of taps" in reason, reason
+
+
+@pytest.mark.parametrize("case, activation", [
+    ("shifts_random_assignment", "relu"), ("shifts_random_assignment", "sigmoid"),
+    ("softmax_after_gather", "softmax"), ("depth_groups_2", None),
+    ("affine_shifts_assignment", None)])
+def test_normalized_spread_matches_the_keras_layer(case, activation):
+    """The int8 files' form: where a selection follows the spread convolution,
+    every spread channel peaks at exactly 1 and the selection holds the gains;
+    the layer computes the same outputs, with an activation that does not
+    commute with a scale (sigmoid) applied after the selection."""
+    import tensorflow as tf
+
+    model = layer_model({**CASES[case], "activation": activation, "scale": True})
+    layer = model.get_layer("tc")
+    grouped = grouped_lib.GroupedTransformConv2D.from_layer(layer, normalize_spread=True)
+    plan = grouped.plan
+    assert plan.selects() and plan.normalized_spread()
+    assert not grouped_lib.grouped_plan(layer).normalized_spread()  # float files: as planned
+    kernel, _, gains = plan.written_spread()
+    peaks = np.abs(kernel).reshape(-1, kernel.shape[-1]).max(axis=0)
+    np.testing.assert_array_equal(peaks, np.ones_like(peaks))
+    planned = np.abs(plan.spread_kernel).reshape(-1, kernel.shape[-1]).max(axis=0)
+    np.testing.assert_array_equal(gains, np.where(planned > 0, planned, 1.0))
+    assert np.any(gains != 1.0)  # random scales: the channels peaked apart
+    x = np.random.default_rng(2).normal(size=(2,) + tuple(model.inputs[0].shape[1:]))
+    x = x.astype("float32")
+    expected = keras.ops.convert_to_numpy(layer(x))
+    scale = np.abs(expected).max()
+    np.testing.assert_allclose(grouped(x).numpy(), expected, atol=RTOL * scale)
+    xla = tf.function(grouped.call, jit_compile=True)(tf.constant(x)).numpy()
+    np.testing.assert_allclose(xla, expected, atol=RTOL * scale)
+
+
+def test_a_stride_two_layer_keeps_its_spread_kernels():
+    """Pixel phases sum their spread convolutions before the selection: no
+    normalization, in any file."""
+    layer = layer_model(CASES["d4_stride2_valid_scale"]).get_layer("tc")
+    plan = grouped_lib.grouped_plan(layer).normalized()
+    assert plan.phases is not None and not plan.normalized_spread()
+    assert plan.written_spread()[2] is None

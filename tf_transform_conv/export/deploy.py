@@ -191,7 +191,8 @@ def deploy(model, requested, keep_order=True, quantization=None):
         form = decision.form
         if form == "grouped":
             return GroupedTransformConv2D.from_layer(
-                layer, plan=decision.plan, product_op=default_product_op(quantization)), None
+                layer, plan=decision.plan, product_op=default_product_op(quantization),
+                normalize_spread=quantization == "int8"), None
         if form == "dense":
             return _dense_twin(layer)
         config = layer.get_config()

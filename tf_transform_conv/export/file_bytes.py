@@ -10,7 +10,9 @@ weight:
   and every activation tensor carries a scale and a zero point; the
   grouped form's spread convolution pays 28 bytes per output channel (and
   per padded slot of a fitted assignment) on top of its `kh*kw` int8 values
-  per filter, while its products, quantized with one scale
+  per filter (where a selection follows it, its kernel is normalized and
+  both its scales and its bias's are written once: 4 bytes per channel),
+  while its products, quantized with one scale
   (`export.product_scales`), pay only their `c_in` bytes per channel;
 - sparse-encoded kernels (the grouped form's spread kernels, pruned kernels)
   store an index byte or two per nonzero, a segment per row, and, quantized,
@@ -167,16 +169,20 @@ class _File:
         return (self.sparse and not dense_only and self.quantization != "dynamic"
                 and stats.zeros() >= SPARSE_MIN_ZEROS)
 
-    def weight(self, stats, dense_only=False, per_tensor=False):
+    def weight(self, stats, dense_only=False, per_tensor=False, equal_scales=False):
         """A kernel, sparse-encoded where the file does that (then with its DENSIFY).
 
         `per_tensor`: a grouped form's product kernel, which int8 files
         quantize with one scale where it is stored dense
-        (`export.product_scales`).
+        (`export.product_scales`). `equal_scales`: a kernel whose channels
+        all reach the same largest value (a normalized spread kernel), whose
+        scales int8 files write once, stored sparse or dense.
         """
         q = self.quantization
         quantized = q == "int8" or (q == "dynamic" and stats.size >= DYNAMIC_MIN_ELEMENTS)
         scales = stats.channels if quantized else 0
+        if equal_scales and q == "int8":
+            scales = 1
         if self.stored_sparse(stats, dense_only):
             values = _value_bytes(q) * stats.nonzeros
             rows = stats.size // max(stats.inner, 1)
@@ -315,7 +321,8 @@ def _dense_stats(layer):
 
 def _grouped(file, layer, plan, product_op, keep_order):
     """The grouped form's constants, tensors and operators (`export.grouped`)."""
-    spread = plan.spread_kernel
+    if file.quantization == "int8":  # as `export.deployment_model` writes it
+        plan = plan.normalized()
     outputs = plan.spread_outputs()
     if plan.phases is not None:
         for kernel in plan.product_kernels():
@@ -370,8 +377,9 @@ def _grouped(file, layer, plan, product_op, keep_order):
                 file.index_constant(4)
                 file.operator(2)
                 file.activation()
-        file.weight(WeightStats.of(spread))
-        file.bias(outputs)
+        normalized = plan.normalized_spread()
+        file.weight(WeightStats.of(plan.written_spread()[0]), equal_scales=normalized)
+        file.bias(outputs, per_tensor=normalized)
         file.operator(3)
         file.activation()
     if plan.phases is not None and plan.spread_bias is not None:
@@ -379,7 +387,7 @@ def _grouped(file, layer, plan, product_op, keep_order):
         file.operator(2)
         file.activation()
     if not plan.identity:
-        if plan.transpose is not None:
+        if not plan.selects():
             if not keep_order:
                 file.index_constant(5)
                 file.index_constant(5)

@@ -28,7 +28,9 @@ needed it is restored by a reshape and transpose under the default
 assignment (block `j` holds every base under transform `j`), and otherwise
 (padded slots of an uneven assignment, or the outputs of `depth_groups > 1`
 summed) by a 1x1 convolution with a 0/1 kernel, which XNNPACK runs (a
-GATHER would split the file into partitions). Bias and scale ride in the second convolution.
+GATHER would split the file into partitions); in int8 files that kernel
+holds each spread channel's gain instead, the spread kernel normalized
+(`GroupedPlan.normalized_spread`). Bias and scale ride in the second convolution.
 
 The second kernel has `kh*kw` nonzeros per output filter among
 `(kh*kw)**2`; `export_tflite` converts with TFLite's sparse weight encoding
@@ -61,6 +63,7 @@ from tf_transform_conv.ops import transforms as transforms_lib
 
 __all__ = [
     "ELEMENTWISE_ACTIVATIONS",
+    "HOMOGENEOUS_ACTIVATIONS",
     "PHASE_MAX_PRODUCT_FRACTION",
     "PRODUCT_OPS",
     "GroupedPlan",
@@ -95,6 +98,11 @@ ELEMENTWISE_ACTIVATIONS = frozenset(
 )
 
 
+# Those that commute with a positive factor, f(a x) = a f(x): applied before
+# the selection of a normalized spread convolution (`GroupedPlan.normalized_spread`).
+HOMOGENEOUS_ACTIVATIONS = frozenset(["linear", "relu", "leaky_relu"])
+
+
 class GroupedPlan:
     """The constant tensors of the grouped form of one layer (numpy, float32).
 
@@ -124,10 +132,13 @@ class GroupedPlan:
             channels, so the file stores it once), else
             `(1, 1, taps, depth_groups * n * taps)`, grouped, one group per
             depth group and base.
+        normalize: bool, whether the layer writes its spread kernel
+            normalized where it can (`normalized_spread`; int8 files, see
+            `normalized`).
     """
 
     def __init__(self, product_kernel, spread_kernel, spread_bias, output_index, transpose, slots,
-                 phases=None, basis_kernel=None):
+                 phases=None, basis_kernel=None, normalize=False):
         self.product_kernel = product_kernel
         self.spread_kernel = spread_kernel
         self.spread_bias = spread_bias
@@ -136,12 +147,19 @@ class GroupedPlan:
         self.slots = slots
         self.phases = phases
         self.basis_kernel = basis_kernel
+        self.normalize = normalize
+
+    def normalized(self):
+        """This plan, its spread kernel written normalized where it can be
+        (`normalized_spread`): the form of an int8 file."""
+        return self.with_kernels(self.product_kernel, self.spread_kernel, normalize=True)
 
     def with_kernels(self, product_kernel, spread_kernel, **changes):
         """A copy with new kernels (the phases' taken from them) and other fields changed."""
         fields = dict(
             spread_bias=self.spread_bias, output_index=self.output_index,
             transpose=self.transpose, slots=self.slots, basis_kernel=self.basis_kernel,
+            normalize=self.normalize,
         )
         fields.update(changes)
         phases = None
@@ -202,6 +220,46 @@ class GroupedPlan:
     def spread_outputs(self):
         """Channels the second convolution writes (padded slots included)."""
         return self.spread_kernel.shape[-1]
+
+    def selects(self):
+        """Whether a 1x1 convolution picks the filters from the second
+        convolution's outputs (padded slots, or depth groups summed)."""
+        return not self.identity and self.transpose is None
+
+    def normalized_spread(self):
+        """Whether the grouped layer writes its spread kernel normalized.
+
+        In a plan made `normalized`, where a selection follows the spread
+        convolution (`selects`) and there are no pixel phases (whose spread
+        kernels are summed before it): each of the spread convolution's
+        output channels is divided by its largest absolute weight and the
+        selection multiplies it back (`written_spread`). Every channel's
+        weights then reach exactly 1, so an int8 file's per-channel scales
+        are all equal and take one value
+        (`export.product_scales.collapse_equal_scales`), with the same int8
+        weights. (In other files it would only add a weight per padded slot.)
+        """
+        return self.normalize and self.phases is None and self.selects()
+
+    def written_spread(self):
+        """`(kernel, bias, gains)`: the spread convolution as the file holds it.
+
+        Normalized (`normalized_spread`): each output channel divided by its
+        largest absolute weight, `gains` (1 for a padded slot, which gets a
+        1 at its first weight so that it too reaches 1; the selection gives
+        it no weight), and the bias likewise. Else the plan's kernel and
+        bias, and `gains` None.
+        """
+        if not self.normalized_spread():
+            return self.spread_kernel, self.spread_bias, None
+        outputs = self.spread_outputs()
+        gains = np.abs(self.spread_kernel).reshape(-1, outputs).max(axis=0)
+        gains = np.where(gains > 0, gains, 1.0).astype(np.float32)
+        flat = (self.spread_kernel / gains).reshape(-1, outputs)
+        flat[0, ~np.any(flat != 0, axis=0)] = 1.0
+        kernel = flat.reshape(self.spread_kernel.shape).astype(np.float32)
+        bias = None if self.spread_bias is None else (self.spread_bias / gains).astype(np.float32)
+        return kernel, bias, gains
 
 
 # How the stride-1 products are written: a 1x1 CONV_2D, or a FULLY_CONNECTED
@@ -375,13 +433,15 @@ class GroupedTransformConv2D(keras.layers.Layer):
         self.product_op = product_op
 
     @classmethod
-    def from_layer(cls, layer, plan=None, product_op="conv"):
+    def from_layer(cls, layer, plan=None, product_op="conv", normalize_spread=False):
         """The grouped form of a built `TransformConv2D` (its current weights).
 
         `plan`: the layer's `GroupedPlan` when the caller already built it
         (`lowering_decision` does), else None to build it here.
         `product_op`: how the products are written, one of `PRODUCT_OPS`
-        (see `GroupedTransformConv2D`).
+        (see `GroupedTransformConv2D`). `normalize_spread`: whether the
+        spread kernel is written normalized where it can be
+        (`GroupedPlan.normalized_spread`: for int8 files).
         """
         reason = grouped_skip_reason(layer)
         if reason is not None:
@@ -390,6 +450,8 @@ class GroupedTransformConv2D(keras.layers.Layer):
             )
         if plan is None:
             plan = grouped_plan(layer)
+        if normalize_spread:
+            plan = plan.normalized()
         bias = None
         if layer.bias is not None and plan.spread_bias is None:
             bias = np.asarray(keras.ops.convert_to_numpy(layer.bias), np.float32)
@@ -433,6 +495,7 @@ class GroupedTransformConv2D(keras.layers.Layer):
         x = inputs
         if self.data_format == "channels_first":
             x = ops.transpose(x, (0, 2, 3, 1))
+        spread, spread_bias, gains = plan.written_spread()
         if plan.phases is not None:
             y = self._phase_sum(x, dtype)
         else:
@@ -442,20 +505,22 @@ class GroupedTransformConv2D(keras.layers.Layer):
             # One group per base: the kernel's input depth is the group's width.
             y = ops.conv(
                 products,
-                ops.convert_to_tensor(plan.spread_kernel, dtype),
+                ops.convert_to_tensor(spread, dtype),
                 strides=self.strides,
                 padding=self.padding,
                 data_format="channels_last",
                 dilation_rate=self.dilation_rate,
             )
-        if plan.spread_bias is not None:
-            y = y + ops.convert_to_tensor(plan.spread_bias, dtype)
+        if spread_bias is not None:
+            y = y + ops.convert_to_tensor(spread_bias, dtype)
         # An elementwise activation commutes with reordering the channels:
-        # applied first, the converter fuses it into the convolution.
-        early = self._bias is None and self._elementwise_activation()
+        # applied first, the converter fuses it into the convolution. On
+        # normalized channels, only one that commutes with a positive scale.
+        early = self._bias is None and self._elementwise_activation(
+            HOMOGENEOUS_ACTIVATIONS if gains is not None else ELEMENTWISE_ACTIVATIONS)
         if early:
             y = self.activation(y)
-        y = self._to_filter_order(y)
+        y = self._to_filter_order(y, gains)
         if self._bias is not None:
             y = y + ops.convert_to_tensor(self._bias, dtype)
         if self.data_format == "channels_first":
@@ -519,16 +584,16 @@ class GroupedTransformConv2D(keras.layers.Layer):
             y = term if y is None else y + term
         return y
 
-    def _elementwise_activation(self):
+    def _elementwise_activation(self, names):
         if self.activation is None:
             return False
         try:
             name = keras.activations.serialize(self.activation)
         except ValueError:
             return False
-        return isinstance(name, str) and name in ELEMENTWISE_ACTIVATIONS
+        return isinstance(name, str) and name in names
 
-    def _to_filter_order(self, y):
+    def _to_filter_order(self, y, gains=None):
         plan = self.plan
         if plan.identity:
             return y
@@ -540,8 +605,10 @@ class GroupedTransformConv2D(keras.layers.Layer):
         # adds) each filter's channel: XNNPACK runs it, where a GATHER per
         # layer split a converted ResNet-56's file into 54 partitions (3.1x
         # the dense model's latency against 2.3x with the convolutions).
+        # With a normalized spread kernel the selection holds each channel's gain.
+        gains = np.ones(plan.spread_outputs(), np.float32) if gains is None else gains
         selection = np.zeros((1, 1, plan.spread_outputs(), self.filters), np.float32)
         for index in plan.output_index:
-            selection[0, 0, index, np.arange(self.filters)] += 1.0
+            selection[0, 0, index, np.arange(self.filters)] += gains[index]
         return ops.conv(y, ops.convert_to_tensor(selection, y.dtype), 1, "valid",
                         data_format="channels_last")

@@ -55,6 +55,7 @@ from tf_transform_conv.export.file_bytes import SPARSE_MIN_ZEROS
 from tf_transform_conv.export.file_bytes import sparse_encoding_saving
 from tf_transform_conv.export.grouped import GroupedTransformConv2D
 from tf_transform_conv.export.interpreter import tflite_op_counts
+from tf_transform_conv.export.product_scales import collapse_equal_scales
 from tf_transform_conv.export.product_scales import per_tensor_products
 from tf_transform_conv.export.sparse_scales import drop_sparse_input_scales
 from tf_transform_conv.layers.filter_basis_conv import FilterBasisConv2D
@@ -358,9 +359,10 @@ def export_tflite(
         # DENSIFY does not read (`export.sparse_scales`).
         flatbuffer, _ = drop_sparse_input_scales(flatbuffer)
     if quantization == "int8":
-        # One scale per product kernel instead of one per channel
-        # (`export.product_scales`).
+        # One scale per product kernel instead of one per channel, and per
+        # normalized spread kernel (`export.product_scales`).
         flatbuffer, _ = per_tensor_products(flatbuffer, _product_kernels(deployed))
+        flatbuffer, _ = collapse_equal_scales(flatbuffer)
 
     with open(path, "wb") as f:
         f.write(flatbuffer)
