@@ -164,15 +164,10 @@ def test_stride_two_phases_match_the_layer(size, padding):
     np.testing.assert_allclose(xla, expected, atol=RTOL * scale)
 
 
-@pytest.mark.parametrize("case", ["rotations_same", "depth_groups_2", "softmax_after_gather",
-                                  "channels_first"])
-def test_grouped_layer_matches_the_keras_layer_in_tensorflow(case):
-    """Before any conversion: the grouped layer itself, eagerly and under XLA."""
+def assert_computes_the_layer(grouped, model, layer):
+    """`grouped` computes `layer`'s outputs, eagerly and under XLA."""
     import tensorflow as tf
 
-    model = layer_model(CASES[case])
-    layer = model.get_layer("tc")
-    grouped = grouped_lib.GroupedTransformConv2D.from_layer(layer)
     x = np.random.default_rng(2).normal(size=(2,) + tuple(model.inputs[0].shape[1:]))
     x = x.astype("float32")
     expected = keras.ops.convert_to_numpy(layer(x))
@@ -180,6 +175,16 @@ def test_grouped_layer_matches_the_keras_layer_in_tensorflow(case):
     np.testing.assert_allclose(grouped(x).numpy(), expected, atol=RTOL * scale)
     xla = tf.function(grouped.call, jit_compile=True)(tf.constant(x)).numpy()
     np.testing.assert_allclose(xla, expected, atol=RTOL * scale)
+
+
+@pytest.mark.parametrize("case", ["rotations_same", "depth_groups_2", "softmax_after_gather",
+                                  "channels_first"])
+def test_grouped_layer_matches_the_keras_layer_in_tensorflow(case):
+    """Before any conversion: the grouped layer itself, eagerly and under XLA."""
+    model = layer_model(CASES[case])
+    layer = model.get_layer("tc")
+    grouped = grouped_lib.GroupedTransformConv2D.from_layer(layer)
+    assert_computes_the_layer(grouped, model, layer)
 
 
 def test_default_assignment_is_restored_by_a_transpose():
@@ -401,8 +406,6 @@ def test_normalized_spread_matches_the_keras_layer(case, activation):
     every spread channel peaks at exactly 1 and the selection holds the gains;
     the layer computes the same outputs, with an activation that does not
     commute with a scale (sigmoid) applied after the selection."""
-    import tensorflow as tf
-
     model = layer_model({**CASES[case], "activation": activation, "scale": True})
     layer = model.get_layer("tc")
     grouped = grouped_lib.GroupedTransformConv2D.from_layer(layer, normalize_spread=True)
@@ -415,13 +418,7 @@ def test_normalized_spread_matches_the_keras_layer(case, activation):
     planned = np.abs(plan.spread_kernel).reshape(-1, kernel.shape[-1]).max(axis=0)
     np.testing.assert_array_equal(gains, np.where(planned > 0, planned, 1.0))
     assert np.any(gains != 1.0)  # random scales: the channels peaked apart
-    x = np.random.default_rng(2).normal(size=(2,) + tuple(model.inputs[0].shape[1:]))
-    x = x.astype("float32")
-    expected = keras.ops.convert_to_numpy(layer(x))
-    scale = np.abs(expected).max()
-    np.testing.assert_allclose(grouped(x).numpy(), expected, atol=RTOL * scale)
-    xla = tf.function(grouped.call, jit_compile=True)(tf.constant(x)).numpy()
-    np.testing.assert_allclose(xla, expected, atol=RTOL * scale)
+    assert_computes_the_layer(grouped, model, layer)
 
 
 def test_a_stride_two_layer_keeps_its_spread_kernels():
