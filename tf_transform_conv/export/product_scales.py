@@ -26,7 +26,11 @@ The spread convolutions that a selection follows are written normalized
 largest weight is 1, so the converter gives all of them the same scale.
 `collapse_equal_scales` writes such a kernel's scales, and its bias's, once:
 the int8 weights and the outputs do not change, and a 32-filter layer at
-ratio 1/2 with a fitted assignment (64 spread channels) saves 1.5 kB.
+ratio 1/2 with a fitted assignment (64 spread channels) saves 1.5 kB. The
+normalization has a cost: the spread's output is quantized in normalized
+units. On a ResNet-56 converted at 1/4 (random weights) the grouped int8
+file's mean output error against Keras went from 0.0181 to 0.0204 for
+586,960 -> 506,360 bytes; on a 15k-parameter CNN it did not change.
 """
 
 import numpy as np
