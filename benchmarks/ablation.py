@@ -735,8 +735,8 @@ def run_one(task):
     learning_rate = keras.optimizers.schedules.CosineDecay(LEARNING_RATE, total)
     restart = cfg.get("lr_restart", "none")
     prunes = base in PRUNED or base in HYBRID or base in UNSTRUCTURED or base == "tc-ip"
-    if restart == "all" and base not in DAFP or restart == "pruning" and (
-            prunes or base == "zeroed"):
+    scheduled = prunes or base == "zeroed"  # the rows the pruning schedule drives
+    if (restart == "all" and base not in DAFP) or (restart == "pruning" and scheduled):
         learning_rate = CosineRestart(LEARNING_RATE, total, end)
     model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=loss, jit_compile=True)
     if base in DAFP:

@@ -53,6 +53,7 @@ CPU: keep the Keras layer for anything but conversion.
 """
 
 import collections
+import copy
 
 import keras
 import numpy as np
@@ -151,8 +152,11 @@ class GroupedPlan:
 
     def normalized(self):
         """This plan, its spread kernel written normalized where it can be
-        (`normalized_spread`): the form of an int8 file."""
-        return self.with_kernels(self.product_kernel, self.spread_kernel, normalize=True)
+        (`normalized_spread`): the form of an int8 file. (A shallow copy: the
+        kernels and pixel phases are shared, not built again.)"""
+        plan = copy.copy(self)
+        plan.normalize = True
+        return plan
 
     def with_kernels(self, product_kernel, spread_kernel, **changes):
         """A copy with new kernels (the phases' taken from them) and other fields changed."""
