@@ -408,7 +408,7 @@ def test_normalized_spread_matches_the_keras_layer(case, activation):
     commute with a scale (sigmoid) applied after the selection."""
     model = layer_model({**CASES[case], "activation": activation, "scale": True})
     layer = model.get_layer("tc")
-    grouped = grouped_lib.GroupedTransformConv2D.from_layer(layer, normalize_spread=True)
+    grouped = grouped_lib.GroupedTransformConv2D.from_layer(layer, quantization="int8")
     plan = grouped.plan
     assert plan.selects() and plan.normalized_spread()
     assert not grouped_lib.grouped_plan(layer).normalized_spread()  # float files: as planned
@@ -428,3 +428,77 @@ def test_a_stride_two_layer_keeps_its_spread_kernels():
     plan = grouped_lib.grouped_plan(layer).normalized()
     assert plan.phases is not None and not plan.normalized_spread()
     assert plan.written_spread()[2] is None
+
+
+def _numpy_grouped_conv(x, kernel, groups):
+    """A "valid", stride-1 grouped convolution in numpy: `x` (b, h, w, c),
+    `kernel` (kh, kw, c / groups, outputs)."""
+    kh, kw, width, outputs = kernel.shape
+    per = outputs // groups
+    h, w = x.shape[1] - kh + 1, x.shape[2] - kw + 1
+    y = np.zeros((x.shape[0], h, w, outputs))
+    for g in range(groups):
+        part = x[..., g * width:(g + 1) * width]
+        for i in range(kh):
+            for j in range(kw):
+                y[..., g * per:(g + 1) * per] += part[:, i:i + h, j:j + w] @ \
+                    kernel[i, j, :, g * per:(g + 1) * per]
+    return y
+
+
+@pytest.mark.parametrize("groups, merged", [(6, 1), (6, 2), (6, 3), (6, 6)])
+def test_merged_groups_are_the_same_convolution(groups, merged):
+    rng = np.random.default_rng(7)
+    kernel = rng.normal(size=(3, 2, 4, groups * 3))
+    x = rng.normal(size=(2, 6, 5, groups * 4))
+    merged_kernel = grouped_lib.merge_groups(kernel, groups, merged)
+    assert merged_kernel.shape == (3, 2, 4 * groups // merged, groups * 3)
+    np.testing.assert_allclose(_numpy_grouped_conv(x, merged_kernel, merged),
+                               _numpy_grouped_conv(x, kernel, groups), rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="merge 6 groups"):
+        grouped_lib.merge_groups(kernel, groups, 4)
+
+
+@pytest.mark.parametrize("case", ["rotations_same", "depth_groups_2", "shifts_random_assignment",
+                                  "d4_stride2_valid_scale", "affine_shifts_assignment",
+                                  "rotations_stride2_same_scalar"])
+def test_merged_spread_groups_match_the_keras_layer(case):
+    """The spread convolution written with one group (every base's kernel on
+    the block diagonal), and as an int8 file writes it: the same outputs,
+    eagerly and under XLA, pixel phases and depth groups included."""
+    model = layer_model(CASES[case])
+    layer = model.get_layer("tc")
+    plan = grouped_lib.grouped_plan(layer)
+    assert plan.base_groups() == layer.base_filters * layer.depth_groups
+    one = grouped_lib.GroupedTransformConv2D.from_layer(layer, plan=plan.with_spread_groups(1))
+    kernel = (one.plan.written_spread()[0] if plan.phases is None
+              else one.plan.written_phase_spread(plan.phases[0]))
+    assert kernel.shape[2] == plan.base_groups() * (
+        plan.spread_kernel.shape[2] if plan.phases is None else plan.phases[0].spread_kernel.shape[2])
+    assert_computes_the_layer(one, model, layer)
+    int8 = grouped_lib.GroupedTransformConv2D.from_layer(layer, quantization="int8")
+    assert int8.plan.spread_groups == plan.int8_spread_groups() == 1  # <= 64 outputs
+    assert_computes_the_layer(int8, model, layer)
+    floating = grouped_lib.GroupedTransformConv2D.from_layer(layer, quantization="float16")
+    assert floating.plan.spread_groups is None  # one group per base
+
+
+@pytest.mark.parametrize("filters, base_filters, transforms, expected", [
+    (64, 16, "rotations", 1),    # 64 outputs: one group
+    (256, 64, "rotations", 4),   # 64 outputs per group
+    (512, 128, "rotations", 8),
+    (64, 32, ("identity", "rot180"), 1),  # 32 bases of 2 filters
+    (112, 16, "d4_partial", 2),  # 112 outputs: 2 groups of 56
+    (16, 16, ("identity",), 1),
+])
+def test_int8_spread_groups(filters, base_filters, transforms, expected):
+    if transforms == "d4_partial":
+        transforms = transforms_lib.resolve_transforms("d4")[:7]
+    layer = layer_model(dict(filters=filters, kernel_size=3, base_filters=base_filters,
+                             transforms=transforms, padding="same"), channels=4).get_layer("tc")
+    plan = grouped_lib.grouped_plan(layer)
+    assert plan.int8_spread_groups() == expected
+    assert plan.for_quantization("int8").spread_groups == expected
+    assert plan.for_quantization(None) is plan
+    with pytest.raises(ValueError, match="positive divisor"):
+        plan.with_spread_groups(3)

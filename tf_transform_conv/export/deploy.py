@@ -192,7 +192,7 @@ def deploy(model, requested, keep_order=True, quantization=None):
         if form == "grouped":
             return GroupedTransformConv2D.from_layer(
                 layer, plan=decision.plan, product_op=default_product_op(quantization),
-                normalize_spread=quantization == "int8"), None
+                quantization=quantization), None
         if form == "dense":
             return _dense_twin(layer)
         config = layer.get_config()

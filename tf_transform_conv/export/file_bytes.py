@@ -321,8 +321,7 @@ def _dense_stats(layer):
 
 def _grouped(file, layer, plan, product_op, keep_order):
     """The grouped form's constants, tensors and operators (`export.grouped`)."""
-    if file.quantization == "int8":  # as `export.deployment_model` writes it
-        plan = plan.normalized()
+    plan = plan.for_quantization(file.quantization)  # as `export.deployment_model` writes it
     outputs = plan.spread_outputs()
     if plan.phases is not None:
         for kernel in plan.product_kernels():
@@ -340,7 +339,7 @@ def _grouped(file, layer, plan, product_op, keep_order):
             file.bias(phase.product_kernel.shape[-1], per_tensor=dense_product)
             file.operator(3)
             file.activation()
-            file.weight(WeightStats.of(phase.spread_kernel))
+            file.weight(WeightStats.of(plan.written_phase_spread(phase)))
             file.bias(outputs)
             file.operator(3)
             file.activation()
@@ -521,11 +520,11 @@ def _layer_constants(layer):
         plan = layer.plan
         if plan.phases is not None:
             for phase in plan.phases:
-                yield WeightStats.of(phase.spread_kernel)
+                yield WeightStats.of(plan.written_phase_spread(phase))
             for kernel in plan.product_kernels():
                 yield WeightStats.of(kernel)
         else:
-            yield WeightStats.of(plan.spread_kernel)
+            yield WeightStats.of(plan.written_spread()[0])
             yield WeightStats.of(plan.product_kernel)
         if plan.basis_kernel is not None:
             yield WeightStats.of(plan.basis_kernel)

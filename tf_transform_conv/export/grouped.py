@@ -35,7 +35,11 @@ holds each spread channel's gain instead, the spread kernel normalized
 The second kernel has `kh*kw` nonzeros per output filter among
 `(kh*kw)**2`; `export_tflite` converts with TFLite's sparse weight encoding
 so the file stores only those, and a DENSIFY operator rebuilds the kernel
-once when the interpreter is prepared.
+once when the interpreter is prepared. int8 files write it with fewer,
+wider groups (several bases' kernels on one group's block diagonal:
+`GroupedPlan.for_quantization`): XNNPACK's int8 grouped convolution takes
+about as long per group whatever the group's width, and one group per base
+made int8 grouped layers 2.6-25x slower than their dense twins.
 
 Multiply-adds per output pixel: `kh*kw*c_in*base_filters` (products, as the
 factored path) plus `(kh*kw)**2 * M * base_filters * depth_groups` for the
@@ -65,6 +69,7 @@ from tf_transform_conv.ops import transforms as transforms_lib
 __all__ = [
     "ELEMENTWISE_ACTIVATIONS",
     "HOMOGENEOUS_ACTIVATIONS",
+    "INT8_SPREAD_GROUP_OUTPUTS",
     "PHASE_MAX_PRODUCT_FRACTION",
     "PRODUCT_OPS",
     "GroupedPlan",
@@ -73,6 +78,7 @@ __all__ = [
     "fully_connected_products",
     "grouped_plan",
     "grouped_skip_reason",
+    "merge_groups",
 ]
 
 
@@ -102,6 +108,18 @@ ELEMENTWISE_ACTIVATIONS = frozenset(
 # Those that commute with a positive factor, f(a x) = a f(x): applied before
 # the selection of a normalized spread convolution (`GroupedPlan.normalized_spread`).
 HOMOGENEOUS_ACTIVATIONS = frozenset(["linear", "relu", "leaky_relu"])
+
+
+# int8 files: XNNPACK's int8 grouped convolution (TF 2.21) takes about as
+# long per group and pixel whatever the group's width (16 groups of 4
+# channels as long as 16 groups of 16), and a spread convolution with one
+# group per base (9 inputs, 2-8 outputs each) took 4-23x the dense layer's
+# time (`benchmarks/int8_spread.py`). Merging bases into one group (a
+# block-diagonal kernel: the zeros cost no bytes in the sparse encoding)
+# trades those groups for multiply-adds: fastest measured, at every shape
+# from 16 to 512 channels, where each group writes about this many channels
+# (`GroupedPlan.int8_spread_groups`).
+INT8_SPREAD_GROUP_OUTPUTS = 64
 
 
 class GroupedPlan:
@@ -136,10 +154,13 @@ class GroupedPlan:
         normalize: bool, whether the layer writes its spread kernel
             normalized where it can (`normalized_spread`; int8 files, see
             `normalized`).
+        spread_groups: int or None: the groups the spread convolution is
+            written with (`written_spread`): None for one per depth group and
+            base (`base_groups`), fewer in int8 files (`for_quantization`).
     """
 
     def __init__(self, product_kernel, spread_kernel, spread_bias, output_index, transpose, slots,
-                 phases=None, basis_kernel=None, normalize=False):
+                 phases=None, basis_kernel=None, normalize=False, spread_groups=None):
         self.product_kernel = product_kernel
         self.spread_kernel = spread_kernel
         self.spread_bias = spread_bias
@@ -149,6 +170,7 @@ class GroupedPlan:
         self.phases = phases
         self.basis_kernel = basis_kernel
         self.normalize = normalize
+        self.spread_groups = spread_groups
 
     def normalized(self):
         """This plan, its spread kernel written normalized where it can be
@@ -158,12 +180,66 @@ class GroupedPlan:
         plan.normalize = True
         return plan
 
+    def with_spread_groups(self, groups):
+        """This plan, its spread convolution written with `groups` groups
+        (a divisor of `base_groups()`; consecutive bases share a group, whose
+        kernel is block-diagonal). A shallow copy."""
+        bases = self.base_groups()
+        if not isinstance(groups, int) or groups < 1 or bases % groups:
+            raise ValueError(
+                f"`groups` must be a positive divisor of the {bases} groups of one base "
+                f"each. Received groups={groups!r}."
+            )
+        plan = copy.copy(self)
+        plan.spread_groups = groups
+        return plan
+
+    def for_quantization(self, quantization):
+        """This plan as a file of `quantization` writes it (None: float32).
+
+        int8 files: the spread kernel `normalized` where it can be, and the
+        spread convolution's groups merged (`int8_spread_groups`); other
+        files: this plan.
+        """
+        if quantization != "int8":
+            return self
+        return self.normalized().with_spread_groups(self.int8_spread_groups())
+
+    def base_groups(self):
+        """The spread convolution's groups of one base each: `depth_groups * n`."""
+        return self.spread_outputs() // self.slots
+
+    def int8_spread_groups(self):
+        """The groups an int8 file writes the spread convolution with: the
+        fewest, among the divisors of `base_groups()`, of which none writes
+        more than `INT8_SPREAD_GROUP_OUTPUTS` channels (or one per base where
+        a base alone writes more). Measured fastest from 16 to 512 channels
+        at ratios 1/2 and 1/4 (`benchmarks/int8_spread.py`), against the
+        narrower groups' per-group cost and the wider groups' multiply-adds.
+        """
+        bases = self.base_groups()
+        least = -(-self.spread_outputs() // INT8_SPREAD_GROUP_OUTPUTS)
+        for groups in range(least, bases + 1):
+            if bases % groups == 0:
+                return groups
+        return bases
+
+    def _merged(self, kernel):
+        """`kernel` (a spread kernel of one group per base) with `spread_groups` groups."""
+        if self.spread_groups is None:
+            return kernel
+        return merge_groups(kernel, self.base_groups(), self.spread_groups)
+
+    def written_phase_spread(self, phase):
+        """A pixel phase's spread kernel as the file holds it (its groups merged)."""
+        return self._merged(phase.spread_kernel)
+
     def with_kernels(self, product_kernel, spread_kernel, **changes):
         """A copy with new kernels (the phases' taken from them) and other fields changed."""
         fields = dict(
             spread_bias=self.spread_bias, output_index=self.output_index,
             transpose=self.transpose, slots=self.slots, basis_kernel=self.basis_kernel,
-            normalize=self.normalize,
+            normalize=self.normalize, spread_groups=self.spread_groups,
         )
         fields.update(changes)
         phases = None
@@ -252,10 +328,10 @@ class GroupedPlan:
         largest absolute weight, `gains` (1 for a padded slot, which gets a
         1 at its first weight so that it too reaches 1; the selection gives
         it no weight), and the bias likewise. Else the plan's kernel and
-        bias, and `gains` None.
+        bias, and `gains` None. The kernel has `spread_groups` groups.
         """
         if not self.normalized_spread():
-            return self.spread_kernel, self.spread_bias, None
+            return self._merged(self.spread_kernel), self.spread_bias, None
         outputs = self.spread_outputs()
         gains = np.abs(self.spread_kernel).reshape(-1, outputs).max(axis=0)
         gains = np.where(gains > 0, gains, 1.0).astype(np.float32)
@@ -263,7 +339,30 @@ class GroupedPlan:
         flat[0, ~np.any(flat != 0, axis=0)] = 1.0
         kernel = flat.reshape(self.spread_kernel.shape).astype(np.float32)
         bias = None if self.spread_bias is None else (self.spread_bias / gains).astype(np.float32)
-        return kernel, bias, gains
+        return self._merged(kernel), bias, gains
+
+
+def merge_groups(kernel, groups, merged):
+    """A grouped convolution's kernel with its groups merged, `merged` of them.
+
+    `kernel`: `(kh, kw, width, outputs)`, `groups` groups (group `i` reads
+    input channels `i * width ...` and writes outputs `i * outputs / groups
+    ...`). Returns `(kh, kw, width * groups / merged, outputs)`: merged
+    group `m` holds groups `m * k ... (m + 1) * k - 1` (`k = groups /
+    merged`) on its block diagonal, zeros elsewhere; the same convolution.
+    """
+    kh, kw, width, outputs = kernel.shape
+    if groups % merged or outputs % groups:
+        raise ValueError(
+            f"Cannot merge {groups} groups of a kernel with {outputs} outputs into "
+            f"{merged}: both must divide evenly."
+        )
+    k, per = groups // merged, outputs // groups
+    source = kernel.reshape(kh, kw, width, merged, k, per)
+    out = np.zeros((kh, kw, k, width, merged, k, per), kernel.dtype)
+    for member in range(k):
+        out[:, :, member, :, :, member, :] = source[:, :, :, :, member, :]
+    return out.reshape(kh, kw, k * width, outputs)
 
 
 # How the stride-1 products are written: a 1x1 CONV_2D, or a FULLY_CONNECTED
@@ -437,15 +536,16 @@ class GroupedTransformConv2D(keras.layers.Layer):
         self.product_op = product_op
 
     @classmethod
-    def from_layer(cls, layer, plan=None, product_op="conv", normalize_spread=False):
+    def from_layer(cls, layer, plan=None, product_op="conv", quantization=None):
         """The grouped form of a built `TransformConv2D` (its current weights).
 
         `plan`: the layer's `GroupedPlan` when the caller already built it
         (`lowering_decision` does), else None to build it here.
         `product_op`: how the products are written, one of `PRODUCT_OPS`
-        (see `GroupedTransformConv2D`). `normalize_spread`: whether the
-        spread kernel is written normalized where it can be
-        (`GroupedPlan.normalized_spread`: for int8 files).
+        (see `GroupedTransformConv2D`). `quantization`: the file's
+        (`export_tflite`'s: None, `"dynamic"`, `"float16"` or `"int8"`),
+        which picks how the spread convolution is written
+        (`GroupedPlan.for_quantization`).
         """
         reason = grouped_skip_reason(layer)
         if reason is not None:
@@ -454,8 +554,7 @@ class GroupedTransformConv2D(keras.layers.Layer):
             )
         if plan is None:
             plan = grouped_plan(layer)
-        if normalize_spread:
-            plan = plan.normalized()
+        plan = plan.for_quantization(quantization)
         bias = None
         if layer.bias is not None and plan.spread_bias is None:
             bias = np.asarray(keras.ops.convert_to_numpy(layer.bias), np.float32)
@@ -506,7 +605,8 @@ class GroupedTransformConv2D(keras.layers.Layer):
             products = self._products(x, dtype)
             if plan.basis_kernel is not None:
                 products = self._tap_products(products, dtype)
-            # One group per base: the kernel's input depth is the group's width.
+            # Grouped (one group per base, or several bases per group in an
+            # int8 file): the kernel's input depth is the group's width.
             y = ops.conv(
                 products,
                 ops.convert_to_tensor(spread, dtype),
@@ -583,8 +683,8 @@ class GroupedTransformConv2D(keras.layers.Layer):
                      phase.col: phase.col + 2 * cols - 1, :]
             products = ops.conv(part, ops.convert_to_tensor(phase.product_kernel, dtype), 2,
                                 "valid", data_format="channels_last")
-            term = ops.conv(products, ops.convert_to_tensor(phase.spread_kernel, dtype), 1,
-                            "valid", data_format="channels_last")
+            spread = ops.convert_to_tensor(self.plan.written_phase_spread(phase), dtype)
+            term = ops.conv(products, spread, 1, "valid", data_format="channels_last")
             y = term if y is None else y + term
         return y
 

@@ -29,6 +29,7 @@ __all__ = [
     "AUTO_BYTES_MARGIN",
     "AUTO_BYTES_MARGIN_FRACTION",
     "AUTO_DENSE_MAX_GROWTH",
+    "AUTO_INT8_MIN_SAVING",
     "AUTO_MIN_GROUPED_SLOTS",
     "AUTO_SLICES_MIN_CHANNELS",
     "LOWERINGS",
@@ -67,6 +68,11 @@ AUTO_DENSE_MAX_GROWTH = 1.5
 # `tests/test_quantized_export.py`), so that a near tie goes dense, no larger.
 AUTO_BYTES_MARGIN = 256
 AUTO_BYTES_MARGIN_FRACTION = 0.05
+# In int8 files a compact form must save at least this share of the dense
+# form's bytes: there the grouped layers measured 1.3-2.2x the dense
+# layers' latency (spread groups merged; `benchmarks/int8_spread.py`), so
+# `"auto"` spends that time only where it buys a fifth of the layer's bytes.
+AUTO_INT8_MIN_SAVING = 0.2
 
 
 LoweringDecision = collections.namedtuple(
@@ -149,7 +155,17 @@ def lowering_choice(layer, lowering="auto", quantization=None):
       ratio 1/2 took up to 1.9x their dense layers' bytes in int8 and 2x
       in dynamic range (with one scale per product kernel, a 32-channel
       layer at 1/2 grouped still made its file 2% larger than dense; with
-      its padded spread kernel normalized to one scale too, 1 kB smaller).
+      its padded spread kernel normalized to one scale too, 1 kB smaller);
+    - in int8 files, a compact form only where it saves at least
+      `AUTO_INT8_MIN_SAVING` (a fifth) of the dense form's bytes: XNNPACK's
+      int8 convolutions are fast enough that the grouped form, with its
+      spread groups merged (`GroupedPlan.int8_spread_groups`), still ran at
+      1.3-2.2x the dense layer's latency (`benchmarks/int8_spread.py`;
+      whole files: a 15k-parameter CNN at 1/4 1.39x, ResNet-56 and
+      ResNet-18 twins at 1/4 1.29x and 1.37x the dense int8 file). Layers of
+      a model converted at 1/4 save 26-56% there and stay grouped; the last
+      layer of a 32-channel CNN pruned to 1/2, padded to 64 spread channels,
+      saved 7% and is written dense.
 
     Args:
         layer: a built `TransformConv2D`.
@@ -273,10 +289,12 @@ def _preferred(layer, plan, skip):
     return "grouped", f"{plan.slots} filters per base, {channels} input channels per group"
 
 
-def _smaller(priced, form):
-    """Whether `form` is predicted smaller than the dense form by the margin."""
+def _smaller(priced, form, quantization=None):
+    """Whether `form` is predicted smaller than the dense form by the margin
+    (in int8 files, by `AUTO_INT8_MIN_SAVING` of it)."""
     dense = priced["dense"]
-    margin = max(AUTO_BYTES_MARGIN, AUTO_BYTES_MARGIN_FRACTION * dense)
+    fraction = AUTO_INT8_MIN_SAVING if quantization == "int8" else AUTO_BYTES_MARGIN_FRACTION
+    margin = max(AUTO_BYTES_MARGIN, fraction * dense)
     return priced[form] + margin <= dense
 
 
@@ -286,17 +304,21 @@ def _no_larger_than_dense(layer, form, reason, plan, priced, price, quantization
     families), else dense."""
     if form not in priced:
         priced[form] = price(form)
-    if _smaller(priced, form):
+    if _smaller(priced, form, quantization):
         return form, reason
     kind = {None: "a float32", "dynamic": "a dynamic-range", "float16": "a float16", "int8": "an int8"}[quantization]
     why = (f"in {kind} file the {form} form would take {priced[form]:,} bytes against "
            f"the dense form's {priced['dense']:,}")
+    if quantization == "int8" and priced[form] < priced["dense"]:
+        why += (f", saving {1 - priced[form] / priced['dense']:.0%}, less than the "
+                f"{AUTO_INT8_MIN_SAVING:.0%} that pays for its latency (int8 compact layers "
+                "run slower than dense ones)")
     other = "slices" if form == "grouped" else "grouped" if plan is not None else None
     dense_family = families_lib.coefficient_kind(layer.transform_family) == "dense"
     if other is not None and not (other == "slices" and dense_family):
         if other not in priced:
             priced[other] = price(other)
-        if _smaller(priced, other):
+        if _smaller(priced, other, quantization):
             return other, f"{why}; the {other} form {priced[other]:,}"
     return "dense", why
 
