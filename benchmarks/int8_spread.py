@@ -18,20 +18,24 @@ layer    a whole layer, `Input(H, W, C) -> TransformConv2D(C, 3, ratio,
          default transforms, scale, relu) -> GlobalAveragePooling2D ->
          Dense(10)`, written three ways: `dense` (lowering="dense"),
          `per-base` (lowering="grouped" with one spread group per base, as
-         before merging) and `merged` (lowering="grouped" as `export_tflite`
-         writes it now: `GroupedPlan.int8_spread_groups`). Bytes, latency
-         and the ratio to dense.
+         int8 files wrote it before) and `merged` (lowering="grouped" as
+         `export_tflite` writes it now, `GroupedPlan.for_quantization`: up
+         to 64 filters one group writing the filters, more in merged groups,
+         `int8_spread_groups`). Bytes, latency and the ratio to dense.
 models   (--models) whole networks: dense against their
          `conv_factory(base_ratio=1/4)` twins (random weights,
-         `keras.utils.set_random_seed(0)` before each build), each twin
-         written with `lowering="auto"` and `"grouped"`, per-base and merged.
+         `keras.utils.set_random_seed(0)` before each build) or, for
+         `resnet56_converted`, the dense network converted by
+         `transform_model(base_ratio=1/4)` (fitted assignments: padded
+         slots in the float32 form), each written with `lowering="auto"`
+         and `"grouped"`, as before and as now.
 
 Writes JSON (benchmark, command, timestamp, machine, versions, config, rows,
 wall_s) to --out. Usage:
 
     python benchmarks/int8_spread.py                 # full: 6 shapes x 2 ratios
     python benchmarks/int8_spread.py --quick         # 2 shapes, 1/4 only
-    python benchmarks/int8_spread.py --shapes --models resnet56 resnet18  # models only
+    python benchmarks/int8_spread.py --shapes --models resnet56 resnet18 resnet56_converted
 
 Results are ratios measured in one run on one machine; the absolute times
 change from machine to machine (an AVX-512 EPYC's int8 convolutions are far
@@ -52,7 +56,7 @@ import common  # noqa: E402
 
 SHAPES = ("32x32x16", "16x16x32", "16x16x64", "8x8x128", "14x14x256", "7x7x512")
 QUICK_SHAPES = ("16x16x32", "8x8x128")
-MODELS = ("resnet56", "resnet18")
+MODELS = ("resnet56", "resnet18", "resnet56_converted")
 CALIBRATION_SAMPLES = 16
 
 
@@ -135,15 +139,17 @@ def spread_rows(shape, ratio, folder, args, rng):
 
 @contextlib.contextmanager
 def _per_base_spread_groups():
-    """Writes int8 spread convolutions with one group per base (the form before merging)."""
+    """Writes int8 spread convolutions as before: one group per base, padded
+    slots and a selection after them (normalized where it can be)."""
     from tf_transform_conv.export import grouped
 
-    saved = grouped.GroupedPlan.int8_spread_groups
-    grouped.GroupedPlan.int8_spread_groups = grouped.GroupedPlan.base_groups
+    saved = grouped.GroupedPlan.for_quantization
+    grouped.GroupedPlan.for_quantization = (
+        lambda plan, quantization: plan.normalized() if quantization == "int8" else plan)
     try:
         yield
     finally:
-        grouped.GroupedPlan.int8_spread_groups = saved
+        grouped.GroupedPlan.for_quantization = saved
 
 
 def layer_row(shape, ratio, folder, args, rng):
@@ -175,7 +181,7 @@ def layer_row(shape, ratio, folder, args, rng):
     return {
         "shape": shape, "ratio": ratio, "bases": int(layer.base_filters),
         "spread_groups": {"per-base": plan.base_groups(),
-                          "merged": plan.for_quantization("int8").spread_groups},
+                          "merged": plan.for_quantization("int8").spread_groups or 1},
         "bytes": sizes, "ms": ms,
         "ms_vs_dense": {form: ms[form] / ms["dense"] for form in ("per-base", "merged")},
     }
@@ -187,16 +193,21 @@ def model_row(name, folder, args, rng):
     import keras
 
     from tf_transform_conv import models
+    from tf_transform_conv import transform_model
     from tf_transform_conv.export import export_tflite
     from tf_transform_conv.layers import TransformConv2D
 
-    shape = (32, 32, 3) if name == "resnet56" else (args.imagenet_size,) * 2 + (3,)
-    kwargs = {} if name == "resnet56" else {"input_shape": shape}
+    cifar = name.startswith("resnet56")
+    shape = (32, 32, 3) if cifar else (args.imagenet_size,) * 2 + (3,)
+    kwargs = {} if cifar else {"input_shape": shape}
     built = {}
     for variant, conv in (("dense", None), ("1/4", models.conv_factory(base_ratio=0.25))):
         keras.backend.clear_session()
         keras.utils.set_random_seed(0)
-        built[variant] = models.build_model(name, conv=conv, **kwargs)
+        if name == "resnet56_converted" and conv is not None:
+            built[variant] = transform_model(built["dense"], base_ratio=0.25)[0]
+        else:
+            built[variant] = models.build_model(name.split("_")[0], conv=conv, **kwargs)
     data = rng.normal(size=(CALIBRATION_SAMPLES,) + shape).astype("float32")
     paths, sizes, grouped_layers = {}, {}, {}
 

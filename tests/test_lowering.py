@@ -408,7 +408,9 @@ def test_normalized_spread_matches_the_keras_layer(case, activation):
     commute with a scale (sigmoid) applied after the selection."""
     model = layer_model({**CASES[case], "activation": activation, "scale": True})
     layer = model.get_layer("tc")
-    grouped = grouped_lib.GroupedTransformConv2D.from_layer(layer, quantization="int8")
+    # int8 files normalize layers of more than 64 filters; these are smaller.
+    grouped = grouped_lib.GroupedTransformConv2D.from_layer(
+        layer, plan=grouped_lib.grouped_plan(layer).normalized())
     plan = grouped.plan
     assert plan.selects() and plan.normalized_spread()
     assert not grouped_lib.grouped_plan(layer).normalized_spread()  # float files: as planned
@@ -459,13 +461,16 @@ def test_merged_groups_are_the_same_convolution(groups, merged):
         grouped_lib.merge_groups(kernel, groups, 4)
 
 
-@pytest.mark.parametrize("case", ["rotations_same", "depth_groups_2", "shifts_random_assignment",
-                                  "d4_stride2_valid_scale", "affine_shifts_assignment",
-                                  "rotations_stride2_same_scalar"])
+CASES_INT8 = ["rotations_same", "depth_groups_2", "shifts_random_assignment",
+              "d4_stride2_valid_scale", "affine_shifts_assignment",
+              "rotations_stride2_same_scalar"]
+
+
+@pytest.mark.parametrize("case", CASES_INT8)
 def test_merged_spread_groups_match_the_keras_layer(case):
     """The spread convolution written with one group (every base's kernel on
-    the block diagonal), and as an int8 file writes it: the same outputs,
-    eagerly and under XLA, pixel phases and depth groups included."""
+    the block diagonal, padded slots kept): the same outputs, eagerly and
+    under XLA, pixel phases and depth groups included."""
     model = layer_model(CASES[case])
     layer = model.get_layer("tc")
     plan = grouped_lib.grouped_plan(layer)
@@ -473,14 +478,28 @@ def test_merged_spread_groups_match_the_keras_layer(case):
     one = grouped_lib.GroupedTransformConv2D.from_layer(layer, plan=plan.with_spread_groups(1))
     kernel = (one.plan.written_spread()[0] if plan.phases is None
               else one.plan.written_phase_spread(plan.phases[0]))
-    assert kernel.shape[2] == plan.base_groups() * (
-        plan.spread_kernel.shape[2] if plan.phases is None else plan.phases[0].spread_kernel.shape[2])
+    width = (plan.spread_kernel if plan.phases is None else plan.phases[0].spread_kernel).shape[2]
+    assert kernel.shape[2:] == (plan.base_groups() * width, plan.spread_outputs())
     assert_computes_the_layer(one, model, layer)
-    int8 = grouped_lib.GroupedTransformConv2D.from_layer(layer, quantization="int8")
-    assert int8.plan.spread_groups == plan.int8_spread_groups() == 1  # <= 64 outputs
-    assert_computes_the_layer(int8, model, layer)
     floating = grouped_lib.GroupedTransformConv2D.from_layer(layer, quantization="float16")
-    assert floating.plan.spread_groups is None  # one group per base
+    assert floating.plan.spread_groups is None and not floating.plan.single_group
+
+
+@pytest.mark.parametrize("case", CASES_INT8)
+def test_single_group_spread_matches_the_keras_layer(case):
+    """The int8 files' form of a layer of up to 64 filters: one spread group
+    writing the filters themselves (no padded slots, depth groups summed in
+    it, no selection after it), the same outputs, eagerly and under XLA."""
+    model = layer_model(CASES[case])
+    layer = model.get_layer("tc")
+    grouped = grouped_lib.GroupedTransformConv2D.from_layer(layer, quantization="int8")
+    plan = grouped.plan
+    assert plan.single_group and plan.writes_filters() and not plan.selects()
+    assert plan.written_outputs() == layer.filters
+    kernel = (plan.written_spread()[0] if plan.phases is None
+              else plan.written_phase_spread(plan.phases[0]))
+    assert kernel.shape[-1] == layer.filters
+    assert_computes_the_layer(grouped, model, layer)
 
 
 @pytest.mark.parametrize("filters, base_filters, transforms, expected", [
@@ -498,7 +517,11 @@ def test_int8_spread_groups(filters, base_filters, transforms, expected):
                              transforms=transforms, padding="same"), channels=4).get_layer("tc")
     plan = grouped_lib.grouped_plan(layer)
     assert plan.int8_spread_groups() == expected
-    assert plan.for_quantization("int8").spread_groups == expected
+    int8 = plan.for_quantization("int8")
+    if filters <= grouped_lib.INT8_SPREAD_GROUP_OUTPUTS:  # one group of the filters
+        assert int8.single_group and int8.spread_groups is None
+    else:
+        assert not int8.single_group and int8.spread_groups == expected
     assert plan.for_quantization(None) is plan
     with pytest.raises(ValueError, match="positive divisor"):
         plan.with_spread_groups(3)

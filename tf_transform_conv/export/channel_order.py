@@ -70,7 +70,8 @@ class ChannelOrderReport(collections.namedtuple(
 
     Attributes:
         native: names of the grouped layers left in their native order (no
-            reorder after their second convolution).
+            reorder after their second convolution), and of those whose
+            second convolution writes any order (`GroupedPlan.single_group`).
         gathered: names of the grouped layers still reordering their output
             (to the order their space took, or to filter order).
         folded: `{batch norm name: convolution name}` for each folded batch norm.
@@ -121,9 +122,12 @@ def _grouped_native(layer):
 
     None when the second convolution writes padded slots (an uneven
     assignment) or depth groups are summed: its output is then no
-    permutation of the filters.
+    permutation of the filters; and for a `single_group` plan (int8 files),
+    which writes the filters in whatever order is asked.
     """
     index = layer.plan.output_index
+    if layer.plan.single_group:  # writes any order alike: no preference
+        return None
     if index.shape[0] != 1 or layer.plan.spread_outputs() != layer.filters:
         return None
     return _inverse(index[0].astype(np.int64))
@@ -506,7 +510,11 @@ def propagate_channel_order(model):
                 report.folded[bn.name] = layer.name
             if role == "producer" and type(layer) is GroupedTransformConv2D:
                 native = _grouped_native(layer)
-                if native is not None and out_order is not None and np.array_equal(
+                if layer.plan.single_group:
+                    # One spread group writes the filters in any order asked.
+                    new_layer = _permuted_grouped(layer, in_order, out_order, fold)
+                    report.native.append(layer.name)
+                elif native is not None and out_order is not None and np.array_equal(
                         native, out_order):
                     # Native order: the output index becomes the identity.
                     new_layer = _permuted_grouped(layer, in_order, native, fold)

@@ -322,7 +322,7 @@ def _dense_stats(layer):
 def _grouped(file, layer, plan, product_op, keep_order):
     """The grouped form's constants, tensors and operators (`export.grouped`)."""
     plan = plan.for_quantization(file.quantization)  # as `export.deployment_model` writes it
-    outputs = plan.spread_outputs()
+    outputs = plan.written_outputs()
     if plan.phases is not None:
         for kernel in plan.product_kernels():
             file.weight(WeightStats.of(kernel), per_tensor=True)
@@ -385,7 +385,7 @@ def _grouped(file, layer, plan, product_op, keep_order):
         file.vector(outputs)
         file.operator(2)
         file.activation()
-    if not plan.identity:
+    if not plan.writes_filters():
         if not plan.selects():
             if not keep_order:
                 file.index_constant(5)
@@ -405,8 +405,7 @@ def _grouped(file, layer, plan, product_op, keep_order):
             file.bias(layer.filters)
             file.operator(3)
             file.activation()
-    if layer.bias is not None and plan.spread_bias is None and plan.identity is False \
-            and plan.output_index.shape[0] > 1:
+    if layer.bias is not None and plan.spread_bias is None and plan.output_index.shape[0] > 1:
         file.vector(layer.filters)
         file.operator(2)
         file.activation()
@@ -528,7 +527,7 @@ def _layer_constants(layer):
             yield WeightStats.of(plan.product_kernel)
         if plan.basis_kernel is not None:
             yield WeightStats.of(plan.basis_kernel)
-        if not plan.identity and plan.transpose is None:  # the 0/1 selection
+        if plan.selects():  # the 0/1 selection
             outputs, filters = plan.spread_outputs(), plan.output_index.shape[1]
             yield WeightStats(outputs * filters, filters * plan.output_index.shape[0], filters,
                               outputs)

@@ -28,18 +28,23 @@ needed it is restored by a reshape and transpose under the default
 assignment (block `j` holds every base under transform `j`), and otherwise
 (padded slots of an uneven assignment, or the outputs of `depth_groups > 1`
 summed) by a 1x1 convolution with a 0/1 kernel, which XNNPACK runs (a
-GATHER would split the file into partitions); in int8 files that kernel
-holds each spread channel's gain instead, the spread kernel normalized
-(`GroupedPlan.normalized_spread`). Bias and scale ride in the second convolution.
+GATHER would split the file into partitions); in int8 files (layers of
+more than 64 filters: smaller ones need no selection there, see below)
+that kernel holds each spread channel's gain instead, the spread kernel
+normalized (`GroupedPlan.normalized_spread`). Bias and scale ride in the
+second convolution.
 
 The second kernel has `kh*kw` nonzeros per output filter among
 `(kh*kw)**2`; `export_tflite` converts with TFLite's sparse weight encoding
 so the file stores only those, and a DENSIFY operator rebuilds the kernel
 once when the interpreter is prepared. int8 files write it with fewer,
-wider groups (several bases' kernels on one group's block diagonal:
-`GroupedPlan.for_quantization`): XNNPACK's int8 grouped convolution takes
-about as long per group whatever the group's width, and one group per base
-made int8 grouped layers 2.6-25x slower than their dense twins.
+wider groups (`GroupedPlan.for_quantization`): XNNPACK's int8 grouped
+convolution takes about as long per group whatever the group's width, and
+one group per base made int8 grouped layers 2.6-25x slower than their dense
+twins. Up to 64 filters the spread is one group that writes the filters
+themselves (`single_group`: no padded slots, depth groups summed in it, no
+selection after it); wider layers put several bases' kernels on each
+group's block diagonal (`spread_groups`).
 
 Multiply-adds per output pixel: `kh*kw*c_in*base_filters` (products, as the
 factored path) plus `(kh*kw)**2 * M * base_filters * depth_groups` for the
@@ -118,7 +123,8 @@ HOMOGENEOUS_ACTIVATIONS = frozenset(["linear", "relu", "leaky_relu"])
 # block-diagonal kernel: the zeros cost no bytes in the sparse encoding)
 # trades those groups for multiply-adds: fastest measured, at every shape
 # from 16 to 512 channels, where each group writes about this many channels
-# (`GroupedPlan.int8_spread_groups`).
+# (`GroupedPlan.int8_spread_groups`). A layer of at most this many filters
+# is written as one group of the filters (`GroupedPlan.single_group`).
 INT8_SPREAD_GROUP_OUTPUTS = 64
 
 
@@ -157,10 +163,16 @@ class GroupedPlan:
         spread_groups: int or None: the groups the spread convolution is
             written with (`written_spread`): None for one per depth group and
             base (`base_groups`), fewer in int8 files (`for_quantization`).
+        single_group: bool, whether the spread convolution is written as
+            one group that writes the filters themselves (`written_spread`):
+            no padded slots, the depth groups summed in it, its outputs in
+            `output_index`'s order and no selection after it (int8 files,
+            up to `INT8_SPREAD_GROUP_OUTPUTS` filters).
     """
 
     def __init__(self, product_kernel, spread_kernel, spread_bias, output_index, transpose, slots,
-                 phases=None, basis_kernel=None, normalize=False, spread_groups=None):
+                 phases=None, basis_kernel=None, normalize=False, spread_groups=None,
+                 single_group=False):
         self.product_kernel = product_kernel
         self.spread_kernel = spread_kernel
         self.spread_bias = spread_bias
@@ -171,6 +183,7 @@ class GroupedPlan:
         self.basis_kernel = basis_kernel
         self.normalize = normalize
         self.spread_groups = spread_groups
+        self.single_group = single_group
 
     def normalized(self):
         """This plan, its spread kernel written normalized where it can be
@@ -197,12 +210,17 @@ class GroupedPlan:
     def for_quantization(self, quantization):
         """This plan as a file of `quantization` writes it (None: float32).
 
-        int8 files: the spread kernel `normalized` where it can be, and the
-        spread convolution's groups merged (`int8_spread_groups`); other
-        files: this plan.
+        int8 files: up to `INT8_SPREAD_GROUP_OUTPUTS` filters, the spread
+        convolution as one group writing the filters (`single_group`);
+        more, the spread kernel `normalized` where it can be and its groups
+        merged (`int8_spread_groups`). Other files: this plan.
         """
         if quantization != "int8":
             return self
+        if self.output_index.shape[1] <= INT8_SPREAD_GROUP_OUTPUTS:
+            plan = copy.copy(self)
+            plan.single_group = True
+            return plan
         return self.normalized().with_spread_groups(self.int8_spread_groups())
 
     def base_groups(self):
@@ -225,13 +243,38 @@ class GroupedPlan:
         return bases
 
     def _merged(self, kernel):
-        """`kernel` (a spread kernel of one group per base) with `spread_groups` groups."""
+        """`kernel` (a spread kernel of one group per base) as the file holds
+        it: with `spread_groups` groups, or as `single_group`."""
+        if self.single_group:
+            return self._single(kernel)
         if self.spread_groups is None:
             return kernel
         return merge_groups(kernel, self.base_groups(), self.spread_groups)
 
+    def _single(self, kernel):
+        """`kernel` (one group per base, padded slots) as one group writing the
+        filters in `output_index`'s order, the depth groups summed."""
+        kh, kw, width, _ = kernel.shape
+        bases = self.base_groups()
+        out = np.zeros((kh, kw, bases * width, self.output_index.shape[1]), kernel.dtype)
+        for row in self.output_index:  # one per depth group
+            for filter_, channel in enumerate(row):
+                base = channel // self.slots
+                out[:, :, base * width:(base + 1) * width, filter_] += kernel[..., channel]
+        return out
+
+    def written_outputs(self):
+        """Channels the spread convolution writes in the file (`written_spread`)."""
+        return self.output_index.shape[1] if self.single_group else self.spread_outputs()
+
+    def writes_filters(self):
+        """Whether the spread convolution writes the filters, in `output_index`'s
+        order, with nothing after it (`identity`, or `single_group`)."""
+        return self.single_group or self.identity
+
     def written_phase_spread(self, phase):
-        """A pixel phase's spread kernel as the file holds it (its groups merged)."""
+        """A pixel phase's spread kernel as the file holds it (groups merged, or
+        `single_group`)."""
         return self._merged(phase.spread_kernel)
 
     def with_kernels(self, product_kernel, spread_kernel, **changes):
@@ -240,6 +283,7 @@ class GroupedPlan:
             spread_bias=self.spread_bias, output_index=self.output_index,
             transpose=self.transpose, slots=self.slots, basis_kernel=self.basis_kernel,
             normalize=self.normalize, spread_groups=self.spread_groups,
+            single_group=self.single_group,
         )
         fields.update(changes)
         phases = None
@@ -304,7 +348,7 @@ class GroupedPlan:
     def selects(self):
         """Whether a 1x1 convolution picks the filters from the second
         convolution's outputs (padded slots, or depth groups summed)."""
-        return not self.identity and self.transpose is None
+        return not self.writes_filters() and self.transpose is None
 
     def normalized_spread(self):
         """Whether the grouped layer writes its spread kernel normalized.
@@ -328,8 +372,13 @@ class GroupedPlan:
         largest absolute weight, `gains` (1 for a padded slot, which gets a
         1 at its first weight so that it too reaches 1; the selection gives
         it no weight), and the bias likewise. Else the plan's kernel and
-        bias, and `gains` None. The kernel has `spread_groups` groups.
+        bias, and `gains` None. The kernel has `spread_groups` groups, or is
+        `single_group` (its bias then in the filters' order).
         """
+        if self.single_group:
+            bias = None if self.spread_bias is None else \
+                self.spread_bias[self.output_index[0]].astype(np.float32)
+            return self._merged(self.spread_kernel), bias, None
         if not self.normalized_spread():
             return self._merged(self.spread_kernel), self.spread_bias, None
         outputs = self.spread_outputs()
@@ -699,7 +748,7 @@ class GroupedTransformConv2D(keras.layers.Layer):
 
     def _to_filter_order(self, y, gains=None):
         plan = self.plan
-        if plan.identity:
+        if plan.writes_filters():
             return y
         if plan.transpose is not None:
             batch, h, w = ops.shape(y)[0], y.shape[1], y.shape[2]

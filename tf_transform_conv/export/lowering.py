@@ -69,10 +69,11 @@ AUTO_DENSE_MAX_GROWTH = 1.5
 AUTO_BYTES_MARGIN = 256
 AUTO_BYTES_MARGIN_FRACTION = 0.05
 # In int8 files a compact form must save at least this share of the dense
-# form's bytes: there the grouped layers measured 1.3-2.2x the dense
-# layers' latency (spread groups merged; `benchmarks/int8_spread.py`), so
-# `"auto"` spends that time only where it buys a fifth of the layer's bytes.
-AUTO_INT8_MIN_SAVING = 0.2
+# form's bytes: there a grouped layer below a few hundred channels runs
+# slower than its dense layer (1.5-4x measured at 16-128 channels, one
+# layer; whole files 1.2-1.5x: `benchmarks/int8_spread.py`), so `"auto"`
+# spends that time only where it buys a sixth or more of the layer's bytes.
+AUTO_INT8_MIN_SAVING = 0.15
 
 
 LoweringDecision = collections.namedtuple(
@@ -157,15 +158,15 @@ def lowering_choice(layer, lowering="auto", quantization=None):
       layer at 1/2 grouped still made its file 2% larger than dense; with
       its padded spread kernel normalized to one scale too, 1 kB smaller);
     - in int8 files, a compact form only where it saves at least
-      `AUTO_INT8_MIN_SAVING` (a fifth) of the dense form's bytes: XNNPACK's
-      int8 convolutions are fast enough that the grouped form, with its
-      spread groups merged (`GroupedPlan.int8_spread_groups`), still ran at
-      1.3-2.2x the dense layer's latency (`benchmarks/int8_spread.py`;
-      whole files: a 15k-parameter CNN at 1/4 1.39x, ResNet-56 and
-      ResNet-18 twins at 1/4 1.29x and 1.37x the dense int8 file). Layers of
-      a model converted at 1/4 save 26-56% there and stay grouped; the last
-      layer of a 32-channel CNN pruned to 1/2, padded to 64 spread channels,
-      saved 7% and is written dense.
+      `AUTO_INT8_MIN_SAVING` (15%) of the dense form's bytes: XNNPACK's
+      int8 convolutions are fast enough that the grouped form, written as
+      int8 files write it (`GroupedPlan.for_quantization`), still ran at
+      1.5-4x a 16-128-channel dense layer's latency
+      (`benchmarks/int8_spread.py`; whole files at 1/4: a 15k-parameter
+      CNN 1.26x, a converted ResNet-56 1.34x, a ResNet-18 twin 1.58x the
+      dense int8 file). A ResNet-56 converted at 1/4 keeps 34 layers
+      grouped (saving 44-62% each) and its 16-channel stage dense; a
+      stride-2 layer whose pixel phases save 11% is written dense.
 
     Args:
         layer: a built `TransformConv2D`.

@@ -21,7 +21,8 @@ largest output error against Keras from 0.00166 to 0.00167 (`prune_model`'s
 defaults) and from 0.00203 to 0.00211 (`Reconstruction.recommended()`),
 for outputs of about 0.3.
 
-The spread convolutions that a selection follows are written normalized
+The spread convolutions that a selection follows (in int8 files, those of
+layers of more than 64 filters) are written normalized
 (`export.grouped.GroupedPlan.normalized_spread`): every output channel's
 largest weight is 1, so the converter gives all of them the same scale.
 `collapse_equal_scales` writes such a kernel's scales, and its bias's, once:
