@@ -173,9 +173,16 @@ converted.fit(x, y, verbose=0)
 export = tc.export_tflite(converted, os.path.join(folder, "converted.tflite"))
 result = dict(converted=[r.converted for r in report],
               error=tc.verify_tflite(export.path, converted, x[:4]).max_rel_diff)
+for form in ("grouped", "dense"):  # int8: the grouped form as one spread group
+    int8 = tc.export_tflite(converted, os.path.join(folder, form + ".tflite"),
+                            quantization="int8", representative_data=x, lowering=form)
+    result[form] = [int8.lowerings,
+                    tc.verify_tflite(int8.path, converted, x, rtol=float("inf")).max_rel_diff]
 """)
     assert result["converted"] == [True, True]
     assert result["error"] <= 1e-4
+    assert set(result["grouped"][0].values()) == {"grouped"}
+    assert result["grouped"][1] <= 1.5 * result["dense"][1] + 0.01, result
 
 
 GLOBAL_PRUNING = textwrap.dedent(
