@@ -159,7 +159,8 @@ def build_parser():
         "--lowering", choices=["auto", "grouped", "slices", "dense"], default="auto",
         help="how TransformConv2D layers are written: grouped convolutions, "
         "slices and additions, or the dense kernel (auto: per layer, the fastest "
-        "compact form, dense only for few-channel stems)",
+        "compact form where the file holds it in fewer bytes than the dense kernel, "
+        "in int8 files 15%% fewer; dense for few-channel stems and elsewhere)",
     )
     export.add_argument(
         "--verify-samples", type=_positive_int, default=8,
