@@ -242,7 +242,7 @@ class GroupedPlan:
                 return groups
         return bases
 
-    def _merged(self, kernel):
+    def _written(self, kernel):
         """`kernel` (a spread kernel of one group per base) as the file holds
         it: with `spread_groups` groups, or as `single_group`."""
         if self.single_group:
@@ -275,7 +275,7 @@ class GroupedPlan:
     def written_phase_spread(self, phase):
         """A pixel phase's spread kernel as the file holds it (groups merged, or
         `single_group`)."""
-        return self._merged(phase.spread_kernel)
+        return self._written(phase.spread_kernel)
 
     def with_kernels(self, product_kernel, spread_kernel, **changes):
         """A copy with new kernels (the phases' taken from them) and other fields changed."""
@@ -378,9 +378,9 @@ class GroupedPlan:
         if self.single_group:
             bias = None if self.spread_bias is None else \
                 self.spread_bias[self.output_index[0]].astype(np.float32)
-            return self._merged(self.spread_kernel), bias, None
+            return self._written(self.spread_kernel), bias, None
         if not self.normalized_spread():
-            return self._merged(self.spread_kernel), self.spread_bias, None
+            return self._written(self.spread_kernel), self.spread_bias, None
         outputs = self.spread_outputs()
         gains = np.abs(self.spread_kernel).reshape(-1, outputs).max(axis=0)
         gains = np.where(gains > 0, gains, 1.0).astype(np.float32)
@@ -388,7 +388,7 @@ class GroupedPlan:
         flat[0, ~np.any(flat != 0, axis=0)] = 1.0
         kernel = flat.reshape(self.spread_kernel.shape).astype(np.float32)
         bias = None if self.spread_bias is None else (self.spread_bias / gains).astype(np.float32)
-        return self._merged(kernel), bias, gains
+        return self._written(kernel), bias, gains
 
 
 def merge_groups(kernel, groups, merged):
