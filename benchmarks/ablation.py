@@ -49,6 +49,9 @@ starts again from its peak where the schedule ends). Rows, at pruning rates 0.7 
                     it the affine row's convolution parameters at the
                     column's rate
     hybrid-0.6      the same at widths x0.6 (19-19-38-38)
+    wide-1.5        the other way: the network with every width x1.5
+                    (48-48-96-96), pruned harder by the affine route to the
+                    affine row's convolution parameters at the column's rate
     ... +kd         the same, distilled from the dense model of the seed
                     (T = 4, weight 0.9 on the distillation term)
     sp              unstructured magnitude pruning of the convolution kernels
@@ -114,6 +117,8 @@ Usage:
         --rows dense thin thin+kd scalar scalar+kd    # at 1/4 and 1/10 of the parameters
     python benchmarks/ablation.py --epochs 12 --rates 0.77 --no-one-shot \
         --rows dense thin affine hybrid-0.75 hybrid-0.6   # remove channels or rebuild filters
+    python benchmarks/ablation.py --epochs 12 --rates 0.77 --no-one-shot \
+        --rows dense wide-1.5+kd thin+kd --thin-match wide-1.5+kd   # wider, pruned harder
     python benchmarks/ablation.py --epochs 12 --rates 0.77 --no-one-shot --task shapes \
         --rows dense thin affine --lr-restart pruning  # the rate restarted where pruning ends
 """
@@ -158,11 +163,11 @@ PRUNED = {
     "general": dict(transforms="identity", transform_family="general", **SELECTION_OURS),
     "paper": dict(transforms="identity", transform_family="scalar", **SELECTION_PAPER),
 }
-# Hybrid rows: row -> the factor on every width; the narrower network is pruned
-# by the affine route to the affine route's parameters at the column's rate.
-HYBRID = {"hybrid-0.75": 0.75, "hybrid-0.6": 0.6}
+# Hybrid rows: row -> the factor on every width; the narrower (or wider) network
+# is pruned by the affine route to the affine route's parameters at the column's rate.
+HYBRID = {"hybrid-0.75": 0.75, "hybrid-0.6": 0.6, "wide-1.5": 1.5}
 HYBRID_ROUTE = "affine"
-KD_ROWS = ("removed+kd", "scalar+kd", "affine+kd", "paper+kd", "thin+kd")
+KD_ROWS = ("removed+kd", "scalar+kd", "affine+kd", "paper+kd", "wide-1.5+kd", "thin+kd")
 # The equal-size baselines: row -> the cost its widths match to the reference route's.
 THIN = {"thin": "params", "thin-macs": "macs", "thin+kd": "params"}
 THIN_TOLERANCE = 0.03  # the largest relative miss of a thin row's matched cost
@@ -322,7 +327,7 @@ def rate_for_params(widths, target, row=HYBRID_ROUTE):
 
 
 def hybrid_widths(row):
-    return tuple(round(w * HYBRID[row]) for w in WIDTHS)
+    return tuple(round(w * HYBRID[row.removesuffix("+kd")]) for w in WIDTHS)
 
 
 def total_epochs(row, epochs):

@@ -129,3 +129,13 @@ def test_a_hybrid_row_is_pruned_to_the_affine_rows_size_from_narrower_widths():
     reached = ablation.pruned_params(settings["widths"], settings["prune_rate"])
     assert reached == pytest.approx(target, rel=ablation.THIN_TOLERANCE)
     assert ablation.hybrid_settings("affine", 0.77) == {}
+
+
+def test_a_wide_row_is_pruned_harder_to_the_affine_rows_size_from_wider_widths():
+    settings = ablation.hybrid_settings("wide-1.5+kd", 0.77)
+    assert settings["widths"] == [48, 48, 96, 96]
+    # The wider network rebuilds more of its filters to reach the same size.
+    assert 0.77 < settings["prune_rate"] < 1
+    target = ablation.pruned_params(ablation.WIDTHS, 0.77)
+    reached = ablation.pruned_params(settings["widths"], settings["prune_rate"])
+    assert reached == pytest.approx(target, rel=ablation.THIN_TOLERANCE)
