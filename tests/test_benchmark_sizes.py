@@ -120,22 +120,22 @@ def test_the_measured_route_is_the_recommended_reconstruction():
     assert ours == tc.Reconstruction.recommended()
 
 
-def test_a_hybrid_row_is_pruned_to_the_affine_rows_size_from_narrower_widths():
-    settings = ablation.hybrid_settings("hybrid-0.75", 0.77)
-    assert settings["widths"] == [24, 24, 48, 48]
-    # The narrower network keeps more of its filters to reach the same size.
-    assert 0 < settings["prune_rate"] < 0.77
+@pytest.mark.parametrize("row, widths", [
+    ("hybrid-0.75", [24, 24, 48, 48]),
+    ("wide-1.5+kd", [48, 48, 96, 96]),
+])
+def test_a_hybrid_row_is_pruned_to_the_affine_rows_size_from_other_widths(row, widths):
+    settings = ablation.hybrid_settings(row, 0.77)
+    assert settings["widths"] == widths
+    # A narrower network keeps more of its filters to reach the same size, a wider one fewer.
+    if widths[0] < ablation.WIDTHS[0]:
+        assert 0 < settings["prune_rate"] < 0.77
+    else:
+        assert 0.77 < settings["prune_rate"] < 1
     target = ablation.pruned_params(ablation.WIDTHS, 0.77)
     reached = ablation.pruned_params(settings["widths"], settings["prune_rate"])
     assert reached == pytest.approx(target, rel=ablation.THIN_TOLERANCE)
+
+
+def test_a_route_that_is_not_hybrid_has_no_hybrid_settings():
     assert ablation.hybrid_settings("affine", 0.77) == {}
-
-
-def test_a_wide_row_is_pruned_harder_to_the_affine_rows_size_from_wider_widths():
-    settings = ablation.hybrid_settings("wide-1.5+kd", 0.77)
-    assert settings["widths"] == [48, 48, 96, 96]
-    # The wider network rebuilds more of its filters to reach the same size.
-    assert 0.77 < settings["prune_rate"] < 1
-    target = ablation.pruned_params(ablation.WIDTHS, 0.77)
-    reached = ablation.pruned_params(settings["widths"], settings["prune_rate"])
-    assert reached == pytest.approx(target, rel=ablation.THIN_TOLERANCE)
