@@ -63,6 +63,27 @@ def test_params_plan_is_exact_in_the_converted_model(fraction, method):
     assert converted == plan.bases
 
 
+# A learned family's operators cost parameters (and multiply-adds): the plan prices them,
+# so the layers the reconstruction builds meet the budget it planned.
+@pytest.mark.parametrize("family", ["scalar", "affine", "general"])
+@pytest.mark.parametrize("kind", ["params", "macs"])
+def test_plan_prices_the_learned_family_the_layers_are_built_with(family, kind):
+    model = small_model()
+    reconstruction = tc.Reconstruction(transforms="identity", transform_family=family)
+    plan = plan_budget(model, Budget(**{kind: 0.7}), reconstruction=reconstruction)
+    assert plan.bases  # something is converted
+    new, _ = tc.transform_model(model, reconstruction=reconstruction, budget=plan)
+    cost = model_cost(new)
+    if kind == "params":
+        spent = cost.params
+    else:  # on the factored path, as the plan prices it, whichever path runs here
+        paths = {l.name: l.cost(tuple(l.input.shape[1:])) for l in new.layers
+                 if isinstance(l, tc.TransformConv2D)}
+        spent = sum(paths[e.name]["factored_macs"] + paths[e.name]["transform_macs"]
+                    if e.name in paths else e.macs for e in cost.layers)
+    assert spent == plan.predicted_cost <= plan.target
+
+
 def test_exact_plan_is_worth_at_least_the_greedy_one():
     model = small_model()
     exact = plan_budget(model, Budget(params=0.4))

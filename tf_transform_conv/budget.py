@@ -26,7 +26,9 @@ sum over its filters of `sum |w * dL/dw|` on data
 1 for every layer when no data is given). So the knapsack minimises the
 importance-weighted squared reconstruction error under the budget.
 
-The *cost* of an option: its parameters (`cost.parameter_formula`), its
+The *cost* of an option is that of the layer as the reconstruction builds
+it, in its own family (a learned family's operator parameters included):
+its parameters (`cost.parameter_formula`), its
 multiply-adds on the factored path (`TransformConv2D.cost`: the base
 products plus a learned family's second stage; a dense option costs the
 `Conv2D`'s), or its latency measured alone in LiteRT (`export.LatencyTable`,
@@ -67,6 +69,7 @@ from tf_transform_conv.export.tflite import export_tflite
 from tf_transform_conv.graph.nodes import check_graph_model
 from tf_transform_conv.graph.rewrite import select_layers
 from tf_transform_conv.knapsack import solve_multiple_choice
+from tf_transform_conv.ops import families as families_lib
 from tf_transform_conv.reconstruction import Reconstruction
 from tf_transform_conv.saliency import filter_importance
 
@@ -374,6 +377,7 @@ def plan_budget(model, budget, data=None, reconstruction=None, layers=None,
         )
     check_graph_model(model, "plan_budget")
     # The options are compared on the discrete fit `transform_model` makes.
+    family = Reconstruction.get(reconstruction).transform_family
     fitting = Reconstruction.get(reconstruction).replace(
         transform_family="discrete", criterion="reconstruction", assign="fit")
     kind = budget.kind
@@ -422,13 +426,19 @@ def plan_budget(model, budget, data=None, reconstruction=None, layers=None,
                 continue
             fit = layer_fitting.fit(kernel, n)
             error = float(fit.layer_error)
+            # Priced as the layer is built: in the family it trains with, whose
+            # operators (one per output that is not a base) add to its cost.
+            transformed = int((~fit.templates).sum()) if family != "discrete" else 0
             new, new_weights = transform_conv_from_conv2d(
                 layer, fit.base_kernel, fit.assignment, fit.transforms,
-                fit.scale if scale else None)
+                fit.scale if scale else None, family, fit.templates,
+                np.tile(families_lib.identity_params(family, layer.kernel_size),
+                        (transformed, 1)))
             paths = new.cost(shapes[layer.name])
             option = {
                 "params": float(parameter_formula(
-                    layer.kernel_size, kernel.shape[2], filters, n, scale, layer.use_bias)),
+                    layer.kernel_size, kernel.shape[2], filters, n, scale, layer.use_bias,
+                    family, transformed)),
                 "macs": float(paths["factored_macs"] + paths["transform_macs"]),
             }
             if "latency" not in kinds:
