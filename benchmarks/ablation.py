@@ -52,6 +52,24 @@ starts again from its peak where the schedule ends). Rows, at pruning rates 0.7 
     wide-1.5        the other way: the network with every width x1.5
                     (48-48-96-96), pruned harder by the affine route to the
                     affine row's convolution parameters at the column's rate
+    budget          the affine route with bases allocated per layer: on the
+                    seed's trained dense model, plan_budget (Taylor importance
+                    of 16 batches, ratios 1/16-1/2 or dense) picks each
+                    layer's bases to the affine row's convolution parameters
+                    at the column's rate; the network then trains from
+                    scratch, pruned to that plan by the rows' schedule
+    split           the split between removing channels and rebuilding filters
+                    chosen per layer: on the seed's trained dense model,
+                    knapsack_removal (importances L2-normalised per layer)
+                    first keeps half the convolution parameters, which sets
+                    each layer's width; plan_budget then picks the bases of
+                    that narrower model, as in `budget`
+    fitted          the seed's trained dense model converted at the rate by
+                    transform_model (the affine route's settings), its batch
+                    norms recalibrated, each converted layer fitted to the
+                    dense layer's outputs (`fit_outputs`) and recalibrated
+                    again, then fine-tuned for the epochs (the same schedule)
+    fitted-budget   the same, each layer converted to the `budget` row's plan
     ... +kd         the same, distilled from the dense model of the seed
                     (T = 4, weight 0.9 on the distillation term)
     sp              unstructured magnitude pruning of the convolution kernels
@@ -119,6 +137,10 @@ Usage:
         --rows dense thin affine hybrid-0.75 hybrid-0.6   # remove channels or rebuild filters
     python benchmarks/ablation.py --epochs 12 --rates 0.77 --no-one-shot \
         --rows dense wide-1.5+kd thin+kd --thin-match wide-1.5+kd   # wider, pruned harder
+    python benchmarks/ablation.py --epochs 12 --rates 0.77 --no-one-shot \
+        --rows dense budget+kd split+kd thin+kd --thin-match budget+kd   # chosen per layer
+    python benchmarks/ablation.py --epochs 12 --rates 0.77 --no-one-shot \
+        --rows dense fitted+kd thin+kd --thin-match fitted+kd   # from the trained dense model
     python benchmarks/ablation.py --epochs 12 --rates 0.77 --no-one-shot --task shapes \
         --rows dense thin affine --lr-restart pruning  # the rate restarted where pruning ends
 """
@@ -167,7 +189,19 @@ PRUNED = {
 # is pruned by the affine route to the affine route's parameters at the column's rate.
 HYBRID = {"hybrid-0.75": 0.75, "hybrid-0.6": 0.6, "wide-1.5": 1.5}
 HYBRID_ROUTE = "affine"
-KD_ROWS = ("removed+kd", "scalar+kd", "affine+kd", "paper+kd", "wide-1.5+kd", "thin+kd")
+# Allocated rows: row -> the share of the dense convolution parameters that a
+# knapsack removal of channels keeps first (None: no removal). On the seed's
+# trained dense model, plan_budget then gives each layer its bases (or leaves
+# it dense) to the affine row's convolution parameters at the column's rate;
+# the network at those widths trains from scratch, pruned by the affine route
+# to that plan.
+ALLOCATED = {"budget": None, "split": 0.5}
+ALLOCATION_RATIOS = (1 / 16, 1 / 8, 3 / 16, 1 / 4, 5 / 16, 3 / 8, 1 / 2)
+# Rows converted from the seed's trained dense model by the affine route, then
+# fine-tuned: row -> the allocated row whose bases it takes (None: every layer at the rate).
+FITTED = {"fitted": None, "fitted-budget": "budget"}
+KD_ROWS = ("removed+kd", "scalar+kd", "affine+kd", "paper+kd", "wide-1.5+kd", "budget+kd",
+           "split+kd", "fitted+kd", "fitted-budget+kd", "thin+kd")
 # The equal-size baselines: row -> the cost its widths match to the reference route's.
 THIN = {"thin": "params", "thin-macs": "macs", "thin+kd": "params"}
 THIN_TOLERANCE = 0.03  # the largest relative miss of a thin row's matched cost
@@ -186,7 +220,7 @@ OURS_KNAPSACK = {"ours-knapsack": "params", "ours-knapsack-macs": "macs"}
 KNAPSACK_RATIOS = (1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2)
 INNER_KD_LAYERS, INNER_KD_WEIGHT = ("bn0", "bn1", "bn2", "bn3"), 1.0
 ROWS = ("dense", "quarter", "thin", "thin-macs", "removed", "zeroed", *PRUNED, *HYBRID,
-        *KD_ROWS, *UNSTRUCTURED, *DAFP, *KNAPSACK, *OURS_KNAPSACK, *TRANSFORM)
+        *ALLOCATED, *FITTED, *KD_ROWS, *UNSTRUCTURED, *DAFP, *KNAPSACK, *OURS_KNAPSACK, *TRANSFORM)
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "ablation.json"
 QUICK_OUT = DEFAULT_OUT.with_name("ablation_quick.json")
 
@@ -330,9 +364,44 @@ def hybrid_widths(row):
     return tuple(round(w * HYBRID[row.removesuffix("+kd")]) for w in WIDTHS)
 
 
+def allocation(row, rate, teacher, x, y):
+    """An allocated row's widths and `BudgetPlan`, chosen on the trained dense model `teacher`.
+
+    The plan keeps the affine row's convolution parameters at `rate` (at
+    most; the knapsack stops below). Returns `(widths, plan)`.
+    """
+    import keras
+
+    import tf_transform_conv as tc
+
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    model = keras.saving.load_model(teacher, compile=False)
+    model.compile(loss=loss)
+    target = pruned_params(WIDTHS, rate)
+    importance = tc.saliency.filter_importance(model, (x, y), num_batches=16,
+                                               batch_size=BATCH)
+    keep = ALLOCATED[row.removesuffix("+kd")]
+    if keep is not None:
+        others = tc.model_cost(model).params - conv_params(model)
+        model, _ = tc.knapsack_removal(model, None, target=keep * conv_params(model) + others,
+                                       cost="params", importance=importance, normalize="l2")
+        model.compile(loss=loss)
+        importance = tc.saliency.filter_importance(model, (x, y), num_batches=16,
+                                                   batch_size=BATCH)
+    widths = tuple(model.get_layer(f"conv{i}").filters for i in range(len(WIDTHS)))
+    total = tc.model_cost(model).params
+    fraction = (target + total - conv_params(model)) / total
+    plan = tc.plan_budget(model, tc.Budget(params=fraction, base_ratios=ALLOCATION_RATIOS),
+                          reconstruction=tc.Reconstruction(scale=True, **PRUNED[HYBRID_ROUTE]),
+                          importance=importance)
+    return widths, plan
+
+
 def total_epochs(row, epochs):
-    """Epochs a row's network trains in all: the knapsack rows start from a trained dense model."""
-    return 2 * epochs if row in KNAPSACK or row in OURS_KNAPSACK else epochs
+    """Epochs a row's network trains in all: the knapsack and fitted rows start from a
+    trained dense model."""
+    from_dense = row in KNAPSACK or row in OURS_KNAPSACK or row.removesuffix("+kd") in FITTED
+    return 2 * epochs if from_dense else epochs
 
 
 # ----------------------------------------------------------------------------
@@ -691,14 +760,21 @@ def run_one(task):
     total = epochs * steps_per_epoch
     base = row.removesuffix("+kd")
     widths = WIDTHS
+    plan, extra = None, {}
     if row in THIN or base in HYBRID:
         widths = tuple(task["widths"])
+    elif base in ALLOCATED:
+        widths, plan = allocation(row, rate, task["teacher"], x, y)
     elif base == "quarter":
         widths = tuple(w // 2 for w in WIDTHS)
     elif base == "removed":
         widths = tuple(kept_filters(w, rate) for w in WIDTHS)
     if base in TRANSFORM:
         model = cnn(widths, seed, base_ratio=1 - rate if base == "tc" else TC_IP_RATIO)
+    elif base in FITTED:
+        model = fitted(row, task["teacher"], rate, x, y, seed)
+        extra["fitted_accuracy"] = float(np.mean(np.argmax(
+            model.predict(x_test, batch_size=256, verbose=0), -1) == y_test))
     else:
         model = cnn(widths, seed)
     dense_params = conv_params(cnn(WIDTHS, seed))
@@ -720,9 +796,10 @@ def run_one(task):
         else:
             model = tc.prune_interspace(model, schedule, basis=UNSTRUCTURED[base])
         callbacks.append(tc.UpdateTransformPruningStep())
-    elif base in PRUNED or base in HYBRID:
-        settings = PRUNED[HYBRID_ROUTE if base in HYBRID else base]
-        model = tc.prune_model(model, schedule, tc.Reconstruction(scale=True, **settings))
+    elif base in PRUNED or base in HYBRID or base in ALLOCATED:
+        settings = PRUNED[base] if base in PRUNED else PRUNED[HYBRID_ROUTE]
+        model = tc.prune_model(model, schedule, tc.Reconstruction(scale=True, **settings),
+                               budget=plan)
         callbacks.append(tc.UpdateTransformPruningStep())
     elif base == "zeroed":
         zeroing = MagnitudeZeroing(model, schedule)
@@ -739,7 +816,8 @@ def run_one(task):
         loss = kd_loss
     learning_rate = keras.optimizers.schedules.CosineDecay(LEARNING_RATE, total)
     restart = cfg.get("lr_restart", "none")
-    prunes = base in PRUNED or base in HYBRID or base in UNSTRUCTURED or base == "tc-ip"
+    prunes = (base in PRUNED or base in HYBRID or base in ALLOCATED or base in UNSTRUCTURED
+              or base == "tc-ip")
     scheduled = prunes or base == "zeroed"  # the rows the pruning schedule drives
     if (restart == "all" and base not in DAFP) or (restart == "pruning" and scheduled):
         learning_rate = CosineRestart(LEARNING_RATE, total, end)
@@ -774,13 +852,16 @@ def run_one(task):
     result = dict(row=row, rate=rate, seed=seed, accuracy=accuracy,
                   conv_params=(nonzero_conv_params(final) if sparse
                                else conv_params(final)), dense_conv_params=dense_params,
-                  macs=int(tc.model_cost(final).macs), epochs=epochs,
-                  seconds=time.perf_counter() - start, **deployed(final, task))
+                  macs=int(tc.model_cost(final).macs), epochs=total_epochs(row, epochs),
+                  seconds=time.perf_counter() - start, **deployed(final, task), **extra)
     if row in THIN:
         result.update(widths=list(widths), match=THIN[row], target=task["target"],
                       match_miss=task["match_miss"], matched_to=task["matched_to"])
     if base in HYBRID:
         result.update(widths=list(widths), prune_rate=final_sparsity)
+    if plan is not None:
+        result.update(widths=list(widths), bases={c.name: c.bases for c in plan.choices},
+                      planned_params=int(plan.predicted_cost))
     if base in DAFP:
         result.update(dafp_fraction=fraction,
                       budget=int(budget), match=DAFP[base],
@@ -794,6 +875,29 @@ def run_one(task):
         if cfg["one_shot"]:
             result["one_shot"] = one_shot(final, x, x_test, y_test, cfg["rates"])
     return result
+
+
+def fitted(row, teacher, rate, x, y, seed):
+    """A fitted row's start: the trained dense model converted at `rate` (or to the
+    allocated row's plan), recalibrated, fitted to the dense layers' outputs and
+    recalibrated again."""
+    import keras
+
+    import tf_transform_conv as tc
+
+    keras.utils.set_random_seed(seed)
+    dense = keras.saving.load_model(teacher, compile=False)
+    reconstruction = tc.Reconstruction(scale=True, **PRUNED[HYBRID_ROUTE])
+    allocated = FITTED[row.removesuffix("+kd")]
+    if allocated is None:
+        converted, _ = tc.transform_model(dense, sparsity=rate, reconstruction=reconstruction)
+    else:
+        _, plan = allocation(allocated, rate, teacher, x, y)
+        converted, _ = tc.transform_model(dense, reconstruction=reconstruction, budget=plan)
+    tc.recalibrate_batch_norm(converted, x, num_batches=RECALIBRATE_BATCHES, batch_size=BATCH)
+    fit_outputs(dense, converted, x, steps=OUTPUT_FIT_STEPS, seed=seed)
+    tc.recalibrate_batch_norm(converted, x, num_batches=RECALIBRATE_BATCHES, batch_size=BATCH)
+    return converted
 
 
 def one_shot(dense, x, x_test, y_test, rates):

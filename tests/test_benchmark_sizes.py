@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import tf_transform_conv as tc
+from tf_transform_conv.pruning.schedules import ConstantSparsity
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import ablation  # noqa: E402
@@ -136,3 +137,55 @@ def test_a_hybrid_row_is_pruned_to_the_affine_rows_size_from_other_widths(row, w
 
 def test_a_route_that_is_not_hybrid_has_no_hybrid_settings():
     assert ablation.hybrid_settings("affine", 0.77) == {}
+
+
+@pytest.fixture(scope="module")
+def dense_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ablation") / "dense-0.keras"
+    ablation.cnn(ablation.WIDTHS, 0).save(path)
+    return str(path)
+
+
+# The allocated rows are planned on the seed's dense model: `budget` keeps every channel,
+# `split` first removes channels to half the parameters; both end at the affine row's size.
+@pytest.mark.parametrize("row", ["budget+kd", "split"])
+def test_an_allocated_row_is_planned_to_the_affine_rows_size(row, dense_file):
+    x, y = ablation.cluttered_digits(256, "train")
+    widths, plan = ablation.allocation(row, 0.77, dense_file, x, y)
+    dense_params = ablation.widths_cost(ablation.WIDTHS)[0]
+    if row == "budget+kd":
+        assert widths == ablation.WIDTHS
+    else:
+        assert all(w <= d for w, d in zip(widths, ablation.WIDTHS)) and widths != ablation.WIDTHS
+        assert ablation.widths_cost(widths)[0] == pytest.approx(dense_params / 2, rel=0.05)
+    model = tc.prune_model(ablation.cnn(widths, 0), ConstantSparsity(0.77, 0),
+                           tc.Reconstruction(scale=True, **ablation.PRUNED["affine"]),
+                           budget=plan)
+    tc.update_pruning_step(model, 0)
+    stripped = tc.strip_model(model)
+    bases = {l.name: l.base_filters for l in stripped.layers
+             if isinstance(l, tc.TransformConv2D)}
+    assert bases == plan.bases
+    target = ablation.pruned_params(ablation.WIDTHS, 0.77)
+    reached = ablation.conv_params(stripped)
+    assert target * (1 - ablation.THIN_TOLERANCE) <= reached <= target
+
+
+# The fitted rows start from the trained dense model, converted to the affine row's size:
+# their thin network trains the dense model's epochs and theirs.
+def test_a_fitted_row_starts_at_the_affine_rows_size_and_counts_the_dense_epochs(
+        dense_file, monkeypatch):
+    monkeypatch.setattr(ablation, "OUTPUT_FIT_STEPS", 2)
+    x, y = ablation.cluttered_digits(256, "train")
+    model = ablation.fitted("fitted+kd", dense_file, 0.77, x, y, seed=0)
+    assert all(isinstance(model.get_layer(f"conv{i}"), tc.TransformConv2D) for i in range(4))
+    target = ablation.pruned_params(ablation.WIDTHS, 0.77)
+    assert ablation.conv_params(model) == target
+    _, plan = ablation.allocation("budget", 0.77, dense_file, x, y)
+    model = ablation.fitted("fitted-budget", dense_file, 0.77, x, y, seed=0)
+    bases = {l.name: l.base_filters for l in model.layers if isinstance(l, tc.TransformConv2D)}
+    assert bases == plan.bases
+    assert target * (1 - ablation.THIN_TOLERANCE) <= ablation.conv_params(model) <= target
+    for row in ("fitted", "fitted+kd", "fitted-budget+kd"):
+        assert ablation.total_epochs(row, 12) == 24
+    assert ablation.total_epochs("affine+kd", 12) == 12
