@@ -72,6 +72,10 @@ starts again from its peak where the schedule ends). Rows, at pruning rates 0.7 
     fitted-budget   the same, each layer converted to the `budget` row's plan
     ... +kd         the same, distilled from the dense model of the seed
                     (T = 4, weight 0.9 on the distillation term)
+    ... +ikd        (affine, fitted, thin) the same distillation of the
+                    logits plus inner distillation of the features
+                    (InnerDistiller: the four batch norms' outputs, weight 1;
+                    the thin network's through learned 1x1 projections)
     sp              unstructured magnitude pruning of the convolution kernels
                     (prune_low_magnitude; the rate is the weight sparsity)
     ip              interspace pruning (prune_interspace): filter-basis
@@ -141,6 +145,8 @@ Usage:
         --rows dense budget+kd split+kd thin+kd --thin-match budget+kd   # chosen per layer
     python benchmarks/ablation.py --epochs 12 --rates 0.77 --no-one-shot \
         --rows dense fitted+kd thin+kd --thin-match fitted+kd   # from the trained dense model
+    python benchmarks/ablation.py --epochs 12 --rates 0.77 --no-one-shot \
+        --rows dense affine+ikd thin+ikd --thin-match affine+ikd   # features distilled too
     python benchmarks/ablation.py --epochs 12 --rates 0.77 --no-one-shot --task shapes \
         --rows dense thin affine --lr-restart pruning  # the rate restarted where pruning ends
 """
@@ -202,8 +208,10 @@ ALLOCATION_RATIOS = (1 / 16, 1 / 8, 3 / 16, 1 / 4, 5 / 16, 3 / 8, 1 / 2)
 FITTED = {"fitted": None, "fitted-budget": "budget"}
 KD_ROWS = ("removed+kd", "scalar+kd", "affine+kd", "paper+kd", "wide-1.5+kd", "budget+kd",
            "split+kd", "fitted+kd", "fitted-budget+kd", "thin+kd")
+# Rows distilled from the logits and from the features of the seed's dense model.
+INNER_KD_ROWS = ("affine+ikd", "fitted+ikd", "thin+ikd")
 # The equal-size baselines: row -> the cost its widths match to the reference route's.
-THIN = {"thin": "params", "thin-macs": "macs", "thin+kd": "params"}
+THIN = {"thin": "params", "thin-macs": "macs", "thin+kd": "params", "thin+ikd": "params"}
 THIN_TOLERANCE = 0.03  # the largest relative miss of a thin row's matched cost
 # Unstructured rows: row -> None (prune_low_magnitude) or prune_interspace's basis.
 UNSTRUCTURED = {"sp": None, "ip": "standard", "ip-dct": "dct"}
@@ -220,7 +228,8 @@ OURS_KNAPSACK = {"ours-knapsack": "params", "ours-knapsack-macs": "macs"}
 KNAPSACK_RATIOS = (1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2)
 INNER_KD_LAYERS, INNER_KD_WEIGHT = ("bn0", "bn1", "bn2", "bn3"), 1.0
 ROWS = ("dense", "quarter", "thin", "thin-macs", "removed", "zeroed", *PRUNED, *HYBRID,
-        *ALLOCATED, *FITTED, *KD_ROWS, *UNSTRUCTURED, *DAFP, *KNAPSACK, *OURS_KNAPSACK, *TRANSFORM)
+        *ALLOCATED, *FITTED, *KD_ROWS, *INNER_KD_ROWS, *UNSTRUCTURED, *DAFP, *KNAPSACK,
+        *OURS_KNAPSACK, *TRANSFORM)
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "ablation.json"
 QUICK_OUT = DEFAULT_OUT.with_name("ablation_quick.json")
 
@@ -300,6 +309,11 @@ def parse_args(argv=None):
     return args
 
 
+def undistilled(row):
+    """The row trained without a teacher: `row` less its `+kd` or `+ikd`."""
+    return row.removesuffix("+kd").removesuffix("+ikd")
+
+
 def _whole(value):
     return abs(value - round(value)) < 1e-9
 
@@ -332,18 +346,31 @@ def thin_widths(target, cost):
     return best
 
 
+_PRUNED_PARAMS = {}  # (widths, bases kept per layer, row) -> pruned_params
+
+
 def pruned_params(widths, rate, row=HYBRID_ROUTE):
     """Convolution parameters of the network at `widths` once `row`'s route prunes it to `rate`.
 
-    The network is untrained, pruned at once and stripped: which bases a
-    layer keeps depends on the rate, not on the weights.
+    The network is untrained, pruned at once and stripped. A route that
+    allocates per layer keeps `kept_filters(w, rate)` bases of a layer of
+    `w` filters, whatever the weights, and the count depends on nothing
+    else: it is measured once per tuple of those (a bisection over the rate
+    meets the same tuple again and again).
     """
     import tf_transform_conv as tc
+    from tf_transform_conv.ops.assignment import kept_filters
 
-    model = tc.prune_model(cnn(widths, 0), lambda step: (True, rate),
-                           tc.Reconstruction(scale=True, **PRUNED[row]))
-    tc.update_pruning_step(model, 0)
-    return conv_params(tc.strip_model(model))
+    if PRUNED[row].get("allocation") != "per_layer":
+        raise ValueError(f"pruned_params needs a route that allocates per layer; {row!r} "
+                         f"allocates {PRUNED[row].get('allocation')!r}")
+    key = (tuple(widths), tuple(kept_filters(w, rate) for w in widths), row)
+    if key not in _PRUNED_PARAMS:
+        model = tc.prune_model(cnn(widths, 0), lambda step: (True, rate),
+                               tc.Reconstruction(scale=True, **PRUNED[row]))
+        tc.update_pruning_step(model, 0)
+        _PRUNED_PARAMS[key] = conv_params(tc.strip_model(model))
+    return _PRUNED_PARAMS[key]
 
 
 def rate_for_params(widths, target, row=HYBRID_ROUTE):
@@ -361,7 +388,7 @@ def rate_for_params(widths, target, row=HYBRID_ROUTE):
 
 
 def hybrid_widths(row):
-    return tuple(round(w * HYBRID[row.removesuffix("+kd")]) for w in WIDTHS)
+    return tuple(round(w * HYBRID[undistilled(row)]) for w in WIDTHS)
 
 
 def allocation(row, rate, teacher, x, y):
@@ -380,7 +407,7 @@ def allocation(row, rate, teacher, x, y):
     target = pruned_params(WIDTHS, rate)
     importance = tc.saliency.filter_importance(model, (x, y), num_batches=16,
                                                batch_size=BATCH)
-    keep = ALLOCATED[row.removesuffix("+kd")]
+    keep = ALLOCATED[undistilled(row)]
     if keep is not None:
         others = tc.model_cost(model).params - conv_params(model)
         model, _ = tc.knapsack_removal(model, None, target=keep * conv_params(model) + others,
@@ -400,7 +427,7 @@ def allocation(row, rate, teacher, x, y):
 def total_epochs(row, epochs):
     """Epochs a row's network trains in all: the knapsack and fitted rows start from a
     trained dense model."""
-    from_dense = row in KNAPSACK or row in OURS_KNAPSACK or row.removesuffix("+kd") in FITTED
+    from_dense = row in KNAPSACK or row in OURS_KNAPSACK or undistilled(row) in FITTED
     return 2 * epochs if from_dense else epochs
 
 
@@ -745,6 +772,7 @@ def run_one(task):
     import tensorflow_model_optimization as tfmot
 
     import tf_transform_conv as tc
+    from tf_transform_conv.distill import InnerDistiller
     from tf_transform_conv.ops.assignment import kept_filters
     from tf_transform_conv.training import CosineRestart
 
@@ -758,7 +786,7 @@ def run_one(task):
     epochs = task.get("epochs", cfg["epochs"])
     steps_per_epoch = cfg["train_size"] // BATCH
     total = epochs * steps_per_epoch
-    base = row.removesuffix("+kd")
+    base = undistilled(row)
     widths = WIDTHS
     plan, extra = None, {}
     if row in THIN or base in HYBRID:
@@ -809,11 +837,17 @@ def run_one(task):
         steps = iter(range(total))
 
     targets, loss = y, keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    trained = model  # what fits: the model, or a distiller around it
     if row.endswith("+kd"):
         teacher = keras.saving.load_model(task["teacher"], compile=False)
         logits = teacher.predict(x, batch_size=256, verbose=0)
         targets = np.concatenate([np.eye(10, dtype="float32")[y], logits], axis=1)
         loss = kd_loss
+    elif row.endswith("+ikd"):
+        teacher = keras.saving.load_model(task["teacher"], compile=False)
+        trained = InnerDistiller(model, teacher, layers=list(INNER_KD_LAYERS),
+                                 weight=INNER_KD_WEIGHT, output_weight=KD_WEIGHT,
+                                 temperature=KD_TEMPERATURE)
     learning_rate = keras.optimizers.schedules.CosineDecay(LEARNING_RATE, total)
     restart = cfg.get("lr_restart", "none")
     prunes = (base in PRUNED or base in HYBRID or base in ALLOCATED or base in UNSTRUCTURED
@@ -821,7 +855,7 @@ def run_one(task):
     scheduled = prunes or base == "zeroed"  # the rows the pruning schedule drives
     if (restart == "all" and base not in DAFP) or (restart == "pruning" and scheduled):
         learning_rate = CosineRestart(LEARNING_RATE, total, end)
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=loss, jit_compile=True)
+    trained.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=loss, jit_compile=True)
     if base in DAFP:
         from tf_transform_conv.structured import SparsityTuner
 
@@ -843,8 +877,8 @@ def run_one(task):
             )
             model.fit(x, targets, batch_size=BATCH, epochs=1, verbose=0, shuffle=True)
     else:
-        model.fit(x, targets, batch_size=BATCH, epochs=epochs, verbose=0,
-                  shuffle=True, callbacks=callbacks)
+        trained.fit(x, targets, batch_size=BATCH, epochs=epochs, verbose=0,
+                    shuffle=True, callbacks=callbacks)
     final = tc.strip_model(model) if prunes else model
     accuracy = float(np.mean(np.argmax(final.predict(x_test, batch_size=256, verbose=0), -1)
                              == y_test))
@@ -888,7 +922,7 @@ def fitted(row, teacher, rate, x, y, seed):
     keras.utils.set_random_seed(seed)
     dense = keras.saving.load_model(teacher, compile=False)
     reconstruction = tc.Reconstruction(scale=True, **PRUNED[HYBRID_ROUTE])
-    allocated = FITTED[row.removesuffix("+kd")]
+    allocated = FITTED[undistilled(row)]
     if allocated is None:
         converted, _ = tc.transform_model(dense, sparsity=rate, reconstruction=reconstruction)
     else:
@@ -990,12 +1024,15 @@ def summarize(runs, rates):
 
 
 def thin_reference(row, ran):
-    """The thin row `row` is compared with: `thin+kd` for a distilled route, where it ran.
+    """The thin row `row` is compared with: the thin network distilled the same way
+    (`thin+kd`, `thin+ikd`) for a distilled route, where it ran.
 
     `ran` holds the names of the rows that ran.
     """
-    if row != "thin+kd" and row.endswith("+kd") and "thin+kd" in ran:
-        return "thin+kd"
+    for suffix in ("+kd", "+ikd"):
+        reference = "thin" + suffix
+        if row != reference and row.endswith(suffix) and reference in ran:
+            return reference
     return "thin"
 
 
@@ -1020,6 +1057,14 @@ def versus_thin(runs):
             for (row, rate, reference), d in groups.items()}
 
 
+# The distilled thin rows: row -> its mark in the report, and what it is.
+DISTILLED_THIN = {
+    "thin+kd": ("k", "the thin network distilled from the same teacher"),
+    "thin+ikd": ("i", "the thin network distilled from the same teacher's logits and features"),
+}
+MARKS = {reference: mark for reference, (mark, _) in DISTILLED_THIN.items()}
+
+
 def report(runs, rows, rates):
     summary = summarize(runs, rates)
     versus = versus_thin(runs)
@@ -1038,14 +1083,14 @@ def report(runs, rows, rates):
                 cell = f"{mean:.3f} +- {std:.3f} [{fraction:.3f}]"
                 if (row, rate) in versus:
                     diff, diff_std, reference = versus[(row, rate)]
-                    cell += f" {diff:+5.1f} +- {diff_std:.1f}" + ("k" if "kd" in reference
-                                                                  else " ")
+                    cell += f" {diff:+5.1f} +- {diff_std:.1f}" + MARKS.get(reference, " ")
                 cells.append(cell)
             else:
                 cells.append("-")
         lines.append(f"{row:<18}" + "".join(f"{c:>42}" for c in cells))
-    if any("kd" in v[2] for v in versus.values()):
-        lines.append("(k: against thin+kd, the thin network distilled from the same teacher)")
+    references = {v[2] for v in versus.values()}
+    lines += [f"({mark}: against {reference}, {what})"
+              for reference, (mark, what) in DISTILLED_THIN.items() if reference in references]
     return "\n".join(lines), summary, versus
 
 
@@ -1150,7 +1195,7 @@ def plot(summary, rows, rates, path, task="digits"):
 
 def hybrid_settings(row, rate):
     """A hybrid row's task settings at `rate`: its widths and its own pruning rate (else {})."""
-    if row.removesuffix("+kd") not in HYBRID:
+    if undistilled(row) not in HYBRID:
         return {}
     widths = hybrid_widths(row)
     target = pruned_params(WIDTHS, rate)

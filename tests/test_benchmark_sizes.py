@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 
 import tf_transform_conv as tc
+from tf_transform_conv import distill
+from tf_transform_conv.distill import InnerDistiller
 from tf_transform_conv.pruning.schedules import ConstantSparsity
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -49,7 +51,8 @@ def test_thin_rows_train_as_long_as_the_longest_route():
 
 
 def _run(row, seed, accuracy, rate=0.5):
-    return dict(row=row, rate=rate, seed=seed, accuracy=accuracy)
+    return dict(row=row, rate=rate, seed=seed, accuracy=accuracy, conv_params=1,
+                dense_conv_params=4)
 
 
 def test_versus_thin_pairs_each_route_with_the_same_seeds_thin_run():
@@ -68,6 +71,13 @@ def test_versus_thin_pairs_each_route_with_the_same_seeds_thin_run():
     assert (reference, mean) == ("thin+kd", pytest.approx(np.mean([1, 6])))
     assert ("scalar", 0.9) not in versus and ("thin", 0.5) not in versus
     assert versus[("thin+kd", 0.5)][2] == "thin"
+    # Distilled from the features too: against the thin network distilled the same way.
+    runs += [_run("thin+ikd", 0, 0.76), _run("affine+ikd", 0, 0.78)]
+    versus = ablation.versus_thin(runs)
+    mean, _, reference = versus[("affine+ikd", 0.5)]
+    assert (reference, mean) == ("thin+ikd", pytest.approx(2.0))
+    assert versus[("thin+ikd", 0.5)][2] == "thin"
+    assert "(i: against thin+ikd" in ablation.report(runs, ["affine+ikd"], [0.5])[0]
 
 
 def test_the_frontier_pairs_a_distilled_method_with_the_distilled_thin_network():
@@ -139,6 +149,21 @@ def test_a_route_that_is_not_hybrid_has_no_hybrid_settings():
     assert ablation.hybrid_settings("affine", 0.77) == {}
 
 
+# pruned_params counts once per tuple of bases kept: two rates that keep the same
+# bases in every layer give what pruning at the second one gives.
+def test_pruned_params_counts_once_per_tuple_of_kept_bases_and_that_is_exact(monkeypatch):
+    widths, (first, second) = (8, 8, 16, 16), (0.76, 0.74)  # both keep 2, 2, 4, 4 bases
+    monkeypatch.setattr(ablation, "_PRUNED_PARAMS", {})
+    cached = ablation.pruned_params(widths, first)
+    assert ablation.pruned_params(widths, second) == cached
+    assert len(ablation._PRUNED_PARAMS) == 1
+    ablation._PRUNED_PARAMS.clear()
+    assert ablation.pruned_params(widths, second) == cached
+    assert ablation.pruned_params(widths, 0.5) > cached  # another tuple: counted anew
+    with pytest.raises(ValueError, match="allocates per layer; 'paper'"):
+        ablation.pruned_params(widths, first, row="paper")
+
+
 @pytest.fixture(scope="module")
 def dense_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("ablation") / "dense-0.keras"
@@ -189,3 +214,25 @@ def test_a_fitted_row_starts_at_the_affine_rows_size_and_counts_the_dense_epochs
     for row in ("fitted", "fitted+kd", "fitted-budget+kd"):
         assert ablation.total_epochs(row, 12) == 24
     assert ablation.total_epochs("affine+kd", 12) == 12
+
+
+def test_an_inner_distilled_row_trains_through_the_distiller_of_its_features(
+        dense_file, monkeypatch):
+    built = []
+
+    class Recorded(InnerDistiller):
+        def __init__(self, student, teacher, layers, **kwargs):
+            built.append((student, layers, kwargs))
+            super().__init__(student, teacher, layers, **kwargs)
+
+    monkeypatch.setattr(distill, "InnerDistiller", Recorded)
+    config = dict(train_size=64, test_size=64, epochs=1, rates=[0.77], prune_fraction=0.4,
+                  one_shot=False, task="digits")
+    result = ablation.run_one(dict(row="thin+ikd", rate=0.77, seed=0, config=config,
+                                   teacher=dense_file, widths=[16, 16, 32, 32], target=16272,
+                                   match_miss=0.0, matched_to="affine+ikd"))
+    (student, layers, kwargs), = built
+    assert layers == ["bn0", "bn1", "bn2", "bn3"]
+    assert kwargs["output_weight"] == ablation.KD_WEIGHT
+    # The thin student's own convolutions: the distiller's projections are not counted.
+    assert result["conv_params"] == ablation.conv_params(student) == 16272
