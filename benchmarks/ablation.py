@@ -212,6 +212,13 @@ KD_ROWS = ("removed+kd", "scalar+kd", "affine+kd", "paper+kd", "wide-1.5+kd", "b
 INNER_KD_ROWS = ("affine+ikd", "fitted+ikd", "thin+ikd")
 # The equal-size baselines: row -> the cost its widths match to the reference route's.
 THIN = {"thin": "params", "thin-macs": "macs", "thin+kd": "params", "thin+ikd": "params"}
+# The distilled thin rows, each the baseline of the routes distilled the same way
+# (`+kd`, `+ikd`): row -> its mark in the report, and what it is.
+DISTILLED_THIN = {
+    "thin+kd": ("k", "the thin network distilled from the same teacher"),
+    "thin+ikd": ("i", "the thin network distilled from the same teacher's logits and features"),
+}
+MARKS = {reference: mark for reference, (mark, _) in DISTILLED_THIN.items()}
 THIN_TOLERANCE = 0.03  # the largest relative miss of a thin row's matched cost
 # Unstructured rows: row -> None (prune_low_magnitude) or prune_interspace's basis.
 UNSTRUCTURED = {"sp": None, "ip": "standard", "ip-dct": "dct"}
@@ -309,6 +316,13 @@ def parse_args(argv=None):
     return args
 
 
+def route_reconstruction(row=HYBRID_ROUTE):
+    """The `Reconstruction` that `row`'s route prunes with (a scale per filter)."""
+    import tf_transform_conv as tc
+
+    return tc.Reconstruction(scale=True, **PRUNED[row])
+
+
 def undistilled(row):
     """The row trained without a teacher: `row` less its `+kd` or `+ikd`."""
     return row.removesuffix("+kd").removesuffix("+ikd")
@@ -367,7 +381,7 @@ def pruned_params(widths, rate, row=HYBRID_ROUTE):
     key = (tuple(widths), tuple(kept_filters(w, rate) for w in widths), row)
     if key not in _PRUNED_PARAMS:
         model = tc.prune_model(cnn(widths, 0), lambda step: (True, rate),
-                               tc.Reconstruction(scale=True, **PRUNED[row]))
+                               route_reconstruction(row))
         tc.update_pruning_step(model, 0)
         _PRUNED_PARAMS[key] = conv_params(tc.strip_model(model))
     return _PRUNED_PARAMS[key]
@@ -419,7 +433,7 @@ def allocation(row, rate, teacher, x, y):
     total = tc.model_cost(model).params
     fraction = (target + total - conv_params(model)) / total
     plan = tc.plan_budget(model, tc.Budget(params=fraction, base_ratios=ALLOCATION_RATIOS),
-                          reconstruction=tc.Reconstruction(scale=True, **PRUNED[HYBRID_ROUTE]),
+                          reconstruction=route_reconstruction(),
                           importance=importance)
     return widths, plan
 
@@ -825,9 +839,8 @@ def run_one(task):
             model = tc.prune_interspace(model, schedule, basis=UNSTRUCTURED[base])
         callbacks.append(tc.UpdateTransformPruningStep())
     elif base in PRUNED or base in HYBRID or base in ALLOCATED:
-        settings = PRUNED[base] if base in PRUNED else PRUNED[HYBRID_ROUTE]
-        model = tc.prune_model(model, schedule, tc.Reconstruction(scale=True, **settings),
-                               budget=plan)
+        reconstruction = route_reconstruction(base if base in PRUNED else HYBRID_ROUTE)
+        model = tc.prune_model(model, schedule, reconstruction, budget=plan)
         callbacks.append(tc.UpdateTransformPruningStep())
     elif base == "zeroed":
         zeroing = MagnitudeZeroing(model, schedule)
@@ -921,7 +934,7 @@ def fitted(row, teacher, rate, x, y, seed):
 
     keras.utils.set_random_seed(seed)
     dense = keras.saving.load_model(teacher, compile=False)
-    reconstruction = tc.Reconstruction(scale=True, **PRUNED[HYBRID_ROUTE])
+    reconstruction = route_reconstruction()
     allocated = FITTED[undistilled(row)]
     if allocated is None:
         converted, _ = tc.transform_model(dense, sparsity=rate, reconstruction=reconstruction)
@@ -1029,8 +1042,8 @@ def thin_reference(row, ran):
 
     `ran` holds the names of the rows that ran.
     """
-    for suffix in ("+kd", "+ikd"):
-        reference = "thin" + suffix
+    for reference in DISTILLED_THIN:
+        suffix = reference.removeprefix("thin")
         if row != reference and row.endswith(suffix) and reference in ran:
             return reference
     return "thin"
@@ -1055,14 +1068,6 @@ def versus_thin(runs):
     return {(row, rate): (float(np.mean(d)), float(np.std(d, ddof=1)) if len(d) > 1 else 0.0,
                           reference)
             for (row, rate, reference), d in groups.items()}
-
-
-# The distilled thin rows: row -> its mark in the report, and what it is.
-DISTILLED_THIN = {
-    "thin+kd": ("k", "the thin network distilled from the same teacher"),
-    "thin+ikd": ("i", "the thin network distilled from the same teacher's logits and features"),
-}
-MARKS = {reference: mark for reference, (mark, _) in DISTILLED_THIN.items()}
 
 
 def report(runs, rows, rates):

@@ -377,8 +377,9 @@ def plan_budget(model, budget, data=None, reconstruction=None, layers=None,
         )
     check_graph_model(model, "plan_budget")
     # The options are compared on the discrete fit `transform_model` makes.
-    family = Reconstruction.get(reconstruction).transform_family
-    fitting = Reconstruction.get(reconstruction).replace(
+    reconstruction = Reconstruction.get(reconstruction)
+    family = reconstruction.transform_family
+    fitting = reconstruction.replace(
         transform_family="discrete", criterion="reconstruction", assign="fit")
     kind = budget.kind
     chosen = select_layers(model, layers, fitting.skip_reason)
